@@ -1,0 +1,493 @@
+"""model.py: the Qwen2 / Qwen2.5 decoder in plain PyTorch, and loading of official checkpoints.
+
+The network is a stack of pre-norm decoder layers:
+
+    h = h + attn(input_layernorm(h))          # grouped-query attention with RoPE
+    h = h + mlp(post_attention_layernorm(h))  # down(silu(gate(x)) * up(x))
+    logits = lm_head(norm(h))
+
+Modules are named exactly as the checkpoint's tensors (`model.layers.3.self_attn.q_proj.weight`),
+so loading is a strict state-dict load with no renaming table. Weights are read shard by shard
+straight into the requested dtype and device onto a model built on the `meta` device, so a 7B
+checkpoint never needs a second, randomly initialised copy in memory.
+"""
+
+import json
+import math
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+
+class ModelError(Exception):
+    """A problem with a model folder, config or checkpoint that the user can fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    """The fields of a Qwen2 config.json that change the computation."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # every other key, written back unchanged
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
+        d = dict(d)
+        where = source
+        model_type = d.get("model_type")
+        archs = d.get("architectures") or []
+        if model_type != "qwen2" and "Qwen2ForCausalLM" not in archs:
+            raise ModelError(
+                f"{where} describes model_type={model_type!r} (architectures {archs}), but this "
+                "toolkit implements only Qwen2 / Qwen2.5 decoders (model_type 'qwen2'). Point "
+                "--model at a Qwen2 or Qwen2.5 checkpoint such as Qwen/Qwen2.5-7B-Instruct."
+            )
+        if d.get("use_sliding_window"):
+            raise ModelError(
+                f"{where} sets use_sliding_window=true. Every released Qwen2.5 model uses full "
+                "attention and this decoder implements only that, so it refuses to run an "
+                "approximation. Set use_sliding_window to false if the checkpoint was trained "
+                "without it."
+            )
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelError(f"{where} sets hidden_act={act!r}; Qwen2 uses 'silu' and nothing else is implemented.")
+        # Newer transformers write RoPE settings under rope_parameters; older ones at the top level.
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ModelError(
+                f"{where} asks for RoPE scaling of type {rope_type!r}, which this decoder does not "
+                "implement; it would compute different logits from the reference. Remove the "
+                "rope_scaling entry to run at the model's native context length."
+            )
+        if "rope_theta" in rope:
+            d["rope_theta"] = rope["rope_theta"]
+        if "torch_dtype" not in d and "dtype" in d:
+            d["torch_dtype"] = d["dtype"]
+        if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
+            d["num_key_value_heads"] = d["num_attention_heads"]
+        names = [f.name for f in fields(cls) if f.name != "extra"]
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen2 config has.")
+        cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
+                  extra={k: v for k, v in d.items() if k not in names})
+        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ModelError(
+                f"{where}: hidden_size {cfg.hidden_size}, num_attention_heads {cfg.num_attention_heads} "
+                f"and num_key_value_heads {cfg.num_key_value_heads} do not divide evenly."
+            )
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim != cfg.head_dim:
+            raise ModelError(f"{where} sets head_dim={head_dim}, but Qwen2 computes hidden_size / heads = {cfg.head_dim}.")
+        return cfg
+
+    @classmethod
+    def from_json(cls, path) -> "Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path} does not exist: a model folder needs a config.json.") from None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict:
+        """config.json as transformers writes it for Qwen2ForCausalLM."""
+        d = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+             "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+             "use_cache": True}
+        d.update(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        d.pop("rope_parameters", None)
+        d.pop("rope_scaling", None)
+        d.pop("dtype", None)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in float32 for accuracy, then cast back before scaling (as Qwen2 does).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
+    """cos and sin of the rotary angles for each position: (B, T) -> two (B, T, head_dim)."""
+    # Computed in float32 on every call so that casting the model to bf16 never touches it.
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the two halves of each head: x (B, nh, T, hd), cos/sin (B, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions and written by position.
+
+    `seg` remembers, for each cached position, the attention-mask value it came with (0 = padding),
+    so later tokens never attend to padding. `length` is how many positions are filled.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.seg = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, nkv, T, hd) after the cached positions; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
+        # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def attention_mask_4d(q_seg, k_seg, start: int):
+    """Boolean (B, 1, T, S) mask: a query sees keys at or before its position with its own segment id.
+
+    q_seg (B, T) and k_seg (B, S) hold 0 for padding and a segment id otherwise (1 for ordinary rows;
+    1, 2, 3, ... for samples packed into one row). A query always sees itself, so padding rows are
+    never fully masked (which would give NaN) and their outputs are simply ignored.
+    """
+    T, S = q_seg.shape[1], k_seg.shape[1]
+    q_pos = torch.arange(start, start + T, device=q_seg.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=q_seg.device)[None, :]  # (1, S)
+    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)  # (B, T, S)
+    return ((same & (k_pos <= q_pos)) | (k_pos == q_pos))[:, None]
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """input_ids (B, T) -> final hidden states (B, T, hidden).
+
+        attention_mask (B, T): 1 for tokens, 0 for padding, or segment ids 1, 2, ... for packed rows.
+        position_ids (B, T): by default counted over the non-padding tokens (so left padding works).
+        cache: a KVCache; the new tokens go after its `length` cached positions.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {cache.max_len}.")
+        seg = attention_mask.long() if attention_mask is not None else None
+        if cache is not None:
+            cache.seg[:, start:start + T] = seg if seg is not None else 1
+        if position_ids is None:
+            if seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all())):
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            else:
+                valid = (cache.seg[:, :start + T] if cache is not None else seg) != 0
+                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        # Pick the cheapest exact attention: plain causal when nothing is masked and nothing cached.
+        mask, is_causal = None, False
+        if seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all())):
+            if start == 0:
+                is_causal = T > 1
+            elif T > 1:
+                mask = attention_mask_4d(torch.ones_like(input_ids), cache.seg[:, :start + T].clamp(max=1), start)
+        else:
+            k_seg = cache.seg[:, :start + T] if cache is not None else seg
+            mask = attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start)
+
+        h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only each layer's input; recompute its insides during backward.
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, is_causal, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(h)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.model(input_ids, attention_mask, position_ids, cache))
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding a model folder: local path, the built-in tiny model, or a Hugging Face hub id
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "vocab.json", "merges.txt", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A local folder, `tiny` (the built-in demo model), or a hub id such as Qwen/Qwen2.5-7B-Instruct."""
+    if name_or_path == "tiny":
+        import tiny
+        return tiny.tiny_model_dir()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"--model {name_or_path} is a file; it must be a model folder (with config.json and *.safetensors) or a hub id.")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
+    if looks_local:
+        raise ModelError(f"--model {name_or_path}: no such folder. Check the path, or give a hub id such as Qwen/Qwen2.5-7B-Instruct.")
+    # The tutorial writes `--model Qwen2.5-7B-Instruct`; on the hub that model lives under Qwen/.
+    repo_id = name_or_path if "/" in name_or_path else f"Qwen/{name_or_path}"
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise ModelError(
+            f"--model {name_or_path}: not a local folder, and fetching {repo_id} from the Hugging Face "
+            f"hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the "
+            "name and your network, or download the model once and pass its folder; with "
+            "HF_HUB_OFFLINE=1 only models already in your HF cache are found."
+        ) from None
+
+
+def load_generation_config(model_dir) -> dict:
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving safetensors weights
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded with an index."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ModelError(f"{index} is not a valid index: it needs a \"weight_map\" of tensor name -> file.") from None
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not (model_dir / f).exists()]
+        if absent:
+            raise ModelError(f"{index} names shard(s) that are not in {model_dir}: {', '.join(absent)}. The download is incomplete; fetch the model again.")
+        return [model_dir / f for f in files]
+    if (model_dir / "model.safetensors").exists():
+        return [model_dir / "model.safetensors"]
+    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
+    if pickles:
+        raise ModelError(
+            f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}). This toolkit loads "
+            "safetensors only: pickle files can run arbitrary code when loaded. Convert them once "
+            "(e.g. load with transformers and save_pretrained(safe_serialization=True)) or download "
+            "the safetensors version of the model."
+        )
+    raise ModelError(f"{model_dir} has no model.safetensors or model.safetensors.index.json: it is not a model folder.")
+
+
+def _short_list(items, n=8):
+    items = sorted(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
+    """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters."""
+    from safetensors import safe_open
+
+    files = checkpoint_files(model_dir)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)  # shares model.embed_tokens.weight
+    found = {}
+    for f in files:
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                found[k] = (tuple(sf.get_slice(k).get_shape()), f)
+    if model.config.tie_word_embeddings:
+        found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway; it is the same tensor
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    wrong = [f"{k} {found[k][0]} (expected {expected[k]})" for k in expected.keys() & found.keys() if found[k][0] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short_list(unexpected)}")
+    if wrong:
+        problems.append(f"tensors of the wrong shape: {_short_list(wrong)}")
+    if problems:
+        raise ModelError(
+            f"the weights in {model_dir} do not match its config.json ({'; '.join(problems)}). "
+            "The checkpoint is incomplete or belongs to another model: download it again or fix config.json."
+        )
+    for f in files:
+        shard = {}
+        with safe_open(f, framework="pt", device=str(device)) as sf:
+            for k in sf.keys():
+                if k in expected:
+                    shard[k] = sf.get_tensor(k).to(dtype)
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu"):
+    """Build the decoder from a checkpoint folder or hub id. Returns (model, model_dir)."""
+    model_dir = resolve_model_dir(name_or_path)
+    cfg = Config.from_json(model_dir / "config.json")
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    load_weights(model, model_dir, dtype, device)
+    return model.eval(), model_dir
+
+
+def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5 * 1024**3):
+    """Write `model.safetensors` or `model-0000K-of-0000N.safetensors` + index, as transformers does."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    shards, current, size = [], {}, 0
+    for name, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += n
+    shards.append(current)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out_dir / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def parse_dtype(name: str):
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ModelError(f"--torch_dtype {name!r} is not one of bfloat16, float16, float32.")
+    return table[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
