@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny Qwen2 checkpoints in the official layout, made by the tests themselves."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """`--model tiny` inside tests (and their subprocesses) uses a fresh tiny model of the session."""
+    home = tmp_path_factory.mktemp("qwen_lora_home")
+    os.environ["QWEN_LORA_HOME"] = str(home)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield home
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_isolated_home):
+    """The built-in tiny model (config, sharded safetensors, tokenizer), as `--model tiny` sees it."""
+    import tiny
+    return tiny.tiny_model_dir()
+
+
+def make_hf_checkpoint(out_dir, tiny_dir, seed=0, **config):
+    """Save a random transformers Qwen2ForCausalLM with the tiny tokenizer, in small shards.
+
+    Returns the transformers model (float32, eval mode) so tests can compare against it."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import data
+    tok = data.Tokenizer(tiny_dir)
+    base = dict(vocab_size=960, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id)
+    base.update(config)
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(Qwen2Config(**base)).float().eval()
+    with torch.no_grad():  # the default init leaves biases at zero; make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    out_dir = Path(out_dir)
+    hf.save_pretrained(out_dir, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        shutil.copy(Path(tiny_dir) / f, out_dir / f)
+    return hf
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, tiny_dir):
+    """Factory: hf_checkpoint(name, **config) -> (folder, transformers model)."""
+    def make(name="hf", seed=0, **config):
+        folder = tmp_path / name
+        return folder, make_hf_checkpoint(folder, tiny_dir, seed=seed, **config)
+    return make
