@@ -1,0 +1,273 @@
+"""model.py against transformers' Qwen2ForCausalLM, and every loading error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import model
+from model import Config, ModelError, load_model
+
+
+def tokens(batch=2, length=13, seed=0, vocab=900):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+@pytest.mark.parametrize("tied,kv_heads", [(False, 2), (True, 2), (False, 4), (True, 1)])
+def test_logits_match_transformers_float32(hf_checkpoint, tied, kv_heads):
+    folder, hf = hf_checkpoint(tie_word_embeddings=tied, num_key_value_heads=kv_heads, num_hidden_layers=3)
+    assert (folder / "model.safetensors.index.json").exists()  # the sharded path is exercised
+    ours, _ = load_model(str(folder), dtype=torch.float32)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight if tied else True
+
+
+def test_logits_match_transformers_bfloat16(hf_checkpoint):
+    folder, hf = hf_checkpoint()
+    hf = hf.to(torch.bfloat16)
+    ours, _ = load_model(str(folder), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    x = tokens()
+    with torch.no_grad():
+        a, b = ours(x).float(), hf(x).logits.float()
+    # bf16 has 8 bits of mantissa: compare at that resolution, relative to the logits' scale.
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+def test_cached_incremental_logits_equal_full_forward(hf_checkpoint):
+    folder, _ = hf_checkpoint(num_hidden_layers=2)
+    m, _ = load_model(str(folder), dtype=torch.float32)
+    x = tokens(batch=1, length=12)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(1, 32)
+        parts = [m(x[:, :5], cache=cache)]  # prefill 5, then 3 more at once, then one at a time
+        parts.append(m(x[:, 5:8], cache=cache))
+        parts += [m(x[:, t:t + 1], cache=cache) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 12
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_each_row_alone(hf_checkpoint, side):
+    folder, hf = hf_checkpoint()
+    m, _ = load_model(str(folder), dtype=torch.float32)
+    rows = [tokens(1, n, seed=n)[0] for n in (9, 5, 7)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((3, T), 7)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        batched = m(ids, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = m(r[None])
+            sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+            torch.testing.assert_close(batched[i, sl], alone[0], rtol=1e-5, atol=1e-5)
+            # transformers agrees on the same row alone
+            torch.testing.assert_close(alone[0], hf(r[None]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_cached_decoding_matches_rows_alone(hf_checkpoint):
+    folder, _ = hf_checkpoint()
+    m, _ = load_model(str(folder), dtype=torch.float32)
+    a, b = tokens(1, 8, seed=1)[0], tokens(1, 5, seed=2)[0]
+    ids = torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])])
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
+    nxt = torch.tensor([[11], [12]])
+    with torch.no_grad():
+        cache = m.new_cache(2, 16)
+        m(ids, attention_mask=mask, cache=cache)
+        step = m(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)[:, -1]
+        torch.testing.assert_close(step[0], m(torch.cat([a, nxt[0]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_model_loads_through_the_official_layout(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "vocab.json", "merges.txt", "model.safetensors.index.json"} <= names
+    m, d = load_model("tiny", dtype=torch.float32)
+    assert d == tiny_dir
+    assert m.config.tie_word_embeddings and m.config.num_key_value_heads < m.config.num_attention_heads
+    assert not any(p.is_meta for p in m.parameters())
+
+
+def test_tiny_model_is_deterministic(tmp_path, tiny_dir):
+    import tiny
+    tiny.make_tiny_checkpoint(tmp_path / "again")
+    for f in ("tokenizer.json", "config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "again" / f).read_text() == (tiny_dir / f).read_text()
+    a, _ = load_model(str(tmp_path / "again"), dtype=torch.float32)
+    b, _ = load_model("tiny", dtype=torch.float32)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_tiny_model_loads_in_transformers(tiny_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    ours, _ = load_model("tiny", dtype=torch.float32)
+    x = tokens(vocab=900)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
+    folder, _ = hf_checkpoint()
+    x = tokens()
+    grads = []
+    for ckpt in (False, True):
+        m, _ = load_model(str(folder), dtype=torch.float32)
+        m.train()
+        m.model.gradient_checkpointing = ckpt
+        m(x).logsumexp(-1).mean().backward()
+        grads.append(m.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config reading
+
+
+def qwen_config(**over):
+    d = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+         "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+         "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+         "max_window_layers": 28, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    d.update(over)
+    return d
+
+
+def test_config_reads_the_7b_config_and_rope_parameters():
+    cfg = Config.from_dict(qwen_config())
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.rope_theta) == (128, 4, 1e6)
+    d = qwen_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, dtype="bfloat16")
+    del d["rope_theta"], d["torch_dtype"]
+    cfg = Config.from_dict(d)
+    assert cfg.rope_theta == 10000.0 and cfg.torch_dtype == "bfloat16"
+    assert cfg.to_dict()["sliding_window"] == 131072  # unknown keys survive a round trip
+
+
+def test_7b_shape_has_the_published_parameter_count():
+    with torch.device("meta"):
+        m = model.Qwen2ForCausalLM(Config.from_dict(qwen_config()))
+    assert sum(p.numel() for p in m.parameters()) == 7_615_616_512
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type='llama'"),
+    ({"use_sliding_window": True}, "use_sliding_window=true"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "RoPE scaling of type 'yarn'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 64}, "head_dim=64"),
+])
+def test_config_refuses_what_it_cannot_reproduce(over, needle):
+    with pytest.raises(ModelError, match=__import__("re").escape(needle)):
+        Config.from_dict(qwen_config(**over))
+
+
+def test_config_missing_key_is_named():
+    d = qwen_config()
+    del d["hidden_size"]
+    with pytest.raises(ModelError, match="hidden_size"):
+        Config.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading errors
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, tiny_dir):
+    from safetensors.torch import load_file, save_file
+    folder = copy_model(tiny_dir, tmp_path / "m")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    key = "model.layers.1.self_attn.o_proj.weight"
+    for name, change in (("model.norm.weight", "drop"), (key, "reshape")):
+        shard = folder / index["weight_map"][name]
+        sd = load_file(shard)
+        if change == "drop":
+            del sd[name]
+            sd["model.extra.weight"] = torch.zeros(3)
+            index["weight_map"]["model.extra.weight"] = shard.name
+        else:
+            sd[name] = torch.zeros(5, 5)
+        save_file(sd, shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError) as e:
+        load_model(str(folder))
+    msg = str(e.value)
+    assert "missing tensors: model.norm.weight" in msg
+    assert "unexpected tensors: model.extra.weight" in msg
+    assert f"{key} (5, 5) (expected (128, 128))" in msg
+
+
+def test_pickle_checkpoints_are_refused(tmp_path, tiny_dir):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_dir / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelError, match="pickle weights.*safetensors only"):
+        load_model(str(folder))
+
+
+def test_incomplete_sharded_download_is_named(tmp_path, tiny_dir):
+    folder = copy_model(tiny_dir, tmp_path / "m")
+    victim = sorted(folder.glob("model-0000*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(ModelError, match=f"not in .*{victim.name}.*incomplete"):
+        load_model(str(folder))
+
+
+def test_missing_folder_and_file_instead_of_folder(tmp_path):
+    with pytest.raises(ModelError, match="no such folder"):
+        load_model(str(tmp_path / "nope"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ModelError, match="is a file"):
+        load_model(str(f))
+
+
+def test_hub_ids_are_fetched_with_only_the_needed_files(monkeypatch, tiny_dir):
+    import huggingface_hub
+    seen = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        seen["repo_id"], seen["patterns"] = repo_id, allow_patterns
+        return str(tiny_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    m, d = load_model("Qwen2.5-7B-Instruct", dtype=torch.float32)  # the tutorial's spelling
+    assert seen["repo_id"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert "*.safetensors" in seen["patterns"] and not any(p.endswith(".bin") for p in seen["patterns"])
+    assert d == tiny_dir
+
+
+def test_hub_failure_is_a_clear_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kw):
+        raise OSError("We have no connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelError, match="fetching Qwen/Qwen2.5-0.5B-Instruct from the Hugging Face hub failed.*HF_HUB_OFFLINE"):
+        load_model("Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def test_kv_cache_overflow_is_an_error(tiny_dir):
+    m, _ = load_model("tiny", dtype=torch.float32)
+    cache = m.new_cache(1, 4)
+    with pytest.raises(ModelError, match="KV cache holds 4"):
+        m(tokens(1, 5), cache=cache)
