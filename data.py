@@ -1,4 +1,4 @@
-"""data.py: the tokenizer, Qwen2.5's chat format, and turning conversations into training rows.
+"""data.py: the tokenizer, Qwen2.5's chat format, and turning datasets into training rows.
 
 A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Qwen2.5
 renders it as ChatML:
@@ -10,11 +10,49 @@ renders it as ChatML:
 with a default system prompt when the conversation has none. For training, every token is
 masked out of the loss (label -100) except the content of each assistant turn and the
 <|im_end|> that closes it: the model learns to answer and to stop, not to write questions.
+
+The path from `--dataset` to a batch:
+
+    load_conversations  read every source (local .json / .jsonl, a folder, or a Hugging Face
+                        dataset id), turn each row of any supported format into a conversation,
+                        fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, mix
+    encode_dataset      conversation -> {"input_ids", "labels"}; rows over --max_length dropped or cut
+    split_dataset       hold out --split_dataset_ratio of the rows for evaluation
+    pack (optional)     several rows in one row of <= --max_length tokens, kept apart by segment ids
+    collate             rows -> right-padded (B, T) tensors with an attention mask
+
+Row formats (a file may mix them; each row is recognised by its keys):
+
+    messages      {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+    ShareGPT      {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
+    alpaca        {"instruction": ..., "input": ..., "output": ..., "system": ..., "history": ...}
+    query         {"query": ..., "response": ..., "system": ..., "history": [[q, r], ...]}
+
+Where ms-swift (the tool our users come from) does something surprising, we do the plain thing:
+- {{NAME}} / {{AUTHOR}} are replaced in every dataset, not only in ms-swift's own hub
+  self-cognition dataset, and a placeholder left without its flag is an error instead of being
+  trained on as the literal text "{{NAME}}".
+- The Chinese or English value of --model_name / --model_author is picked by the row's "tag"
+  ("zh" / "en") if it has one, else by whether the row contains Chinese characters (ms-swift
+  reads only "tag" and treats every row without tag "zh" as English). One value serves both.
+- `SOURCE#N` needs N >= 1 (ms-swift turns #0 into an empty dataset without a word).
+- Rows that have no assistant token left after --truncation_strategy left/right are dropped:
+  they would only add padding.
+Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
+whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
+order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
+system prompt is the row's own, else --system, else Qwen's default.
 """
 
+import ast
+import bisect
+import codecs
 import json
+import re
 from pathlib import Path
 
+import numpy as np
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -24,6 +62,9 @@ IGNORE_INDEX = -100
 class DataError(Exception):
     """A problem with a dataset, a tokenizer file or a data flag that the user can fix."""
 
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat format
 
 class Tokenizer:
     """Qwen's byte-level BPE tokenizer, read from tokenizer.json with the `tokenizers` package."""
@@ -64,8 +105,8 @@ class Tokenizer:
         """`<|im_start|>role\\ncontent<|im_end|>\\n` as ids, and the ids of just `content<|im_end|>`
         (the part an assistant turn is trained on).
 
-        Special tokens split the text before BPE runs, so encoding piece by piece gives the same
-        ids as encoding the rendered string at once."""
+        Special tokens split the text before BPE runs, so this equals encoding the rendered turn at
+        once unless `content` starts with a newline (which BPE would merge with the role's)."""
         head = [self.im_start_id] + self.encode(role + "\n")
         body = self.encode(content) + [self.im_end_id]
         return head + body + self._newline, body
@@ -86,44 +127,447 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False, syste
 
 def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                 system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|>."""
+    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|>.
+
+    Everything up to an answer is tokenized in one piece, exactly as an inference prompt is; each
+    answer is tokenized on its own, as the model generates it after `<|im_start|>assistant\\n`
+    (ms-swift does the same). The ids therefore equal tokenizing the whole rendered text, except
+    when an answer starts with a newline: the whole-text tokenizer would merge that newline into
+    the prompt's, which generation never does."""
     ids, labels = [], []
+    prompt = ""  # text not trained on, not yet tokenized
     for m in with_system(messages, system):
-        turn, trained = tok.encode_turn(m["role"], m["content"])
-        ids += turn
-        if m["role"] == "assistant":
-            masked = len(turn) - len(trained) - len(tok._newline)
-            labels += [IGNORE_INDEX] * masked + trained + [IGNORE_INDEX] * len(tok._newline)
-        else:
-            labels += [IGNORE_INDEX] * len(turn)
+        if m["role"] != "assistant":
+            prompt += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+            continue
+        prompt_ids = tok.encode(prompt + "<|im_start|>assistant\n")
+        answer_ids = tok.encode(m["content"]) + [tok.im_end_id]
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        prompt = "\n"  # closes the assistant turn; starts the next prompt
     if add_generation_prompt:
-        prompt = [tok.im_start_id] + tok.encode("assistant\n")
-        ids += prompt
-        labels += [IGNORE_INDEX] * len(prompt)
+        prompt += "<|im_start|>assistant\n"
+    prompt_ids = tok.encode(prompt)
+    ids += prompt_ids
+    labels += [IGNORE_INDEX] * len(prompt_ids)
     return ids, labels
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character; this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(others))]
+    return {chr(c): b for b, c in zip(printable + others, chars)}
 
 
 class StreamDecoder:
     """Turns generated token ids into text, releasing only whole UTF-8 characters.
 
     A byte-level token can end in the middle of a character (most Chinese characters are three
-    bytes). We decode everything not yet printed and hold it back while it ends in an incomplete
-    character, which the decoder shows as U+FFFD."""
+    bytes, and a character may be spread over several tokens). We turn each token back into its
+    bytes and feed them to an incremental UTF-8 decoder, which holds an incomplete character back
+    until its last byte arrives and turns bytes that can never be valid into U+FFFD at once."""
+
+    _alphabet = _byte_level_alphabet()
 
     def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
         self.tok, self.skip = tok, skip_special_tokens
-        self.pending: list[int] = []
+        self.added = tok.tok.get_added_tokens_decoder()  # {id: AddedToken}: special tokens and the like
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            t = self.added[token_id]
+            return b"" if (t.special and self.skip) else t.content.encode()
+        piece = self.tok.tok.id_to_token(token_id)
+        if piece is None:  # an id past the tokenizer's vocabulary (the model's is padded)
+            return b""
+        if all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        return self.tok.decode([token_id]).encode()  # not a byte-level vocabulary: decode as is
 
     def push(self, token_id: int) -> str:
-        self.pending.append(token_id)
-        text = self.tok.decode(self.pending, skip_special_tokens=self.skip)
-        # A UTF-8 character has at most 4 bytes: past that the bytes are invalid, not incomplete.
-        if text.endswith("\ufffd") and len(self.pending) < 4:
-            return ""
-        self.pending = []
-        return text
+        return self.utf8.decode(self.token_bytes(int(token_id)))
 
     def flush(self) -> str:
-        text = self.tok.decode(self.pending, skip_special_tokens=self.skip) if self.pending else ""
-        self.pending = []
+        text = self.utf8.decode(b"", final=True)
+        self.utf8.reset()
         return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading datasets: files, folders and hub ids -> conversations
+
+FORMATS = ('"messages" (a list of role/content messages), "conversations" (ShareGPT: a list of '
+           'from/value messages), "instruction" + "output" (alpaca; optional "input", "system", '
+           '"history"), or "query" + "response" (optional "system", "history")')
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+PLACEHOLDERS = {"{{NAME}}": "--model_name", "{{AUTHOR}}": "--model_author"}
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # Chinese characters
+# Files in a dataset repo or folder that describe the dataset rather than hold rows.
+METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+
+
+def parse_source(spec: str) -> tuple[str, int | None]:
+    """'data.jsonl#500' -> ('data.jsonl', 500); 'data.jsonl' -> ('data.jsonl', None)."""
+    spec = spec.strip()
+    if "#" not in spec or Path(spec).is_file():  # a file whose name contains '#' is read whole, as in ms-swift
+        return spec, None
+    source, n = spec.rsplit("#", 1)
+    if not source.strip() or not re.fullmatch(r"[0-9]+", n.strip()) or int(n) < 1:
+        raise DataError(f"--dataset {spec!r}: expected SOURCE#N with N a whole number of rows to sample "
+                        f"(at least 1), as in 'alpaca-zh.jsonl#500'; got SOURCE {source!r} and N {n!r}.")
+    return source.strip(), int(n)
+
+
+def read_source(source: str) -> list[tuple[str, object]]:
+    """Every row of a local file, a local folder or a hub dataset, as (where, row) pairs.
+
+    `where` ("data.jsonl, line 7" / "data.json, row 7") is how error messages point at a row."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_file(path)
+    if path.is_dir():
+        return read_folder(path, source)
+    if re.fullmatch(r"(HF::)?[\w.-]+/[\w.-]+", source) and not source.endswith((".json", ".jsonl")):
+        return read_folder(download_hub_dataset(source.removeprefix("HF::")), source)
+    raise DataError(f"--dataset {source!r}: there is no such file or folder, and it is not a Hugging Face "
+                    f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files.")
+
+
+def download_hub_dataset(repo_id: str) -> Path:
+    """The dataset repo's .json / .jsonl files, downloaded (or found in the cache) by huggingface_hub."""
+    import huggingface_hub
+    try:
+        folder = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json", "*.jsonl"])
+    except Exception as e:
+        raise DataError(f"--dataset {repo_id!r}: could not download it as a Hugging Face dataset "
+                        f"({type(e).__name__}: {e}). Check the id (ModelScope ids are not fetched), your "
+                        f"network and HF_TOKEN for a private dataset, or pass a local .json / .jsonl file.") from None
+    return Path(folder)
+
+
+def read_folder(folder: Path, source: str) -> list[tuple[str, object]]:
+    """The rows of every .json / .jsonl file in a folder (a local one or a hub snapshot).
+
+    When some file names contain "train", only those are read, so a repo's test split is not
+    trained on."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    data = [p for p in files if p.suffix in (".json", ".jsonl") and p.name not in METADATA_FILES]
+    if not data:
+        found = ", ".join(str(p.relative_to(folder)) for p in files[:8]) or "no files"
+        raise DataError(f"--dataset {source!r} has no .json or .jsonl files (found: {found}). Only .json "
+                        f"arrays and .jsonl files are supported; convert other formats first, e.g. "
+                        f"`datasets.load_dataset(...)['train'].to_json('train.jsonl')`, and pass that file.")
+    train = [p for p in data if "train" in p.name.lower()]
+    return [pair for p in (train or data) for pair in read_file(p)]
+
+
+def read_file(path: Path) -> list[tuple[str, object]]:
+    """Rows of a .json file (one array) or a .jsonl file (one object per line)."""
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}. Datasets are .json files holding "
+                        f"one array of rows, or .jsonl files with one row per line.")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty: a dataset needs at least one row.")
+    rows = None
+    if path.suffix == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            # Objects one after another: JSON lines in a file named .json, which we read as such.
+            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
+                raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
+                                f"A .json dataset is one array of rows: [{{...}}, {{...}}].") from None
+        else:
+            if not isinstance(value, list):
+                raise DataError(f"{path} holds a JSON {type(value).__name__}, not an array of rows. A .json "
+                                f"dataset is one array: [{{...}}, {{...}}]; or write one row per line as .jsonl.")
+            rows = [(f"{path}, row {i}", row) for i, row in enumerate(value, 1)]
+    if rows is None:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}, line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: invalid JSON at column {e.colno}: {e.msg}. "
+                                f"A .jsonl dataset has one complete JSON object per line.") from None
+    if not rows:
+        raise DataError(f"{path} is empty: it holds no rows.")
+    return rows
+
+
+def _messages(value, where: str, key: str, role_key: str, content_key: str) -> list[dict]:
+    """A "messages" / "conversations" list, checked and normalised to role/content dicts."""
+    if not isinstance(value, list):
+        raise DataError(f'{where}: "{key}" must be a list of {{"{role_key}": ..., "{content_key}": ...}} '
+                        f"objects, not {type(value).__name__}.")
+    out = []
+    for i, m in enumerate(value, 1):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise DataError(f'{where}: message {i} of "{key}" must be an object with "{role_key}" and '
+                            f'"{content_key}"; got {json.dumps(m, ensure_ascii=False)[:80]}.')
+        role, content = m[role_key], m[content_key]
+        if role not in ROLES:
+            raise DataError(f'{where}: message {i} has unknown {role_key} {role!r}. Known: system, user '
+                            f"(or human), assistant (or gpt). Tool calls are not supported.")
+        if not isinstance(content, str):
+            raise DataError(f'{where}: message {i} has a "{content_key}" of type {type(content).__name__}; '
+                            f"it must be a string.")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _text(row: dict, key: str, where: str, optional: bool = False) -> str | None:
+    value = row.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" must be a string, not {type(value).__name__}.')
+    return value
+
+
+def _history(row: dict, where: str) -> list[dict]:
+    """[[query, response], ...] (also accepted as the string of such a list, as ms-swift does)."""
+    history = row.get("history") or []
+    if isinstance(history, str):
+        try:
+            history = ast.literal_eval(history)
+        except (ValueError, SyntaxError):
+            history = None
+    if not isinstance(history, list) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
+            for pair in history):
+        raise DataError(f'{where}: "history" must be a list of [query, response] pairs of strings.')
+    return [{"role": r, "content": s} for q, a in history for r, s in (("user", q), ("assistant", a))]
+
+
+def row_to_messages(row, where: str) -> list[dict]:
+    """One dataset row of any supported format -> a conversation (its own system prompt first)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where} is a JSON {type(row).__name__}; each row must be an object with the fields "
+                        f"of one of these formats: {FORMATS}.")
+    if "messages" in row:
+        messages = _messages(row["messages"], where, "messages", "role", "content")
+    elif "conversations" in row:
+        messages = _messages(row["conversations"], where, "conversations", "from", "value")
+    elif "instruction" in row or "output" in row:
+        instruction, input_ = _text(row, "instruction", where, True), _text(row, "input", where, True)
+        if instruction is None and input_ is None:
+            raise DataError(f'{where}: an alpaca row needs "instruction" (or "input") as well as "output".')
+        query = f"{instruction}\n{input_}" if instruction and input_ else (instruction or input_ or "")
+        messages = _history(row, where) + [{"role": "user", "content": query},
+                                           {"role": "assistant", "content": _text(row, "output", where)}]
+    elif "query" in row or "response" in row:
+        messages = _history(row, where) + [{"role": "user", "content": _text(row, "query", where)},
+                                           {"role": "assistant", "content": _text(row, "response", where)}]
+    else:
+        keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in list(row)[:8]) or "none"
+        raise DataError(f"{where} has none of the fields of a known format (its keys: {keys}). "
+                        f"Expected one of: {FORMATS}.")
+    # A row-level "system" field (empty counts as none) goes in front of the conversation.
+    system = _text(row, "system", where, optional=True)
+    if system:
+        if messages and messages[0]["role"] == "system":
+            raise DataError(f'{where} has both a "system" field and a system message; keep one.')
+        messages = [{"role": "system", "content": system}] + messages
+    for i, m in enumerate(messages[1:], 2):
+        if m["role"] == "system":
+            raise DataError(f"{where}: message {i} is a system message; only the first message may be one.")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation does not end with an assistant turn. Training learns "
+                        f"only from assistant turns, so each conversation must end with the answer.")
+    return messages
+
+
+def _flag_values(values, flag: str) -> tuple[str, str] | None:
+    """--model_name 'X' or --model_name '小X' 'X' -> (Chinese value, English value)."""
+    if values is None or values == []:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    if len(values) not in (1, 2) or not all(isinstance(v, str) for v in values):
+        raise DataError(f"{flag} takes one value, or two: the Chinese one then the English one "
+                        f"(e.g. {flag} 小黄 'Xiao Huang'); got {list(values)!r}.")
+    return (values[0], values[-1])
+
+
+def fill_placeholders(messages: list[dict], chinese: bool, values: dict, where: str) -> list[dict]:
+    """Replace {{NAME}} / {{AUTHOR}} with the Chinese or English value of their flag."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        for placeholder, flag in PLACEHOLDERS.items():
+            if placeholder not in content:
+                continue
+            if values[placeholder] is None:
+                raise DataError(f"{where} contains {placeholder}, but {flag} was not given. Pass {flag} with one "
+                                f"value, or a Chinese and an English one (e.g. {flag} 小黄 'Xiao Huang'), so the "
+                                f"model is not trained on the literal text {placeholder}.")
+            content = content.replace(placeholder, values[placeholder][0 if chinese else 1])
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def sample_indices(n_rows: int, n: int, rng: np.random.RandomState) -> list[int]:
+    """ms-swift's SOURCE#N: N // n_rows copies of every row, then N % n_rows distinct random rows."""
+    repeats, extra = divmod(n, n_rows)
+    idx = list(range(n_rows)) * repeats
+    if extra:
+        idx += rng.permutation(n_rows)[:extra].tolist()
+    return idx
+
+
+def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] | None = None,
+                       model_author: list[str] | None = None) -> list[list[dict]]:
+    """Every --dataset source read, checked, filled in, sampled and mixed: a list of conversations."""
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise DataError("No dataset given: pass --dataset with one or more .json / .jsonl files or hub ids.")
+    values = {"{{NAME}}": _flag_values(model_name, "--model_name"),
+              "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
+    rng = np.random.RandomState(seed)
+    mixed = []
+    for spec in specs:
+        source, n = parse_source(spec)
+        conversations = []
+        for where, row in read_source(source):
+            messages = row_to_messages(row, where)
+            tag = row.get("tag")
+            chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
+            conversations.append(fill_placeholders(messages, chinese, values, where))
+        if n is not None:
+            conversations = [conversations[i] for i in sample_indices(len(conversations), n, rng)]
+        mixed += conversations
+    return [[dict(m) for m in mixed[i]] for i in rng.permutation(len(mixed))]  # copies: repeats are not aliases
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding and splitting
+
+def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_strategy: str = "delete",
+                   system: str | None = None) -> list[dict]:
+    """Conversations -> [{"input_ids": [...], "labels": [...]}], each at most max_length tokens.
+
+    truncation_strategy: "delete" drops longer rows (and prints how many); "left" keeps the last
+    max_length tokens; "right" the first. Rows left without any trained token are dropped."""
+    if truncation_strategy not in ("delete", "left", "right"):
+        raise DataError(f"--truncation_strategy must be delete, left or right, not {truncation_strategy!r}.")
+    conversations = list(conversations)
+    if not conversations:
+        raise DataError("The dataset has no conversations to train on.")
+    rows, too_long, untrained, longest = [], 0, 0, 0
+    for messages in conversations:
+        ids, labels = encode_chat(tok, messages, system=system)
+        longest = max(longest, len(ids))
+        if len(ids) > max_length:
+            too_long += 1
+            if truncation_strategy == "delete":
+                continue
+            keep = slice(-max_length, None) if truncation_strategy == "left" else slice(max_length)
+            ids, labels = ids[keep], labels[keep]
+        # labels[0] is never a target (nothing comes before it), so a row needs one after it.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            untrained += 1
+            continue
+        rows.append({"input_ids": ids, "labels": labels})
+
+    n = len(conversations)
+    if too_long:
+        what = "dropped" if truncation_strategy == "delete" else f"cut from the {truncation_strategy}"
+        hint = " (use --truncation_strategy left|right to keep them cut)" if truncation_strategy == "delete" else ""
+        print(f"{too_long} of {n} rows are longer than --max_length {max_length} tokens and were {what}{hint}; "
+              f"the longest has {longest} tokens.")
+    if untrained:
+        print(f"{untrained} of {n} rows had no assistant token left after truncation and were dropped.")
+    if not rows:
+        if truncation_strategy == "delete":
+            raise DataError(f"All {n} rows are longer than --max_length {max_length} tokens, so nothing is left "
+                            f"to train on. Raise --max_length (the longest row has {longest} tokens) or use "
+                            f"--truncation_strategy left|right to keep rows cut.")
+        raise DataError(f"After cutting rows to --max_length {max_length} tokens from the {truncation_strategy}, "
+                        f"no row has an assistant token left to learn from. Raise --max_length (the longest row "
+                        f"has {longest} tokens)" + (" or use --truncation_strategy left, which keeps the answers "
+                                                    "at the end" if truncation_strategy == "right" else "") + ".")
+    return rows
+
+
+def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:
+    """(train, validation): max(1, int(len * ratio)) random rows held out; ratio 0 holds out none."""
+    if ratio == 0:
+        return list(rows), []
+    if not 0 < ratio < 1:
+        raise DataError(f"--split_dataset_ratio must be at least 0 and below 1, not {ratio}.")
+    n_val = max(1, int(len(rows) * ratio))
+    if n_val >= len(rows):
+        raise DataError(f"--split_dataset_ratio {ratio} of {len(rows)} rows leaves nothing to train on; "
+                        f"use a smaller ratio, more data, or --val_dataset.")
+    held_out = set(np.random.RandomState(seed).permutation(len(rows))[:n_val].tolist())
+    return ([r for i, r in enumerate(rows) if i not in held_out],
+            [r for i, r in enumerate(rows) if i in held_out])
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching: padding and packing
+
+def pack(rows: list[dict], max_length: int) -> list[dict]:
+    """Several rows in one row of at most max_length tokens (best-fit decreasing).
+
+    Each packed row carries segment_ids (1, 2, 3, ... per sample: samples never attend to each
+    other) and position_ids that restart at 0 for each sample, so every sample is computed exactly
+    as if it were alone. The first label of each sample is masked: the trainer predicts labels[t]
+    from position t - 1, which for a sample's first token is the previous sample's last token."""
+    bins: list[list[int]] = []
+    space: list[tuple[int, int]] = []  # (tokens still free, bin index), sorted
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"])):
+        n = len(rows[i]["input_ids"])
+        if n > max_length:
+            raise DataError(f"A row of {n} tokens cannot be packed into rows of --max_length {max_length}.")
+        k = bisect.bisect_left(space, (n, -1))  # the fullest bin that still has room
+        free, b = space.pop(k) if k < len(space) else (max_length, len(bins))
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        if free > n:
+            bisect.insort(space, (free - n, b))
+
+    packed = []
+    for members in bins:
+        row = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
+        for segment, i in enumerate(members, 1):
+            ids, labels = rows[i]["input_ids"], rows[i]["labels"]
+            row["input_ids"] += ids
+            row["labels"] += [IGNORE_INDEX] + labels[1:]
+            row["segment_ids"] += [segment] * len(ids)
+            row["position_ids"] += range(len(ids))
+        packed.append(row)
+    return packed
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows -> a batch, right-padded to the longest row.
+
+    input_ids (B, T) padded with pad_id; labels (B, T) with -100 on padding; attention_mask (B, T):
+    1 on tokens and 0 on padding, or a packed row's segment ids; position_ids (B, T): 0, 1, 2, ...
+    per row, or per sample in a packed row (0 on padding)."""
+    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor(r["labels"])
+        attention_mask[b, :n] = torch.tensor(r["segment_ids"]) if "segment_ids" in r else 1
+        position_ids[b, :n] = torch.tensor(r["position_ids"]) if "position_ids" in r else torch.arange(n)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
