@@ -1,0 +1,446 @@
+"""lora.py: LoRA adapters for the Qwen2 decoder, saved and loaded in PEFT's file format.
+
+LoRA (Hu et al., 2021) freezes each chosen weight W0 (out, in) and learns a low-rank update:
+
+    h = W0 x + (alpha / r) * B A x          A: (r, in), B: (out, r), r much smaller than in, out
+
+Only A and B are trained: r * (in + out) numbers per layer instead of in * out. A starts random
+and B at zero, so a fresh adapter leaves the model's output unchanged. rsLoRA scales by
+alpha / sqrt(r) instead, which keeps the update's size stable as r grows. After training,
+(alpha / r) B A can be added into W0 ("merged") so the model runs at base speed; subtracting it
+again ("unmerging") gives the base back.
+
+`LoRALinear` wraps an nn.Linear and keeps its `weight` and `bias` under the same names, so the
+base model's state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. It holds
+any number of named adapters, of which one (or none: the plain base) is active. On disk an
+adapter is exactly what peft writes: adapter_config.json + adapter_model.safetensors with keys
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft, vLLM and ms-swift
+read our adapters and we read theirs.
+"""
+
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KEY_PREFIX = "base_model.model."  # peft's prefix in front of the module path in saved keys
+
+
+class LoraError(Exception):
+    """A problem with an adapter, its files or its settings that the user can fix."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    lora_alpha: float = 32
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"  # "all-linear", or module names / name suffixes
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer
+
+
+class LoRALinear(nn.Module):
+    """An nn.Linear plus named low-rank adapters: y = x W0^T + b + scale * B(A(dropout(x)))."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)  # (out, in): the same Parameter, frozen
+        self.register_parameter("bias", base.bias)  # (out,) or None
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in -> r)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r -> out)
+        self.lora_dropout = nn.ModuleDict()
+        self.scale: dict[str, float] = {}
+        self.active: str | None = None
+        self.merged = False  # True while the active adapter's B A is added into `weight`
+
+    def add(self, name: str, r: int, scale: float, dropout: float):
+        # Kept in float32 even when the base is bf16: tiny updates to A and B would round away.
+        kw = dict(bias=False, device=self.weight.device, dtype=torch.float32)
+        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as peft (and nn.Linear)
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale[name] = scale
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scale * B @ A in float32: (out, r) @ (r, in) -> (out, in)."""
+        return self.scale[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        name = self.active
+        if name is None or self.merged or name not in self.lora_A:
+            return out
+        # The LoRA path runs in float32 and the sum is cast back once, as peft does.
+        lora = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x.float())))  # (..., out)
+        return (out + lora * self.scale[name]).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged or self.active not in self.lora_A:
+            return
+        w = self.weight
+        w.copy_((w.float() + self.delta_weight(self.active)).to(w.dtype))  # W0 += (alpha/r) B A
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        w = self.weight
+        w.copy_((w.float() - self.delta_weight(self.active)).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.out_features for n, a in self.lora_A.items()}
+        return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, active={self.active!r}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Adding, choosing and merging adapters
+
+
+def _lora_layers(model) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _linear_names(model) -> list[str]:
+    """Module paths that can carry LoRA; a tied lm_head cannot (merging would change embeddings)."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LoRALinear)) and not (tied and n == "lm_head")
+            and ".lora_A." not in n and ".lora_B." not in n]  # not the adapters' own A and B
+
+
+def _describe_linears(names: list[str]) -> str:
+    kinds = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+    return f"{kinds} (full paths such as {names[0]})" if names else "none"
+
+
+def _short(items, n=6) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def find_targets(model, target_modules) -> list[str]:
+    """Module paths chosen by `target_modules`, in model order.
+
+    "all-linear" is the seven projections; a name matches a module path equal to it or ending in
+    "." + name (as in peft); a single string other than "all-linear" may also be a regex that
+    matches the whole path (peft's rule for strings)."""
+    names = _linear_names(model)
+    keys = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    chosen, unmatched = set(), []
+    for key in keys:
+        if key == "all-linear":
+            hits = {n for n in names if n.rsplit(".", 1)[-1] in ALL_LINEAR}
+        else:
+            try:
+                regex = isinstance(target_modules, str) and re.compile(key)
+            except re.error:
+                regex = None
+            hits = {n for n in names if n == key or n.endswith("." + key) or (regex and regex.fullmatch(n))}
+        if not hits:
+            unmatched.append(key)
+        chosen |= hits
+    if unmatched:
+        raise LoraError(
+            f"LoRA target module(s) {', '.join(map(repr, unmatched))} match no linear layer of the model. "
+            f"Its linear layers are {_describe_linears(names)}. Use 'all-linear', some of these names, "
+            "or full module paths."
+        )
+    return [n for n in names if n in chosen]
+
+
+def add_adapter(model, cfg: LoraConfig, name: str = "default") -> list[str]:
+    """Wrap the target layers with a fresh adapter `name`, make it active, and freeze everything else.
+
+    Returns the wrapped module paths. Afterwards only this adapter's A and B require grad."""
+    if name in adapter_names(model):
+        raise LoraError(f"an adapter named {name!r} is already loaded; choose another name or delete_adapter() it first.")
+    if not isinstance(cfg.r, int) or cfg.r < 1:
+        raise LoraError(f"LoRA rank r={cfg.r!r} must be a positive integer (8 is the usual default).")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise LoraError(f"lora_dropout={cfg.lora_dropout} must be in [0, 1).")
+    targets = find_targets(model, cfg.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    for path in targets:
+        layer = modules[path]
+        if not isinstance(layer, LoRALinear):
+            parent, _, child = path.rpartition(".")
+            layer = LoRALinear(layer)
+            setattr(modules[parent] if parent else model, child, layer)
+        layer.add(name, cfg.r, cfg.scale, cfg.lora_dropout)
+        layer.train(model.training)  # new modules start in training mode; follow the model (dropout)
+    if not hasattr(model, "lora_configs"):
+        model.lora_configs = {}
+    model.lora_configs[name] = replace(cfg)
+    set_active_adapter(model, name)
+    return targets
+
+
+def adapter_names(model) -> list[str]:
+    return list(getattr(model, "lora_configs", {}))
+
+
+def active_adapter(model) -> str | None:
+    return next((layer.active for layer in _lora_layers(model).values()), None)
+
+
+def set_active_adapter(model, name: str | None):
+    """Run the model with adapter `name`, or with the plain base (None). A merged adapter is unmerged first."""
+    if name is not None and name not in adapter_names(model):
+        loaded = ", ".join(map(repr, adapter_names(model))) or "none"
+        raise LoraError(f"no adapter named {name!r} is loaded (loaded: {loaded}). Load it with load_adapter() first.")
+    if name == active_adapter(model):
+        return
+    unmerge_lora(model)  # the weights must hold the plain base before another adapter is used
+    for layer in _lora_layers(model).values():
+        layer.active = name
+
+
+def delete_adapter(model, name: str):
+    """Remove adapter `name` (unmerging it first); the wrapped layers stay and act as the base."""
+    _check_name(model, name)
+    if active_adapter(model) == name:
+        set_active_adapter(model, None)
+    for layer in _lora_layers(model).values():
+        if name in layer.lora_A:
+            del layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name], layer.scale[name]
+    del model.lora_configs[name]
+
+
+def merge_lora(model):
+    """Add the active adapter into the base weights in place. Merging twice is a no-op."""
+    if active_adapter(model) is None:
+        raise LoraError("no adapter is active, so there is nothing to merge: load or activate an adapter first.")
+    for layer in _lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_lora(model):
+    """Subtract the merged adapter again, in float32 (the base comes back within dtype rounding)."""
+    for layer in _lora_layers(model).values():
+        layer.unmerge()
+
+
+def _check_name(model, name):
+    if name not in adapter_names(model):
+        loaded = ", ".join(map(repr, adapter_names(model))) or "none"
+        raise LoraError(f"no adapter named {name!r} is loaded (loaded: {loaded}).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and state dicts
+
+
+def lora_parameters(model, name: str = "default") -> list[nn.Parameter]:
+    """The parameters to hand to the optimizer: A and B of adapter `name` in every wrapped layer."""
+    _check_name(model, name)
+    return [p for layer in _lora_layers(model).values() if name in layer.lora_A
+            for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); model.parameters() yields a tied weight once, so it is counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def print_trainable_parameters(model):
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+def lora_state_dict(model, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under peft's keys (no adapter name in the key), sharing storage."""
+    _check_name(model, name)
+    sd = {}
+    for path, layer in _lora_layers(model).items():
+        if name in layer.lora_A:
+            sd[f"{KEY_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight.detach()  # (r, in)
+            sd[f"{KEY_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight.detach()  # (out, r)
+    return sd
+
+
+def load_lora_state_dict(model, sd: dict, name: str = "default", where: str = "the adapter state dict"):
+    """Copy tensors saved by lora_state_dict (or peft) into adapter `name`; every key must match."""
+    own = lora_state_dict(model, name)
+    for k in own:
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape):
+            raise LoraError(
+                f"{where}: tensor {k} has shape {list(sd[k].shape)}, but this model needs "
+                f"{list(own[k].shape)}. The adapter was trained on a different base model or with a "
+                "different rank r: load it onto the model it was trained for (adapter_config.json's "
+                "base_model_name_or_path) and check r in adapter_config.json."
+            )
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        raise LoraError(
+            f"{where} does not match adapter {name!r}: "
+            + "; ".join(p for p in (missing and f"missing tensors: {_short(missing)}",
+                                    unexpected and f"unexpected tensors: {_short(unexpected)}") if p)
+            + ". It was saved from an adapter with other target modules; add the adapter with the same targets."
+        )
+    was_merged = any(layer.merged for layer in _lora_layers(model).values())
+    unmerge_lora(model)  # the merged delta must be the one of the old A and B
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(sd[k])
+    if was_merged:
+        merge_lora(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter folders: PEFT's layout, as ms-swift checkpoints hold it too
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LoraError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix or re-create the file.") from None
+    if not isinstance(d, dict):
+        raise LoraError(f"{path} must hold a JSON object, not {type(d).__name__}.")
+    return d
+
+
+def _saved_targets(model, name) -> list[str]:
+    """target_modules for adapter_config.json: suffixes like peft's when they say exactly what was wrapped."""
+    paths = [p for p, layer in _lora_layers(model).items() if name in layer.lora_A]
+    suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    if set(find_targets(model, suffixes)) == set(paths):
+        return suffixes
+    return sorted(paths)
+
+
+def save_adapter(model, out_dir, name: str = "default", base_model_name_or_path: str = ""):
+    """Write adapter_config.json + adapter_model.safetensors exactly as peft's save_pretrained does."""
+    from safetensors.torch import save_file
+
+    _check_name(model, name)
+    cfg = model.lora_configs[name]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
+        "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        "target_modules": _saved_targets(model, name), "use_rslora": cfg.use_rslora, "bias": "none",
+        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    sd = {k: t.to("cpu", torch.float32).contiguous() for k, t in lora_state_dict(model, name).items()}
+    save_file(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
+    """Check and read an adapter folder: (its LoraConfig, its tensors, the base model it names)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise LoraError(f"adapter folder {path} {what}. Pass the checkpoint folder that holds adapter_config.json "
+                        "and adapter_model.safetensors (for example output/v0-.../checkpoint-100).")
+    cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.exists():
+        inside = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
+        hint = f" It contains checkpoint folders ({_short(inside)}): pass one of them." if inside else ""
+        raise LoraError(f"{path} has no adapter_config.json, so it is not a LoRA checkpoint folder.{hint}")
+    d = _read_json(cfg_file)
+    if d.get("peft_type") != "LORA":
+        raise LoraError(f"{cfg_file} has peft_type {d.get('peft_type')!r}; only LoRA adapters (peft_type \"LORA\") can be loaded.")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "lora_bias")
+                   if d.get(k)] + (["bias"] if d.get("bias", "none") != "none" else [])
+    if unsupported:
+        raise LoraError(f"{cfg_file} sets {', '.join(unsupported)}, which this toolkit does not implement (plain "
+                        "LoRA and rsLoRA only). Load this adapter with peft instead.")
+    if not weights.exists():
+        pickled = " It holds adapter_model.bin, a pickle file, which is not loaded for safety: re-save it with " \
+                  "peft's save_pretrained(safe_serialization=True)." if (path / "adapter_model.bin").exists() else ""
+        raise LoraError(f"{path} has adapter_config.json but no adapter_model.safetensors.{pickled}")
+    cfg = LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
+                     target_modules=d.get("target_modules") or "all-linear", use_rslora=bool(d.get("use_rslora")))
+    return cfg, load_file(weights), d.get("base_model_name_or_path")
+
+
+def _same_model(a: str, b: str) -> bool:
+    # "Qwen/Qwen2.5-7B-Instruct" and a local or ModelScope download of it ("Qwen2___5-7B-Instruct").
+    def norm(s):
+        return Path(str(s).rstrip("/\\")).name.lower().replace("___", ".")
+    return str(a) == str(b) or norm(a) == norm(b)
+
+
+def load_adapter(model, path, name: str = "default", base_model_name_or_path: str | None = None) -> LoraConfig:
+    """Add adapter `name` from a peft / ms-swift checkpoint folder, load its weights, and make it active."""
+    cfg, sd, saved_base = read_adapter(path)
+    weights = Path(path) / "adapter_model.safetensors"
+    targets, bad = {}, []
+    for k in sd:
+        m = re.fullmatch(re.escape(KEY_PREFIX) + r"(.+)\.lora_[AB]\.weight", k)
+        if m:
+            targets[m[1]] = True
+        else:
+            bad.append(k)
+    if bad:
+        raise LoraError(f"{weights} holds tensors that are not plain LoRA A/B weights ({_short(bad)}); embedding "
+                        "LoRA, DoRA and modules_to_save are not supported.")
+    names = _linear_names(model)
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise LoraError(f"{weights} has LoRA weights for {_short(unknown)}, which match no linear layer of this model "
+                        f"(its linear layers are {_describe_linears(names)}). The adapter belongs to a different "
+                        "model: load it onto the base model it was trained for.")
+    if base_model_name_or_path and saved_base and not _same_model(saved_base, base_model_name_or_path):
+        print(f"warning: adapter {path} was trained on {saved_base!r} (adapter_config.json) but is loaded onto "
+              f"{base_model_name_or_path!r}; its outputs are only right if these are the same model.", file=sys.stderr)
+    previous = active_adapter(model)
+    add_adapter(model, replace(cfg, target_modules=list(targets)), name)
+    try:
+        load_lora_state_dict(model, sd, name, where=str(weights))
+    except LoraError:
+        delete_adapter(model, name)
+        set_active_adapter(model, previous)
+        raise
+    return cfg
+
+
+def checkpoint_args(path) -> dict:
+    """A checkpoint folder's args.json (ms-swift's or ours) with "model" and "system" filled in.
+
+    "model" is args.json's model (older ms-swift: model_id_or_path), else adapter_config.json's
+    base_model_name_or_path, else None; "system" is the training system prompt or None."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LoraError(f"checkpoint folder {path} {'is a file' if path.exists() else 'does not exist'}. Pass the "
+                        "folder that holds adapter_config.json (for example output/v0-.../checkpoint-100).")
+    args_file, adapter_file = path / "args.json", path / "adapter_config.json"
+    if not args_file.exists() and not adapter_file.exists():
+        raise LoraError(f"{path} has neither args.json nor adapter_config.json, so it is not a training checkpoint.")
+    args = _read_json(args_file) if args_file.exists() else {}
+    adapter = _read_json(adapter_file) if adapter_file.exists() else {}
+    out = dict(args)
+    out["model"] = args.get("model") or args.get("model_id_or_path") or adapter.get("base_model_name_or_path") or None
+    out["system"] = args.get("system") or None
+    return out
