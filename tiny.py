@@ -1,7 +1,7 @@
 """tiny.py: the built-in tiny Qwen2 model, for the demo and the tests.
 
 `--model tiny` anywhere means this model. It is written once, on first use, to
-~/.cache/qwen-lora/tiny-v2 (or $QWEN_LORA_HOME/tiny-v2) in exactly the layout of an official
+~/.cache/qwen-lora/tiny-v3 (or $QWEN_LORA_HOME/tiny-v3) in exactly the layout of an official
 download: config.json, generation_config.json, model.safetensors(.index.json), tokenizer.json,
 vocab.json, merges.txt, tokenizer_config.json. Every script then loads it through the same code
 it uses for Qwen/Qwen2.5-7B-Instruct, so the demo exercises the real path end to end.
@@ -20,7 +20,7 @@ import torch
 
 from model import Config, Qwen2ForCausalLM, save_safetensors_sharded
 
-TINY_VERSION = "tiny-v2"
+TINY_VERSION = "tiny-v3"
 
 # Qwen2's pre-tokenizer regex, from its tokenizer.json.
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -144,7 +144,7 @@ def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
         elif name == "model.embed_tokens.weight":
             # Larger than the usual 0.02 so the tied output layer can reach confident logits
             # (|logit| <= |h| * |e|): with 0.02 even a perfectly trained LoRA stays near uniform.
-            state[name] = torch.randn_like(p) * 0.3
+            state[name] = torch.randn_like(p) * 0.1
         else:
             state[name] = torch.randn_like(p) * 0.02
     # Several shards with an index, like the multi-gigabyte official checkpoints.
