@@ -34,10 +34,14 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
   trained on as the literal text "{{NAME}}".
 - The Chinese or English value of --model_name / --model_author is picked by the row's "tag"
   ("zh" / "en") if it has one, else by whether the row contains Chinese characters (ms-swift
-  reads only "tag" and treats every row without tag "zh" as English). One value serves both.
+  reads only "tag": any row not tagged "zh" gets the English value). One value serves both.
 - `SOURCE#N` needs N >= 1 (ms-swift turns #0 into an empty dataset without a word).
 - Rows that have no assistant token left after --truncation_strategy left/right are dropped:
   they would only add padding.
+- A hub id is a Hugging Face dataset (ModelScope ids are not fetched) and only its .json / .jsonl
+  files are read; when some file names contain "train", only those, so a test split is not
+  trained on. Anything else is an error that says how to convert it.
+- An empty "system" field in an alpaca or query row means "no system prompt of its own".
 Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
 whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
 order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
