@@ -292,7 +292,8 @@ def test_a_placeholder_without_its_flag_is_an_error(tmp_path, given, missing):
     placeholder = "{{NAME}}" if missing == "--model_name" else "{{AUTHOR}}"
     with pytest.raises(DataError) as e:
         data.load_conversations([path], **given)
-    assert str(e.value).startswith(f"{path}, line 1 contains {placeholder}, but {missing} was not given. Pass {missing}")
+    assert str(e.value).startswith(
+        f"{path}, line 1 contains {placeholder}, but {missing} was not given. Pass {missing}")
 
 
 def test_three_values_for_model_name_is_an_error(tmp_path):
@@ -458,7 +459,8 @@ def test_packed_and_padded_batches_give_each_sample_its_unpacked_loss(tok, tiny_
         for b, p in enumerate(packed):
             for s in sorted(set(p["segment_ids"])):
                 ids = [i for i, seg in zip(p["input_ids"], p["segment_ids"]) if seg == s]
-                got[next(k for k, r in enumerate(rows) if r["input_ids"] == ids)] = loss[b][target_segment[b] == s].sum().item()
+                k = next(k for k, r in enumerate(rows) if r["input_ids"] == ids)
+                got[k] = loss[b][target_segment[b] == s].sum().item()
     assert sorted(got) == list(range(len(rows)))
     torch.testing.assert_close([got[k] for k in range(len(rows))], alone, rtol=1e-5, atol=1e-4)
 
@@ -479,7 +481,8 @@ BAD_FILES = [
     ("not_a_row.json", '[["a", "b"]]', r"not_a_row\.json, row 1 is a JSON list; each row must be an object"),
     ("object.json", '{"data": []}', r"object\.json holds a JSON dict, not an array of rows"),
     ("types1.jsonl", '{"messages": "hello"}\n',
-     r"types1\.jsonl, line 1: \"messages\" must be a list of \{\"role\": \.\.\., \"content\": \.\.\.\} objects, not str"),
+     r"types1\.jsonl, line 1: \"messages\" must be a list of \{\"role\": \.\.\., \"content\": \.\.\.\} "
+     r"objects, not str"),
     ("types2.jsonl", '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}\n',
      r"types2\.jsonl, line 1: message 1 has a \"content\" of type int; it must be a string"),
     ("types3.jsonl", '{"conversations": [{"from": "human"}]}\n',
