@@ -209,9 +209,8 @@ def active_adapter(model) -> str | None:
 
 def set_active_adapter(model, name: str | None):
     """Run the model with adapter `name`, or with the plain base (None). A merged adapter is unmerged first."""
-    if name is not None and name not in adapter_names(model):
-        loaded = ", ".join(map(repr, adapter_names(model))) or "none"
-        raise LoraError(f"no adapter named {name!r} is loaded (loaded: {loaded}). Load it with load_adapter() first.")
+    if name is not None:
+        _check_name(model, name)
     if name == active_adapter(model):
         return
     unmerge_lora(model)  # the weights must hold the plain base before another adapter is used
@@ -247,7 +246,7 @@ def unmerge_lora(model):
 def _check_name(model, name):
     if name not in adapter_names(model):
         loaded = ", ".join(map(repr, adapter_names(model))) or "none"
-        raise LoraError(f"no adapter named {name!r} is loaded (loaded: {loaded}).")
+        raise LoraError(f"no adapter named {name!r} is loaded (loaded: {loaded}). Load it with load_adapter() first.")
 
 
 # ----------------------------------------------------------------------------------------------

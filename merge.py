@@ -75,7 +75,7 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
     config = M.Config.from_json(model_dir / "config.json")
     dtype = dtype or M.parse_dtype(config.torch_dtype)
     print(f"loading {base} ({dtype}) on {device}", flush=True)
-    model, model_dir = M.load_model(base, dtype=dtype, device=device)
+    model, _ = M.load_model(str(model_dir), dtype=dtype, device=device)
     cfg = lora.load_adapter(model, ckpt, base_model_name_or_path=base)
     print(f"merging {ckpt} (r={cfg.r}, alpha={cfg.lora_alpha}{', rsLoRA' if cfg.use_rslora else ''})", flush=True)
     lora.merge_lora(model)
