@@ -304,13 +304,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Chat with a Qwen2 / Qwen2.5 model and its LoRA adapters (flags as in `swift infer`).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Chat with a Qwen2 / Qwen2.5 model and its LoRA adapters (flags as in `swift infer`).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="base model: local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo model); default: the one the adapter was trained on")
     g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s), loaded once onto the base; NAME=PATH names one for /adapter (default name: the folder's name). The first is active")
     g.add_argument("--model_type", default=None, help="ignored: accepted so ms-swift command lines work; only Qwen2 / Qwen2.5 exist here and config.json says which")
-    g.add_argument("--merge_lora", type=str2bool, default=False, help="add the (single) adapter into the weights at load: plain-model speed, no switching")
+    g.add_argument("--merge_lora", type=str2bool, default=False, help="add the (single) adapter into the weights at load: plain-model speed, no switching (default: false)")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
 
@@ -320,13 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (0 = all)")
     g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
     g.add_argument("--max_new_tokens", type=int, default=None, help="longest answer in tokens (default: until the context is full)")
-    g.add_argument("--seed", type=int, default=42, help="seed for sampling")
+    g.add_argument("--seed", type=int, default=42, help="seed for sampling (default: 42)")
 
     g = p.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (default: the adapter's training system prompt, else Qwen's own)")
-    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
+    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated (default: true)")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")
-    g.add_argument("--show_prompt", type=str2bool, default=False, help="print the full rendered prompt (system prompt and history included) to stderr before each answer")
+    g.add_argument("--show_prompt", type=str2bool, default=False, help="print the full rendered prompt (system prompt and history included) to stderr before each answer (default: false)")
     return p
 
 
