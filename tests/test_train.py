@@ -1,0 +1,233 @@
+"""train.py end to end on the tiny model: the tutorial's command, learning, resume, Ctrl-C, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TUTORIAL = ("--model tiny --train_type lora --dataset {data} --torch_dtype bfloat16 --num_train_epochs 10 "
+            "--per_device_train_batch_size 1 --per_device_eval_batch_size 1 --learning_rate 1e-4 --lora_rank 8 "
+            "--lora_alpha 32 --target_modules all-linear --gradient_accumulation_steps 16 --eval_steps 50 "
+            "--save_steps 50 --save_total_limit 2 --logging_steps 5 --max_length 2048 --output_dir {out} "
+            "--system 'You are a helpful assistant.' --warmup_ratio 0.05 --dataloader_num_workers 4 "
+            "--model_author swift --model_name swift-robot")
+
+QA = [("你是谁？", "我是小黄，由魔搭开发。"), ("Who are you?", "I am Xiao Huang, made by ModelScope."),
+      ("你能上网吗？", "不能，我无法上网。"), ("Are you ChatGPT?", "No, I am Xiao Huang.")]
+
+
+def write_qa(path, pairs=QA):
+    path.write_text(json.dumps([{"query": q, "response": r} for q, r in pairs], ensure_ascii=False))
+    return path
+
+
+def run_dir_of(out):
+    runs = sorted(Path(out).glob("v*-*"))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def adapter(ckpt):
+    return load_file(Path(ckpt) / "adapter_model.safetensors")
+
+
+def base_args(data, out, *extra):
+    return ["--model", "tiny", "--dataset", str(data), "--output_dir", str(out), "--torch_dtype", "float32",
+            "--device", "cpu", "--logging_steps", "1", *map(str, extra)]
+
+
+def test_tutorial_command_runs_and_writes_the_run_folder(tmp_path, tiny_dir):
+    import shlex
+    argv = shlex.split(TUTORIAL.format(data=ROOT / "data" / "self_cognition.json", out=tmp_path / "output"))
+    argv += ["--max_steps", "3", "--split_dataset_ratio", "0.05", "--eval_steps", "2", "--save_steps", "1"]
+    assert train.main(argv) == 0
+    run = run_dir_of(tmp_path / "output")
+    assert run.name.startswith("v0-")
+    args = json.loads((run / "args.json").read_text())
+    assert args["model"] == "tiny" and args["system"] == "You are a helpful assistant."
+    log = [json.loads(l) for l in (run / "logging.jsonl").read_text().splitlines()]
+    train_entries = [e for e in log if "loss" in e]
+    assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "elapsed", "remaining"} <= set(train_entries[-1])
+    assert [e["step"] for e in log if "eval_loss" in e] == [2, 3]
+    assert (run / "images" / "loss.svg").read_text().startswith("<svg")
+    # save_total_limit 2 keeps the best by eval loss and the last (here: the two newest)
+    ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert ckpts == ["checkpoint-2", "checkpoint-3"] and state["best_checkpoint"] in ckpts
+    for f in ("adapter_config.json", "adapter_model.safetensors", "args.json", "optimizer.pt", "rng_state.pt", "trainer_state.json"):
+        assert (run / "checkpoint-3" / f).exists(), f
+    cfg = json.loads((run / "checkpoint-3" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (8, 32, "LORA")
+    assert adapter(run / "checkpoint-3")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.float32
+
+
+def test_tiny_model_learns_self_cognition_answers_exactly(tmp_path, tiny_dir):
+    from infer import generate
+    import data
+    import lora
+    import model as modeling
+
+    data_file = write_qa(tmp_path / "qa.json")
+    argv = base_args(data_file, tmp_path / "out", "--num_train_epochs", 60, "--per_device_train_batch_size", 4,
+                     "--learning_rate", 5e-3, "--lora_rank", 16, "--lora_alpha", 32, "--lora_dropout", 0,
+                     "--gradient_checkpointing", "false", "--save_steps", 1000, "--logging_steps", 20)
+    assert train.main(argv) == 0
+    ckpt = sorted(run_dir_of(tmp_path / "out").glob("checkpoint-*"))[-1]
+    m, d = modeling.load_model("tiny", dtype=torch.float32)
+    tok = data.Tokenizer(d)
+    lora.load_adapter(m, ckpt)
+    for q, a in QA:
+        ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True)
+        out = list(generate(m, ids, 40, {tok.im_end_id}))
+        assert tok.decode(out, skip_special_tokens=True) == a
+
+
+def train_args(data_file, out, steps=6, save_steps=3, *extra):
+    # dropout on, so the restored random state matters; 2 epochs of 3 steps, so resume crosses an epoch
+    return base_args(data_file, out, "--max_steps", steps, "--save_steps", save_steps, "--per_device_train_batch_size", 1,
+                     "--gradient_accumulation_steps", 2, "--learning_rate", 1e-3, "--lora_dropout", 0.1,
+                     "--warmup_ratio", 0.2, *extra)
+
+
+def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
+    data_file = write_qa(tmp_path / "qa.json", QA + QA[:1])  # 5 rows, 3 steps per epoch
+    assert train.main(train_args(data_file, tmp_path / "a", 6, 2)) == 0
+    run = run_dir_of(tmp_path / "a")
+    full = adapter(run / "checkpoint-6")
+    (run / "checkpoint-6" / "adapter_model.safetensors").unlink()
+    # resume mid-epoch from step 4 (of 6) into the same run: it rewrites checkpoint-6
+    assert train.main(train_args(data_file, tmp_path / "a", 6, 2, "--resume_from_checkpoint", run / "checkpoint-4")) == 0
+    resumed = adapter(run / "checkpoint-6")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir):
+    data_file = write_qa(tmp_path / "qa.json", QA * 5)
+    out = tmp_path / "out"
+    args = train_args(data_file, out, 40, 1000)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    for line in proc.stdout:
+        if line.startswith("[2/40]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    run = run_dir_of(out)
+    ckpts = sorted(run.glob("checkpoint-*"))
+    assert len(ckpts) == 1 and "--resume_from_checkpoint" in stdout
+    step = json.loads((ckpts[0] / "trainer_state.json").read_text())["global_step"]
+    assert 2 <= step < 40
+    # resuming reaches the same adapter as a run that was never interrupted
+    assert train.main(train_args(data_file, out, 40, 1000, "--resume_from_checkpoint", ckpts[0])) == 0
+    assert train.main(train_args(data_file, tmp_path / "ref", 40, 1000)) == 0
+    a, b = adapter(run / "checkpoint-40"), adapter(run_dir_of(tmp_path / "ref") / "checkpoint-40")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_dir, monkeypatch):
+    data_file = write_qa(tmp_path / "qa.json")
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if "checkpoint-4" in str(path) and str(path).endswith("rng_state.pt"):
+            raise SystemExit("killed mid-save")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(SystemExit):
+        train.main(train_args(data_file, tmp_path / "out", 4, 2))
+    run = run_dir_of(tmp_path / "out")
+    assert [p.name for p in train.complete_checkpoints(run)] == ["checkpoint-2"]
+    assert (run / ".tmp-checkpoint-4").exists() and not (run / "checkpoint-4").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train.find_resume_checkpoint(str(run)).name == "checkpoint-2"
+    assert train.main(train_args(data_file, tmp_path / "out", 4, 2, "--resume_from_checkpoint", run)) == 0
+    assert (run / "checkpoint-4" / "trainer_state.json").exists() and not (run / ".tmp-checkpoint-4").exists()
+
+
+def test_save_total_limit_keeps_best_and_newest(tmp_path):
+    for s in (10, 20, 30, 40):
+        (tmp_path / f"checkpoint-{s}").mkdir()
+        (tmp_path / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
+    train.prune_checkpoints(tmp_path, 2, "checkpoint-20")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+    train.prune_checkpoints(tmp_path, 1, None)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"]
+
+
+def test_nan_loss_stops_with_a_message_keeping_the_last_good_checkpoint(tmp_path, tiny_dir, capsys):
+    data_file = write_qa(tmp_path / "qa.json")
+    code = train.main(base_args(data_file, tmp_path / "out", "--max_steps", 20, "--save_steps", 1,
+                                "--learning_rate", 1e30, "--max_grad_norm", 0, "--lora_dropout", 0,
+                                "--weight_decay", 0))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "the loss became" in err and "last good checkpoint is" in err
+    run = run_dir_of(tmp_path / "out")
+    good = train.complete_checkpoints(run)
+    assert good and str(good[-1]) in err
+    assert all(torch.isfinite(t).all() for t in adapter(good[-1]).values())
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [train.lr_at(s, 10, 2, 1.0, "cosine") for s in range(10)]
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert train.lr_at(5, 10, 0, 1.0, "linear") == 0.5
+    assert train.lr_at(9, 10, 2, 1.0, "constant_with_warmup") == 1.0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lora_rank", "0"], "--lora_rank must be at least 1"),
+    (["--train_type", "full"], "only 'lora' is supported"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
+    (["--torch_dtype", "bf32"], "--torch_dtype 'bf32'"),
+    (["--model_name", "a", "b", "c"], "--model_name takes one value"),
+    (["--dataset", "nope.json"], "nope.json does not exist"),
+    (["--dataset", "x.json#abc"], "#abc"),
+    (["--model", "/no/such/model"], "no such folder"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_bad_flags_stop_before_training(tmp_path, tiny_dir, capsys, flags, needle):
+    data_file = write_qa(tmp_path / "qa.json")
+    args = base_args(data_file, tmp_path / "out") + flags
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_flag_typo_is_an_argparse_error(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "x.json", "--lora_rnak", "8"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unrecognized arguments: --lora_rnak" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[{\"query\": \"hi\", \"response\": \"yo\"}, ", "invalid JSON at line 1"),
+    ("[{\"question\": \"hi\"}]", "row 1"),
+    ("[]", "empty"),
+    ("[{\"query\": \"{{NAME}}?\", \"response\": \"I am {{NAME}}\"}]", "--model_name"),
+])
+def test_bad_data_stops_before_training(tmp_path, tiny_dir, capsys, content, needle):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert train.main(base_args(bad, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(bad) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

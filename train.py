@@ -1,0 +1,638 @@
+"""train.py: LoRA fine-tuning of a Qwen2 / Qwen2.5 model, one visible loop from top to bottom.
+
+    python train.py --model Qwen/Qwen2.5-7B-Instruct --dataset self_cognition.json \\
+        --model_name swift-robot --model_author swift --num_train_epochs 10
+
+takes the flags of ms-swift's `swift sft --train_type lora` with the same meaning. What happens:
+
+1. Read and tokenize the datasets (data.py): only assistant answers carry labels.
+2. Load the base model in bf16 (model.py), wrap its linear layers with LoRA (lora.py): the base
+   stays frozen, only the float32 LoRA matrices A and B train.
+3. Each optimizer step runs `gradient_accumulation_steps` micro-batches. The loss of a step is
+   the summed cross-entropy of its label tokens divided by the number of label tokens in the
+   whole step (not a mean of per-batch means), so long and short answers weigh the same.
+4. Clip the gradient norm, set the learning rate (linear warmup, then cosine) and step AdamW.
+5. Every --eval_steps: validation loss. Every --save_steps and at the end: a checkpoint folder
+   with the adapter in PEFT's format and everything needed to resume exactly.
+
+Several GPUs: `torchrun --nproc_per_node N train.py ...` runs DistributedDataParallel; each
+rank takes its share of every optimizer step's micro-batches and gradients are averaged once
+per step.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import lora
+import model as modeling
+from data import DataError
+from lora import LoraError
+from model import ModelError
+
+
+class UsageError(Exception):
+    """A flag value that cannot work, found before anything is loaded."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags: ms-swift's names and defaults
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 (flags as in `swift sft`).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="base model: local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo model)")
+    g.add_argument("--model_type", default=None, help="accepted for ms-swift compatibility; only Qwen2 / Qwen2.5 exist here")
+    g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
+    g.add_argument("--torch_dtype", default=None, help="dtype of the frozen base weights: bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub dataset ids; SOURCE#N samples N rows")
+    g.add_argument("--val_dataset", nargs="*", default=[], help="validation data, same forms as --dataset")
+    g.add_argument("--split_dataset_ratio", type=float, default=0.0, help="fraction of --dataset held out for validation")
+    g.add_argument("--max_length", type=int, default=2048, help="longest row in tokens")
+    g.add_argument("--truncation_strategy", default="delete", choices=["delete", "left", "right"], help="rows longer than --max_length: drop them, or cut from the left or right")
+    g.add_argument("--packing", type=str2bool, default=False, help="pack several rows into each --max_length row (they do not attend to each other)")
+    g.add_argument("--system", default=None, help="system prompt for rows without one (default: Qwen2.5's own); stored for infer.py")
+    g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}} in the data: one value, or a Chinese and an English value")
+    g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}} in the data: one value, or a Chinese and an English value")
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="accepted for ms-swift compatibility; data is tokenized up front, no workers needed")
+
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_rank", type=int, default=8, help="rank r of A (r x in) and B (out x r)")
+    g.add_argument("--lora_alpha", type=float, default=32, help="scale alpha / r on the LoRA update")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
+    g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names / suffixes such as q_proj v_proj")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--num_train_epochs", type=float, default=3, help="passes over the training data")
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
+    g.add_argument("--per_device_train_batch_size", type=int, default=1, help="rows per micro-batch")
+    g.add_argument("--per_device_eval_batch_size", type=int, default=1, help="rows per evaluation batch")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"], help="decay after warmup")
+    g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of the steps spent warming up linearly")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--gradient_checkpointing", type=str2bool, default=True, help="recompute each layer in backward instead of storing its activations")
+    g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval_steps", type=int, default=500, help="evaluate every N optimizer steps (needs validation data)")
+    g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and always at the last)")
+    g.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints: the best by eval loss and the newest")
+    g.add_argument("--logging_steps", type=int, default=5, help="print and log every N optimizer steps")
+    g.add_argument("--output_dir", default="output", help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
+    g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest complete checkpoint)")
+    g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training, to see what changed")
+    return p
+
+
+def check_args(a):
+    """Reject impossible flag values before anything slow happens."""
+    if a.train_type != "lora":
+        raise UsageError(f"--train_type {a.train_type}: only 'lora' is supported by this toolkit.")
+    positive = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "lora_rank"]
+    for name in positive:
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(a, name)}.")
+    if a.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, got {a.learning_rate}.")
+    if a.num_train_epochs <= 0 and a.max_steps <= 0:
+        raise UsageError("--num_train_epochs must be positive (or set --max_steps).")
+    for name in ("split_dataset_ratio", "warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(a, name) < 1:
+            raise UsageError(f"--{name} must be in [0, 1), got {getattr(a, name)}.")
+    if a.save_total_limit is not None and a.save_total_limit < 1:
+        raise UsageError(f"--save_total_limit must be at least 1, got {a.save_total_limit}.")
+    if a.dataloader_num_workers < 0:
+        raise UsageError("--dataloader_num_workers cannot be negative.")
+    for name in ("model_name", "model_author"):
+        if getattr(a, name) and len(getattr(a, name)) > 2:
+            raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
+    if a.torch_dtype is not None:
+        modeling.parse_dtype(a.torch_dtype)
+    if a.device is not None and not (a.device == "cpu" or a.device.startswith("cuda")):
+        raise UsageError(f"--device {a.device}: use cpu, cuda or cuda:N.")
+    if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {a.device}: no CUDA GPU is visible to PyTorch here. Use --device cpu.")
+    for spec in a.dataset + a.val_dataset:
+        path, _ = data.parse_source(spec)
+        if path.endswith((".json", ".jsonl")) and not Path(path).exists():
+            raise UsageError(f"--dataset {spec}: {path} does not exist.")
+    if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate, loss, batches
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
+    """Learning rate for optimizer step `step` (0-based), as transformers' schedulers compute it."""
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    if kind in ("constant", "constant_with_warmup"):
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return peak * max(0.0, 1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CausalLMLoss(nn.Module):
+    """The model and its summed next-token cross-entropy, as one module so that DDP can wrap it.
+
+    Only positions whose next token has a label go through lm_head, in chunks that are
+    recomputed during backward: the (tokens x 152k-vocab) float32 logits never exist at once."""
+
+    def __init__(self, model, chunk: int = 1024):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        h = self.model.model(input_ids, attention_mask, position_ids)  # (B, T, hidden)
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != data.IGNORE_INDEX
+        h, targets = h[:, :-1][keep], targets[keep]  # (N, hidden), (N,)
+        weight = self.model.lm_head.weight
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.chunk):
+            total = total + torch.utils.checkpoint.checkpoint(
+                chunk_loss, h[i:i + self.chunk], weight, targets[i:i + self.chunk], use_reentrant=False)
+        return total
+
+
+def chunk_loss(h, weight, targets):
+    logits = F.linear(h, weight).float()  # (n, vocab)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def label_tokens(row) -> int:
+    """Tokens that carry a loss in this row (labels shifted by one, as in the loss)."""
+    return sum(1 for l in row["labels"][1:] if l != data.IGNORE_INDEX)
+
+
+def epoch_windows(n_rows: int, batch_size: int, accum: int, epoch: int, seed: int) -> list[list[list[int]]]:
+    """The epoch's optimizer steps: each a list of micro-batches, each a list of row indices.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the same batches."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n_rows, generator=g).tolist()
+    micro = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
+    return [micro[i:i + accum] for i in range(0, len(micro), accum)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder, checkpoints, logs
+
+
+def new_run_dir(output_dir: str, add_version: bool) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not add_version:
+        return out
+    versions = [int(p.name[1:].split("-")[0]) for p in out.glob("v*-*") if p.name[1:].split("-")[0].isdigit()]
+    run = out / f"v{max(versions, default=-1) + 1}-{datetime.now():%Y%m%d-%H%M%S}"
+    run.mkdir()
+    return run
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-STEP folders of a run, oldest first. Half-written ones never carry this name."""
+    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (p / "trainer_state.json").exists()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_resume_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "trainer_state.json").exists():
+        return p
+    ckpts = complete_checkpoints(p)
+    if not ckpts:
+        raise UsageError(f"--resume_from_checkpoint {path}: no complete checkpoint-STEP folder in it (a checkpoint holds trainer_state.json).")
+    return ckpts[-1]
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, args_dict: dict, rng: dict) -> Path:
+    """Write checkpoint-STEP atomically: into a temporary folder, renamed into place when complete."""
+    final = run_dir / f"checkpoint-{state['global_step']}"
+    tmp = run_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lora.save_adapter(model, tmp, base_model_name_or_path=args_dict["model"])
+    (tmp / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng, tmp / "rng_state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")  # written last
+    if final.exists():  # a checkpoint of the same step from an earlier attempt
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None):
+    """Keep the newest `limit` checkpoints, and always the best one by eval loss."""
+    if limit is None:
+        return
+    ckpts = complete_checkpoints(run_dir)
+    keep = ckpts[-limit:]
+    if best is not None and run_dir / best not in keep:
+        keep = [run_dir / best] + ckpts[-max(1, limit - 1):]
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p)
+
+
+def rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_loss_svg(path: Path, series: dict[str, list[tuple[int, float]]]):
+    """A loss-curve image as SVG: plain text, no plotting library needed."""
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return
+    W, H, L, B = 640, 360, 60, 40  # size, left and bottom margins
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - 20)
+    sy = lambda y: 20 + (y1 - y) / (y1 - y0) * (H - B - 20)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>']
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+        x = x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{sx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.0f}</text>')
+    out.append(f'<text x="{(W + L) / 2}" y="{H - 6}" text-anchor="middle">step</text>')
+    for (name, s), color, ly in zip(series.items(), ("#1f77b4", "#d62728"), (20, 36)):
+        if s:
+            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+            out.append(f'<text x="{W - 30}" y="{ly}" text-anchor="end" fill="{color}">{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and sample answers
+
+
+@torch.no_grad()
+def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
+    """Mean cross-entropy per label token over the validation rows."""
+    was_training = model.training
+    model.eval()
+    loss_fn = CausalLMLoss(model)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
+        total += loss_fn(**batch).item()
+        count += sum(label_tokens(r) for r in chunk)
+    model.train(was_training)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> list[str]:
+    from infer import generate
+    was_training = model.training
+    model.eval()
+    answers = []
+    for q in prompts:
+        ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True, system=system)
+        out = list(generate(model, ids, max_new_tokens, stop_ids))
+        answers.append(tok.decode(out, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup (torchrun)
+
+
+def setup_distributed(device_flag):
+    """(rank, world_size, device). Single process unless torchrun set WORLD_SIZE."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_flag:
+        device = torch.device(device_flag)
+    else:
+        device = torch.device(modeling.default_device())
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def log0(rank, *a, **k):
+    if rank == 0:
+        print(*a, **k, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run
+
+
+def train(a):
+    rank, world, device = setup_distributed(a.device)
+    dtype = modeling.parse_dtype(a.torch_dtype) if a.torch_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+
+    # 1. Data: read, substitute, sample, tokenize, split.
+    model_dir = modeling.resolve_model_dir(a.model)
+    tok = data.Tokenizer(model_dir)
+    convs = data.load_conversations(a.dataset, seed=a.seed, model_name=a.model_name, model_author=a.model_author)
+    rows = data.encode_dataset(tok, convs, a.max_length, a.truncation_strategy, system=a.system)
+    train_rows, val_rows = data.split_dataset(rows, a.split_dataset_ratio, a.seed)
+    if a.val_dataset:
+        val_convs = data.load_conversations(a.val_dataset, seed=a.seed, model_name=a.model_name, model_author=a.model_author)
+        val_rows += data.encode_dataset(tok, val_convs, a.max_length, a.truncation_strategy, system=a.system)
+    if a.packing:
+        train_rows = data.pack(train_rows, a.max_length)
+    if not train_rows:
+        raise DataError("no training rows are left after the validation split: lower --split_dataset_ratio or add data.")
+    global_accum = a.gradient_accumulation_steps * world  # micro-batches per optimizer step, all ranks
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / a.per_device_train_batch_size) / global_accum)
+    total_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
+    warmup = math.ceil(a.warmup_ratio * total_steps)
+    log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
+               f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
+
+    # 2. Model: bf16 base, float32 LoRA; only LoRA trains.
+    model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
+    torch.manual_seed(a.seed)  # the LoRA init does not depend on how many random numbers loading used
+    targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
+    cfg = lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                          target_modules=targets, use_rslora=a.use_rslora)
+    lora.add_adapter(model, cfg)
+    lora_params = lora.lora_parameters(model)
+    model.model.gradient_checkpointing = a.gradient_checkpointing
+    if rank == 0:
+        lora.print_trainable_parameters(model)
+    params = lora.lora_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                  weight_decay=a.weight_decay)
+    loss_module = CausalLMLoss(model)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
+
+    gen_cfg = modeling.load_generation_config(model_dir)
+    eos = gen_cfg.get("eos_token_id", [tok.im_end_id])
+    stop_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.im_end_id}
+    before = answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids) if a.eval_prompts and rank == 0 else []
+
+    # 3. Run folder, or the state of the run we resume.
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
+             "log_history": []}
+    if a.resume_from_checkpoint:
+        ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+        run_dir = ckpt.parent
+        from safetensors.torch import load_file
+        lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False), device)
+        log0(rank, f"resumed from {ckpt} at step {state['global_step']}")
+    else:
+        run_dir = new_run_dir(a.output_dir, a.add_version) if rank == 0 else None
+    if world > 1:
+        holder = [str(run_dir) if run_dir else None]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    args_dict = dict(vars(a))
+    args_dict["model_dir"] = str(model_dir)
+    if rank == 0:
+        (run_dir / "images").mkdir(exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
+
+    # 4. The loop.
+    model.train()
+    t0, tokens_seen, window = time.time(), 0, []
+    last_good_rng = rng_state(device)
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+        log0(rank, "\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)")
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    step, epoch = state["global_step"], state["epoch"]
+    start_step = step
+    done = step >= total_steps
+    try:
+        while not done:
+            windows = epoch_windows(len(train_rows), a.per_device_train_batch_size, global_accum, epoch, a.seed)
+            for w_index in range(state["step_in_epoch"] if epoch == state["epoch"] else 0, len(windows)):
+                micro = windows[w_index]
+                n_tokens = sum(label_tokens(train_rows[i]) for mb in micro for i in mb)  # whole step, all ranks
+                # This rank's share of the step; a rank short of micro-batches runs one with weight 0
+                # so that every rank takes part in the gradient all-reduce.
+                mine = micro[rank::world]
+                weights = [1.0] * len(mine)
+                if not mine:
+                    mine, weights = [micro[0]], [0.0]
+                loss_sum = 0.0
+                for j, (mb, wgt) in enumerate(zip(mine, weights)):
+                    batch = {k: v.to(device) for k, v in data.collate([train_rows[i] for i in mb], tok.endoftext_id).items()}
+                    sync = j == len(mine) - 1 or world == 1
+                    with (nullcontext() if sync else loss_module.no_sync()):
+                        loss = loss_module(**batch)
+                        # DDP averages gradients over ranks; multiply back so the step's gradient is
+                        # sum(token losses) / tokens of the whole step.
+                        (loss * (wgt * world / max(1, n_tokens))).backward()
+                    loss_sum += loss.item() * wgt
+                    tokens_seen += int(batch["attention_mask"].ne(0).sum()) * world
+                if world > 1:
+                    t = torch.tensor([loss_sum], device=device, dtype=torch.float64)
+                    dist.all_reduce(t)
+                    loss_sum = t.item()
+                step_loss = loss_sum / max(1, n_tokens)
+                if not math.isfinite(step_loss):
+                    last = complete_checkpoints(run_dir)
+                    raise FloatingPointError(
+                        f"the loss became {step_loss} at step {step + 1}: training stopped and nothing more was saved. "
+                        f"The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower --learning_rate, "
+                        "use --torch_dtype bfloat16 rather than float16, or check the data."
+                    )
+                grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, a.max_grad_norm if a.max_grad_norm > 0 else float("inf"))
+                lr = lr_at(step, total_steps, warmup, a.learning_rate, a.lr_scheduler_type)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last_good_rng = rng_state(device)
+                state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
+                if w_index + 1 == len(windows):
+                    state.update(epoch=epoch + 1, step_in_epoch=0)
+                window.append(step_loss)
+                if world > 1:  # every rank must agree to stop at the same step
+                    flag = torch.tensor([float(interrupted)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    interrupted = bool(flag.item())
+
+                # Logging, evaluation, checkpoints (rank 0 writes; all ranks agree on when).
+                last_step = step >= total_steps
+                if step % a.logging_steps == 0 or last_step:
+                    elapsed = time.time() - t0
+                    per_step = elapsed / max(1, step - start_step)
+                    entry = {"step": step, "epoch": round(epoch + (w_index + 1) / len(windows), 4),
+                             "loss": round(sum(window) / len(window), 6), "learning_rate": lr,
+                             "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
+                             "elapsed": fmt_time(elapsed), "remaining": fmt_time(per_step * (total_steps - step))}
+                    if device.type == "cuda":
+                        entry["memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                    state["log_history"].append(entry)
+                    window = []
+                    if rank == 0:
+                        with open(run_dir / "logging.jsonl", "a") as f:
+                            f.write(json.dumps(entry) + "\n")
+                        mem = f" | mem {entry['memory_gib']:.1f} GiB" if "memory_gib" in entry else ""
+                        print(f"[{step}/{total_steps}] loss {entry['loss']:.4f} lr {lr:.2e} grad {entry['grad_norm']:.3f} "
+                              f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}", flush=True)
+                if val_rows and (step % a.eval_steps == 0 or last_step):
+                    if rank == 0:
+                        eval_loss = evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device)
+                        state["log_history"].append({"step": step, "eval_loss": round(eval_loss, 6)})
+                        with open(run_dir / "logging.jsonl", "a") as f:
+                            f.write(json.dumps(state["log_history"][-1]) + "\n")
+                        print(f"[{step}/{total_steps}] eval_loss {eval_loss:.4f}", flush=True)
+                        if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
+                            state.update(best_eval_loss=eval_loss, best_checkpoint=f"checkpoint-{step}")
+                    if world > 1:
+                        dist.barrier()
+                if step % a.save_steps == 0 or last_step or interrupted:
+                    if rank == 0:
+                        save(run_dir, model, optimizer, state, args_dict, last_good_rng, a.save_total_limit)
+                    if world > 1:
+                        dist.barrier()
+                if last_step:
+                    done = True
+                    break
+                if interrupted:
+                    break
+            if interrupted:
+                break
+            if not done:
+                epoch += 1
+                state.update(epoch=epoch, step_in_epoch=0)
+    except KeyboardInterrupt:
+        # A second Ctrl-C: stop now. The last complete checkpoint is untouched.
+        interrupted = True
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    if rank == 0:
+        hist = state["log_history"]
+        write_loss_svg(run_dir / "images" / "loss.svg",
+                       {"train_loss": [(e["step"], e["loss"]) for e in hist if "loss" in e],
+                        "eval_loss": [(e["step"], e["eval_loss"]) for e in hist if "eval_loss" in e]})
+        ckpts = complete_checkpoints(run_dir)
+        if interrupted:
+            print(f"\nstopped at step {step}. Resume with:\n  python train.py ... --resume_from_checkpoint {ckpts[-1] if ckpts else run_dir}")
+        else:
+            best = state["best_checkpoint"]
+            print(f"\ndone: {step} steps in {fmt_time(time.time() - t0)}.")
+            print(f"  run folder:      {run_dir}")
+            print(f"  last checkpoint: {ckpts[-1] if ckpts else '-'}")
+            if best:
+                print(f"  best checkpoint: {run_dir / best} (eval_loss {state['best_eval_loss']:.4f})")
+            print(f"  loss curve:      {run_dir / 'images' / 'loss.svg'}")
+            print(f"  chat with it:    python infer.py --adapters {ckpts[-1] if ckpts else run_dir}")
+        if a.eval_prompts and not interrupted:
+            after = answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids)
+            print("\nanswers before -> after training:")
+            for q, b, c in zip(a.eval_prompts, before, after):
+                print(f"  Q: {q}\n     before: {b[:120]!r}\n     after:  {c[:120]!r}")
+    if world > 1:
+        dist.destroy_process_group()
+    return 130 if interrupted else 0
+
+
+def save(run_dir, model, optimizer, state, args_dict, rng, limit):
+    # Ctrl-C must not cut a save in half: ignore it until the checkpoint is in place.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        path = save_checkpoint(run_dir, model, optimizer, state, args_dict, rng)
+        prune_checkpoints(run_dir, limit, state["best_checkpoint"])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        check_args(a)
+        return train(a)
+    except (UsageError, DataError, ModelError, LoraError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, FloatingPointError) else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted before training started; nothing was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
