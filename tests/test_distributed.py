@@ -1,0 +1,51 @@
+"""torchrun data parallelism on CPU (gloo): 2 ranks x accumulation k == 1 rank x accumulation 2k."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
+      ("Are you ChatGPT?", "No, I am not."), ("hi", "hello there"), ("What can you do?", "Chat."), ("谢谢", "不客气")]
+
+
+def run(args, nproc=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(launcher + ["train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def common(data, out, accum, steps=4):
+    # 7 rows with batch 1: the last step of the epoch is partial, so a rank runs short there too.
+    return ["--model", "tiny", "--dataset", data, "--output_dir", out, "--torch_dtype", "float32", "--device", "cpu",
+            "--max_steps", steps, "--save_steps", 2, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps",
+            accum, "--lora_dropout", 0, "--learning_rate", 1e-3, "--logging_steps", 1]
+
+
+def only_checkpoint(out, step):
+    (run_dir,) = Path(out).glob("v*-*")
+    return run_dir, load_file(run_dir / f"checkpoint-{step}" / "adapter_model.safetensors")
+
+
+def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(tmp_path, tiny_dir):
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
+    two = run(common(data, tmp_path / "two", 2), nproc=2)
+    run(common(data, tmp_path / "one", 4))
+    run_dir, a = only_checkpoint(tmp_path / "two", 4)
+    _, b = only_checkpoint(tmp_path / "one", 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # only rank 0 printed and wrote: one progress line per step, one run folder
+    assert two.stdout.count("[4/4] loss") == 1
+    assert len(list((tmp_path / "two").glob("v*-*"))) == 1
+    # a 2-rank checkpoint resumes on 1 rank
+    run(common(data, tmp_path / "two", 4, steps=6) + ["--resume_from_checkpoint", run_dir / "checkpoint-4"])
+    assert (run_dir / "checkpoint-6" / "adapter_model.safetensors").exists()
