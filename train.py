@@ -354,8 +354,8 @@ def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> 
     answers = []
     for q in prompts:
         ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True, system=system)
-        out = list(generate(model, ids, max_new_tokens, stop_ids))
-        answers.append(tok.decode(out, skip_special_tokens=True).strip())
+        out = [t for t in generate(model, ids, max_new_tokens, stop_ids) if t not in stop_ids]
+        answers.append(tok.decode(out))
     model.train(was_training)
     return answers
 
