@@ -63,6 +63,50 @@ def decode_one(model, token, cache):
     return model.lm_head(h[0, -1])
 
 
+class CUDAGraphDecoder:
+    """decode_one replayed as a single CUDA graph: the ~600 kernel launches of one token become one.
+
+    A graph replays fixed work on fixed memory, so the cache is a StaticKVCache of `max_len`
+    positions and the token and its position live in fixed buffers that are filled before each
+    replay. The graph holds whatever adapter was active at capture: make a new one after
+    switching. The eager prefill/decode_one above stay the reference (and the CPU path)."""
+
+    def __init__(self, model, max_len: int, compile: bool = False):
+        p = model.lm_head.weight
+        self.model, self.max_len = model, max_len
+        # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
+        # casts) before capture: fewer kernels per replay.
+        self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.cache = modeling.StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+        stream = torch.cuda.Stream()  # warm up outside the default stream, as capture requires
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self.step_fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self.step_fn()
+
+    def _step(self):
+        h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
+        return self.model.lm_head(h[0, -1])
+
+    def prefill(self, input_ids):
+        """Eager, like prefill() above, but into the static cache at positions 0..T-1."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        h = self.model.model(input_ids, position_ids=positions, cache=self.cache)
+        return self.model.lm_head(h[0, -1])
+
+    def decode_one(self, token, position: int):
+        self.token.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
+
+
 def apply_repetition_penalty(logits, seen, penalty: float):
     """transformers' rule: a token already in the text has its logit divided by the penalty if
     positive, multiplied if negative, so it becomes less likely either way. seen: (vocab,) bool."""
@@ -98,26 +142,30 @@ def sampling_probs(logits, temperature, top_p, top_k):
 
 @torch.no_grad()
 def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int], temperature=0.0,
-             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, cache=None):
+             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, cache=None, graph=None):
     """Yield new token ids one at a time; a stop id is yielded too, as the last one.
 
     At most max_new_tokens, and never past the model's context (max_position_embeddings).
     cache: a KVCache with room for the prompt and the answer, to reuse (bench.py allocates one
-    up front); it is overwritten from position 0. By default a new one is made."""
+    up front); it is overwritten from position 0. By default a new one is made.
+    graph: a CUDAGraphDecoder to decode with instead (its own cache must hold prompt + answer)."""
     context = model.config.max_position_embeddings
     if len(input_ids) >= context:
         raise ModelError(f"the prompt is {len(input_ids)} tokens, but the model's context holds "
                          f"{context} (max_position_embeddings), leaving no room for an answer. Shorten it.")
     max_new_tokens = min(max_new_tokens, context - len(input_ids))
-    if cache is None:
+    if graph is not None:
+        max_new_tokens = min(max_new_tokens, graph.max_len - len(input_ids))
+    elif cache is None:
         cache = model.new_cache(1, len(input_ids) + max_new_tokens)
-    cache.length = 0
+    if cache is not None:
+        cache.length = 0
     device = model.lm_head.weight.device
     prompt = torch.tensor([input_ids], device=device)  # (1, T)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty
     seen[prompt[0]] = True
 
-    logits = prefill(model, prompt, cache)
+    logits = graph.prefill(prompt) if graph is not None else prefill(model, prompt, cache)
     for i in range(max_new_tokens):
         token = next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
         seen[token] = True
@@ -125,7 +173,10 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
         yield token_id
         if token_id in stop_ids or i == max_new_tokens - 1:
             return
-        logits = decode_one(model, token, cache)
+        if graph is not None:
+            logits = graph.decode_one(token, len(input_ids) + i)
+        else:
+            logits = decode_one(model, token, cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +204,10 @@ class Chat:
     system: str | None = None  # from --system or /system; overrides the adapter's
     stream: bool = True
     show_prompt: bool = False
+    cuda_graph: bool = False  # decode each token as one CUDA graph replay (GPU only)
+    compile_graph: bool = False  # torch.compile the step before capturing it
+    graph: "CUDAGraphDecoder | None" = None  # captured for `graph_key` (adapter, cache length)
+    graph_key: tuple | None = None
 
     @property
     def context(self) -> int:
@@ -176,6 +231,19 @@ class Chat:
         lora.set_active_adapter(self.model, name)
         self.adapter = name
 
+    def graph_for(self, length: int):
+        """The CUDA graph decoder for the active adapter with room for `length` positions, captured
+        again only when the adapter changes or the conversation outgrows it (sizes in steps of
+        2048: attention spans the whole static cache, so it should not be much longer than needed)."""
+        if not self.cuda_graph:
+            return None
+        key = (self.adapter, min(self.context, -(-length // 2048) * 2048))
+        if key != self.graph_key:
+            self.graph = None  # free the old cache first
+            self.graph = CUDAGraphDecoder(self.model, key[1], compile=self.compile_graph)
+            self.graph_key = key
+        return self.graph
+
     def answer(self, ids: list[int], out) -> str:
         """Generate the answer to the prompt `ids`, printing it to `out`; return its text."""
         if self.show_prompt:
@@ -184,7 +252,8 @@ class Chat:
         limit = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
         decoder = data.StreamDecoder(self.tok)  # prints only whole UTF-8 characters
         pieces, n, token = [], 0, None
-        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, **self.sampling):
+        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator,
+                              graph=self.graph_for(len(ids) + limit), **self.sampling):
             n += 1
             pieces.append(decoder.push(token))
             if self.stream and pieces[-1]:
@@ -312,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge_lora", type=str2bool, default=False, help="add the (single) adapter into the weights at load: plain-model speed, no switching (default: false)")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    g.add_argument("--cuda_graph", type=str2bool, default=False, help="GPU only: decode each token as one CUDA graph replay, several times faster at batch 1; its cache holds prompt + --max_new_tokens rounded up to 2048 (default: false)")
+    g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: fuse the step's small kernels with torch.compile first (a minute to compile; default: false)")
 
     g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy: always the most likely token")
@@ -375,6 +446,8 @@ def check_flags(args):
         raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be 1 or more.")
     if args.merge_lora and len(args.adapters) != 1:
         raise UsageError(f"--merge_lora true needs exactly one adapter in --adapters (got {len(args.adapters)}).")
+    if args.torch_compile and not args.cuda_graph:
+        raise UsageError("--torch_compile true compiles the CUDA graph step: use it together with --cuda_graph true.")
     if not args.model and not args.adapters:
         raise UsageError("give --model (a base model) or --adapters (a checkpoint folder, whose args.json names its base).")
 
@@ -393,6 +466,8 @@ def pick_device(name: str | None) -> torch.device:
 def load_chat(args) -> Chat:
     check_flags(args)
     device = pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError("--cuda_graph true needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
     dtype = modeling.parse_dtype(args.torch_dtype) if args.torch_dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     adapters = parse_adapters(args.adapters)
@@ -438,7 +513,7 @@ def load_chat(args) -> Chat:
     return Chat(model=model, tok=tok, stop_ids=stop_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
-                show_prompt=args.show_prompt)
+                show_prompt=args.show_prompt, cuda_graph=args.cuda_graph, compile_graph=args.torch_compile)
 
 
 def main(argv=None) -> int:

@@ -190,6 +190,21 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class StaticKVCache(KVCache):
+    """A KV cache whose shapes never change, for decoding as one CUDA graph replay (batch 1).
+
+    New keys and values are written at `positions` (a tensor, so the graph can be replayed for
+    any position) and attention always spans the whole buffer; the model masks every position
+    after the query's own, so stale entries are never seen."""
+
+    positions = None  # (T,) set by the model before each forward
+
+    def update(self, layer: int, k, v):
+        self.k[layer].index_copy_(2, self.positions, k)
+        self.v[layer].index_copy_(2, self.positions, v)
+        return self.k[layer], self.v[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -269,6 +284,8 @@ class Qwen2Model(nn.Module):
         cache: a KVCache; the new tokens go after its `length` cached positions.
         """
         B, T = input_ids.shape
+        if isinstance(cache, StaticKVCache):
+            return self._forward_static(input_ids, position_ids, cache)
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {cache.max_len}.")
@@ -302,6 +319,18 @@ class Qwen2Model(nn.Module):
                 h = layer(h, cos, sin, mask, is_causal, cache, i)
         if cache is not None:
             cache.length = start + T
+        return self.norm(h)
+
+
+    def _forward_static(self, input_ids, position_ids, cache):
+        """Batch-1 forward against a StaticKVCache: no Python-side state, so CUDA graphs can capture it."""
+        positions = position_ids[0]  # (T,)
+        cache.positions = positions
+        mask = torch.arange(cache.max_len, device=positions.device)[None, :] <= positions[:, None]  # (T, S)
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask[None, None], False, cache, i)
         return self.norm(h)
 
 

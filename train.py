@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
     g.add_argument("--torch_dtype", default=None, help="dtype of the frozen base weights: bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math (default: true on GPU, false on CPU)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub dataset ids; SOURCE#N samples N rows")
@@ -178,7 +179,7 @@ class CausalLMLoss(nn.Module):
     Only positions whose next token has a label go through lm_head, in chunks that are
     recomputed during backward: the (tokens x 152k-vocab) float32 logits never exist at once."""
 
-    def __init__(self, model, chunk: int = 1024):
+    def __init__(self, model, chunk: int = 256):
         super().__init__()
         self.model, self.chunk = model, chunk
 
@@ -364,6 +365,13 @@ def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> 
 # Distributed setup (torchrun)
 
 
+def fast_float32_matmul(device):
+    """On GPUs, let the float32 LoRA matmuls use TF32 tensor cores (10-bit mantissa, still finer
+    than the bf16 activations they multiply); plain float32 runs them on the slow CUDA cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def setup_distributed(device_flag):
     """(rank, world_size, device). Single process unless torchrun set WORLD_SIZE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -391,6 +399,7 @@ def log0(rank, *a, **k):
 
 def train(a):
     rank, world, device = setup_distributed(a.device)
+    fast_float32_matmul(device)
     dtype = modeling.parse_dtype(a.torch_dtype) if a.torch_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
@@ -424,6 +433,9 @@ def train(a):
     lora.add_adapter(model, cfg)
     lora_params = lora.lora_parameters(model)
     model.model.gradient_checkpointing = a.gradient_checkpointing
+    if a.torch_compile if a.torch_compile is not None else device.type == "cuda":
+        for layer in model.model.layers:  # in place: parameter names and checkpoints are unchanged
+            layer.compile()
     if rank == 0:
         lora.print_trainable_parameters(model)
     params = lora.lora_parameters(model)

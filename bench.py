@@ -1,0 +1,481 @@
+"""bench.py: speed and memory of our training step and decoding against transformers + peft.
+
+    python bench.py            # the exact Qwen2.5-7B shape on one GPU (random bf16 weights)
+    python bench.py --small    # a tiny shape on the CPU in seconds (CI runs it so it cannot rot)
+
+Every workload runs in its own process (clean peak-memory counters), ours and the reference
+alike, on the same card in the same run; the table gives each ratio. Weights are random (speed
+and memory do not depend on their values) but identical in both implementations, drawn per tensor
+from a fixed seed, so the loss of the first training step must agree: it is checked.
+
+Setup as the tutorial trains: LoRA r=8, alpha=32, dropout 0.05 on all-linear, batch 1, gradient
+checkpointing, AdamW. The reference is transformers' Qwen2ForCausalLM (SDPA attention, gradient
+checkpointing) wrapped by peft.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+
+import torch
+
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+             rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by both implementations: the same weights, the same tokens
+
+
+@torch.no_grad()
+def fill_random(model, seed=0):
+    """Give every parameter the same random values in any implementation with the same names."""
+    for i, (name, p) in enumerate(sorted(model.named_parameters())):
+        g = torch.Generator(device=p.device).manual_seed(seed + i)
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
+
+
+def tokens(n, vocab, device, seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, vocab, (1, n), generator=g).to(device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def memory(device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+
+
+def timed_steps(step, n_warmup, n_steps, device):
+    for _ in range(n_warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    sync(device)
+    return (time.perf_counter() - t) / n_steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours
+
+
+def ours_model(shape, device, compile_layers=False, fp32=False):
+    import lora
+    import model as modeling
+    import train
+    train.fast_float32_matmul(device)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
+    with device:
+        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+    torch.set_default_dtype(torch.float32)
+    fill_random(m)
+    lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
+    if compile_layers:
+        for layer in m.model.layers:
+            layer.compile()
+    return m
+
+
+def ours_train(shape, seq, steps, device, compile_layers):
+    import lora
+    import train
+    m = ours_model(shape, device, compile_layers)
+    m.train()
+    m.model.gradient_checkpointing = True
+    loss_fn = train.CausalLMLoss(m)
+    params = lora.lora_parameters(m)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    x = tokens(seq, shape["vocab_size"], device)
+    first = {}
+
+    def step():
+        loss = loss_fn(x, x) / (seq - 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        first.setdefault("loss", loss.item())
+
+    if device.type == "cuda":  # count the training step only, not building the random weights
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    s = timed_steps(step, 2, steps, device)
+    return {"tok_s": seq / s, "s_per_step": s, "first_loss": first["loss"], **memory(device)}
+
+
+@torch.no_grad()
+def random_lora(model, seed=1000):
+    """A trained-looking adapter (B != 0), identical in both implementations (same order of names)."""
+    names = sorted((n.removeprefix("base_model.model."), p) for n, p in model.named_parameters() if "lora_" in n)
+    for i, (_, p) in enumerate(names):
+        g = torch.Generator(device=p.device).manual_seed(seed + i)
+        p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.01)
+
+
+def decisive(model):
+    """Random weights give near-uniform logits where greedy decoding flips on rounding noise.
+    A larger lm_head makes each choice clear, so paths can be compared token for token."""
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+
+
+def ours_train_ddp(shape, seq, steps, compile_layers):
+    """train.py's data-parallel step under torchrun: every rank a sequence of its own."""
+    import torch.distributed as dist
+    import lora
+    import train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl")
+    m = ours_model(shape, device, compile_layers)
+    m.train()
+    m.model.gradient_checkpointing = True
+    loss_fn = train.CausalLMLoss(m)
+    if world > 1:
+        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device])
+    params = lora.lora_parameters(m)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    x = tokens(seq, shape["vocab_size"], device, seed=1 + int(os.environ.get("RANK", "0")))
+
+    def step():
+        (loss_fn(x, x) * (world / (world * (seq - 1)))).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    s = timed_steps(step, 2, steps, device)
+    if world > 1:
+        dist.destroy_process_group()
+    return {"tok_s": world * seq / s, "s_per_step": s, "gpus": world}
+
+
+@torch.no_grad()
+def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp32=False):
+    import infer
+    import lora
+    m = ours_model(shape, device, fp32=fp32).eval()
+    random_lora(m)
+    decisive(m)
+    if merged:
+        lora.merge_lora(m)
+    prompt = tokens(32, shape["vocab_size"], device)[0].tolist()
+    decoder = infer.CUDAGraphDecoder(m, 32 + new_tokens, compile=compile_step) if graph else None
+
+    def run():
+        return list(infer.generate(m, prompt, new_tokens, set(), graph=decoder))
+
+    out = run()  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    out = run()
+    sync(device)
+    return {"tok_s": new_tokens / (time.perf_counter() - t), "tokens": out}
+
+
+def longest(train_fn, device, limit_gib, start=2048, stop=65536, step=1024):
+    """The longest sequence whose training step runs with the allocator capped at limit_gib."""
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(limit_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    best, seq = 0, start
+    while seq <= stop:
+        try:
+            train_fn(seq)
+            best = seq
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        seq += step
+    return {"longest": best}
+
+
+def ours_longest_fn(shape, device, compile_layers):
+    import lora
+    import train
+    m = ours_model(shape, device, compile_layers)
+    m.train()
+    m.model.gradient_checkpointing = True
+    loss_fn = train.CausalLMLoss(m)
+    params = lora.lora_parameters(m)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+    def run(seq):
+        x = tokens(seq, shape["vocab_size"], device)
+        for _ in range(2):
+            (loss_fn(x, x) / seq).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: transformers + peft
+
+
+def hf_model(shape, device, fp32=False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(**shape, attn_implementation="sdpa", use_cache=False)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
+    with device:
+        m = Qwen2ForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    fill_random(m)
+    return get_peft_model(m, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
+                                        task_type="CAUSAL_LM"))
+
+
+def hf_train_setup(shape, device):
+    m = hf_model(shape, device)
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    return m, params, opt
+
+
+def hf_train(shape, seq, steps, device):
+    m, params, opt = hf_train_setup(shape, device)
+    x = tokens(seq, shape["vocab_size"], device)
+    first = {}
+
+    def step():
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        first.setdefault("loss", loss.item())
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    s = timed_steps(step, 2, steps, device)
+    return {"tok_s": seq / s, "s_per_step": s, "first_loss": first["loss"], **memory(device)}
+
+
+def hf_longest_fn(shape, device):
+    m, params, opt = hf_train_setup(shape, device)
+
+    def run(seq):
+        x = tokens(seq, shape["vocab_size"], device)
+        for _ in range(2):
+            m(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+    return run
+
+
+@torch.no_grad()
+def hf_decode(shape, new_tokens, device, fp32=False):
+    m = hf_model(shape, device, fp32).eval()
+    m.config.use_cache = True
+    random_lora(m)
+    decisive(m.base_model.model)
+    x = tokens(32, shape["vocab_size"], device)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    m.generate(input_ids=x, **kw)
+    sync(device)
+    t = time.perf_counter()
+    out = m.generate(input_ids=x, **kw)
+    sync(device)
+    return {"tok_s": new_tokens / (time.perf_counter() - t), "tokens": out[0, 32:].tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver: each workload in its own process
+
+
+def worker(a):
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    shape = SMALL if a.small else QWEN25_7B
+    w = a.worker
+    if w == "ours_train":
+        r = ours_train(shape, a.seq, a.steps, device, a.compile)
+    elif w == "ours_train_ddp":
+        r = ours_train_ddp(shape, a.seq, a.steps, a.compile)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+    elif w == "hf_train":
+        r = hf_train(shape, a.seq, a.steps, device)
+    elif w == "ours_decode":
+        r = ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32)
+    elif w == "hf_decode":
+        r = hf_decode(shape, a.new_tokens, device, a.fp32)
+    elif w == "ours_longest":
+        r = longest(ours_longest_fn(shape, device, a.compile), device, a.limit_gib, a.seq, step=a.seq_step)
+    elif w == "hf_longest":
+        r = longest(hf_longest_fn(shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+    print("RESULT " + json.dumps(r))
+
+
+def run_worker(args, common, gpus=0):
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
+    cmd = [*launch, __file__, "--worker", *map(str, args), *map(str, common)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    sys.stderr.write(p.stdout[-3000:] + p.stderr[-3000:])
+    return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+
+
+def fmt(r, key, spec):
+    return format(r[key], spec) if key in r else r.get("error", "-")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--small", action="store_true", help="a tiny shape on the CPU, in seconds (for CI)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, cpu with --small)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per workload")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
+    p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
+    p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf eager")
+    p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and on N GPUs (torchrun)")
+    p.add_argument("--json", default=None, help="also write all results to this file")
+    # worker mode (internal)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check_greedy", action="store_true", help="only check, in float32, that every decode path gives transformers' greedy tokens")
+    a = p.parse_args()
+    a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
+    if a.worker:
+        return worker(a)
+
+    cuda = a.device == "cuda"
+    if a.ddp:
+        common = ["--device", a.device, "--steps", a.steps]
+        res = {n: run_worker(["ours_train_ddp", "--seq", 2048, "--compile"], common, gpus=n) for n in (1, a.ddp)}
+        card = torch.cuda.get_device_name(0)
+        print(f"\n{a.ddp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+        print("| GPUs | tokens/s (2048 tokens a GPU, compiled layers) | s/step |\n|---|---|---|")
+        for n, r in res.items():
+            print(f"| {n} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} |")
+        if "tok_s" in res[1] and "tok_s" in res[a.ddp]:
+            print(f"\nscaling with {a.ddp} GPUs: {res[a.ddp]['tok_s'] / res[1]['tok_s']:.2f}x")
+        return
+    if a.check_greedy:  # float32, where rounding cannot flip a greedy choice between paths
+        common = ["--device", a.device, "--new_tokens", a.new_tokens, "--fp32"] + (["--small"] if a.small else [])
+        paths = {"transformers + peft": ["hf_decode"], "ours eager": ["ours_decode"]}
+        if cuda:
+            paths.update({"ours CUDA graph": ["ours_decode", "--graph"], "ours compiled + CUDA graph": ["ours_decode", "--graph", "--compile"]})
+        out = {k: run_worker(v, common).get("tokens") for k, v in paths.items()}
+        ref = out["transformers + peft"]
+        for k, v in out.items():
+            same = sum(x == y for x, y in zip(v or [], ref or []))
+            print(f"greedy tokens (float32, adapter unmerged), {k} vs transformers + peft: {same}/{len(ref or [])} identical")
+        return
+    common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
+              "--seq_step", a.seq_step] + (["--small"] if a.small else [])
+    seqs = (256, 64) if a.small else (2048, 512)
+    rows, results = [], {}
+    with_hf = "hf" not in a.skip
+    for seq, tag in zip(seqs, ("train2048", "train512")):
+        if tag in a.skip:
+            continue
+        variants = [] if "eager" in a.skip else [("ours (eager)", ["ours_train", "--seq", seq])]
+        if cuda:
+            variants.append(("ours (compiled layers)", ["ours_train", "--seq", seq, "--compile"]))
+        if with_hf:
+            variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
+        for name, args in variants:
+            r = results[f"{tag} {name}"] = run_worker(args, common)
+            rows.append((f"train, {seq} tokens", name, fmt(r, "tok_s", ",.0f") + " tok/s",
+                         fmt(r, "peak_allocated_gib", ".2f") + " / " + fmt(r, "peak_reserved_gib", ".2f") + " GiB",
+                         fmt(r, "first_loss", ".4f")))
+    if "decode" not in a.skip:
+        variants = [("ours, adapter unmerged (eager)", ["ours_decode"]), ("ours, adapter merged (eager)", ["ours_decode", "--merged"])]
+        if cuda:
+            variants += [("ours, adapter unmerged (CUDA graph)", ["ours_decode", "--graph"]),
+                         ("ours, adapter merged (CUDA graph)", ["ours_decode", "--merged", "--graph"]),
+                         ("ours, adapter unmerged (compiled, CUDA graph)", ["ours_decode", "--graph", "--compile"]),
+                         ("ours, adapter merged (compiled, CUDA graph)", ["ours_decode", "--merged", "--graph", "--compile"])]
+        if with_hf:
+            variants.append(("transformers + peft, adapter unmerged", ["hf_decode"]))
+        for name, args in variants:
+            r = results[f"decode {name}"] = run_worker(args, common)
+            rows.append(("decode, batch 1", name, fmt(r, "tok_s", ",.1f") + " tok/s", "", ""))
+    if "longest" not in a.skip and cuda:
+        variants = [("ours", ["ours_longest", "--seq", 4096])]
+        if with_hf:
+            variants.append(("transformers + peft", ["hf_longest", "--seq", 2048]))
+        for name, args in variants:
+            r = results[f"longest {name}"] = run_worker(args, common)
+            rows.append((f"longest sequence in {a.limit_gib:g} GiB", name, fmt(r, "longest", ",d") + " tokens", "", ""))
+
+    # Ratios against the reference of the same run.
+    def ratio(ours, ref, key):
+        o, b = results.get(ours, {}), results.get(ref, {})
+        return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
+
+    card = torch.cuda.get_device_name(0) if cuda else "CPU"
+    print(f"\n{card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+    print("| workload | implementation | speed | peak allocated / reserved | first-step loss |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if with_hf:
+        print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
+        for tag, seq in zip(("train2048", "train512"), seqs):
+            for name in ("ours (eager)", "ours (compiled layers)"):
+                if f"{tag} {name}" in results:
+                    print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
+        for name in ("ours, adapter unmerged (eager)", "ours, adapter merged (eager)",
+                     "ours, adapter unmerged (CUDA graph)", "ours, adapter merged (CUDA graph)",
+                     "ours, adapter unmerged (compiled, CUDA graph)", "ours, adapter merged (compiled, CUDA graph)"):
+            if f"decode {name}" in results:
+                print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', 'decode transformers + peft, adapter unmerged', 'tok_s')} |")
+        if "longest ours" in results:
+            print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
+        # The math must not change: same first-step loss as the reference, within bf16 noise.
+        for tag in ("train2048", "train512"):
+            ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
+            for name in ("ours (eager)", "ours (compiled layers)"):
+                ours = results.get(f"{tag} {name}", {}).get("first_loss")
+                if ref is not None and ours is not None:
+                    ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
+                    print(f"loss check {tag} {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
+    # Greedy output must not depend on the speed path: every path against eager, and transformers.
+    ref = results.get("decode ours, adapter unmerged (eager)", {}).get("tokens")
+    for k, v in results.items():
+        if k.startswith("decode") and "tokens" in v and ref and k != "decode ours, adapter unmerged (eager)":
+            same = sum(a == b for a, b in zip(v["tokens"], ref))
+            print(f"greedy tokens, {k[7:]} vs ours unmerged eager: {same}/{len(ref)} identical")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": card, "date": str(date.today()), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
