@@ -431,15 +431,14 @@ def train(a):
     cfg = lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                           target_modules=targets, use_rslora=a.use_rslora)
     lora.add_adapter(model, cfg)
-    lora_params = lora.lora_parameters(model)
     model.model.gradient_checkpointing = a.gradient_checkpointing
     if a.torch_compile if a.torch_compile is not None else device.type == "cuda":
         for layer in model.model.layers:  # in place: parameter names and checkpoints are unchanged
             layer.compile()
     if rank == 0:
         lora.print_trainable_parameters(model)
-    params = lora.lora_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+    lora_params = lora.lora_parameters(model)
+    optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay)
     loss_module = CausalLMLoss(model)
     if world > 1:
@@ -460,7 +459,7 @@ def train(a):
         lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=False), device)
+        set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
         log0(rank, f"resumed from {ckpt} at step {state['global_step']}")
     else:
         run_dir = new_run_dir(a.output_dir, a.add_version) if rank == 0 else None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model
+from conftest import make_hf_checkpoint
 from model import Config, ModelError, load_model
 
 
@@ -283,3 +284,18 @@ def test_static_cache_decoding_equals_full_forward(tiny_dir):
         parts = [m(x[:, :7], position_ids=torch.arange(7)[None], cache=cache)]
         parts += [m(x[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache) for t in range(7, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_single_file_checkpoint_loads(tmp_path, tiny_dir):
+    from transformers import Qwen2ForCausalLM as HF
+    make_hf_checkpoint(tmp_path / "sharded", tiny_dir)
+    hf = HF.from_pretrained(tmp_path / "sharded", dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "single", max_shard_size="1GB")
+    for f in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(tmp_path / "sharded" / f, tmp_path / "single" / f)
+    assert (tmp_path / "single" / "model.safetensors").exists()
+    assert not (tmp_path / "single" / "model.safetensors.index.json").exists()
+    ours, _ = load_model(str(tmp_path / "single"), dtype=torch.float32)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
