@@ -614,7 +614,7 @@ def train(a):
             after = answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids)
             print("\nanswers before -> after training:")
             for q, b, c in zip(a.eval_prompts, before, after):
-                print(f"  Q: {q}\n     before: {b[:120]!r}\n     after:  {c[:120]!r}")
+                print(f"  Q: {q}\n     before: {b[:40]!r}\n     after:  {c[:160]!r}")
     if world > 1:
         dist.destroy_process_group()
     return 130 if interrupted else 0
