@@ -39,7 +39,7 @@ import lora
 import model as modeling
 from data import DataError
 from lora import LoraError
-from model import ModelError
+from model import ModelError, str2bool
 
 
 class UsageError(Exception):
@@ -357,14 +357,6 @@ def answer_lines(chat: Chat, lines) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Flags and loading
-
-
-def str2bool(v: str) -> bool:
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -12,8 +12,8 @@ straight into the requested dtype and device onto a model built on the `meta` de
 checkpoint never needs a second, randomly initialised copy in memory.
 """
 
+import argparse
 import json
-import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -508,6 +508,19 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Flag helpers shared by train.py, infer.py and merge.py
+
+
+def str2bool(v: str) -> bool:
+    """ms-swift's boolean flags: `--stream true`, `--merge_lora false`."""
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
 def parse_dtype(name: str):

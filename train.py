@@ -43,7 +43,7 @@ import lora
 import model as modeling
 from data import DataError
 from lora import LoraError
-from model import ModelError
+from model import ModelError, str2bool
 
 
 class UsageError(Exception):
@@ -52,14 +52,6 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Flags: ms-swift's names and defaults
-
-
-def str2bool(v: str) -> bool:
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
