@@ -283,31 +283,16 @@ class Qwen2Model(nn.Module):
         position_ids (B, T): by default counted over the non-padding tokens (so left padding works).
         cache: a KVCache; the new tokens go after its `length` cached positions.
         """
-        B, T = input_ids.shape
-        if isinstance(cache, StaticKVCache):
-            return self._forward_static(input_ids, position_ids, cache)
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {cache.max_len}.")
-        seg = attention_mask.long() if attention_mask is not None else None
-        if cache is not None:
-            cache.seg[:, start:start + T] = seg if seg is not None else 1
-        if position_ids is None:
-            if seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all())):
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            else:
-                valid = (cache.seg[:, :start + T] if cache is not None else seg) != 0
-                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        # Pick the cheapest exact attention: plain causal when nothing is masked and nothing cached.
-        mask, is_causal = None, False
-        if seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all())):
-            if start == 0:
-                is_causal = T > 1
-            elif T > 1:
-                mask = attention_mask_4d(torch.ones_like(input_ids), cache.seg[:, :start + T].clamp(max=1), start)
+        static = isinstance(cache, StaticKVCache)
+        if static:
+            # Fixed shapes for CUDA graphs (batch 1): keys are written at position_ids and attention
+            # spans the whole buffer, masked after each query's own position.
+            cache.positions = position_ids[0]  # (T,)
+            S = cache.max_len
+            mask = (torch.arange(S, device=input_ids.device)[None, :] <= cache.positions[:, None])[None, None]  # (1, 1, T, S)
+            is_causal = False
         else:
-            k_seg = cache.seg[:, :start + T] if cache is not None else seg
-            mask = attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start)
+            position_ids, mask, is_causal = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
 
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -317,21 +302,37 @@ class Qwen2Model(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, is_causal, cache, i)
+        if cache is not None and not static:
+            cache.length += input_ids.shape[1]
+        return self.norm(h)
+
+    def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
+        """(position_ids, mask, is_causal) for a forward after `cache.length` cached positions."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {cache.max_len}.")
+        seg = attention_mask.long() if attention_mask is not None else None
         if cache is not None:
-            cache.length = start + T
-        return self.norm(h)
-
-
-    def _forward_static(self, input_ids, position_ids, cache):
-        """Batch-1 forward against a StaticKVCache: no Python-side state, so CUDA graphs can capture it."""
-        positions = position_ids[0]  # (T,)
-        cache.positions = positions
-        mask = torch.arange(cache.max_len, device=positions.device)[None, :] <= positions[:, None]  # (T, S)
-        h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask[None, None], False, cache, i)
-        return self.norm(h)
+            cache.seg[:, start:start + T] = seg if seg is not None else 1
+        unmasked = seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all()))
+        if position_ids is None:
+            if unmasked:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            else:
+                valid = (cache.seg[:, :start + T] if cache is not None else seg) != 0
+                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        # Pick the cheapest exact attention: plain causal when nothing is masked and nothing cached.
+        mask, is_causal = None, False
+        if unmasked:
+            if start == 0:
+                is_causal = T > 1
+            elif T > 1:
+                mask = attention_mask_4d(torch.ones_like(input_ids), cache.seg[:, :start + T].clamp(max=1), start)
+        else:
+            k_seg = cache.seg[:, :start + T] if cache is not None else seg
+            mask = attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start)
+        return position_ids, mask, is_causal
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -511,7 +512,7 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
 
 
 # ----------------------------------------------------------------------------------------------
-# Flag helpers shared by train.py, infer.py and merge.py
+# Flag helpers shared by the scripts
 
 
 def str2bool(v: str) -> bool:
