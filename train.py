@@ -485,9 +485,10 @@ def train(a):
     try:
         while not done:
             windows = epoch_windows(len(train_rows), a.per_device_train_batch_size, global_accum, epoch, a.seed)
-            for w_index in range(state["step_in_epoch"] if epoch == state["epoch"] else 0, len(windows)):
+            for w_index in range(state["step_in_epoch"], len(windows)):  # resume mid-epoch where we stopped
                 micro = windows[w_index]
                 n_tokens = sum(label_tokens(train_rows[i]) for mb in micro for i in mb)  # whole step, all ranks
+                tokens_seen += sum(len(train_rows[i]["input_ids"]) for mb in micro for i in mb)
                 # This rank's share of the step; a rank short of micro-batches runs one with weight 0
                 # so that every rank takes part in the gradient all-reduce.
                 mine = micro[rank::world]
@@ -504,7 +505,6 @@ def train(a):
                         # sum(token losses) / tokens of the whole step.
                         (loss * (wgt * world / max(1, n_tokens))).backward()
                     loss_sum += loss.item() * wgt
-                    tokens_seen += int(batch["attention_mask"].ne(0).sum()) * world
                 if world > 1:
                     t = torch.tensor([loss_sum], device=device, dtype=torch.float64)
                     dist.all_reduce(t)
@@ -526,8 +526,6 @@ def train(a):
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
-                if w_index + 1 == len(windows):
-                    state.update(epoch=epoch + 1, step_in_epoch=0)
                 window.append(step_loss)
                 if world > 1:  # every rank must agree to stop at the same step
                     flag = torch.tensor([float(interrupted)], device=device)
