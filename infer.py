@@ -94,12 +94,6 @@ class CUDAGraphDecoder:
         h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
         return self.model.lm_head(h[0, -1])
 
-    def prefill(self, input_ids):
-        """Eager, like prefill() above, but into the static cache at positions 0..T-1."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        h = self.model.model(input_ids, position_ids=positions, cache=self.cache)
-        return self.model.lm_head(h[0, -1])
-
     def decode_one(self, token, position: int):
         self.token.copy_(token.view(1, 1))
         self.position.fill_(position)
@@ -165,7 +159,7 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty
     seen[prompt[0]] = True
 
-    logits = graph.prefill(prompt) if graph is not None else prefill(model, prompt, cache)
+    logits = prefill(model, prompt, graph.cache if graph is not None else cache)  # eager either way
     for i in range(max_new_tokens):
         token = next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
         seen[token] = True

@@ -286,7 +286,9 @@ class Qwen2Model(nn.Module):
         static = isinstance(cache, StaticKVCache)
         if static:
             # Fixed shapes for CUDA graphs (batch 1): keys are written at position_ids and attention
-            # spans the whole buffer, masked after each query's own position.
+            # spans the whole buffer, masked after each query's own position. No position_ids: a prefill.
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             cache.positions = position_ids[0]  # (T,)
             S = cache.max_len
             mask = (torch.arange(S, device=input_ids.device)[None, :] <= cache.positions[:, None])[None, None]  # (1, 1, T, S)
