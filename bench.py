@@ -96,20 +96,30 @@ def ours_model(shape, device, compile_layers=False, fp32=False):
     return m
 
 
-def ours_train(shape, seq, steps, device, compile_layers):
+def ours_train_setup(shape, device, compile_layers):
+    """Our model in training mode, train.py's loss module, and AdamW over the LoRA parameters."""
     import lora
     import train
     m = ours_model(shape, device, compile_layers)
     m.train()
     m.model.gradient_checkpointing = True
-    loss_fn = train.CausalLMLoss(m)
     params = lora.lora_parameters(m)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    return train.CausalLMLoss(m), params, opt
+
+
+def ours_train(shape, seq, steps, device, compile_layers):
+    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
+    return measure_train(lambda x: loss_fn(x, x) / (seq - 1), params, opt, shape, seq, steps, device)
+
+
+def measure_train(mean_loss, params, opt, shape, seq, steps, device):
+    """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss."""
     x = tokens(seq, shape["vocab_size"], device)
     first = {}
 
     def step():
-        loss = loss_fn(x, x) / (seq - 1)
+        loss = mean_loss(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -121,6 +131,18 @@ def ours_train(shape, seq, steps, device, compile_layers):
         torch.cuda.reset_peak_memory_stats()
     s = timed_steps(step, 2, steps, device)
     return {"tok_s": seq / s, "s_per_step": s, "first_loss": first["loss"], **memory(device)}
+
+
+def longest_run(mean_loss, opt, shape, device):
+    """A function that trains two steps on a sequence of the given length (for `longest`)."""
+    def run(seq):
+        x = tokens(seq, shape["vocab_size"], device)
+        for _ in range(2):
+            mean_loss(x).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+    return run
 
 
 @torch.no_grad()
@@ -142,33 +164,18 @@ def decisive(model):
 def ours_train_ddp(shape, seq, steps, compile_layers):
     """train.py's data-parallel step under torchrun: every rank a sequence of its own."""
     import torch.distributed as dist
-    import lora
-    import train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl")
-    m = ours_model(shape, device, compile_layers)
-    m.train()
-    m.model.gradient_checkpointing = True
-    loss_fn = train.CausalLMLoss(m)
+    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
     if world > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device])
-    params = lora.lora_parameters(m)
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    x = tokens(seq, shape["vocab_size"], device, seed=1 + int(os.environ.get("RANK", "0")))
-
-    def step():
-        (loss_fn(x, x) * (world / (world * (seq - 1)))).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    s = timed_steps(step, 2, steps, device)
+    r = measure_train(lambda x: loss_fn(x, x) / (seq - 1), params, opt, shape, seq, steps, device)
     if world > 1:
         dist.destroy_process_group()
-    return {"tok_s": world * seq / s, "s_per_step": s, "gpus": world}
+    return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
 
 
 @torch.no_grad()
@@ -211,26 +218,6 @@ def longest(train_fn, device, limit_gib, start=2048, stop=65536, step=1024):
     return {"longest": best}
 
 
-def ours_longest_fn(shape, device, compile_layers):
-    import lora
-    import train
-    m = ours_model(shape, device, compile_layers)
-    m.train()
-    m.model.gradient_checkpointing = True
-    loss_fn = train.CausalLMLoss(m)
-    params = lora.lora_parameters(m)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-
-    def run(seq):
-        x = tokens(seq, shape["vocab_size"], device)
-        for _ in range(2):
-            (loss_fn(x, x) / seq).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync(device)
-    return run
-
-
 # ----------------------------------------------------------------------------------------------
 # The reference: transformers + peft
 
@@ -259,35 +246,7 @@ def hf_train_setup(shape, device):
 
 def hf_train(shape, seq, steps, device):
     m, params, opt = hf_train_setup(shape, device)
-    x = tokens(seq, shape["vocab_size"], device)
-    first = {}
-
-    def step():
-        loss = m(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        first.setdefault("loss", loss.item())
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    s = timed_steps(step, 2, steps, device)
-    return {"tok_s": seq / s, "s_per_step": s, "first_loss": first["loss"], **memory(device)}
-
-
-def hf_longest_fn(shape, device):
-    m, params, opt = hf_train_setup(shape, device)
-
-    def run(seq):
-        x = tokens(seq, shape["vocab_size"], device)
-        for _ in range(2):
-            m(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sync(device)
-    return run
+    return measure_train(lambda x: m(input_ids=x, labels=x).loss, params, opt, shape, seq, steps, device)
 
 
 @torch.no_grad()
@@ -328,9 +287,11 @@ def worker(a):
     elif w == "hf_decode":
         r = hf_decode(shape, a.new_tokens, device, a.fp32)
     elif w == "ours_longest":
-        r = longest(ours_longest_fn(shape, device, a.compile), device, a.limit_gib, a.seq, step=a.seq_step)
+        loss_fn, _, opt = ours_train_setup(shape, device, a.compile)
+        r = longest(longest_run(lambda x: loss_fn(x, x) / x.shape[1], opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
     elif w == "hf_longest":
-        r = longest(hf_longest_fn(shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+        m, _, opt = hf_train_setup(shape, device)
+        r = longest(longest_run(lambda x: m(input_ids=x, labels=x).loss, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
     print("RESULT " + json.dumps(r))
 
 
