@@ -454,8 +454,7 @@ def load_chat(args) -> Chat:
     device = pick_device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
-    dtype = modeling.parse_dtype(args.torch_dtype) if args.torch_dtype else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = modeling.parse_dtype(args.torch_dtype) if args.torch_dtype else modeling.default_dtype(device)
     adapters = parse_adapters(args.adapters)
     # Read every adapter folder before the (slow) base model, so a wrong path fails in a second.
     for _, path in adapters:

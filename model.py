@@ -534,5 +534,10 @@ def parse_dtype(name: str):
     return table[name]
 
 
+def default_dtype(device) -> torch.dtype:
+    """bf16 on a GPU, like the checkpoints; float32 on the CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -392,7 +392,7 @@ def log0(rank, *a, **k):
 def train(a):
     rank, world, device = setup_distributed(a.device)
     fast_float32_matmul(device)
-    dtype = modeling.parse_dtype(a.torch_dtype) if a.torch_dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = modeling.parse_dtype(a.torch_dtype) if a.torch_dtype else modeling.default_dtype(device)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
 
