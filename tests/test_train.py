@@ -114,12 +114,22 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
         assert torch.equal(full[k], resumed[k]), k
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir):
+@pytest.fixture
+def one_thread():
+    """Bit-for-bit comparisons across processes need one thread: with several, a busy machine can
+    change how a float32 sum is split between threads, and so its last bit."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield dict(os.environ, OMP_NUM_THREADS="1")
+    torch.set_num_threads(n)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir, one_thread):
     data_file = write_qa(tmp_path / "qa.json", QA * 5)
     out = tmp_path / "out"
     args = train_args(data_file, out, 40, 1000)
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stderr=subprocess.PIPE, text=True, env=one_thread)
     for line in proc.stdout:
         if line.startswith("[2/40]"):
             proc.send_signal(signal.SIGINT)
