@@ -80,6 +80,8 @@ def timed_steps(step, n_warmup, n_steps, device):
 
 
 def ours_model(shape, device, compile_layers=False, fp32=False):
+    """Our model with random weights and a LoRA adapter; compile_layers as train.py does on a GPU
+    (compiled layers replayed as CUDA graphs)."""
     import lora
     import model as modeling
     import train
@@ -91,8 +93,7 @@ def ours_model(shape, device, compile_layers=False, fp32=False):
     fill_random(m)
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
     if compile_layers:
-        for layer in m.model.layers:
-            layer.compile()
+        m.model.compile_layers(cuda_graphs=device.type == "cuda")
     return m
 
 
@@ -104,6 +105,8 @@ def ours_train_setup(shape, device, compile_layers):
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
+    for p in params:  # as train.py: gradients stay allocated and are zeroed in place
+        p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     return train.CausalLMLoss(m), params, opt
 
@@ -123,8 +126,9 @@ def measure_train(mean_loss, params, opt, shape, seq, steps, device):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        first.setdefault("loss", loss.item())
+        opt.zero_grad(set_to_none=False)
+        if not first:
+            first["loss"] = loss.item()
 
     if device.type == "cuda":  # count the training step only, not building the random weights
         torch.cuda.empty_cache()
@@ -140,7 +144,7 @@ def longest_run(mean_loss, opt, shape, device):
         for _ in range(2):
             mean_loss(x).backward()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
         sync(device)
     return run
 
@@ -182,11 +186,13 @@ def ours_train_ddp(shape, seq, steps, compile_layers):
 def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp32=False):
     import infer
     import lora
+    import model as modeling
     m = ours_model(shape, device, fp32=fp32).eval()
     random_lora(m)
     decisive(m)
-    if merged:
+    if merged:  # as infer.py --merge_lora true
         lora.merge_lora(m)
+        modeling.fuse_projections(m)
     prompt = tokens(32, shape["vocab_size"], device)[0].tolist()
     decoder = infer.CUDAGraphDecoder(m, 32 + new_tokens, compile=compile_step) if graph else None
 
@@ -318,7 +324,7 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf eager")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf; eager: only the fastest paths (compiled, CUDA graphs)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and on N GPUs (torchrun)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     # worker mode (internal)
@@ -340,7 +346,7 @@ def main():
         res = {n: run_worker(["ours_train_ddp", "--seq", 2048, "--compile"], common, gpus=n) for n in (1, a.ddp)}
         card = torch.cuda.get_device_name(0)
         print(f"\n{a.ddp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
-        print("| GPUs | tokens/s (2048 tokens a GPU, compiled layers) | s/step |\n|---|---|---|")
+        print("| GPUs | tokens/s (2048 tokens a GPU, compiled, CUDA graphs) | s/step |\n|---|---|---|")
         for n, r in res.items():
             print(f"| {n} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} |")
         if "tok_s" in res[1] and "tok_s" in res[a.ddp]:
@@ -367,7 +373,7 @@ def main():
             continue
         variants = [] if "eager" in a.skip else [("ours (eager)", ["ours_train", "--seq", seq])]
         if cuda:
-            variants.append(("ours (compiled layers)", ["ours_train", "--seq", seq, "--compile"]))
+            variants.append(("ours (compiled, CUDA graphs)", ["ours_train", "--seq", seq, "--compile"]))
         if with_hf:
             variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
         for name, args in variants:
@@ -376,11 +382,13 @@ def main():
                          fmt(r, "peak_allocated_gib", ".2f") + " / " + fmt(r, "peak_reserved_gib", ".2f") + " GiB",
                          fmt(r, "first_loss", ".4f")))
     if "decode" not in a.skip:
-        variants = [("ours, adapter unmerged (eager)", ["ours_decode"]), ("ours, adapter merged (eager)", ["ours_decode", "--merged"])]
-        if cuda:
+        variants = [] if "eager" in a.skip else [("ours, adapter unmerged (eager)", ["ours_decode"]),
+                                                 ("ours, adapter merged (eager)", ["ours_decode", "--merged"])]
+        if cuda and "eager" not in a.skip:
             variants += [("ours, adapter unmerged (CUDA graph)", ["ours_decode", "--graph"]),
-                         ("ours, adapter merged (CUDA graph)", ["ours_decode", "--merged", "--graph"]),
-                         ("ours, adapter unmerged (compiled, CUDA graph)", ["ours_decode", "--graph", "--compile"]),
+                         ("ours, adapter merged (CUDA graph)", ["ours_decode", "--merged", "--graph"])]
+        if cuda:
+            variants += [("ours, adapter unmerged (compiled, CUDA graph)", ["ours_decode", "--graph", "--compile"]),
                          ("ours, adapter merged (compiled, CUDA graph)", ["ours_decode", "--merged", "--graph", "--compile"])]
         if with_hf:
             variants.append(("transformers + peft, adapter unmerged", ["hf_decode"]))
@@ -409,7 +417,7 @@ def main():
     if with_hf:
         print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
         for tag, seq in zip(("train2048", "train512"), seqs):
-            for name in ("ours (eager)", "ours (compiled layers)"):
+            for name in ("ours (eager)", "ours (compiled, CUDA graphs)"):
                 if f"{tag} {name}" in results:
                     print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
         for name in ("ours, adapter unmerged (eager)", "ours, adapter merged (eager)",
@@ -422,7 +430,7 @@ def main():
         # The math must not change: same first-step loss as the reference, within bf16 noise.
         for tag in ("train2048", "train512"):
             ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
-            for name in ("ours (eager)", "ours (compiled layers)"):
+            for name in ("ours (eager)", "ours (compiled, CUDA graphs)"):
                 ours = results.get(f"{tag} {name}", {}).get("first_loss")
                 if ref is not None and ours is not None:
                     ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3

@@ -487,6 +487,8 @@ def load_chat(args) -> Chat:
     if args.merge_lora:
         lora.merge_lora(model)
         note(f"adapter {active} merged into the weights")
+    if args.merge_lora or not adapters:  # plain weights from here on: decode with fused projections
+        modeling.fuse_projections(model)
 
     eos = gen_config.get("eos_token_id", model.config.eos_token_id)
     stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tok.im_end_id}

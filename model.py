@@ -213,12 +213,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix: see fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qkv_weight is not None:
+            sizes = [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
@@ -235,9 +241,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_weight = None  # gate and up in one matrix: see fuse_projections
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -248,7 +259,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0):
+    def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False):
+        if checkpoint:
+            # Keep only the layer's input; recompute its insides during backward. Done here, inside
+            # the layer, so that a compiled layer (Qwen2Model.compile_layers) compiles the
+            # recomputation together with the backward: one fused forward and one backward per layer.
+            return torch.utils.checkpoint.checkpoint(self._forward, h, cos, sin, mask, is_causal, cache, layer,
+                                                     use_reentrant=False)
+        return self._forward(h, cos, sin, mask, is_causal, cache, layer)
+
+    def _forward(self, h, cos, sin, mask, is_causal, cache, layer):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -275,6 +295,25 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.compiled_layers = None  # torch.compile'd layers for forwards without a cache: see compile_layers
+
+    def compile_layers(self, cuda_graphs: bool = False):
+        """torch.compile each decoder layer (with its checkpointing) for training steps.
+
+        A compiled layer fuses the norms, RoPE, SiLU and LoRA's element-wise work into a few
+        kernels, and compiles the backward with the recomputation of checkpointing. With
+        cuda_graphs, each layer's forward and backward are also recorded as CUDA graphs and replayed
+        (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise bound by
+        the CPU launching thousands of small kernels. Each sequence length gets its own compiled
+        code (shapes are static: LoRA dropout inside a checkpointed layer does not compile with
+        dynamic shapes on CUDA) and its own graphs, so pad batches to a few lengths (train.py: to a
+        multiple of 64 tokens for --max_length 2048). The eager layers stay in place and run every forward without
+        gradients (evaluation, decoding); parameter names do not change.
+        """
+        mode = "reduce-overhead" if cuda_graphs else None
+        # One compiled version per sequence length: allow more than the default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compiled_layers = [torch.compile(layer, mode=mode, dynamic=False) for layer in self.layers]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """input_ids (B, T) -> final hidden states (B, T, hidden).
@@ -298,12 +337,12 @@ class Qwen2Model(nn.Module):
 
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each layer's input; recompute its insides during backward.
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, is_causal, cache, i)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # The compiled layers serve training steps; scoring and decoding (no gradients) run eagerly.
+        use_compiled = self.compiled_layers is not None and cache is None and torch.is_grad_enabled()
+        layers = self.compiled_layers if use_compiled else self.layers
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
         if cache is not None and not static:
             cache.length += input_ids.shape[1]
         return self.norm(h)
@@ -353,6 +392,39 @@ class Qwen2ForCausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def fuse_projections(model: Qwen2ForCausalLM):
+    """Put q, k, v (and gate, up), which all read the same input, into one matrix each, for decoding.
+
+    A decode step reads every weight once for a single token, so its speed is memory bandwidth: one
+    matmul over the fused matrix reads it at a better rate than three separate ones (the small k and
+    v matrices especially) and launches fewer kernels. The separate weights become views into the
+    fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
+    weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
+    """
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_weight, attn.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up_weight, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+
+
+def _fuse(linears):
+    for lin in linears:
+        if getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged:  # a live LoRA
+            raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
+                             "merge it first (lora.merge_lora) or deactivate it.")
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
     g.add_argument("--torch_dtype", default=None, help="dtype of the frozen base weights: bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math (default: true on GPU, false on CPU)")
+    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math; batches are padded to a multiple of 64 tokens (for --max_length 2048), one compile per length (default: true on GPU, false on CPU)")
+    g.add_argument("--cuda_graph", type=str2bool, default=None, help="with --torch_compile on a GPU: replay each compiled layer's forward and backward as CUDA graphs (default: true there)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub dataset ids; SOURCE#N samples N rows")
@@ -141,6 +142,10 @@ def check_args(a):
         raise UsageError(f"--device {a.device}: use cpu, cuda or cuda:N.")
     if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {a.device}: no CUDA GPU is visible to PyTorch here. Use --device cpu.")
+    if a.cuda_graph and a.torch_compile is False:
+        raise UsageError("--cuda_graph true replays the compiled layers: it needs --torch_compile true (or unset).")
+    if a.cuda_graph and not (a.device or modeling.default_device()).startswith("cuda"):
+        raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
     for spec in a.dataset + a.val_dataset:
         path, _ = data.parse_source(spec)
         if path.endswith((".json", ".jsonl")) and not Path(path).exists():
@@ -191,6 +196,18 @@ class CausalLMLoss(nn.Module):
 def chunk_loss(h, weight, targets):
     logits = F.linear(h, weight).float()  # (n, vocab)
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
+    """Rows -> a micro-batch on the device, right-padded to a multiple of pad_to tokens.
+
+    Padding comes after each row's tokens, so causal attention alone already keeps every token from
+    seeing it, and padding carries no labels: the attention mask is needed only to keep packed
+    samples apart. Without one, attention runs as plain causal, its fastest kernel."""
+    batch = data.collate(rows, pad_id, pad_to)
+    if not any("segment_ids" in r for r in rows):
+        del batch["attention_mask"]
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def label_tokens(row) -> int:
@@ -324,7 +341,7 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
+def evaluate(model, rows, batch_size: int, pad_id: int, device, pad_to: int = 1) -> float:
     """Mean cross-entropy per label token over the validation rows."""
     was_training = model.training
     model.eval()
@@ -332,7 +349,7 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in data.collate(chunk, pad_id).items()}
+        batch = make_batch(chunk, pad_id, device, pad_to)
         total += loss_fn(**batch).item()
         count += sum(label_tokens(r) for r in chunk)
     model.train(was_training)
@@ -424,12 +441,20 @@ def train(a):
                           target_modules=targets, use_rslora=a.use_rslora)
     lora.add_adapter(model, cfg)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    if a.torch_compile if a.torch_compile is not None else device.type == "cuda":
-        for layer in model.model.layers:  # in place: parameter names and checkpoints are unchanged
-            layer.compile()
+    compiled = a.torch_compile if a.torch_compile is not None else device.type == "cuda"
+    cuda_graph = compiled and device.type == "cuda" and a.cuda_graph is not False
+    if compiled:
+        model.model.compile_layers(cuda_graphs=cuda_graph)
+    # Each sequence length is compiled and recorded once: pad to at most 32 lengths (64 tokens apart
+    # for --max_length 2048). Padding is cheap next to a new compile.
+    pad_to = max(64, -(-a.max_length // 32)) if compiled else 1
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)
+    # Gradients stay allocated and are zeroed in place: backward then adds into them, never taking
+    # over a tensor that a CUDA graph will write again in the next micro-batch.
+    for p_ in lora_params:
+        p_.grad = torch.zeros_like(p_)
     optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay)
     loss_module = CausalLMLoss(model)
@@ -497,7 +522,7 @@ def train(a):
                     mine, weights = [micro[0]], [0.0]
                 loss_sum = 0.0
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
-                    batch = {k: v.to(device) for k, v in data.collate([train_rows[i] for i in mb], tok.endoftext_id).items()}
+                    batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to)
                     sync = j == len(mine) - 1 or world == 1
                     with (nullcontext() if sync else loss_module.no_sync()):
                         loss = loss_module(**batch)
@@ -522,7 +547,7 @@ def train(a):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
@@ -553,7 +578,7 @@ def train(a):
                               f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}", flush=True)
                 if val_rows and (step % a.eval_steps == 0 or last_step):
                     if rank == 0:
-                        eval_loss = evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device)
+                        eval_loss = evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device, pad_to)
                         state["log_history"].append({"step": step, "eval_loss": round(eval_loss, 6)})
                         with open(run_dir / "logging.jsonl", "a") as f:
                             f.write(json.dumps(state["log_history"][-1]) + "\n")

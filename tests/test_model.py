@@ -133,6 +133,59 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
+    """compile_layers compiles each layer together with its checkpointing (CPU inductor here; the
+    CUDA-graph variant runs in bench.py on a GPU). Two lengths: one static compile each."""
+    folder, _ = hf_checkpoint(num_hidden_layers=2)
+    grads = []
+    for compiled in (False, True):
+        m, _ = load_model(str(folder), dtype=torch.float32)
+        m.train()
+        m.model.gradient_checkpointing = True
+        if compiled:
+            m.model.compile_layers()
+        for length in (16, 8):
+            m(tokens(length=length)).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+        with torch.no_grad():  # forwards without gradients run the eager layers
+            assert torch.equal(m(tokens()), m.lm_head(m.model.norm(run_eager_layers(m, tokens()))))
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def run_eager_layers(m, x):
+    cos, sin = model.rope_cos_sin(torch.arange(x.shape[1]).expand_as(x), m.config.head_dim, m.config.rope_theta, torch.float32)
+    h = m.model.embed_tokens(x)
+    for layer in m.model.layers:
+        h = layer(h, cos, sin, None, True)
+    return h
+
+
+def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint):
+    import lora
+    folder, _ = hf_checkpoint(num_key_value_heads=2)
+    m, _ = load_model(str(folder), dtype=torch.float32)
+    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for p in lora.lora_parameters(m):
+            p.normal_(0, 0.05)
+    x = tokens()
+    with pytest.raises(ModelError, match="merge it first"):  # the fused matmuls would skip a live LoRA
+        model.fuse_projections(m)
+    lora.merge_lora(m)
+    with torch.no_grad():
+        before, sd = m(x), {k: v.clone() for k, v in m.state_dict().items()}
+        model.fuse_projections(m)
+        after = m(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    attn = m.model.layers[0].self_attn
+    assert attn.qkv_weight is not None and m.model.layers[0].mlp.gate_up_weight is not None
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views: nothing stored twice
+    assert sd.keys() == m.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Config reading
 

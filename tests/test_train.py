@@ -194,6 +194,28 @@ def test_nan_loss_stops_with_a_message_keeping_the_last_good_checkpoint(tmp_path
     assert all(torch.isfinite(t).all() for t in adapter(good[-1]).values())
 
 
+def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_dir):
+    """Right padding needs no attention mask (causal attention never looks ahead), so make_batch
+    drops it and the loss is unchanged; packed rows keep their segment ids."""
+    import data
+    import lora
+    import model as modeling
+    m, folder = modeling.load_model("tiny", dtype=torch.float32)
+    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    tok = data.Tokenizer(folder)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    rows = data.encode_dataset(tok, convs, 2048, "delete")
+    batch = train.make_batch(rows, tok.endoftext_id, "cpu", pad_to=64)
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (len(QA), -(-longest // 64) * 64)
+    masked = {k: v for k, v in data.collate(rows, tok.endoftext_id).items()}  # unpadded, with the mask
+    loss = train.CausalLMLoss(m).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loss(**batch), loss(**masked), rtol=1e-5, atol=1e-5)
+    packed = train.make_batch(data.pack(rows, 256), tok.endoftext_id, "cpu")
+    assert packed["attention_mask"].max() > 1  # segment ids survive
+
+
 def test_lr_schedule_warmup_then_cosine():
     lrs = [train.lr_at(s, 10, 2, 1.0, "cosine") for s in range(10)]
     assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] < 0.05
@@ -212,6 +234,8 @@ def test_lr_schedule_warmup_then_cosine():
     (["--dataset", "x.json#abc"], "#abc"),
     (["--model", "/no/such/model"], "no such folder"),
     (["--device", "tpu"], "--device tpu"),
+    (["--cuda_graph", "true"], "--cuda_graph true needs a GPU"),
+    (["--cuda_graph", "true", "--torch_compile", "false"], "it needs --torch_compile true"),
 ])
 def test_bad_flags_stop_before_training(tmp_path, tiny_dir, capsys, flags, needle):
     data_file = write_qa(tmp_path / "qa.json")
