@@ -295,7 +295,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
-        self.compiled_layers = None  # torch.compile'd layers for forwards without a cache: see compile_layers
+        self.compiled_layers = None  # torch.compile'd layers for training steps: see compile_layers
 
     def compile_layers(self, cuda_graphs: bool = False):
         """torch.compile each decoder layer (with its checkpointing) for training steps.
@@ -306,9 +306,9 @@ class Qwen2Model(nn.Module):
         (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise bound by
         the CPU launching thousands of small kernels. Each sequence length gets its own compiled
         code (shapes are static: LoRA dropout inside a checkpointed layer does not compile with
-        dynamic shapes on CUDA) and its own graphs, so pad batches to a few lengths (train.py: to a
-        multiple of 64 tokens for --max_length 2048). The eager layers stay in place and run every forward without
-        gradients (evaluation, decoding); parameter names do not change.
+        dynamic shapes on CUDA) and its own graphs, so pad batches to a few lengths (train.py: to
+        a multiple of 64 tokens for --max_length 2048). The eager layers stay in place and run
+        every forward without gradients (evaluation, decoding); parameter names do not change.
         """
         mode = "reduce-overhead" if cuda_graphs else None
         # One compiled version per sequence length: allow more than the default 8.
@@ -404,6 +404,13 @@ def fuse_projections(model: Qwen2ForCausalLM):
     fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
     weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
     """
+    groups = [g for layer in model.model.layers for g in (
+        [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+        [layer.mlp.gate_proj, layer.mlp.up_proj])]
+    if any(getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged  # a live LoRA
+           for g in groups for lin in g):
+        raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
+                         "merge it first (lora.merge_lora) or deactivate it.")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_weight, attn.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -411,10 +418,7 @@ def fuse_projections(model: Qwen2ForCausalLM):
 
 
 def _fuse(linears):
-    for lin in linears:
-        if getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged:  # a live LoRA
-            raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
-                             "merge it first (lora.merge_lora) or deactivate it.")
+    """One (sum of outs, in) matrix for nn.Linear-like modules; their weights become views into it."""
     weight = torch.cat([lin.weight for lin in linears])
     bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
     start = 0

@@ -341,7 +341,7 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int, pad_id: int, device, pad_to: int = 1) -> float:
+def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
     """Mean cross-entropy per label token over the validation rows."""
     was_training = model.training
     model.eval()
@@ -349,7 +349,7 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device, pad_to: int = 1)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        batch = make_batch(chunk, pad_id, device, pad_to)
+        batch = make_batch(chunk, pad_id, device)  # no gradients: the eager layers, any length
         total += loss_fn(**batch).item()
         count += sum(label_tokens(r) for r in chunk)
     model.train(was_training)
@@ -578,7 +578,7 @@ def train(a):
                               f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}", flush=True)
                 if val_rows and (step % a.eval_steps == 0 or last_step):
                     if rank == 0:
-                        eval_loss = evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device, pad_to)
+                        eval_loss = evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device)
                         state["log_history"].append({"step": step, "eval_loss": round(eval_loss, 6)})
                         with open(run_dir / "logging.jsonl", "a") as f:
                             f.write(json.dumps(state["log_history"][-1]) + "\n")
