@@ -366,8 +366,8 @@ def main():
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step] + (["--small"] if a.small else [])
     seqs = (256, 64) if a.small else (2048, 512)
-    rows, results = [], {}
     with_hf = "hf" not in a.skip
+    jobs = []  # (result key, workload, implementation, worker arguments)
     for seq, tag in zip(seqs, ("train2048", "train512")):
         if tag in a.skip:
             continue
@@ -376,11 +376,7 @@ def main():
             variants.append(("ours (compiled, CUDA graphs)", ["ours_train", "--seq", seq, "--compile"]))
         if with_hf:
             variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
-        for name, args in variants:
-            r = results[f"{tag} {name}"] = run_worker(args, common)
-            rows.append((f"train, {seq} tokens", name, fmt(r, "tok_s", ",.0f") + " tok/s",
-                         fmt(r, "peak_allocated_gib", ".2f") + " / " + fmt(r, "peak_reserved_gib", ".2f") + " GiB",
-                         fmt(r, "first_loss", ".4f")))
+        jobs += [(f"{tag} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
     if "decode" not in a.skip:
         variants = [] if "eager" in a.skip else [("ours, adapter unmerged (eager)", ["ours_decode"]),
                                                  ("ours, adapter merged (eager)", ["ours_decode", "--merged"])]
@@ -392,23 +388,36 @@ def main():
                          ("ours, adapter merged (compiled, CUDA graph)", ["ours_decode", "--merged", "--graph", "--compile"])]
         if with_hf:
             variants.append(("transformers + peft, adapter unmerged", ["hf_decode"]))
-        for name, args in variants:
-            r = results[f"decode {name}"] = run_worker(args, common)
-            rows.append(("decode, batch 1", name, fmt(r, "tok_s", ",.1f") + " tok/s", "", ""))
+        jobs += [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
     if "longest" not in a.skip and cuda:
         variants = [("ours", ["ours_longest", "--seq", 4096])]
         if with_hf:
             variants.append(("transformers + peft", ["hf_longest", "--seq", 2048]))
-        for name, args in variants:
-            r = results[f"longest {name}"] = run_worker(args, common)
-            rows.append((f"longest sequence in {a.limit_gib:g} GiB", name, fmt(r, "longest", ",d") + " tokens", "", ""))
+        jobs += [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
+
+    card = torch.cuda.get_device_name(0) if cuda else "CPU"
+    rows, results = [], {}
+    for key, workload, name, args in jobs:  # each result is printed (and saved) as soon as it exists
+        t = time.time()
+        r = results[key] = run_worker(args, common)
+        if key.startswith("train"):
+            row = (fmt(r, "tok_s", ",.0f") + " tok/s", fmt(r, "peak_allocated_gib", ".2f") + " / "
+                   + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
+        elif key.startswith("decode"):
+            row = (fmt(r, "tok_s", ",.1f") + " tok/s", "", "")
+        else:
+            row = (fmt(r, "longest", ",d") + " tokens", "", "")
+        rows.append((workload, name, *row))
+        print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"card": card, "date": str(date.today()), "results": results}, f, indent=1)
 
     # Ratios against the reference of the same run.
     def ratio(ours, ref, key):
         o, b = results.get(ours, {}), results.get(ref, {})
         return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
 
-    card = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(f"\n{card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
     print("| workload | implementation | speed | peak allocated / reserved | first-step loss |")
     print("|---|---|---|---|---|")
@@ -441,9 +450,6 @@ def main():
         if k.startswith("decode") and "tokens" in v and ref and k != "decode ours, adapter unmerged (eager)":
             same = sum(a == b for a, b in zip(v["tokens"], ref))
             print(f"greedy tokens, {k[7:]} vs ours unmerged eager: {same}/{len(ref)} identical")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"card": card, "date": str(date.today()), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
