@@ -207,7 +207,8 @@ def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
     batch = data.collate(rows, pad_id, pad_to)
     if not any("segment_ids" in r for r in rows):
         del batch["attention_mask"]
-    return {k: v.to(device) for k, v in batch.items()}
+    # non_blocking: the CPU goes on while the copy waits behind the GPU work already queued.
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def label_tokens(row) -> int:
@@ -520,7 +521,9 @@ def train(a):
                 weights = [1.0] * len(mine)
                 if not mine:
                     mine, weights = [micro[0]], [0.0]
-                loss_sum = 0.0
+                # Summed on the device and read once per step: reading it per micro-batch would make
+                # the CPU wait for the GPU each time, instead of queueing the next micro-batch.
+                loss_sum = torch.zeros(1, device=device, dtype=torch.float64)
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
                     batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to)
                     sync = j == len(mine) - 1 or world == 1
@@ -529,12 +532,10 @@ def train(a):
                         # DDP averages gradients over ranks; multiply back so the step's gradient is
                         # sum(token losses) / tokens of the whole step.
                         (loss * (wgt * world / max(1, n_tokens))).backward()
-                    loss_sum += loss.item() * wgt
+                    loss_sum += loss.detach() * wgt
                 if world > 1:
-                    t = torch.tensor([loss_sum], device=device, dtype=torch.float64)
-                    dist.all_reduce(t)
-                    loss_sum = t.item()
-                step_loss = loss_sum / max(1, n_tokens)
+                    dist.all_reduce(loss_sum)
+                step_loss = loss_sum.item() / max(1, n_tokens)
                 if not math.isfinite(step_loss):
                     last = complete_checkpoints(run_dir)
                     raise FloatingPointError(
