@@ -79,9 +79,9 @@ def timed_steps(step, n_warmup, n_steps, device):
 # Ours
 
 
-def ours_model(shape, device, compile_layers=False, fp32=False):
+def ours_model(shape, device, compile_layers=False, fp32=False, graphs=True):
     """Our model with random weights and a LoRA adapter; compile_layers as train.py does on a GPU
-    (compiled layers replayed as CUDA graphs)."""
+    (compiled layers replayed as CUDA graphs, or not: train.py --cuda_graph false)."""
     import lora
     import model as modeling
     import train
@@ -93,26 +93,27 @@ def ours_model(shape, device, compile_layers=False, fp32=False):
     fill_random(m)
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
     if compile_layers:
-        m.model.compile_layers(cuda_graphs=device.type == "cuda")
+        m.model.compile_layers(cuda_graphs=graphs and device.type == "cuda")
     return m
 
 
-def ours_train_setup(shape, device, compile_layers):
+def ours_train_setup(shape, device, compile_layers, graphs=True):
     """Our model in training mode, train.py's loss module, and AdamW over the LoRA parameters."""
     import lora
     import train
-    m = ours_model(shape, device, compile_layers)
+    m = ours_model(shape, device, compile_layers, graphs=graphs)
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
-    for p in params:  # as train.py: gradients stay allocated and are zeroed in place
-        p.grad = torch.zeros_like(p)
+    if compile_layers and graphs and device.type == "cuda":  # as train.py: see there
+        for p in params:
+            p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     return train.CausalLMLoss(m), params, opt
 
 
-def ours_train(shape, seq, steps, device, compile_layers):
-    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
+def ours_train(shape, seq, steps, device, compile_layers, graphs=True):
+    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers, graphs)
     return measure_train(lambda x: loss_fn(x, x) / (seq - 1), params, opt, shape, seq, steps, device)
 
 
@@ -120,13 +121,14 @@ def measure_train(mean_loss, params, opt, shape, seq, steps, device):
     """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss."""
     x = tokens(seq, shape["vocab_size"], device)
     first = {}
+    keep_grads = params[0].grad is not None  # allocated up front (CUDA graphs): zero them in place
 
     def step():
         loss = mean_loss(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=not keep_grads)
         if not first:
             first["loss"] = loss.item()
 
@@ -144,7 +146,7 @@ def longest_run(mean_loss, opt, shape, device):
         for _ in range(2):
             mean_loss(x).backward()
             opt.step()
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
         sync(device)
     return run
 
@@ -281,7 +283,7 @@ def worker(a):
     shape = SMALL if a.small else QWEN25_7B
     w = a.worker
     if w == "ours_train":
-        r = ours_train(shape, a.seq, a.steps, device, a.compile)
+        r = ours_train(shape, a.seq, a.steps, device, a.compile, not a.no_graphs)
     elif w == "ours_train_ddp":
         r = ours_train_ddp(shape, a.seq, a.steps, a.compile)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -331,6 +333,7 @@ def main():
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no_graphs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
@@ -374,6 +377,8 @@ def main():
         variants = [] if "eager" in a.skip else [("ours (eager)", ["ours_train", "--seq", seq])]
         if cuda:
             variants.append(("ours (compiled, CUDA graphs)", ["ours_train", "--seq", seq, "--compile"]))
+            if tag == "train2048" or "eager" not in a.skip:  # --cuda_graph false: the least memory
+                variants.append(("ours (compiled, no graphs)", ["ours_train", "--seq", seq, "--compile", "--no_graphs"]))
         if with_hf:
             variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
         jobs += [(f"{tag} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
@@ -426,7 +431,7 @@ def main():
     if with_hf:
         print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
         for tag, seq in zip(("train2048", "train512"), seqs):
-            for name in ("ours (eager)", "ours (compiled, CUDA graphs)"):
+            for name in ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)"):
                 if f"{tag} {name}" in results:
                     print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
         for name in ("ours, adapter unmerged (eager)", "ours, adapter merged (eager)",
@@ -439,7 +444,7 @@ def main():
         # The math must not change: same first-step loss as the reference, within bf16 noise.
         for tag in ("train2048", "train512"):
             ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
-            for name in ("ours (eager)", "ours (compiled, CUDA graphs)"):
+            for name in ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)"):
                 ours = results.get(f"{tag} {name}", {}).get("first_loss")
                 if ref is not None and ours is not None:
                     ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3

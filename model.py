@@ -296,24 +296,31 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
         self.compiled_layers = None  # torch.compile'd layers for training steps: see compile_layers
+        self.cuda_graphs = False  # the compiled layers are replayed as CUDA graphs
 
     def compile_layers(self, cuda_graphs: bool = False):
-        """torch.compile each decoder layer (with its checkpointing) for training steps.
+        """torch.compile each decoder layer for training steps.
 
         A compiled layer fuses the norms, RoPE, SiLU and LoRA's element-wise work into a few
-        kernels, and compiles the backward with the recomputation of checkpointing. With
-        cuda_graphs, each layer's forward and backward are also recorded as CUDA graphs and replayed
-        (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise bound by
-        the CPU launching thousands of small kernels. Each sequence length gets its own compiled
-        code (shapes are static: LoRA dropout inside a checkpointed layer does not compile with
-        dynamic shapes on CUDA) and its own graphs, so pad batches to a few lengths (train.py: to
-        a multiple of 64 tokens for --max_length 2048). The eager layers stay in place and run
-        every forward without gradients (evaluation, decoding); parameter names do not change.
+        kernels. With cuda_graphs, each layer is compiled together with its checkpointing (one
+        forward, and one backward that recomputes it) and both are recorded as CUDA graphs and
+        replayed (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise
+        bound by the CPU launching thousands of small kernels. Without graphs, the compiled layer
+        is checkpointed from outside (its compiled forward runs again in backward), which needs
+        less memory: 16.0 against 16.6 GiB at 2,048 tokens on the 7B shape, at 0.9x the speed
+        (BENCHMARKS.md).
+
+        Shapes are static (LoRA dropout inside a checkpointed layer does not compile with dynamic
+        shapes on CUDA): each sequence length gets its own compiled code and graphs, so pad batches
+        to a few lengths (train.py: a multiple of 64 tokens for --max_length 2048). The eager layers
+        stay in place and run every forward without gradients (evaluation, decoding); parameter
+        names do not change.
         """
         mode = "reduce-overhead" if cuda_graphs else None
         # One compiled version per sequence length: allow more than the default 8.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.compiled_layers = [torch.compile(layer, mode=mode, dynamic=False) for layer in self.layers]
+        self.cuda_graphs = cuda_graphs
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """input_ids (B, T) -> final hidden states (B, T, hidden).
@@ -342,7 +349,10 @@ class Qwen2Model(nn.Module):
         use_compiled = self.compiled_layers is not None and cache is None and torch.is_grad_enabled()
         layers = self.compiled_layers if use_compiled else self.layers
         for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+            if checkpoint and use_compiled and not self.cuda_graphs:  # see compile_layers
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
         if cache is not None and not static:
             cache.length += input_ids.shape[1]
         return self.norm(h)

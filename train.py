@@ -452,10 +452,11 @@ def train(a):
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)
-    # Gradients stay allocated and are zeroed in place: backward then adds into them, never taking
-    # over a tensor that a CUDA graph will write again in the next micro-batch.
-    for p_ in lora_params:
-        p_.grad = torch.zeros_like(p_)
+    if cuda_graph:
+        # Gradients stay allocated and are zeroed in place: backward then adds into them, never
+        # taking over a tensor that a CUDA graph will write again in the next micro-batch.
+        for p_ in lora_params:
+            p_.grad = torch.zeros_like(p_)
     optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay)
     loss_module = CausalLMLoss(model)
@@ -548,7 +549,7 @@ def train(a):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=False)
+                optimizer.zero_grad(set_to_none=not cuda_graph)
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)

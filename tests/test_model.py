@@ -134,24 +134,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
 
 
 def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
-    """compile_layers compiles each layer together with its checkpointing (CPU inductor here; the
-    CUDA-graph variant runs in bench.py on a GPU). Two lengths: one static compile each."""
+    """compile_layers, checkpointed from outside (no graphs) and from inside the compiled layer (as
+    with CUDA graphs, which bench.py runs on a GPU); CPU inductor here. Two lengths: one static
+    compile each."""
     folder, _ = hf_checkpoint(num_hidden_layers=2)
     grads = []
-    for compiled in (False, True):
+    for compiled, inside in ((False, False), (True, False), (True, True)):
         m, _ = load_model(str(folder), dtype=torch.float32)
         m.train()
         m.model.gradient_checkpointing = True
         if compiled:
             m.model.compile_layers()
+            m.model.cuda_graphs = inside  # the checkpoint placement of the CUDA-graph path, without graphs
         for length in (16, 8):
             m(tokens(length=length)).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
         with torch.no_grad():  # forwards without gradients run the eager layers
             assert torch.equal(m(tokens()), m.lm_head(m.model.norm(run_eager_layers(m, tokens()))))
-    assert len(grads[0]) == len(grads[1]) > 0
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(grads[0]) == len(grads[1]) == len(grads[2]) > 0
+    for eager, outside, inside in zip(*grads):
+        torch.testing.assert_close(outside, eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(inside, eager, rtol=1e-4, atol=1e-5)
 
 
 def run_eager_layers(m, x):
