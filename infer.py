@@ -29,7 +29,7 @@ Where ms-swift's behaviour is not obvious, this file chooses:
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,10 +50,12 @@ class UsageError(Exception):
 # Decoding
 
 
-def prefill(model, input_ids, cache):
-    """Run the prompt (1, T) through the model, filling the cache; logits of its last position (vocab,)."""
+def prefill(model, input_ids, cache, start: int = 0):
+    """Run the prompt (1, T) through the model, filling the cache from position `start` (the cache
+    already holds the positions before it); logits of its last position (vocab,)."""
+    position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+    h = model.model(input_ids, position_ids=position_ids, cache=cache)  # (1, T, hidden)
     # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
-    h = model.model(input_ids, cache=cache)  # (1, T, hidden)
     return model.lm_head(h[0, -1])
 
 
@@ -136,13 +138,18 @@ def sampling_probs(logits, temperature, top_p, top_k):
 
 @torch.no_grad()
 def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int], temperature=0.0,
-             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, cache=None, graph=None):
+             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, cache=None, graph=None,
+             cached: list[int] | None = None):
     """Yield new token ids one at a time; a stop id is yielded too, as the last one.
 
     At most max_new_tokens, and never past the model's context (max_position_embeddings).
     cache: a KVCache with room for the prompt and the answer, to reuse (bench.py allocates one
-    up front); it is overwritten from position 0. By default a new one is made.
-    graph: a CUDAGraphDecoder to decode with instead (its own cache must hold prompt + answer)."""
+    up front); it is overwritten from position 0, or from the end of `cached`. By default a new
+    one is made.
+    graph: a CUDAGraphDecoder to decode with instead (its own cache must hold prompt + answer).
+    cached: the token ids whose keys and values that cache already holds, from earlier calls (a
+    chat's earlier turns). The prompt's common beginning with them is not run again; the list is
+    kept up to date in place, also when the caller stops early."""
     context = model.config.max_position_embeddings
     if len(input_ids) >= context:
         raise ModelError(f"the prompt is {len(input_ids)} tokens, but the model's context holds "
@@ -152,25 +159,38 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
         max_new_tokens = min(max_new_tokens, graph.max_len - len(input_ids))
     elif cache is None:
         cache = model.new_cache(1, len(input_ids) + max_new_tokens)
+        if cached is not None:
+            cached.clear()  # a new cache holds nothing
+    # Positions the cache holds already: the longest common beginning of the cached tokens and the
+    # prompt, less its last token (prefill must run at least one, for the next token's logits).
+    keep = 0
+    if cached is not None:
+        while keep < min(len(cached), len(input_ids) - 1) and cached[keep] == input_ids[keep]:
+            keep += 1
+        del cached[keep:]  # from here on, `cached` lists exactly the positions the cache holds
     if cache is not None:
-        cache.length = 0
+        cache.length = keep
     device = model.lm_head.weight.device
     prompt = torch.tensor([input_ids], device=device)  # (1, T)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty
     seen[prompt[0]] = True
 
-    logits = prefill(model, prompt, graph.cache if graph is not None else cache)  # eager either way
+    logits = prefill(model, prompt[:, keep:], graph.cache if graph is not None else cache, keep)  # eager either way
+    if cached is not None:
+        cached.extend(input_ids[keep:])
     for i in range(max_new_tokens):
         token = next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
         seen[token] = True
         token_id = int(token)
         yield token_id
         if token_id in stop_ids or i == max_new_tokens - 1:
-            return
+            return  # the last token was never run through the model: the cache does not hold it
         if graph is not None:
             logits = graph.decode_one(token, len(input_ids) + i)
         else:
             logits = decode_one(model, token, cache)
+        if cached is not None:
+            cached.append(token_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +220,11 @@ class Chat:
     show_prompt: bool = False
     cuda_graph: bool = False  # decode each token as one CUDA graph replay (GPU only)
     compile_graph: bool = False  # torch.compile the step before capturing it
-    graph: "CUDAGraphDecoder | None" = None  # captured for `graph_key` (adapter, cache length)
-    graph_key: tuple | None = None
+    # Kept between answers, so that a conversation's earlier turns are not run again:
+    cache: "modeling.KVCache | None" = None  # eager decoding's cache...
+    graph: "CUDAGraphDecoder | None" = None  # ...or the CUDA graph decoder's, for `kv_key`
+    kv_key: tuple | None = None  # (adapter, positions) they were made for
+    cached_ids: list = field(default_factory=list)  # the tokens whose keys and values they hold
 
     @property
     def context(self) -> int:
@@ -225,18 +248,22 @@ class Chat:
         lora.set_active_adapter(self.model, name)
         self.adapter = name
 
-    def graph_for(self, length: int):
-        """The CUDA graph decoder for the active adapter with room for `length` positions, captured
-        again only when the adapter changes or the conversation outgrows it (sizes in steps of
-        2048: attention spans the whole static cache, so it should not be much longer than needed)."""
-        if not self.cuda_graph:
-            return None
+    def decoder_for(self, length: int):
+        """(cache, graph) for the active adapter with room for `length` positions: the KV cache of
+        eager decoding, or the CUDA graph decoder (with its own cache). Made again, and its cached
+        tokens forgotten, only when the adapter changes (the same tokens have other keys and values)
+        or the conversation outgrows it. Sizes go in steps of 2048 positions (a CUDA graph attends
+        over its whole cache, so it should not be much longer than needed)."""
         key = (self.adapter, min(self.context, -(-length // 2048) * 2048))
-        if key != self.graph_key:
-            self.graph = None  # free the old cache first
-            self.graph = CUDAGraphDecoder(self.model, key[1], compile=self.compile_graph)
-            self.graph_key = key
-        return self.graph
+        if key != self.kv_key:
+            self.cache = self.graph = None  # free the old one first
+            self.cached_ids = []
+            if self.cuda_graph:
+                self.graph = CUDAGraphDecoder(self.model, key[1], compile=self.compile_graph)
+            else:
+                self.cache = self.model.new_cache(1, key[1])
+            self.kv_key = key
+        return self.cache, self.graph
 
     def answer(self, ids: list[int], out) -> str:
         """Generate the answer to the prompt `ids`, printing it to `out`; return its text."""
@@ -246,8 +273,9 @@ class Chat:
         limit = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
         decoder = data.StreamDecoder(self.tok)  # prints only whole UTF-8 characters
         pieces, n, token = [], 0, None
-        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator,
-                              graph=self.graph_for(len(ids) + limit), **self.sampling):
+        cache, graph = self.decoder_for(len(ids) + limit)
+        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, cache=cache,
+                              graph=graph, cached=self.cached_ids, **self.sampling):
             n += 1
             pieces.append(decoder.push(token))
             if self.stream and pieces[-1]:

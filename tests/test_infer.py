@@ -189,6 +189,37 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(chatty):
     assert cached == seq[len(ids):]
 
 
+def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(chatty, monkeypatch):
+    _, m, tok = chatty
+    stop = {tok.im_end_id, tok.endoftext_id}
+    prefilled = []
+    real_prefill = infer.prefill
+    monkeypatch.setattr(infer, "prefill", lambda model, ids, cache, start=0: (
+        prefilled.append(ids.shape[1]), real_prefill(model, ids, cache, start))[1])
+    cache, cached = m.new_cache(1, 512), []
+    history = []
+    for turn, question in enumerate([QUESTION, "What can you do?", "And then?"]):
+        ids = prompt_ids(tok, question, history=history)
+        answer = list(infer.generate(m, ids, 8, stop, cache=cache, cached=cached))
+        assert answer == list(infer.generate(m, ids, 8, stop))  # a fresh cache, the whole prompt
+        new = prefilled[-2]  # the reusing call's prefill (the fresh one came after it)
+        if turn == 0:
+            assert new == len(ids)
+        else:  # only what follows the earlier turns' tokens: the new question and its template
+            assert new <= len(ids) - len(previous)
+        previous = ids
+        history += [{"role": "user", "content": question},
+                    {"role": "assistant", "content": tok.decode([t for t in answer if t not in stop])}]
+    # Stopping early (Ctrl-C in the REPL) leaves `cached` true to what the cache holds.
+    ids = prompt_ids(tok, "Tell me more.", history=history)
+    for i, _ in enumerate(infer.generate(m, ids, 8, stop, cache=cache, cached=cached)):
+        if i == 2:
+            break
+    assert cached[:len(ids)] == ids and len(cached) == len(ids) + 2
+    ids = prompt_ids(tok, "Something else.", history=history)
+    assert list(infer.generate(m, ids, 8, stop, cache=cache, cached=cached)) == list(infer.generate(m, ids, 8, stop))
+
+
 def test_sampling_filters_match_transformers_logits_processors():
     from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                               TopKLogitsWarper, TopPLogitsWarper)

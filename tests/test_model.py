@@ -337,7 +337,8 @@ def test_static_cache_decoding_equals_full_forward(tiny_dir):
     with torch.no_grad():
         full = m(x)
         cache = model.StaticKVCache(m.config, 1, 32)
-        parts = [m(x[:, :7], cache=cache)]  # a prefill: positions 0..6
+        parts = [m(x[:, :4], cache=cache)]  # a prefill: positions 0..3
+        parts += [m(x[:, 4:7], position_ids=torch.arange(4, 7)[None], cache=cache)]  # a later turn's: 4..6
         parts += [m(x[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache) for t in range(7, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
