@@ -30,6 +30,7 @@ SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+OURS_TRAIN = ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)")  # our training variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def main():
     if with_hf:
         print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
         for tag, seq in zip(("train2048", "train512"), seqs):
-            for name in ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)"):
+            for name in OURS_TRAIN:
                 if f"{tag} {name}" in results:
                     print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
         for name in ("ours, adapter unmerged (eager)", "ours, adapter merged (eager)",
@@ -444,7 +445,7 @@ def main():
         # The math must not change: same first-step loss as the reference, within bf16 noise.
         for tag in ("train2048", "train512"):
             ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
-            for name in ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)"):
+            for name in OURS_TRAIN:
                 ours = results.get(f"{tag} {name}", {}).get("first_loss")
                 if ref is not None and ours is not None:
                     ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
