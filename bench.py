@@ -106,7 +106,7 @@ def ours_train_setup(shape, device, compile_layers, graphs=True):
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
-    if compile_layers and graphs and device.type == "cuda":  # as train.py: see there
+    if m.model.cuda_graphs:  # as train.py: see there
         for p in params:
             p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")

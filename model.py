@@ -414,17 +414,16 @@ def fuse_projections(model: Qwen2ForCausalLM):
     fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
     weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
     """
-    groups = [g for layer in model.model.layers for g in (
-        [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-        [layer.mlp.gate_proj, layer.mlp.up_proj])]
+    layers = model.model.layers
+    qkv = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers]
+    gate_up = [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers]
     if any(getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged  # a live LoRA
-           for g in groups for lin in g):
+           for group in qkv + gate_up for lin in group):
         raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
                          "merge it first (lora.merge_lora) or deactivate it.")
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_weight, attn.qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        mlp.gate_up_weight, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+    for layer, q_k_v, g_u in zip(layers, qkv, gate_up):
+        layer.self_attn.qkv_weight, layer.self_attn.qkv_bias = _fuse(q_k_v)
+        layer.mlp.gate_up_weight, _ = _fuse(g_u)
 
 
 def _fuse(linears):
