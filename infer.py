@@ -252,8 +252,8 @@ class Chat:
         """(cache, graph) for the active adapter with room for `length` positions: the KV cache of
         eager decoding, or the CUDA graph decoder (with its own cache). Made again, and its cached
         tokens forgotten, only when the adapter changes (the same tokens have other keys and values)
-        or the conversation outgrows it. Sizes go in steps of 2048 positions (a CUDA graph attends
-        over its whole cache, so it should not be much longer than needed)."""
+        or the size changes. Sizes go in steps of 2048 positions (a CUDA graph attends over its
+        whole cache, so it should not be much longer than needed)."""
         key = (self.adapter, min(self.context, -(-length // 2048) * 2048))
         if key != self.kv_key:
             self.cache = self.graph = None  # free the old one first
