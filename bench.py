@@ -347,7 +347,14 @@ def main():
     cuda = a.device == "cuda"
     if a.ddp:
         common = ["--device", a.device, "--steps", a.steps]
-        res = {n: run_worker(["ours_train_ddp", "--seq", 2048, "--compile"], common, gpus=n) for n in (1, a.ddp)}
+        res = {}
+        for n in (1, a.ddp):  # each printed (and saved) as it finishes: each compiles for minutes
+            t = time.time()
+            res[n] = run_worker(["ours_train_ddp", "--seq", 2048, "--compile"], common, gpus=n)
+            print(f"[{time.time() - t:.0f} s] {n} GPU(s): {fmt(res[n], 'tok_s', ',.0f')} tok/s", flush=True)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({"ddp": {str(k): v for k, v in res.items()}}, f, indent=1)
         card = torch.cuda.get_device_name(0)
         print(f"\n{a.ddp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
         print("| GPUs | tokens/s (2048 tokens a GPU, compiled, CUDA graphs) | s/step |\n|---|---|---|")

@@ -7,7 +7,7 @@ takes the flags of ms-swift's `swift sft --train_type lora` with the same meanin
 
 1. Read and tokenize the datasets (data.py): only assistant answers carry labels.
 2. Load the base model in bf16 (model.py), wrap its linear layers with LoRA (lora.py): the base
-   stays frozen, only the float32 LoRA matrices A and B train.
+   stays frozen, only the float32 LoRA matrices A and B train (their matmuls run in bf16).
 3. Each optimizer step runs `gradient_accumulation_steps` micro-batches. The loss of a step is
    the summed cross-entropy of its label tokens divided by the number of label tokens in the
    whole step (not a mean of per-batch means), so long and short answers weigh the same.
@@ -376,8 +376,8 @@ def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> 
 
 
 def fast_float32_matmul(device):
-    """On GPUs, let the float32 LoRA matmuls use TF32 tensor cores (10-bit mantissa, still finer
-    than the bf16 activations they multiply); plain float32 runs them on the slow CUDA cores."""
+    """On GPUs, let float32 matmuls (a --torch_dtype float32 run) use TF32 tensor cores (10-bit
+    mantissa); plain float32 runs them on the slow CUDA cores. bf16 runs do not use it."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -80,6 +80,27 @@ def test_only_lora_parameters_require_grad_and_are_float32(tiny_dir):
     assert all(p.grad is None for n, p in m.named_parameters() if not p.requires_grad)
 
 
+def test_lora_matmuls_run_in_the_input_dtype_as_peft_under_autocast():
+    # A and B stay float32 parameters; in a bf16 model their matmuls run in bf16, exactly as peft's
+    # float32 lora_A / lora_B do under torch.autocast (how the HF Trainer, and ms-swift, train bf16).
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24).to(torch.bfloat16)
+    layer = lora.LoRALinear(base)
+    layer.add("default", r=4, scale=2.0, dropout=0.0)
+    layer.active = "default"
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = layer.lora_A["default"], layer.lora_B["default"]  # float32 nn.Linear, as in peft
+        expected = torch.nn.functional.linear(x, base.weight, base.bias) + b(a(x)) * 2.0
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    out.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert layer.lora_B["default"].weight.grad.dtype == torch.float32
+
+
 def test_count_parameters(tiny_dir, capsys):
     m = tiny_model(tiny_dir)
     _, base_total = lora.count_parameters(m)
