@@ -93,10 +93,11 @@ class LoRALinear(nn.Module):
         # peft's do under torch.autocast, which the HF Trainer (and so ms-swift) trains bf16 with.
         # A float32 path would make float32 copies of x and of the (tokens x out_features) result:
         # 148 MiB each for gate, up and down at 2,048 tokens on the 7B shape, in forward and backward.
+        # The scale goes into B (out x r), not onto the output: scaling the output would keep a
+        # second (tokens x out_features) gradient alive in backward, the scaled one.
         a = self.lora_A[name].weight.to(x.dtype)  # (r, in)
-        b = self.lora_B[name].weight.to(x.dtype)  # (out, r)
-        lora = F.linear(F.linear(self.lora_dropout[name](x), a), b)  # (..., out)
-        return out + lora * self.scale[name]
+        b = (self.lora_B[name].weight * self.scale[name]).to(x.dtype)  # (out, r)
+        return out + F.linear(F.linear(self.lora_dropout[name](x), a), b)
 
     @torch.no_grad()
     def merge(self):

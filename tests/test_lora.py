@@ -83,6 +83,7 @@ def test_only_lora_parameters_require_grad_and_are_float32(tiny_dir):
 def test_lora_matmuls_run_in_the_input_dtype_as_peft_under_autocast():
     # A and B stay float32 parameters; in a bf16 model their matmuls run in bf16, exactly as peft's
     # float32 lora_A / lora_B do under torch.autocast (how the HF Trainer, and ms-swift, train bf16).
+    # (Bit for bit with a power-of-two scale such as alpha / r = 32 / 8, as here with 2.)
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 24).to(torch.bfloat16)
     layer = lora.LoRALinear(base)
