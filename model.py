@@ -307,8 +307,8 @@ class Qwen2Model(nn.Module):
         replayed (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise
         bound by the CPU launching thousands of small kernels. Without graphs, the compiled layer
         is checkpointed from outside (its compiled forward runs again in backward), which needs
-        less memory: 15.6 against 16.1 GiB at 2,048 tokens on the 7B shape, at 0.9x the speed
-        (BENCHMARKS.md).
+        less memory: 15.6 against 16.1 GiB at 2,048 tokens on the 7B shape in one run, at 0.9x
+        the speed (BENCHMARKS.md, run 10).
 
         Shapes are static (LoRA dropout inside a checkpointed layer does not compile with dynamic
         shapes on CUDA): each sequence length gets its own compiled code and graphs, so pad batches
