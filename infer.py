@@ -381,9 +381,9 @@ def answer_lines(chat: Chat, lines) -> int:
 # Flags and loading
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one `error: ...` paragraph and exit code 2, like every other error here
-        raise UsageError(f"{message}. See python infer.py --help.")
+class ArgumentParser(modeling.FlagParser):
+    def error(self, message):  # reported by main like every other error here
+        raise UsageError(self.explain(message))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ written into a hidden sibling folder that is renamed into place at the end, so a
 never leaves a half-written model behind.
 """
 
-import argparse
 import json
 import re
 import shutil
@@ -103,7 +102,7 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Merge a LoRA checkpoint into its base model and save a standard "
+    p = M.FlagParser(description="Merge a LoRA checkpoint into its base model and save a standard "
                                             "Hugging Face model folder (config, tokenizer, safetensors shards).")
     # What to merge
     p.add_argument("--adapters", required=True, help="checkpoint folder with adapter_config.json and "

@@ -13,8 +13,10 @@ checkpoint never needs a second, randomly initialised copy in memory.
 """
 
 import argparse
+import difflib
 import json
 import os
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -600,6 +602,22 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
 
 # ----------------------------------------------------------------------------------------------
 # Flag helpers shared by the scripts
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one paragraph (argparse prints its whole usage first): what is
+    wrong, the nearest known flag for a misspelt one, and where the list is. Exit code 2."""
+
+    def error(self, message):
+        print(f"error: {self.explain(message)}", file=sys.stderr)
+        self.exit(2)
+
+    def explain(self, message: str) -> str:
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        unknown = [w for w in message.split() if w.startswith("--") and w not in known]
+        near = [m for w in unknown for m in difflib.get_close_matches(w, known, n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        return f"{message}{hint}. See python {self.prog} --help for every flag."
 
 
 def str2bool(v: str) -> bool:

@@ -342,6 +342,7 @@ def error_of(capsys, *args):
     (["--merge_lora", "true"], "--merge_lora true needs exactly one adapter"),
     (["--max_new_tokens", "lots"], "argument --max_new_tokens: invalid int value"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    (["--temprature", "0"], "unrecognized arguments: --temprature 0 (did you mean --temperature?)"),
 ])
 def test_bad_flag_values_are_clear_errors(capsys, flags, message):
     assert message in error_of(capsys, "--model", "tiny", *flags)

@@ -155,6 +155,11 @@ def test_a_crash_while_saving_leaves_no_output_folder(tiny_dir, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_misspelt_flag_names_the_right_one(capsys):
+    err = merge_error(capsys, "--adapters", "x", "--ouput_dir", "y")
+    assert "unrecognized arguments: --ouput_dir y (did you mean --output_dir?)" in err
+
+
 def test_every_flag_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         merge.main(["--help"])
