@@ -157,6 +157,35 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
         torch.testing.assert_close(inside, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_long_sequences_go_through_the_mlp_in_pieces_with_the_same_result(hf_checkpoint, monkeypatch):
+    """MLP.chunk tokens at a time (2,048 for real; 5 here, so 16 tokens are 5 + 5 + 5 + 1):
+    transformers' logits, and the unchunked gradients, eager and compiled with the checkpoint inside."""
+    folder, hf = hf_checkpoint(num_hidden_layers=2)
+    x = tokens(length=16)
+    grads = []
+    for chunk, compiled in ((2048, False), (5, False), (5, True)):
+        monkeypatch.setattr(model.MLP, "chunk", chunk)
+        m, _ = load_model(str(folder), dtype=torch.float32)
+        if chunk == 5 and not compiled:
+            pieces = []
+            forward = model.MLP._forward
+            monkeypatch.setattr(model.MLP, "_forward", lambda self, p: pieces.append(p.shape[1]) or forward(self, p))
+            with torch.no_grad():
+                torch.testing.assert_close(m(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+            assert pieces == [5, 5, 5, 1] * 2  # two layers
+            monkeypatch.setattr(model.MLP, "_forward", forward)
+        m.train()
+        m.model.gradient_checkpointing = True
+        if compiled:
+            m.model.compile_layers()
+            m.model.cuda_graphs = True  # the checkpoint inside the compiled layer, as with CUDA graphs
+        m(x).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    for whole, pieces, compiled in zip(*grads):
+        torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled, whole, rtol=1e-4, atol=1e-5)
+
+
 def run_eager_layers(m, x):
     cos, sin = model.rope_cos_sin(torch.arange(x.shape[1]).expand_as(x), m.config.head_dim, m.config.rope_theta, torch.float32)
     h = m.model.embed_tokens(x)
