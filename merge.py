@@ -103,7 +103,7 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
 
 def main(argv=None):
     p = M.FlagParser(description="Merge a LoRA checkpoint into its base model and save a standard "
-                                            "Hugging Face model folder (config, tokenizer, safetensors shards).")
+                                 "Hugging Face model folder (config, tokenizer, safetensors shards).")
     # What to merge
     p.add_argument("--adapters", required=True, help="checkpoint folder with adapter_config.json and "
                    "adapter_model.safetensors (a checkpoint-N folder of a training run, or any peft LoRA adapter)")
