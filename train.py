@@ -449,6 +449,12 @@ def train(a):
     # Each sequence length is compiled and recorded once: pad to at most 32 lengths (64 tokens apart
     # for --max_length 2048). Padding is cheap next to a new compile.
     pad_to = max(64, -(-a.max_length // 32)) if compiled else 1
+    if compiled:
+        lengths = sorted({-(-len(r["input_ids"]) // pad_to) * pad_to for r in train_rows})
+        log0(rank, f"compiled layers{' replayed as CUDA graphs' if cuda_graph else ''}: batches are padded to "
+                   f"multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
+                   f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); "
+                   "each is compiled the first time it comes, so early steps are slow")
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,23 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
     train.prune_checkpoints(tmp_path, 1, None)
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"]
+
+
+def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
+    """--torch_compile true (the GPU default; here CPU inductor): batches padded to a multiple of 64
+    tokens, one compile per length, announced at the start; the adapter matches eager training."""
+    data = write_qa(tmp_path / "qa.json", QA + [("讲一个很长的故事" * 12, "从前有座山，山里有座庙。" * 12)])
+    adapters = []
+    for compiled in ("false", "true"):
+        out = tmp_path / compiled
+        assert train.main(base_args(data, out, "--torch_compile", compiled, "--max_steps", 3,
+                                    "--per_device_train_batch_size", 2, "--lora_dropout", 0, "--seed", 3)) == 0
+        adapters.append(load_file(run_dir_of(out) / "checkpoint-3" / "adapter_model.safetensors"))
+    log = capsys.readouterr().out
+    assert re.search(r"compiled layers: batches are padded to multiples of 64 tokens, here at most 3 lengths "
+                     r"\(64, 128, \d+\); each is compiled the first time it comes", log)
+    for k in adapters[0]:
+        torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=1e-4, atol=1e-6)
 
 
 def test_nan_loss_stops_with_a_message_keeping_the_last_good_checkpoint(tmp_path, tiny_dir, capsys):
