@@ -180,11 +180,14 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model, self.chunk = model, chunk
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None):
+        """label_positions (N,): the flat positions b * T + t whose next token t + 1 has a label.
+        make_batch finds them on the CPU; finding them here would make the CPU wait for the GPU."""
         h = self.model.model(input_ids, attention_mask, position_ids)  # (B, T, hidden)
-        targets = labels[:, 1:]  # position t predicts token t+1
-        keep = targets != data.IGNORE_INDEX
-        h, targets = h[:, :-1][keep], targets[keep]  # (N, hidden), (N,)
+        if label_positions is None:
+            label_positions = label_positions_of(labels)
+        h = h.flatten(0, 1).index_select(0, label_positions)  # (N, hidden): position t predicts t + 1
+        targets = labels.flatten().index_select(0, label_positions + 1)  # (N,)
         weight = self.model.lm_head.weight
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.chunk):
@@ -198,6 +201,14 @@ def chunk_loss(h, weight, targets):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def label_positions_of(labels):
+    """(B, T) labels -> the flat positions b * T + t whose next token (t + 1) carries a label."""
+    B, T = labels.shape
+    has_next = torch.zeros_like(labels, dtype=torch.bool)
+    has_next[:, :-1] = labels[:, 1:] != data.IGNORE_INDEX
+    return has_next.flatten().nonzero().squeeze(1)  # (N,)
+
+
 def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
     """Rows -> a micro-batch on the device, right-padded to a multiple of pad_to tokens.
 
@@ -207,8 +218,12 @@ def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
     batch = data.collate(rows, pad_id, pad_to)
     if not any("segment_ids" in r for r in rows):
         del batch["attention_mask"]
-    # non_blocking: the CPU goes on while the copy waits behind the GPU work already queued.
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch["label_positions"] = label_positions_of(batch["labels"])
+    if torch.device(device).type == "cuda":
+        # From pinned memory the copy is queued behind the GPU work already there and the CPU goes
+        # on to the next micro-batch; from ordinary memory the CPU would wait for it.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def label_tokens(row) -> int:

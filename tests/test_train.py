@@ -234,6 +234,21 @@ def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_d
     assert packed["attention_mask"].max() > 1  # segment ids survive
 
 
+def test_loss_is_the_summed_cross_entropy_of_the_labelled_next_tokens(tiny_dir):
+    import model as modeling
+    m, _ = modeling.load_model("tiny", dtype=torch.float32)
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[1, 6:] = -100  # padding
+    # position t predicts token t + 1: flat positions b * 9 + t with labels[b, t + 1] set
+    assert train.label_positions_of(labels).tolist() == [3, 4, 5, 6, 7] + [9 + t for t in range(5)]
+    with torch.no_grad():
+        logits = m(ids)[:, :-1]
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        torch.testing.assert_close(train.CausalLMLoss(m)(ids, labels), expected)
+
+
 def test_lr_schedule_warmup_then_cosine():
     lrs = [train.lr_at(s, 10, 2, 1.0, "cosine") for s in range(10)]
     assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[-1] < 0.05
