@@ -456,13 +456,13 @@ def main():
         if "longest ours" in results:
             print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
         # The math must not change: same first-step loss as the reference, within bf16 noise.
-        for tag in ("train2048", "train512"):
+        for tag, seq in zip(("train2048", "train512"), seqs):
             ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
             for name in OURS_TRAIN:
                 ours = results.get(f"{tag} {name}", {}).get("first_loss")
                 if ref is not None and ours is not None:
                     ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
-                    print(f"loss check {tag} {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
+                    print(f"loss check, train {seq}, {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
     # Greedy output must not depend on the speed path: every path against eager, and transformers.
     ref = results.get("decode ours, adapter unmerged (eager)", {}).get("tokens")
     for k, v in results.items():
