@@ -203,7 +203,6 @@ def chunk_loss(h, weight, targets):
 
 def label_positions_of(labels):
     """(B, T) labels -> the flat positions b * T + t whose next token (t + 1) carries a label."""
-    B, T = labels.shape
     has_next = torch.zeros_like(labels, dtype=torch.bool)
     has_next[:, :-1] = labels[:, 1:] != data.IGNORE_INDEX
     return has_next.flatten().nonzero().squeeze(1)  # (N,)
