@@ -464,7 +464,7 @@ def train(a):
     # for --max_length 2048). Padding is cheap next to a new compile.
     pad_to = max(64, -(-a.max_length // 32)) if compiled else 1
     if compiled:
-        lengths = sorted({-(-len(r["input_ids"]) // pad_to) * pad_to for r in train_rows})
+        lengths = sorted({data.padded_length(len(r["input_ids"]), pad_to) for r in train_rows})
         log0(rank, f"compiled layers{' replayed as CUDA graphs' if cuda_graph else ''}: batches are padded to "
                    f"multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
                    f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); "
