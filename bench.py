@@ -115,13 +115,14 @@ def ours_train_setup(shape, device, compile_layers, graphs=True):
 
 def ours_train(shape, seq, steps, device, compile_layers, graphs=True):
     loss_fn, params, opt = ours_train_setup(shape, device, compile_layers, graphs)
-    return measure_train(lambda x: loss_fn(x, x, label_positions=every_position(x)) / (seq - 1), params, opt, shape, seq, steps, device)
+    return measure_train(mean_loss_of(loss_fn), params, opt, shape, seq, steps, device)
 
 
-def every_position(x):
-    """Every token of a random sequence (batch 1) has a label: positions 0 .. T-2 predict 1 .. T-1.
-    Given to the loss as train.py's make_batch gives them, found without waiting for the GPU."""
-    return torch.arange(x.shape[1] - 1, device=x.device)
+def mean_loss_of(loss_fn):
+    """train.py's loss on a random sequence x (1, T) as a mean per token. Every next token has a
+    label, so positions 0 .. T-2 are given as train.py's make_batch gives them: found without
+    waiting for the GPU."""
+    return lambda x: loss_fn(x, x, label_positions=torch.arange(x.shape[1] - 1, device=x.device)) / (x.shape[1] - 1)
 
 
 def measure_train(mean_loss, params, opt, shape, seq, steps, device):
@@ -185,7 +186,7 @@ def ours_train_ddp(shape, seq, steps, compile_layers):
     loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
     if world > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device])
-    r = measure_train(lambda x: loss_fn(x, x, label_positions=every_position(x)) / (seq - 1), params, opt, shape, seq, steps, device)
+    r = measure_train(mean_loss_of(loss_fn), params, opt, shape, seq, steps, device)
     if world > 1:
         dist.destroy_process_group()
     return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
@@ -303,7 +304,7 @@ def worker(a):
         r = hf_decode(shape, a.new_tokens, device, a.fp32)
     elif w == "ours_longest":
         loss_fn, _, opt = ours_train_setup(shape, device, a.compile)
-        r = longest(longest_run(lambda x: loss_fn(x, x, label_positions=every_position(x)) / x.shape[1], opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+        r = longest(longest_run(mean_loss_of(loss_fn), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
     elif w == "hf_longest":
         m, _, opt = hf_train_setup(shape, device)
         r = longest(longest_run(lambda x: m(input_ids=x, labels=x).loss, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
