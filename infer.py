@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge_lora", type=str2bool, default=False, help="add the (single) adapter into the weights at load: plain-model speed, no switching (default: false)")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--cuda_graph", type=str2bool, default=False, help="GPU only: decode each token as one CUDA graph replay, several times faster at batch 1; its cache holds prompt + --max_new_tokens rounded up to 2048 (default: false)")
+    g.add_argument("--cuda_graph", type=str2bool, default=None, help="GPU only: decode each token as one CUDA graph replay, several times faster at batch 1; its cache holds prompt + --max_new_tokens rounded up to 2048 (default: true on a GPU)")
     g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: fuse the step's small kernels with torch.compile first (a minute to compile; default: false)")
 
     g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
@@ -460,8 +460,8 @@ def check_flags(args):
         raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be 1 or more.")
     if args.merge_lora and len(args.adapters) != 1:
         raise UsageError(f"--merge_lora true needs exactly one adapter in --adapters (got {len(args.adapters)}).")
-    if args.torch_compile and not args.cuda_graph:
-        raise UsageError("--torch_compile true compiles the CUDA graph step: use it together with --cuda_graph true.")
+    if args.torch_compile and args.cuda_graph is False:
+        raise UsageError("--torch_compile true compiles the CUDA graph step: it cannot go with --cuda_graph false.")
     if not args.model and not args.adapters:
         raise UsageError("give --model (a base model) or --adapters (a checkpoint folder, whose args.json names its base).")
 
@@ -477,11 +477,18 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
+def use_cuda_graph(flag: bool | None, device: torch.device) -> bool:
+    """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
+    launch-bound: 17 tok/s on the 7B shape with an adapter, against 79 replayed as graphs, BENCHMARKS.md)."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def load_chat(args) -> Chat:
     check_flags(args)
     device = pick_device(args.device)
-    if args.cuda_graph and device.type != "cuda":
-        raise UsageError("--cuda_graph true needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
+    if device.type != "cuda" and (args.cuda_graph or args.torch_compile):
+        flag = "--cuda_graph true" if args.cuda_graph else "--torch_compile true (which compiles the CUDA graph step)"
+        raise UsageError(f"{flag} needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
     dtype = modeling.parse_dtype(args.torch_dtype) if args.torch_dtype else modeling.default_dtype(device)
     adapters = parse_adapters(args.adapters)
     # Read every adapter folder before the (slow) base model, so a wrong path fails in a second.
@@ -528,7 +535,7 @@ def load_chat(args) -> Chat:
     return Chat(model=model, tok=tok, stop_ids=stop_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
-                show_prompt=args.show_prompt, cuda_graph=args.cuda_graph, compile_graph=args.torch_compile)
+                show_prompt=args.show_prompt, cuda_graph=use_cuda_graph(args.cuda_graph, device), compile_graph=args.torch_compile)
 
 
 def main(argv=None) -> int:

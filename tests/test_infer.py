@@ -343,9 +343,19 @@ def error_of(capsys, *args):
     (["--max_new_tokens", "lots"], "argument --max_new_tokens: invalid int value"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     (["--temprature", "0"], "unrecognized arguments: --temprature 0 (did you mean --temperature?)"),
+    (["--cuda_graph", "true", "--device", "cpu"], "--cuda_graph true needs a GPU"),
+    (["--torch_compile", "true", "--device", "cpu"], "--torch_compile true (which compiles the CUDA graph step) needs a GPU"),
+    (["--torch_compile", "true", "--cuda_graph", "false"], "it cannot go with --cuda_graph false"),
 ])
 def test_bad_flag_values_are_clear_errors(capsys, flags, message):
     assert message in error_of(capsys, "--model", "tiny", *flags)
+
+
+def test_cuda_graph_is_the_default_on_a_gpu_only():
+    assert infer.use_cuda_graph(None, torch.device("cuda")) and not infer.use_cuda_graph(None, torch.device("cpu"))
+    assert not infer.use_cuda_graph(False, torch.device("cuda"))
+    chat = infer.load_chat(infer.build_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
+    assert chat.cuda_graph is False
 
 
 def test_bad_adapter_folders_are_clear_errors(capsys, tmp_path, two_adapters):
