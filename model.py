@@ -361,6 +361,13 @@ class Qwen2Model(nn.Module):
         # The compiled layers serve training steps; scoring and decoding (no gradients) run eagerly.
         use_compiled = self.compiled_layers is not None and cache is None and torch.is_grad_enabled()
         layers = self.compiled_layers if use_compiled else self.layers
+        if use_compiled and not h.requires_grad:
+            # The embeddings are frozen, so the first layer's input would not require grad while
+            # every later layer's does (it depends on LoRA weights): torch.compile would compile
+            # each sequence length twice. One version for all layers costs the first layer the
+            # gradient of its input, a few matmuls that nothing uses (peft does the same under
+            # gradient checkpointing: enable_input_require_grads).
+            h.requires_grad_()
         for i, layer in enumerate(layers):
             if checkpoint and use_compiled and not self.cuda_graphs:  # see compile_layers
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)

@@ -157,6 +157,25 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
         torch.testing.assert_close(inside, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_lora_layers_compile_once_per_length(hf_checkpoint):
+    """With frozen embeddings, the first layer's input would not require grad and the later ones'
+    would: two compiles of every length. The model makes them one (CPU inductor here)."""
+    import lora
+    from torch._dynamo.utils import counters
+    folder, _ = hf_checkpoint(num_hidden_layers=2)
+    m, _ = load_model(str(folder), dtype=torch.float32)
+    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    m.train()
+    m.model.gradient_checkpointing = True
+    m.model.compile_layers()
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (16, 8, 16):
+        m(tokens(length=length)).logsumexp(-1).mean().backward()
+    assert counters["stats"]["unique_graphs"] == 2
+    assert m.model.embed_tokens.weight.grad is None
+
+
 def test_long_sequences_go_through_the_mlp_in_pieces_with_the_same_result(hf_checkpoint, monkeypatch):
     """MLP.chunk tokens at a time (2,048 for real; 5 here, so 16 tokens are 5 + 5 + 5 + 1):
     transformers' logits, and the unchunked gradients, eager and compiled with the checkpoint inside."""
