@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
     g.add_argument("--torch_dtype", default=None, help="dtype of the frozen base weights: bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math; batches are padded to a multiple of 64 tokens (for --max_length 2048), one compile per length (default: true on GPU, false on CPU)")
+    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math, several times faster steps; batches are padded to a multiple of 64 tokens (for --max_length 2048), and each length compiles for a minute or two (default: on a GPU, when the run has at least 500 micro-batches per length; false on CPU)")
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="with --torch_compile on a GPU: replay each compiled layer's forward and backward as CUDA graphs (default: true there)")
 
     g = p.add_argument_group("data")
@@ -396,6 +396,32 @@ def fast_float32_matmul(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+# On the 7B shape on an H100 (BENCHMARKS.md, run 14), the first micro-batch of a new sequence
+# length takes about two minutes while the layer compiles (from a cold cache), and each one after
+# it 45 ms instead of the eager 300 ms at 64 tokens: compiling pays back after some 500
+# micro-batches of a length. A short run (the self-cognition demo: 192 micro-batches over 3
+# lengths) is several times faster eager.
+COMPILE_PAYS_BACK = 500  # micro-batches per compiled sequence length
+
+
+def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
+    """Whether to compile the layers (--torch_compile; when not given, on a GPU only for a run
+    long enough to pay back compiling each length) and the reason to print ('' if given)."""
+    if a.torch_compile is not None:
+        return a.torch_compile, ""
+    if a.cuda_graph:  # --cuda_graph true replays compiled layers
+        return True, " (--cuda_graph true)"
+    if device.type != "cuda":
+        return False, ""
+    per_length = micro_batches // max(n_lengths, 1)
+    if per_length >= COMPILE_PAYS_BACK:
+        return True, (f" (chosen because this run has {micro_batches} micro-batches over {n_lengths} lengths, "
+                      f"{per_length} a length; --torch_compile false for eager layers)")
+    return False, (f": this run has {micro_batches} micro-batches over {n_lengths} sequence lengths, {per_length} a "
+                   f"length, and compiling (a minute or two a length) pays back only from about {COMPILE_PAYS_BACK} "
+                   "a length; --torch_compile true compiles anyway")
+
+
 def setup_distributed(device_flag):
     """(rank, world_size, device). Single process unless torchrun set WORLD_SIZE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -456,19 +482,21 @@ def train(a):
                           target_modules=targets, use_rslora=a.use_rslora)
     lora.add_adapter(model, cfg)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    compiled = a.torch_compile if a.torch_compile is not None else device.type == "cuda"
+    # Compiled layers compile (and record) each sequence length once: batches are then padded to
+    # at most 32 lengths, 64 tokens apart for --max_length 2048. Padding is cheap next to a compile.
+    compile_pad = max(64, -(-a.max_length // 32))
+    lengths = sorted({data.padded_length(len(r["input_ids"]), compile_pad) for r in train_rows})
+    compiled, why = use_compile(a, device, total_steps * a.gradient_accumulation_steps, len(lengths))
     cuda_graph = compiled and device.type == "cuda" and a.cuda_graph is not False
+    pad_to = compile_pad if compiled else 1
     if compiled:
         model.model.compile_layers(cuda_graphs=cuda_graph)
-    # Each sequence length is compiled and recorded once: pad to at most 32 lengths (64 tokens apart
-    # for --max_length 2048). Padding is cheap next to a new compile.
-    pad_to = max(64, -(-a.max_length // 32)) if compiled else 1
-    if compiled:
-        lengths = sorted({data.padded_length(len(r["input_ids"]), pad_to) for r in train_rows})
         log0(rank, f"compiled layers{' replayed as CUDA graphs' if cuda_graph else ''}: batches are padded to "
                    f"multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
                    f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); "
-                   "each is compiled the first time it comes, so early steps are slow")
+                   f"each is compiled the first time it comes, so early steps are slow{why}")
+    elif why:
+        log0(rank, f"eager layers{why}")
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)

@@ -1,5 +1,6 @@
 """train.py end to end on the tiny model: the tutorial's command, learning, resume, Ctrl-C, errors."""
 
+import argparse
 import json
 import os
 import re
@@ -181,8 +182,22 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"]
 
 
+def test_layers_are_compiled_by_default_only_where_it_pays_back():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    unset = argparse.Namespace(torch_compile=None, cuda_graph=None)
+    compiled, why = train.use_compile(unset, gpu, 192, 3)  # the self-cognition demo: 12 steps x 16
+    assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
+    assert "--torch_compile true compiles anyway" in why
+    compiled, why = train.use_compile(unset, gpu, 20 * train.COMPILE_PAYS_BACK, 20)
+    assert compiled and "--torch_compile false" in why
+    assert train.use_compile(unset, cpu, 10**6, 1) == (False, "")
+    for flag in (True, False):
+        assert train.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3) == (flag, "")
+    assert train.use_compile(argparse.Namespace(torch_compile=None, cuda_graph=True), gpu, 10, 3)[0]
+
+
 def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
-    """--torch_compile true (the GPU default; here CPU inductor): batches padded to a multiple of 64
+    """--torch_compile true (on a GPU the default for long runs; here CPU inductor): batches padded to a multiple of 64
     tokens, one compile per length, announced at the start; the adapter matches eager training."""
     data = write_qa(tmp_path / "qa.json", QA + [("讲一个很长的故事" * 12, "从前有座山，山里有座庙。" * 12)])
     adapters = []
