@@ -52,6 +52,7 @@ import ast
 import bisect
 import codecs
 import json
+import os
 import re
 from pathlib import Path
 
@@ -240,6 +241,20 @@ def read_source(source: str) -> list[tuple[str, object]]:
                     f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files.")
 
 
+SHIPPED_DATA = Path(__file__).resolve().parent / "data"
+
+
+def shipped_hint(source: str) -> str:
+    """For a missing file or hub id that names a dataset this project ships (self_cognition.json,
+    swift/self-cognition): where the shipped copy is. Otherwise ''."""
+    name = Path(source).name.replace("-", "_")
+    shipped = SHIPPED_DATA / (name if name.endswith((".json", ".jsonl")) else name + ".json")
+    if not shipped.is_file():
+        return ""
+    where = os.path.relpath(shipped)
+    return f" This project ships it: pass --dataset {shipped if where.startswith('..') else where}."
+
+
 def download_hub_dataset(repo_id: str) -> Path:
     """The dataset repo's .json / .jsonl files, downloaded (or found in the cache) by huggingface_hub."""
     import huggingface_hub
@@ -248,7 +263,8 @@ def download_hub_dataset(repo_id: str) -> Path:
     except Exception as e:
         raise DataError(f"--dataset {repo_id!r}: could not download it as a Hugging Face dataset "
                         f"({type(e).__name__}: {e}). Check the id (ModelScope ids are not fetched), your "
-                        f"network and HF_TOKEN for a private dataset, or pass a local .json / .jsonl file.") from None
+                        f"network and HF_TOKEN for a private dataset, or pass a local .json / .jsonl file."
+                        + shipped_hint(repo_id)) from None
     return Path(folder)
 
 

@@ -149,7 +149,7 @@ def check_args(a):
     for spec in a.dataset + a.val_dataset:
         path, _ = data.parse_source(spec)
         if path.endswith((".json", ".jsonl")) and not Path(path).exists():
-            raise UsageError(f"--dataset {spec}: {path} does not exist.")
+            raise UsageError(f"--dataset {spec}: {path} does not exist.{data.shipped_hint(path)}")
     if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
         raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
 

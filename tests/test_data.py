@@ -253,6 +253,8 @@ def test_hub_download_failure_is_a_data_error(monkeypatch):
     with pytest.raises(DataError, match=r"'nobody/nothing': could not download it as a Hugging Face dataset "
                                         r"\(OSError: 404 Repository Not Found\)"):
         data.load_conversations(["nobody/nothing"])
+    with pytest.raises(DataError, match=r"This project ships it: pass --dataset .*data/self_cognition\.json\.$"):
+        data.load_conversations(["swift/self-cognition#500"])  # the tutorial's hub id
 
 
 # ----------------------------------------------------------------------------------------------
