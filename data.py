@@ -238,7 +238,8 @@ def read_source(source: str) -> list[tuple[str, object]]:
     if re.fullmatch(r"(HF::)?[\w.-]+/[\w.-]+", source) and not source.endswith((".json", ".jsonl")):
         return read_folder(download_hub_dataset(source.removeprefix("HF::")), source)
     raise DataError(f"--dataset {source!r}: there is no such file or folder, and it is not a Hugging Face "
-                    f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files.")
+                    f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files."
+                    + shipped_hint(source))
 
 
 SHIPPED_DATA = Path(__file__).resolve().parent / "data"

@@ -532,6 +532,8 @@ def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(DataError, match=rf"--dataset '{missing}': there is no such file or folder, and it is not "
                                         rf"a Hugging Face dataset id"):
         data.load_conversations([missing + "#10"])
+    with pytest.raises(DataError, match=r"files\. This project ships it: pass --dataset .*data/self_cognition\.json\.$"):
+        data.load_conversations([str(tmp_path / "self_cognition.json")])
 
 
 @pytest.mark.parametrize("spec", ["data.jsonl#abc", "data.jsonl#0", "data.jsonl#-3", "data.jsonl#", "#5",
