@@ -30,7 +30,7 @@ SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-OURS_TRAIN = ("ours (eager)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)")  # our training variants
+OURS_TRAIN = ("ours (eager)", "ours (eager, CUDA graphs)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)")  # our training variants
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +115,20 @@ def ours_train_setup(shape, device, compile_layers, graphs=True):
 
 def ours_train(shape, seq, steps, device, compile_layers, graphs=True):
     loss_fn, params, opt = ours_train_setup(shape, device, compile_layers, graphs)
-    return measure_train(mean_loss_of(loss_fn), params, opt, shape, seq, steps, device)
+    return measure_train(backward_of(mean_loss_of(loss_fn)), params, opt, shape, seq, steps, device)
+
+
+def ours_train_graphed(shape, seq, steps, device):
+    """train.py's default on a GPU: eager layers, each micro-batch replayed as one CUDA graph."""
+    import train
+    torch.cuda.set_stream(torch.cuda.Stream(device))  # as train.py does
+    loss_fn, params, opt = ours_train_setup(shape, device, False)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    run = train.CUDAGraphMicroBatches(loss_fn, params)
+    positions = train.every_position(1, seq).to(device)
+    return measure_train(lambda x: run({"input_ids": x, "labels": x, "label_positions": positions}, 1 / (seq - 1)) / (seq - 1),
+                         params, opt, shape, seq, steps, device)
 
 
 def mean_loss_of(loss_fn):
@@ -125,15 +138,24 @@ def mean_loss_of(loss_fn):
     return lambda x: loss_fn(x, x, label_positions=torch.arange(x.shape[1] - 1, device=x.device)) / (x.shape[1] - 1)
 
 
-def measure_train(mean_loss, params, opt, shape, seq, steps, device):
-    """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss."""
+def backward_of(mean_loss):
+    """A micro-batch: the mean loss of x, after its backward."""
+    def micro_batch(x):
+        loss = mean_loss(x)
+        loss.backward()
+        return loss
+    return micro_batch
+
+
+def measure_train(micro_batch, params, opt, shape, seq, steps, device):
+    """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss.
+    micro_batch(x) runs forward and backward and returns the mean loss."""
     x = tokens(seq, shape["vocab_size"], device)
     first = {}
     keep_grads = params[0].grad is not None  # allocated up front (CUDA graphs): zero them in place
 
     def step():
-        loss = mean_loss(x)
-        loss.backward()
+        loss = micro_batch(x)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=not keep_grads)
@@ -186,7 +208,7 @@ def ours_train_ddp(shape, seq, steps, compile_layers):
     loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
     if world > 1:
         loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device])
-    r = measure_train(mean_loss_of(loss_fn), params, opt, shape, seq, steps, device)
+    r = measure_train(backward_of(mean_loss_of(loss_fn)), params, opt, shape, seq, steps, device)
     if world > 1:
         dist.destroy_process_group()
     return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
@@ -262,7 +284,7 @@ def hf_train_setup(shape, device):
 
 def hf_train(shape, seq, steps, device):
     m, params, opt = hf_train_setup(shape, device)
-    return measure_train(lambda x: m(input_ids=x, labels=x).loss, params, opt, shape, seq, steps, device)
+    return measure_train(backward_of(lambda x: m(input_ids=x, labels=x).loss), params, opt, shape, seq, steps, device)
 
 
 @torch.no_grad()
@@ -292,6 +314,8 @@ def worker(a):
     w = a.worker
     if w == "ours_train":
         r = ours_train(shape, a.seq, a.steps, device, a.compile, not a.no_graphs)
+    elif w == "ours_train_graphed":
+        r = ours_train_graphed(shape, a.seq, a.steps, device)
     elif w == "ours_train_ddp":
         r = ours_train_ddp(shape, a.seq, a.steps, a.compile)
         if int(os.environ.get("RANK", "0")) != 0:
@@ -331,10 +355,11 @@ def main():
     p.add_argument("--small", action="store_true", help="a tiny shape on the CPU, in seconds (for CI)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, cpu with --small)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per workload")
+    p.add_argument("--train_seqs", type=int, nargs="+", default=[2048, 512], help="sequence lengths of the training workloads")
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf; eager: only the fastest paths (compiled, CUDA graphs)")
+    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf; eager: only the fastest paths (CUDA graphs, compiled); compiled: no compiled training")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and on N GPUs (torchrun)")
     p.add_argument("--json", default=None, help="also write all results to this file")
     # worker mode (internal)
@@ -383,16 +408,19 @@ def main():
         return
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step] + (["--small"] if a.small else [])
-    seqs = (256, 64) if a.small else (2048, 512)
+    seqs = (256, 64) if a.small else tuple(a.train_seqs)
+    tags = [f"train{seq}" for seq in seqs]
     with_hf = "hf" not in a.skip
     jobs = []  # (result key, workload, implementation, worker arguments)
-    for seq, tag in zip(seqs, ("train2048", "train512")):
+    for seq, tag in zip(seqs, tags):
         if tag in a.skip:
             continue
         variants = [] if "eager" in a.skip else [("ours (eager)", ["ours_train", "--seq", seq])]
         if cuda:
+            variants.append(("ours (eager, CUDA graphs)", ["ours_train_graphed", "--seq", seq]))
+        if cuda and "compiled" not in a.skip:
             variants.append(("ours (compiled, CUDA graphs)", ["ours_train", "--seq", seq, "--compile"]))
-            if tag == "train2048" or "eager" not in a.skip:  # --cuda_graph false: the least memory
+            if seq == seqs[0] or "eager" not in a.skip:  # --cuda_graph false: the least memory
                 variants.append(("ours (compiled, no graphs)", ["ours_train", "--seq", seq, "--compile", "--no_graphs"]))
         if with_hf:
             variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
@@ -445,7 +473,7 @@ def main():
         print("| " + " | ".join(r) + " |")
     if with_hf:
         print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
-        for tag, seq in zip(("train2048", "train512"), seqs):
+        for tag, seq in zip(tags, seqs):
             for name in OURS_TRAIN:
                 if f"{tag} {name}" in results:
                     print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
@@ -457,7 +485,7 @@ def main():
         if "longest ours" in results:
             print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
         # The math must not change: same first-step loss as the reference, within bf16 noise.
-        for tag, seq in zip(("train2048", "train512"), seqs):
+        for tag, seq in zip(tags, seqs):
             ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
             for name in OURS_TRAIN:
                 ours = results.get(f"{tag} {name}", {}).get("first_loss")

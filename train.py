@@ -11,6 +11,8 @@ takes the flags of ms-swift's `swift sft --train_type lora` with the same meanin
 3. Each optimizer step runs `gradient_accumulation_steps` micro-batches. The loss of a step is
    the summed cross-entropy of its label tokens divided by the number of label tokens in the
    whole step (not a mean of per-batch means), so long and short answers weigh the same.
+   On a GPU each micro-batch shape is recorded once as a CUDA graph and replayed after that
+   (CUDAGraphMicroBatches): the same kernels and gradients, launched at once.
 4. Clip the gradient norm, set the learning rate (linear warmup, then cosine) and step AdamW.
 5. Every --eval_steps: validation loss. Every --save_steps and at the end: a checkpoint folder
    with the adapter in PEFT's format and everything needed to resume exactly.
@@ -29,6 +31,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -63,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
     g.add_argument("--torch_dtype", default=None, help="dtype of the frozen base weights: bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math, several times faster steps; batches are padded to a multiple of 64 tokens (for --max_length 2048), and each length compiles for a minute or two (default: on a GPU, when the run has at least 500 micro-batches per length; false on CPU)")
-    g.add_argument("--cuda_graph", type=str2bool, default=None, help="with --torch_compile on a GPU: replay each compiled layer's forward and backward as CUDA graphs (default: true there)")
+    g.add_argument("--cuda_graph", type=str2bool, default=None, help="on a GPU, record each micro-batch shape's forward and backward once as a CUDA graph and replay it: the same kernels and gradients, launched at once instead of one by one from Python, several times faster at short sequences; batches are padded to a multiple of 64 tokens (for --max_length 2048). With --torch_compile, the compiled layers are replayed instead. (default: true on a GPU, in one process; under torchrun only with --torch_compile)")
+    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile each decoder layer with torch.compile: fused kernels, same math; each sequence length compiles for a minute or two, which pays back only in long runs (default: false, except under torchrun or with --cuda_graph false, on a GPU, for runs with at least 500 micro-batches per length)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub dataset ids; SOURCE#N samples N rows")
@@ -142,8 +145,9 @@ def check_args(a):
         raise UsageError(f"--device {a.device}: use cpu, cuda or cuda:N.")
     if a.device and a.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {a.device}: no CUDA GPU is visible to PyTorch here. Use --device cpu.")
-    if a.cuda_graph and a.torch_compile is False:
-        raise UsageError("--cuda_graph true replays the compiled layers: it needs --torch_compile true (or unset).")
+    if a.cuda_graph and not a.torch_compile and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--cuda_graph true records whole micro-batches, which works in one process only, and this is a "
+                         "torchrun run: add --torch_compile true (its compiled layers replay their own graphs) or drop --cuda_graph.")
     if a.cuda_graph and not (a.device or modeling.default_device()).startswith("cuda"):
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
     for spec in a.dataset + a.val_dataset:
@@ -191,8 +195,10 @@ class CausalLMLoss(nn.Module):
         weight = self.model.lm_head.weight
         total = h.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.chunk):
+            # No randomness inside, so no random state to save and restore for the recomputation.
             total = total + torch.utils.checkpoint.checkpoint(
-                chunk_loss, h[i:i + self.chunk], weight, targets[i:i + self.chunk], use_reentrant=False)
+                chunk_loss, h[i:i + self.chunk], weight, targets[i:i + self.chunk], use_reentrant=False,
+                preserve_rng_state=False)
         return total
 
 
@@ -208,16 +214,26 @@ def label_positions_of(labels):
     return has_next.flatten().nonzero().squeeze(1)  # (N,)
 
 
-def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
+def every_position(batch_size: int, length: int) -> torch.Tensor:
+    """The flat positions b * T + t of every token but each row's last: all that can have a next token."""
+    return torch.arange(batch_size * length).view(batch_size, length)[:, :-1].flatten()
+
+
+def make_batch(rows, pad_id: int, device, pad_to: int = 1, fixed_shapes: bool = False) -> dict:
     """Rows -> a micro-batch on the device, right-padded to a multiple of pad_to tokens.
 
     Padding comes after each row's tokens, so causal attention alone already keeps every token from
     seeing it, and padding carries no labels: the attention mask is needed only to keep packed
-    samples apart. Without one, attention runs as plain causal, its fastest kernel."""
+    samples apart. Without one, attention runs as plain causal, its fastest kernel.
+    fixed_shapes (CUDA graphs): the loss reads every position, not just those with a label (the
+    others are IGNORE_INDEX and add nothing), so that every tensor's shape depends on (B, T) only."""
     batch = data.collate(rows, pad_id, pad_to)
     if not any("segment_ids" in r for r in rows):
         del batch["attention_mask"]
-    batch["label_positions"] = label_positions_of(batch["labels"])
+    if fixed_shapes:
+        batch["label_positions"] = every_position(*batch["labels"].shape)
+    else:
+        batch["label_positions"] = label_positions_of(batch["labels"])
     if torch.device(device).type == "cuda":
         # From pinned memory the copy is queued behind the GPU work already there and the CPU goes
         # on to the next micro-batch; from ordinary memory the CPU would wait for it.
@@ -396,6 +412,61 @@ def fast_float32_matmul(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
+class CUDAGraphMicroBatches:
+    """Training micro-batches whose forward, loss and backward are recorded once per shape as a
+    CUDA graph, and replayed for every later micro-batch of that shape.
+
+    Eager layers are bound by the CPU at short sequences: a 64-token micro-batch of the 7B shape
+    launches some 9,000 small kernels one by one from Python, about 300 ms on an H100 for 30 ms of
+    GPU work. A replay launches them all at once: 39 ms (BENCHMARKS.md, run 15). Nothing is
+    compiled: the first micro-batch of a shape runs eagerly, then the same code is recorded, in
+    about a second. The graph holds the very kernels eager runs launch, so the gradients are eager's
+    bit for bit, dropout and gradient checkpointing included: each replay draws fresh dropout masks,
+    and the checkpoint's recomputation draws the same masks as its forward.
+
+    A replay repeats fixed work on fixed memory, so: every shape depends only on the micro-batch's
+    (B, T) (make_batch(fixed_shapes=True), batches padded to a few lengths); inputs are copied into
+    the graph's own tensors; gradients are added into .grad tensors that never move (zeroed in place,
+    never set to None); and the training runs on a side stream (the default stream cannot be
+    recorded, and autograd must not reach back to it).
+    """
+
+    def __init__(self, loss_module, params):
+        self.loss_module, self.params = loss_module, params
+        self.graphs = {}  # shapes of the inputs -> (graph, its input tensors, its loss)
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all: only one runs at a time
+
+    def __call__(self, batch: dict, scale: float) -> torch.Tensor:
+        """Add the gradient of scale * loss to each parameter's .grad; return the summed loss (a
+        tensor that the next call overwrites)."""
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.graphs:
+            inputs = dict(batch, scale=torch.full((), scale, device=batch["labels"].device))
+            loss = self._run(inputs)  # a real micro-batch, and the warm-up that recording needs
+            graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs.items()}
+            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
+                static_loss = self._run(static)  # recorded, not run
+            self.graphs[key] = graph, static, static_loss
+            return loss
+        graph, static, static_loss = self.graphs[key]
+        for k, v in batch.items():
+            static[k].copy_(v)
+        static["scale"].fill_(scale)
+        graph.replay()
+        return static_loss
+
+    def _run(self, inputs: dict) -> torch.Tensor:
+        inputs = dict(inputs)
+        scale = inputs.pop("scale")
+        loss = self.loss_module(**inputs)
+        # autograd.grad and an explicit add, not backward(): the sum stays in the .grad tensors,
+        # whatever autograd would otherwise decide about accumulating in place.
+        grads = torch.autograd.grad(loss, self.params, grad_outputs=scale)
+        for p, g in zip(self.params, grads):
+            p.grad.add_(g)
+        return loss.detach()
+
+
 # On the 7B shape on an H100 (BENCHMARKS.md, run 14), the first micro-batch of a new sequence
 # length takes about two minutes while the layer compiles (from a cold cache), and each one after
 # it 45 ms instead of the eager 300 ms at 64 tokens: compiling pays back after some 500
@@ -404,14 +475,18 @@ def fast_float32_matmul(device):
 COMPILE_PAYS_BACK = 500  # micro-batches per compiled sequence length
 
 
-def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
-    """Whether to compile the layers (--torch_compile; when not given, on a GPU only for a run
-    long enough to pay back compiling each length) and the reason to print ('' if given)."""
+def use_compile(a, device, micro_batches: int, n_lengths: int, world: int = 1) -> tuple[bool, str]:
+    """Whether to compile the layers and the reason to print ('' if --torch_compile was given).
+
+    Not by default where whole micro-batches replay as CUDA graphs (a GPU, one process): that is
+    as fast at short sequences, within about 20% at 2,048 tokens (BENCHMARKS.md, run 15), and costs
+    a second a length instead of minutes. Elsewhere on a GPU only for a run long enough to pay back
+    compiling each length."""
     if a.torch_compile is not None:
         return a.torch_compile, ""
-    if a.cuda_graph:  # --cuda_graph true replays compiled layers
-        return True, " (--cuda_graph true)"
     if device.type != "cuda":
+        return False, ""
+    if world == 1 and a.cuda_graph is not False:
         return False, ""
     per_length = micro_batches // max(n_lengths, 1)
     if per_length >= COMPILE_PAYS_BACK:
@@ -475,6 +550,15 @@ def train(a):
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
 
     # 2. Model: bf16 base, float32 LoRA; only LoRA trains.
+    compile_pad = max(64, -(-a.max_length // 32))  # few lengths, 64 tokens apart for --max_length 2048
+    lengths = sorted({data.padded_length(len(r["input_ids"]), compile_pad) for r in train_rows})
+    compiled, why = use_compile(a, device, total_steps * a.gradient_accumulation_steps, len(lengths), world)
+    graphs = device.type == "cuda" and world == 1 and not compiled and a.cuda_graph is not False
+    if graphs:
+        torch.cuda.set_stream(torch.cuda.Stream(device))  # see CUDAGraphMicroBatches
+        # On this stream autograd's worker thread finds no CUDA context the first time it calls
+        # cuBLAS, says so, and sets it itself: nothing for a user to act on.
+        warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
     model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
     torch.manual_seed(a.seed)  # the LoRA init does not depend on how many random numbers loading used
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
@@ -482,13 +566,14 @@ def train(a):
                           target_modules=targets, use_rslora=a.use_rslora)
     lora.add_adapter(model, cfg)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    # Compiled layers compile (and record) each sequence length once: batches are then padded to
-    # at most 32 lengths, 64 tokens apart for --max_length 2048. Padding is cheap next to a compile.
-    compile_pad = max(64, -(-a.max_length // 32))
-    lengths = sorted({data.padded_length(len(r["input_ids"]), compile_pad) for r in train_rows})
-    compiled, why = use_compile(a, device, total_steps * a.gradient_accumulation_steps, len(lengths))
+    # Compiled layers and CUDA graphs compile or record each sequence length once: batches are then
+    # padded to at most 32 lengths. Padding is cheap next to a compile.
     cuda_graph = compiled and device.type == "cuda" and a.cuda_graph is not False
-    pad_to = compile_pad if compiled else 1
+    pad_to = compile_pad if compiled or graphs else 1
+    if graphs:
+        log0(rank, f"CUDA graphs: each micro-batch shape runs eagerly once and is then replayed as one recorded graph; "
+                   f"batches are padded to multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
+                   f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); --cuda_graph false runs every one eagerly")
     if compiled:
         model.model.compile_layers(cuda_graphs=cuda_graph)
         log0(rank, f"compiled layers{' replayed as CUDA graphs' if cuda_graph else ''}: batches are padded to "
@@ -500,7 +585,7 @@ def train(a):
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)
-    if cuda_graph:
+    if cuda_graph or graphs:
         # Gradients stay allocated and are zeroed in place: backward then adds into them, never
         # taking over a tensor that a CUDA graph will write again in the next micro-batch.
         for p_ in lora_params:
@@ -509,6 +594,7 @@ def train(a):
     optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")
     loss_module = CausalLMLoss(model)
+    graphed = CUDAGraphMicroBatches(loss_module, lora_params) if graphs else None
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
 
@@ -575,7 +661,10 @@ def train(a):
                 # the CPU wait for the GPU each time, instead of queueing the next micro-batch.
                 loss_sum = torch.zeros(1, device=device, dtype=torch.float64)
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
-                    batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to)
+                    batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to, fixed_shapes=graphs)
+                    if graphed:
+                        loss_sum += graphed(batch, wgt / max(1, n_tokens)) * wgt
+                        continue
                     sync = j == len(mine) - 1 or world == 1
                     with (nullcontext() if sync else loss_module.no_sync()):
                         loss = loss_module(**batch)
@@ -598,7 +687,7 @@ def train(a):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=not cuda_graph)
+                optimizer.zero_grad(set_to_none=not (cuda_graph or graphs))
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)

@@ -185,15 +185,44 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
 def test_layers_are_compiled_by_default_only_where_it_pays_back():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     unset = argparse.Namespace(torch_compile=None, cuda_graph=None)
-    compiled, why = train.use_compile(unset, gpu, 192, 3)  # the self-cognition demo: 12 steps x 16
-    assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
-    assert "--torch_compile true compiles anyway" in why
-    compiled, why = train.use_compile(unset, gpu, 20 * train.COMPILE_PAYS_BACK, 20)
-    assert compiled and "--torch_compile false" in why
+    # One process on a GPU: CUDA graphs of eager micro-batches, never compiled unless asked.
+    assert train.use_compile(unset, gpu, 10**6, 1) == (False, "")
+    # Without those graphs (torchrun, or --cuda_graph false): only where compiling pays back.
+    for args, world in ((unset, 2), (argparse.Namespace(torch_compile=None, cuda_graph=False), 1)):
+        compiled, why = train.use_compile(args, gpu, 192, 3, world)  # the self-cognition demo: 12 steps x 16
+        assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
+        assert "--torch_compile true compiles anyway" in why
+        compiled, why = train.use_compile(args, gpu, 20 * train.COMPILE_PAYS_BACK, 20, world)
+        assert compiled and "--torch_compile false" in why
     assert train.use_compile(unset, cpu, 10**6, 1) == (False, "")
     for flag in (True, False):
-        assert train.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3) == (flag, "")
-    assert train.use_compile(argparse.Namespace(torch_compile=None, cuda_graph=True), gpu, 10, 3)[0]
+        for world in (1, 2):
+            assert train.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3, world) == (flag, "")
+
+
+def test_whole_micro_batch_graphs_need_one_process(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = base_args(write_qa(tmp_path / "qa.json"), tmp_path / "out") + ["--cuda_graph", "true"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "works in one process only" in err and "--torch_compile true" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
+    """make_batch(fixed_shapes=True), for CUDA graphs: the loss reads every position; the unlabelled
+    ones add nothing, so the loss is that of the labelled positions alone."""
+    import model as modeling
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    loss_fn = train.CausalLMLoss(m)
+    rows = [{"input_ids": list(range(5, 17)), "labels": [-100] * 6 + list(range(11, 17))},
+            {"input_ids": list(range(30, 37)), "labels": [-100] * 3 + list(range(33, 37))}]
+    exact = train.make_batch(rows, 0, "cpu", pad_to=8)
+    fixed = train.make_batch(rows, 0, "cpu", pad_to=8, fixed_shapes=True)
+    assert exact["label_positions"].tolist() == [5, 6, 7, 8, 9, 10, 18, 19, 20, 21]
+    assert fixed["label_positions"].tolist() == [t for b in (0, 16) for t in range(b, b + 15)]  # (2, 16): all but each row's last
+    with torch.no_grad():
+        torch.testing.assert_close(loss_fn(**fixed), loss_fn(**exact))
 
 
 def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
@@ -284,7 +313,7 @@ def test_lr_schedule_warmup_then_cosine():
     (["--model", "/no/such/model"], "no such folder"),
     (["--device", "tpu"], "--device tpu"),
     (["--cuda_graph", "true"], "--cuda_graph true needs a GPU"),
-    (["--cuda_graph", "true", "--torch_compile", "false"], "it needs --torch_compile true"),
+    (["--cuda_graph", "true", "--torch_compile", "false"], "--cuda_graph true needs a GPU"),
 ])
 def test_bad_flags_stop_before_training(tmp_path, tiny_dir, capsys, flags, needle):
     data_file = write_qa(tmp_path / "qa.json")
@@ -317,3 +346,71 @@ def test_bad_data_stops_before_training(tmp_path, tiny_dir, capsys, content, nee
     err = capsys.readouterr().err
     assert needle in err and str(bad) in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
+
+
+@cuda_only
+def test_cuda_graph_micro_batches_give_the_eager_gradients(tiny_dir):
+    """Replayed micro-batches give eager's loss and gradients bit for bit, with dropout and gradient
+    checkpointing: the same seed draws the same masks, and the recomputation draws the forward's."""
+    import lora
+    import model as modeling
+    with torch.cuda.stream(torch.cuda.Stream()):  # as train.py: graphs are recorded off the default stream
+        m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
+        lora.add_adapter(m, lora.LoraConfig(lora_dropout=0.3))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)  # B = 0 would make the loss blind to the dropout masks
+        m.train()
+        m.model.gradient_checkpointing = True
+        params = lora.lora_parameters(m)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        loss_fn = train.CausalLMLoss(m)
+        graphed = train.CUDAGraphMicroBatches(loss_fn, params)
+        g = torch.Generator().manual_seed(0)
+        lengths = [20, 40, 90, 30, 100, 50]  # padded: 64, 64, 128, 64, 128, 64
+        for k, n in enumerate(lengths):
+            ids = torch.randint(10, 900, (n,), generator=g).tolist()
+            row = {"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]}
+            batch = train.make_batch([row], 0, "cuda", pad_to=64, fixed_shapes=True)
+            scale = 1 / train.label_tokens(row)
+            torch.cuda.manual_seed(k)
+            ref_loss = loss_fn(**batch)
+            ref = torch.autograd.grad(ref_loss, params, grad_outputs=torch.full((), scale, device="cuda"))
+            for p in params:
+                p.grad.zero_()
+            torch.cuda.manual_seed(k)
+            loss = graphed(batch, scale).clone()
+            assert torch.equal(loss, ref_loss.detach()), (k, loss, ref_loss)
+            assert all(torch.equal(p.grad, r) for p, r in zip(params, ref)), k
+        assert sorted(dict(key)["input_ids"] for key in graphed.graphs) == [(1, 64), (1, 128)]  # one graph a shape
+        # Without reseeding, each replay draws fresh masks.
+        grads = []
+        for _ in range(2):
+            for p in params:
+                p.grad.zero_()
+            graphed(batch, scale)
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+        assert not torch.equal(grads[0], grads[1])
+
+
+@cuda_only
+def test_train_with_cuda_graphs_on_a_gpu(tmp_path, tiny_dir, capsys):
+    """train.py on a GPU replays micro-batches by default, with the losses of --cuda_graph false."""
+    data_file = ROOT / "data" / "self_cognition.json"
+    common = ["--model", "tiny", "--dataset", str(data_file), "--torch_dtype", "float32", "--device", "cuda",
+              "--lora_dropout", "0", "--max_steps", "3", "--gradient_accumulation_steps", "8", "--logging_steps", "1",
+              "--model_name", "小黄", "Xiao Huang", "--model_author", "魔搭", "ModelScope"]
+    losses = {}
+    for name, extra in (("graphs", []), ("eager", ["--cuda_graph", "false"])):
+        assert train.main(common + ["--output_dir", str(tmp_path / name)] + extra) == 0
+        out = capsys.readouterr().out
+        assert ("CUDA graphs: each micro-batch shape" in out) == (name == "graphs")
+        log = (run_dir_of(tmp_path / name) / "logging.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(line)["loss"] for line in log if '"loss"' in line]
+    assert len(losses["graphs"]) == 3
+    torch.testing.assert_close(losses["graphs"], losses["eager"], rtol=1e-4, atol=0)
