@@ -444,8 +444,14 @@ class CUDAGraphMicroBatches:
             inputs = dict(batch, scale=torch.full((), scale, device=batch["labels"].device))
             loss = self._run(inputs)  # a real micro-batch, and the warm-up that recording needs
             graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs.items()}
-            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
-                static_loss = self._run(static)  # recorded, not run
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
+                    static_loss = self._run(static)  # recorded, not run
+            except RuntimeError as e:
+                shape = " x ".join(map(str, batch["input_ids"].shape))
+                raise ModelError(f"recording a micro-batch of {shape} tokens as a CUDA graph failed ({str(e).splitlines()[0]}). "
+                                 "Run again with --cuda_graph false to train without graphs (slower at short sequences); "
+                                 "checkpoints already saved are untouched.") from None
             self.graphs[key] = graph, static, static_loss
             return loss
         graph, static, static_loss = self.graphs[key]

@@ -414,3 +414,33 @@ def test_train_with_cuda_graphs_on_a_gpu(tmp_path, tiny_dir, capsys):
         losses[name] = [json.loads(line)["loss"] for line in log if '"loss"' in line]
     assert len(losses["graphs"]) == 3
     torch.testing.assert_close(losses["graphs"], losses["eager"], rtol=1e-4, atol=0)
+
+
+def test_a_failed_cuda_graph_recording_is_a_clear_error(tiny_dir, monkeypatch):
+    """Should recording ever fail, the user gets the way out (--cuda_graph false), not a traceback.
+    Faked on the CPU: the eager micro-batch runs, then the recording raises as CUDA would."""
+    import contextlib
+
+    import lora
+    import model as modeling
+
+    @contextlib.contextmanager
+    def failing_graph(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    lora.add_adapter(m, lora.LoraConfig())
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    graphed = train.CUDAGraphMicroBatches(train.CausalLMLoss(m), params)
+    row = {"input_ids": list(range(5, 25)), "labels": [-100] * 10 + list(range(15, 25))}
+    batch = train.make_batch([row], 0, "cpu", pad_to=64, fixed_shapes=True)
+    with pytest.raises(modeling.ModelError, match=r"1 x 64 tokens as a CUDA graph failed \(CUDA error: operation not permitted when stream is capturing\)\. Run again with --cuda_graph false"):
+        graphed(batch, 0.1)
+    assert any(p.grad.abs().sum() > 0 for p in params)  # the eager micro-batch before it did run
