@@ -799,7 +799,9 @@ def main(argv=None) -> int:
         check_args(a)
         return train(a)
     except (UsageError, DataError, ModelError, LoraError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every rank checks the same flags and data: rank 0 alone says what is wrong.
+        if not (isinstance(e, (UsageError, DataError)) and int(os.environ.get("RANK", "0")) > 0):
+            print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, FloatingPointError) else 1
     except KeyboardInterrupt:
         print("\ninterrupted before training started; nothing was written.", file=sys.stderr)

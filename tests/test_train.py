@@ -207,6 +207,9 @@ def test_whole_micro_batch_graphs_need_one_process(tmp_path, tiny_dir, capsys, m
     err = capsys.readouterr().err
     assert "works in one process only" in err and "--torch_compile true" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("RANK", "1")  # the other ranks stop too, without repeating it
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == ""
 
 
 def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
