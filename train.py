@@ -555,16 +555,32 @@ def train(a):
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
 
-    # 2. Model: bf16 base, float32 LoRA; only LoRA trains.
-    compile_pad = max(64, -(-a.max_length // 32))  # few lengths, 64 tokens apart for --max_length 2048
+    # How the layers run on a GPU: by default each micro-batch shape is recorded once as a CUDA graph
+    # and replayed (one process), or the layers are compiled (--torch_compile). Either way each
+    # sequence length is recorded or compiled once, so batches are padded to at most 32 lengths
+    # (64 tokens apart for --max_length 2048).
+    compile_pad = max(64, -(-a.max_length // 32))
     lengths = sorted({data.padded_length(len(r["input_ids"]), compile_pad) for r in train_rows})
     compiled, why = use_compile(a, device, total_steps * a.gradient_accumulation_steps, len(lengths), world)
-    graphs = device.type == "cuda" and world == 1 and not compiled and a.cuda_graph is not False
-    if graphs:
+    batch_graphs = device.type == "cuda" and world == 1 and not compiled and a.cuda_graph is not False
+    layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False
+    pad_to = compile_pad if compiled or batch_graphs else 1
+    padding = (f"batches are padded to multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
+               f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''})")
+    if batch_graphs:
+        log0(rank, f"CUDA graphs: each micro-batch shape runs eagerly once and is then replayed as one recorded graph; "
+                   f"{padding}; --cuda_graph false runs every one eagerly")
         torch.cuda.set_stream(torch.cuda.Stream(device))  # see CUDAGraphMicroBatches
         # On this stream autograd's worker thread finds no CUDA context the first time it calls
         # cuBLAS, says so, and sets it itself: nothing for a user to act on.
         warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
+    elif compiled:
+        log0(rank, f"compiled layers{' replayed as CUDA graphs' if layer_graphs else ''}: {padding}; "
+                   f"each is compiled the first time it comes, so early steps are slow{why}")
+    elif why:
+        log0(rank, f"eager layers{why}")
+
+    # 2. Model: bf16 base, float32 LoRA; only LoRA trains.
     model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
     torch.manual_seed(a.seed)  # the LoRA init does not depend on how many random numbers loading used
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
@@ -572,26 +588,12 @@ def train(a):
                           target_modules=targets, use_rslora=a.use_rslora)
     lora.add_adapter(model, cfg)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    # Compiled layers and CUDA graphs compile or record each sequence length once: batches are then
-    # padded to at most 32 lengths. Padding is cheap next to a compile.
-    cuda_graph = compiled and device.type == "cuda" and a.cuda_graph is not False
-    pad_to = compile_pad if compiled or graphs else 1
-    if graphs:
-        log0(rank, f"CUDA graphs: each micro-batch shape runs eagerly once and is then replayed as one recorded graph; "
-                   f"batches are padded to multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
-                   f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); --cuda_graph false runs every one eagerly")
     if compiled:
-        model.model.compile_layers(cuda_graphs=cuda_graph)
-        log0(rank, f"compiled layers{' replayed as CUDA graphs' if cuda_graph else ''}: batches are padded to "
-                   f"multiples of {pad_to} tokens, here at most {len(lengths)} lengths "
-                   f"({', '.join(map(str, lengths[:8]))}{', ...' if len(lengths) > 8 else ''}); "
-                   f"each is compiled the first time it comes, so early steps are slow{why}")
-    elif why:
-        log0(rank, f"eager layers{why}")
+        model.model.compile_layers(cuda_graphs=layer_graphs)
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)
-    if cuda_graph or graphs:
+    if layer_graphs or batch_graphs:
         # Gradients stay allocated and are zeroed in place: backward then adds into them, never
         # taking over a tensor that a CUDA graph will write again in the next micro-batch.
         for p_ in lora_params:
@@ -600,7 +602,7 @@ def train(a):
     optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")
     loss_module = CausalLMLoss(model)
-    graphed = CUDAGraphMicroBatches(loss_module, lora_params) if graphs else None
+    graphed = CUDAGraphMicroBatches(loss_module, lora_params) if batch_graphs else None
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
 
@@ -667,7 +669,7 @@ def train(a):
                 # the CPU wait for the GPU each time, instead of queueing the next micro-batch.
                 loss_sum = torch.zeros(1, device=device, dtype=torch.float64)
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
-                    batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to, fixed_shapes=graphs)
+                    batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to, fixed_shapes=batch_graphs)
                     if graphed:
                         loss_sum += graphed(batch, wgt / max(1, n_tokens)) * wgt
                         continue
@@ -693,7 +695,7 @@ def train(a):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=not (cuda_graph or graphs))
+                optimizer.zero_grad(set_to_none=not (layer_graphs or batch_graphs))
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
