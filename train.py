@@ -589,6 +589,10 @@ def train(a):
     lora.add_adapter(model, cfg)
     model.model.gradient_checkpointing = a.gradient_checkpointing
     if compiled:
+        if device.type == "cpu" and torch.cuda.is_available():
+            # torch.compile starts CUDA when it sees a GPU, even for a CPU model, and an activation
+            # checkpoint refuses a device first started inside its forward: start it now.
+            torch.cuda.init()
         model.model.compile_layers(cuda_graphs=layer_graphs)
     if rank == 0:
         lora.print_trainable_parameters(model)
