@@ -262,10 +262,14 @@ def download_hub_dataset(repo_id: str) -> Path:
     try:
         folder = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json", "*.jsonl"])
     except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0]  # one paragraph: the first line says what happened
+        modelscope = (" The AI-ModelScope/ ids of the ms-swift tutorial are ModelScope datasets: download one from "
+                      "modelscope.cn and pass its .json / .jsonl file (SOURCE#N samples N rows as before)."
+                      if repo_id.startswith("AI-ModelScope/") else "")
         raise DataError(f"--dataset {repo_id!r}: could not download it as a Hugging Face dataset "
-                        f"({type(e).__name__}: {e}). Check the id (ModelScope ids are not fetched), your "
+                        f"({type(e).__name__}: {why}). Check the id (ModelScope ids are not fetched), your "
                         f"network and HF_TOKEN for a private dataset, or pass a local .json / .jsonl file."
-                        + shipped_hint(repo_id)) from None
+                        + modelscope + shipped_hint(repo_id)) from None
     return Path(folder)
 
 

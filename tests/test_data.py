@@ -247,12 +247,15 @@ def test_hub_download_failure_is_a_data_error(monkeypatch):
     import huggingface_hub
 
     def fail(repo_id, **kwargs):
-        raise OSError("404 Repository Not Found")
+        raise OSError("404 Repository Not Found\nAn error happened while trying to locate the files on the Hub.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     with pytest.raises(DataError, match=r"'nobody/nothing': could not download it as a Hugging Face dataset "
-                                        r"\(OSError: 404 Repository Not Found\)"):
+                                        r"\(OSError: 404 Repository Not Found\)\. Check the id") as e:
         data.load_conversations(["nobody/nothing"])
+    assert "\n" not in str(e.value)  # one paragraph
+    with pytest.raises(DataError, match=r"ModelScope datasets: download one from modelscope\.cn and pass its \.json"):
+        data.load_conversations(["AI-ModelScope/alpaca-gpt4-data-zh#500"])  # the tutorial's general data
     with pytest.raises(DataError, match=r"This project ships it: pass --dataset .*data/self_cognition\.json\.$"):
         data.load_conversations(["swift/self-cognition#500"])  # the tutorial's hub id
 
