@@ -473,6 +473,37 @@ class CUDAGraphMicroBatches:
         return loss.detach()
 
 
+class LossScale:
+    """Dynamic loss scaling for float16 weights, as torch.amp.GradScaler does it.
+
+    float16 keeps 5 exponent bits: gradients below about 6e-5 lose precision on their way back
+    through float16 activations, and below 6e-8 they become zero. So the loss is multiplied by
+    `value` before backward and the gradients are divided back before clipping. A step whose
+    gradients overflowed (inf or NaN) is skipped and the scale halved; after `growth_interval` good
+    steps in a row it doubles. bfloat16 and float32 have float32's range and need none of this:
+    disabled, the scale is 1 and every step is taken."""
+
+    def __init__(self, enabled: bool, value: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled, self.growth_interval, self.good_steps = enabled, growth_interval, 0
+        self.value = value if enabled else 1.0
+
+    def unscale(self, params):
+        if self.enabled:
+            torch._foreach_mul_([p.grad for p in params], 1.0 / self.value)  # one kernel for all
+
+    def update(self, grad_norm: float) -> bool:
+        """After unscaling: whether to take this step, given its gradient norm."""
+        if not self.enabled:
+            return True
+        if not math.isfinite(grad_norm):
+            self.value, self.good_steps = self.value / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.value, self.good_steps = self.value * 2, 0
+        return True
+
+
 # On the 7B shape on an H100 (BENCHMARKS.md, run 14), the first micro-batch of a new sequence
 # length takes about two minutes while the layer compiles (from a cold cache), and each one after
 # it 45 ms instead of the eager 300 ms at 64 tokens: compiling pays back after some 500
@@ -606,6 +637,7 @@ def train(a):
     optimizer = torch.optim.AdamW(lora_params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")
     loss_module = CausalLMLoss(model)
+    loss_scale = LossScale(enabled=dtype == torch.float16)
     graphed = CUDAGraphMicroBatches(loss_module, lora_params) if batch_graphs else None
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device] if device.type == "cuda" else None)
@@ -625,6 +657,8 @@ def train(a):
         lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         state = json.loads((ckpt / "trainer_state.json").read_text())
+        if "loss_scale" in state:
+            loss_scale.value = state["loss_scale"]
         set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
         log0(rank, f"resumed from {ckpt} at step {state['global_step']}")
     else:
@@ -675,14 +709,15 @@ def train(a):
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
                     batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to, fixed_shapes=batch_graphs)
                     if graphed:
-                        loss_sum += graphed(batch, wgt / max(1, n_tokens)) * wgt
+                        loss_sum += graphed(batch, wgt / max(1, n_tokens) * loss_scale.value) * wgt
                         continue
                     sync = j == len(mine) - 1 or world == 1
                     with (nullcontext() if sync else loss_module.no_sync()):
                         loss = loss_module(**batch)
                         # DDP averages gradients over ranks; multiply back so the step's gradient is
                         # sum(token losses) / tokens of the whole step.
-                        (loss * (wgt * world / max(1, n_tokens))).backward()
+                        # (float16: times the loss scale, divided back below.)
+                        (loss * (wgt * world / max(1, n_tokens) * loss_scale.value)).backward()
                     loss_sum += loss.detach() * wgt
                 if world > 1:
                     dist.all_reduce(loss_sum)
@@ -694,15 +729,21 @@ def train(a):
                         f"The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower --learning_rate, "
                         "use --torch_dtype bfloat16 rather than float16, or check the data."
                     )
+                loss_scale.unscale(lora_params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, a.max_grad_norm if a.max_grad_norm > 0 else float("inf"))
                 lr = lr_at(step, total_steps, warmup, a.learning_rate, a.lr_scheduler_type)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                optimizer.step()
+                if loss_scale.update(float(grad_norm) if loss_scale.enabled else 0.0):
+                    optimizer.step()
+                else:  # float16 gradients overflowed: the step counts, as in the HF Trainer, but changes nothing
+                    log0(rank, f"[{step + 1}/{total_steps}] float16 gradients overflowed: step skipped, loss scale now {loss_scale.value:g}")
                 optimizer.zero_grad(set_to_none=not (layer_graphs or batch_graphs))
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
+                if loss_scale.enabled:
+                    state["loss_scale"] = loss_scale.value
                 window.append(step_loss)
                 if world > 1:  # every rank must agree to stop at the same step
                     flag = torch.tensor([float(interrupted)], device=device)
@@ -718,6 +759,8 @@ def train(a):
                              "loss": round(sum(window) / len(window), 6), "learning_rate": lr,
                              "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1),
                              "elapsed": fmt_time(elapsed), "remaining": fmt_time(per_step * (total_steps - step))}
+                    if loss_scale.enabled:
+                        entry["loss_scale"] = loss_scale.value
                     if device.type == "cuda":
                         entry["memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                     state["log_history"].append(entry)
