@@ -622,6 +622,14 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
 # Flag helpers shared by the scripts
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None: the flag's
+    own help says what happens, e.g. a default that depends on the machine)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one paragraph (argparse prints its whole usage first): what is
     wrong, the nearest known flag for a misspelt one, and where the list is. Exit code 2."""

@@ -59,7 +59,7 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = modeling.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 (flags as in `swift sft`).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=modeling.DefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="base model: local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo model)")
     g.add_argument("--model_type", default=None, help="accepted for ms-swift compatibility; only Qwen2 / Qwen2.5 exist here")
