@@ -491,8 +491,9 @@ class LossScale:
         if self.enabled:
             torch._foreach_mul_([p.grad for p in params], 1.0 / self.value)  # one kernel for all
 
-    def update(self, grad_norm: float) -> bool:
-        """After unscaling: whether to take this step, given its gradient norm."""
+    def update(self, grad_norm: torch.Tensor) -> bool:
+        """After unscaling: whether to take this step, given its gradient norm (read only when
+        enabled: reading it makes the CPU wait for the GPU)."""
         if not self.enabled:
             return True
         if not math.isfinite(grad_norm):
@@ -706,18 +707,19 @@ def train(a):
                 # Summed on the device and read once per step: reading it per micro-batch would make
                 # the CPU wait for the GPU each time, instead of queueing the next micro-batch.
                 loss_sum = torch.zeros(1, device=device, dtype=torch.float64)
+                # Each micro-batch's gradient is scaled so that the step's is sum(token losses) / tokens
+                # of the whole step. DDP averages gradients over ranks: multiply back by world.
+                # float16: times the loss scale too, divided back below.
+                grad_scale = world / max(1, n_tokens) * loss_scale.value
                 for j, (mb, wgt) in enumerate(zip(mine, weights)):
                     batch = make_batch([train_rows[i] for i in mb], tok.endoftext_id, device, pad_to, fixed_shapes=batch_graphs)
                     if graphed:
-                        loss_sum += graphed(batch, wgt / max(1, n_tokens) * loss_scale.value) * wgt
+                        loss_sum += graphed(batch, wgt * grad_scale) * wgt
                         continue
                     sync = j == len(mine) - 1 or world == 1
                     with (nullcontext() if sync else loss_module.no_sync()):
                         loss = loss_module(**batch)
-                        # DDP averages gradients over ranks; multiply back so the step's gradient is
-                        # sum(token losses) / tokens of the whole step.
-                        # (float16: times the loss scale, divided back below.)
-                        (loss * (wgt * world / max(1, n_tokens) * loss_scale.value)).backward()
+                        (loss * (wgt * grad_scale)).backward()
                     loss_sum += loss.detach() * wgt
                 if world > 1:
                     dist.all_reduce(loss_sum)
@@ -734,7 +736,7 @@ def train(a):
                 lr = lr_at(step, total_steps, warmup, a.learning_rate, a.lr_scheduler_type)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if loss_scale.update(float(grad_norm) if loss_scale.enabled else 0.0):
+                if loss_scale.update(grad_norm):
                     optimizer.step()
                 else:  # float16 gradients overflowed: the step counts, as in the HF Trainer, but changes nothing
                     log0(rank, f"[{step + 1}/{total_steps}] float16 gradients overflowed: step skipped, loss scale now {loss_scale.value:g}")

@@ -456,14 +456,14 @@ def test_loss_scale_skips_overflowed_steps_and_grows_back():
     p.grad = torch.tensor([8.0, 16.0])
     scale.unscale([p])
     assert p.grad.tolist() == [1.0, 2.0]
-    assert scale.update(float("inf")) is False and scale.value == 4.0  # overflow: skip, halve
-    assert scale.update(float("nan")) is False and scale.value == 2.0
-    assert all(scale.update(1.0) for _ in range(2)) and scale.value == 2.0
-    assert scale.update(1.0) and scale.value == 4.0  # 3 good steps in a row: double
+    assert scale.update(torch.tensor(float("inf"))) is False and scale.value == 4.0  # overflow: skip, halve
+    assert scale.update(torch.tensor(float("nan"))) is False and scale.value == 2.0
+    assert all(scale.update(torch.tensor(1.0)) for _ in range(2)) and scale.value == 2.0
+    assert scale.update(torch.tensor(1.0)) and scale.value == 4.0  # 3 good steps in a row: double
     off = train.LossScale(enabled=False)
     p.grad = torch.tensor([8.0, 16.0])
     off.unscale([p])
-    assert off.value == 1.0 and p.grad.tolist() == [8.0, 16.0] and off.update(float("inf"))
+    assert off.value == 1.0 and p.grad.tolist() == [8.0, 16.0] and off.update(torch.tensor(float("inf")))
 
 
 def test_float16_training_scales_the_loss(tmp_path, tiny_dir, capsys, monkeypatch):
