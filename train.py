@@ -629,9 +629,10 @@ def train(a):
     if rank == 0:
         lora.print_trainable_parameters(model)
     lora_params = lora.lora_parameters(model)
-    if layer_graphs or batch_graphs:
-        # Gradients stay allocated and are zeroed in place: backward then adds into them, never
-        # taking over a tensor that a CUDA graph will write again in the next micro-batch.
+    # With CUDA graphs, gradients stay allocated and are zeroed in place: backward then adds into
+    # them, never taking over a tensor that a graph will write again in the next micro-batch.
+    keep_grads = layer_graphs or batch_graphs
+    if keep_grads:
         for p_ in lora_params:
             p_.grad = torch.zeros_like(p_)
     # fused: on a GPU the whole update is one kernel (bench.py measures the step this way too).
@@ -740,7 +741,7 @@ def train(a):
                     optimizer.step()
                 else:  # float16 gradients overflowed: the step counts, as in the HF Trainer, but changes nothing
                     log0(rank, f"[{step + 1}/{total_steps}] float16 gradients overflowed: step skipped, loss scale now {loss_scale.value:g}")
-                optimizer.zero_grad(set_to_none=not (layer_graphs or batch_graphs))
+                optimizer.zero_grad(set_to_none=not keep_grads)
                 step += 1
                 last_good_rng = rng_state(device)
                 state.update(global_step=step, epoch=epoch, step_in_epoch=w_index + 1)
