@@ -23,14 +23,16 @@ from datetime import date
 
 import torch
 
+import speed
+from lora import ALL_LINEAR
+
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
 SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-OURS_TRAIN = ("ours (eager)", "ours (eager, CUDA graphs)", "ours (compiled, CUDA graphs)", "ours (compiled, no graphs)")  # our training variants
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,69 +79,56 @@ def timed_steps(step, n_warmup, n_steps, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Ours
+# Ours: train.py's step and infer.py's decoding, run the way speed.py's plan says
 
 
-def ours_model(shape, device, compile_layers=False, fp32=False, graphs=True):
-    """Our model with random weights and a LoRA adapter; compile_layers as train.py does on a GPU
-    (compiled layers replayed as CUDA graphs, or not: train.py --cuda_graph false)."""
+def ours_model(shape, device, fp32=False):
+    """Our model with random weights and a LoRA adapter, as train.py builds it."""
     import lora
     import model as modeling
-    import train
-    train.fast_float32_matmul(device)
+    speed.fast_float32_matmul(device)
     torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
     with device:
         m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
     torch.set_default_dtype(torch.float32)
     fill_random(m)
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
-    if compile_layers:
-        m.model.compile_layers(cuda_graphs=graphs and device.type == "cuda")
     return m
 
 
-def ours_train_setup(shape, device, compile_layers, graphs=True):
-    """Our model in training mode, train.py's loss module, and AdamW over the LoRA parameters."""
+def ours_train_setup(shape, device, plan):
+    """train.py's setup: the model in training mode, gradients allocated once, AdamW, and the
+    micro-batch function that `plan` (a speed.TrainingPlan) gives the loop."""
     import lora
     import train
-    m = ours_model(shape, device, compile_layers, graphs=graphs)
+    m = ours_model(shape, device)
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
-    if m.model.cuda_graphs:  # as train.py: see there
-        for p in params:
-            p.grad = torch.zeros_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    return train.CausalLMLoss(m), params, opt
-
-
-def ours_train(shape, seq, steps, device, compile_layers, graphs=True):
-    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers, graphs)
-    return measure_train(backward_of(mean_loss_of(loss_fn)), params, opt, shape, seq, steps, device)
-
-
-def ours_train_graphed(shape, seq, steps, device):
-    """train.py's default on a GPU: eager layers, each micro-batch replayed as one CUDA graph."""
-    import train
-    torch.cuda.set_stream(torch.cuda.Stream(device))  # as train.py does
-    loss_fn, params, opt = ours_train_setup(shape, device, False)
     for p in params:
         p.grad = torch.zeros_like(p)
-    run = train.CUDAGraphMicroBatches(loss_fn, params)
-    positions = train.every_position(1, seq).to(device)
-    return measure_train(lambda x: run({"input_ids": x, "labels": x, "label_positions": positions}, 1 / (seq - 1)) / (seq - 1),
-                         params, opt, shape, seq, steps, device)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    loss_fn = train.CausalLMLoss(m, layers=plan.training_layers(m))
+    return plan.micro_batch_fn(loss_fn, params, train.micro_batch), params, opt
 
 
-def mean_loss_of(loss_fn):
-    """train.py's loss on a random sequence x (1, T) as a mean per token. Every next token has a
-    label, so positions 0 .. T-2 are given as train.py's make_batch gives them: found without
-    waiting for the GPU."""
-    return lambda x: loss_fn(x, x, label_positions=torch.arange(x.shape[1] - 1, device=x.device)) / (x.shape[1] - 1)
+def mean_loss_of(micro_batch):
+    """A micro-batch of train.py on a random sequence x (1, T), its loss as a mean per token.
+    Every next token has a label: positions 0 .. T-2, given as make_batch gives them."""
+    def run(x):
+        n = x.shape[1] - 1
+        batch = {"input_ids": x, "labels": x, "label_positions": torch.arange(n, device=x.device)}
+        return micro_batch(batch, 1 / n) / n
+    return run
+
+
+def ours_train(shape, seq, steps, device, plan):
+    micro_batch, params, opt = ours_train_setup(shape, device, plan)
+    return measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device)
 
 
 def backward_of(mean_loss):
-    """A micro-batch: the mean loss of x, after its backward."""
+    """A micro-batch of the reference: the mean loss of x, after its backward."""
     def micro_batch(x):
         loss = mean_loss(x)
         loss.backward()
@@ -147,18 +136,19 @@ def backward_of(mean_loss):
     return micro_batch
 
 
-def measure_train(micro_batch, params, opt, shape, seq, steps, device):
+def measure_train(micro_batch, params, opt, shape, seq, steps, device, world=1):
     """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss.
     micro_batch(x) runs forward and backward and returns the mean loss."""
+    import train
     x = tokens(seq, shape["vocab_size"], device)
     first = {}
-    keep_grads = params[0].grad is not None  # allocated up front (CUDA graphs): zero them in place
 
     def step():
         loss = micro_batch(x)
+        train.sum_over_ranks([p.grad for p in params], world)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        opt.zero_grad(set_to_none=not keep_grads)
+        opt.zero_grad(set_to_none=False)
         if not first:
             first["loss"] = loss.item()
 
@@ -169,14 +159,14 @@ def measure_train(micro_batch, params, opt, shape, seq, steps, device):
     return {"tok_s": seq / s, "s_per_step": s, "first_loss": first["loss"], **memory(device)}
 
 
-def longest_run(mean_loss, opt, shape, device):
+def longest_run(micro_batch, opt, shape, device):
     """A function that trains two steps on a sequence of the given length (for `longest`)."""
     def run(seq):
         x = tokens(seq, shape["vocab_size"], device)
         for _ in range(2):
-            mean_loss(x).backward()
+            micro_batch(x)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)
         sync(device)
     return run
 
@@ -197,18 +187,17 @@ def decisive(model):
         model.lm_head.weight.mul_(50)
 
 
-def ours_train_ddp(shape, seq, steps, compile_layers):
-    """train.py's data-parallel step under torchrun: every rank a sequence of its own."""
+def ours_train_ddp(shape, seq, steps, plan):
+    """train.py's data-parallel step under torchrun: every rank a sequence of its own, gradients
+    summed once per step (train.sum_over_ranks)."""
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl")
-    loss_fn, params, opt = ours_train_setup(shape, device, compile_layers)
-    if world > 1:
-        loss_fn = torch.nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device])
-    r = measure_train(backward_of(mean_loss_of(loss_fn)), params, opt, shape, seq, steps, device)
+    micro_batch, params, opt = ours_train_setup(shape, device, plan)
+    r = measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device, world)
     if world > 1:
         dist.destroy_process_group()
     return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
@@ -218,18 +207,17 @@ def ours_train_ddp(shape, seq, steps, compile_layers):
 def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp32=False):
     import infer
     import lora
-    import model as modeling
     m = ours_model(shape, device, fp32=fp32).eval()
     random_lora(m)
     decisive(m)
     if merged:  # as infer.py --merge_lora true
         lora.merge_lora(m)
-        modeling.fuse_projections(m)
+        speed.fuse_projections(m)
     prompt = tokens(32, shape["vocab_size"], device)[0].tolist()
-    decoder = infer.CUDAGraphDecoder(m, 32 + new_tokens, compile=compile_step) if graph else None
+    decoder = speed.DecodePlan(cuda_graph=graph, compile=compile_step).new_decoder(m, 32 + new_tokens)
 
     def run():
-        return list(infer.generate(m, prompt, new_tokens, set(), graph=decoder))
+        return list(infer.generate(m, prompt, new_tokens, set(), decoder=decoder))
 
     out = run()  # warm-up
     sync(device)
@@ -269,7 +257,7 @@ def hf_model(shape, device, fp32=False):
         m = Qwen2ForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     fill_random(m)
-    return get_peft_model(m, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
+    return get_peft_model(m, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=list(ALL_LINEAR),
                                         task_type="CAUSAL_LM"))
 
 
@@ -307,32 +295,37 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 # Driver: each workload in its own process
 
 
+PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
+    "eager": speed.TrainingPlan(),
+    "graphs": speed.TrainingPlan(graphs=True),  # the default on one GPU
+    "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True),
+    "compiled_nographs": speed.TrainingPlan(compiled=True),  # --cuda_graph false: the least memory
+}
+
+
 def worker(a):
+    """One workload in this process; its result as a RESULT line."""
     torch.manual_seed(0)
-    device = torch.device(a.device)
-    shape = SMALL if a.small else QWEN25_7B
-    w = a.worker
-    if w == "ours_train":
-        r = ours_train(shape, a.seq, a.steps, device, a.compile, not a.no_graphs)
-    elif w == "ours_train_graphed":
-        r = ours_train_graphed(shape, a.seq, a.steps, device)
-    elif w == "ours_train_ddp":
-        r = ours_train_ddp(shape, a.seq, a.steps, a.compile)
-        if int(os.environ.get("RANK", "0")) != 0:
-            return
-    elif w == "hf_train":
+    device, shape, plan = torch.device(a.device), SMALL if a.small else QWEN25_7B, PLANS[a.plan]
+    if a.worker == "ours_train":
+        r = ours_train(shape, a.seq, a.steps, device, plan)
+    elif a.worker == "ours_train_ddp":
+        r = ours_train_ddp(shape, a.seq, a.steps, plan)
+    elif a.worker == "hf_train":
         r = hf_train(shape, a.seq, a.steps, device)
-    elif w == "ours_decode":
+    elif a.worker == "ours_decode":
         r = ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32)
-    elif w == "hf_decode":
+    elif a.worker == "hf_decode":
         r = hf_decode(shape, a.new_tokens, device, a.fp32)
-    elif w == "ours_longest":
-        loss_fn, _, opt = ours_train_setup(shape, device, a.compile)
-        r = longest(longest_run(mean_loss_of(loss_fn), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
-    elif w == "hf_longest":
+    elif a.worker == "ours_longest":
+        micro_batch, _, opt = ours_train_setup(shape, device, plan)
+        r = longest(longest_run(mean_loss_of(micro_batch), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+    else:
         m, _, opt = hf_train_setup(shape, device)
-        r = longest(longest_run(lambda x: m(input_ids=x, labels=x).loss, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
-    print("RESULT " + json.dumps(r))
+        micro_batch = backward_of(lambda x: m(input_ids=x, labels=x).loss)
+        r = longest(longest_run(micro_batch, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(r))
 
 
 def run_worker(args, common, gpus=0):
@@ -350,7 +343,7 @@ def fmt(r, key, spec):
     return format(r[key], spec) if key in r else r.get("error", "-")
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--small", action="store_true", help="a tiny shape on the CPU, in seconds (for CI)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, cpu with --small)")
@@ -359,145 +352,175 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
-    p.add_argument("--skip", nargs="*", default=[], help="workloads to skip: train2048 train512 decode longest hf; eager: only the fastest paths (CUDA graphs, compiled); compiled: no compiled training")
-    p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and on N GPUs (torchrun)")
+    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled")
+    p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
+    p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--plan", default="eager", choices=list(PLANS), help=argparse.SUPPRESS)
     p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--no_graphs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--check_greedy", action="store_true", help="only check, in float32, that every decode path gives transformers' greedy tokens")
-    a = p.parse_args()
+    return p
+
+
+def main():
+    a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     if a.worker:
         return worker(a)
-
-    cuda = a.device == "cuda"
     if a.ddp:
-        common = ["--device", a.device, "--steps", a.steps]
-        res = {}
-        for n in (1, a.ddp):  # each printed (and saved) as it finishes: each compiles for minutes
-            t = time.time()
-            res[n] = run_worker(["ours_train_ddp", "--seq", 2048, "--compile"], common, gpus=n)
-            print(f"[{time.time() - t:.0f} s] {n} GPU(s): {fmt(res[n], 'tok_s', ',.0f')} tok/s", flush=True)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({"ddp": {str(k): v for k, v in res.items()}}, f, indent=1)
-        card = torch.cuda.get_device_name(0)
-        print(f"\n{a.ddp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
-        print("| GPUs | tokens/s (2048 tokens a GPU, compiled, CUDA graphs) | s/step |\n|---|---|---|")
-        for n, r in res.items():
-            print(f"| {n} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} |")
-        if "tok_s" in res[1] and "tok_s" in res[a.ddp]:
-            print(f"\nscaling with {a.ddp} GPUs: {res[a.ddp]['tok_s'] / res[1]['tok_s']:.2f}x")
-        return
-    if a.check_greedy:  # float32, where rounding cannot flip a greedy choice between paths
-        common = ["--device", a.device, "--new_tokens", a.new_tokens, "--fp32"] + (["--small"] if a.small else [])
-        paths = {"transformers + peft": ["hf_decode"], "ours eager": ["ours_decode"]}
-        if cuda:
-            paths.update({"ours CUDA graph": ["ours_decode", "--graph"], "ours compiled + CUDA graph": ["ours_decode", "--graph", "--compile"]})
-        out = {k: run_worker(v, common).get("tokens") for k, v in paths.items()}
-        ref = out["transformers + peft"]
-        for k, v in out.items():
-            same = sum(x == y for x, y in zip(v or [], ref or []))
-            print(f"greedy tokens (float32, adapter unmerged), {k} vs transformers + peft: {same}/{len(ref or [])} identical")
-        return
+        return ddp_main(a)
+    if a.check_greedy:
+        return check_greedy(a)
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step] + (["--small"] if a.small else [])
     seqs = (256, 64) if a.small else tuple(a.train_seqs)
-    tags = [f"train{seq}" for seq in seqs]
-    with_hf = "hf" not in a.skip
-    jobs = []  # (result key, workload, implementation, worker arguments)
-    for seq, tag in zip(seqs, tags):
-        if tag in a.skip:
-            continue
-        variants = [] if "eager" in a.skip else [("ours (eager)", ["ours_train", "--seq", seq])]
-        if cuda:
-            variants.append(("ours (eager, CUDA graphs)", ["ours_train_graphed", "--seq", seq]))
-        if cuda and "compiled" not in a.skip:
-            variants.append(("ours (compiled, CUDA graphs)", ["ours_train", "--seq", seq, "--compile"]))
-            if seq == seqs[0] or "eager" not in a.skip:  # --cuda_graph false: the least memory
-                variants.append(("ours (compiled, no graphs)", ["ours_train", "--seq", seq, "--compile", "--no_graphs"]))
-        if with_hf:
-            variants.append(("transformers + peft", ["hf_train", "--seq", seq]))
-        jobs += [(f"{tag} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
-    if "decode" not in a.skip:
-        variants = [] if "eager" in a.skip else [("ours, adapter unmerged (eager)", ["ours_decode"]),
-                                                 ("ours, adapter merged (eager)", ["ours_decode", "--merged"])]
-        if cuda and "eager" not in a.skip:
-            variants += [("ours, adapter unmerged (CUDA graph)", ["ours_decode", "--graph"]),
-                         ("ours, adapter merged (CUDA graph)", ["ours_decode", "--merged", "--graph"])]
-        if cuda:
-            variants += [("ours, adapter unmerged (compiled, CUDA graph)", ["ours_decode", "--graph", "--compile"]),
-                         ("ours, adapter merged (compiled, CUDA graph)", ["ours_decode", "--merged", "--graph", "--compile"])]
-        if with_hf:
-            variants.append(("transformers + peft, adapter unmerged", ["hf_decode"]))
-        jobs += [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
-    if "longest" not in a.skip and cuda:
-        variants = [("ours", ["ours_longest", "--seq", 4096])]
-        if with_hf:
-            variants.append(("transformers + peft", ["hf_longest", "--seq", 2048]))
-        jobs += [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
-
-    card = torch.cuda.get_device_name(0) if cuda else "CPU"
+    jobs = train_jobs(a, seqs) + decode_jobs(a) + longest_jobs(a)
+    card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
     rows, results = [], {}
     for key, workload, name, args in jobs:  # each result is printed (and saved) as soon as it exists
         t = time.time()
         r = results[key] = run_worker(args, common)
-        if key.startswith("train"):
-            row = (fmt(r, "tok_s", ",.0f") + " tok/s", fmt(r, "peak_allocated_gib", ".2f") + " / "
-                   + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
-        elif key.startswith("decode"):
-            row = (fmt(r, "tok_s", ",.1f") + " tok/s", "", "")
-        else:
-            row = (fmt(r, "longest", ",d") + " tokens", "", "")
-        rows.append((workload, name, *row))
+        rows.append((workload, name, *row_of(key, r)))
         print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"card": card, "date": str(date.today()), "results": results}, f, indent=1)
-
-    # Ratios against the reference of the same run.
-    def ratio(ours, ref, key):
-        o, b = results.get(ours, {}), results.get(ref, {})
-        return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
-
     print(f"\n{card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
     print("| workload | implementation | speed | peak allocated / reserved | first-step loss |")
     print("|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    if with_hf:
-        print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
-        for tag, seq in zip(tags, seqs):
-            for name in OURS_TRAIN:
-                if f"{tag} {name}" in results:
-                    print(f"| train {seq}, {name}: tok/s | {ratio(f'{tag} {name}', f'{tag} transformers + peft', 'tok_s')} |")
-        for name in ("ours, adapter unmerged (eager)", "ours, adapter merged (eager)",
-                     "ours, adapter unmerged (CUDA graph)", "ours, adapter merged (CUDA graph)",
-                     "ours, adapter unmerged (compiled, CUDA graph)", "ours, adapter merged (compiled, CUDA graph)"):
-            if f"decode {name}" in results:
-                print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', 'decode transformers + peft, adapter unmerged', 'tok_s')} |")
-        if "longest ours" in results:
-            print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
-        # The math must not change: same first-step loss as the reference, within bf16 noise.
-        for tag, seq in zip(tags, seqs):
-            ref = results.get(f"{tag} transformers + peft", {}).get("first_loss")
-            for name in OURS_TRAIN:
-                ours = results.get(f"{tag} {name}", {}).get("first_loss")
-                if ref is not None and ours is not None:
-                    ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
-                    print(f"loss check, train {seq}, {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
-    # Greedy output must not depend on the speed path: every path against eager, and transformers.
+    if "hf" not in a.skip:
+        print_ratios(results, seqs)
+    print_greedy_agreement(results)
+
+
+OURS_TRAIN = {"ours (eager)": "eager", "ours (eager, CUDA graphs)": "graphs",  # name -> --plan
+              "ours (compiled, CUDA graphs)": "compiled", "ours (compiled, no graphs)": "compiled_nographs"}
+OURS_DECODE = {"ours, adapter unmerged (eager)": [], "ours, adapter merged (eager)": ["--merged"],
+               "ours, adapter unmerged (CUDA graph)": ["--graph"], "ours, adapter merged (CUDA graph)": ["--merged", "--graph"],
+               "ours, adapter unmerged (compiled, CUDA graph)": ["--graph", "--compile"],
+               "ours, adapter merged (compiled, CUDA graph)": ["--merged", "--graph", "--compile"]}
+HF_DECODE = "transformers + peft, adapter unmerged"
+
+
+def train_jobs(a, seqs) -> list:
+    """(result key, workload, implementation, worker arguments) of each training workload."""
+    cuda, jobs = a.device == "cuda", []
+    for seq in seqs:
+        if f"train{seq}" in a.skip:
+            continue
+        names = [] if "eager" in a.skip else ["ours (eager)"]
+        names += ["ours (eager, CUDA graphs)"] if cuda else []
+        if cuda and "compiled" not in a.skip:
+            names.append("ours (compiled, CUDA graphs)")
+            if seq == seqs[0] or "eager" not in a.skip:
+                names.append("ours (compiled, no graphs)")
+        variants = [(n, ["ours_train", "--seq", seq, "--plan", OURS_TRAIN[n]]) for n in names]
+        variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_train", "--seq", seq])]
+        jobs += [(f"train{seq} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
+    return jobs
+
+
+def decode_jobs(a) -> list:
+    if "decode" in a.skip:
+        return []
+    cuda = a.device == "cuda"
+    names = [n for n, flags in OURS_DECODE.items()
+             if ("--graph" in flags) <= cuda and not ("eager" in a.skip and "--compile" not in flags)]
+    variants = [(n, ["ours_decode", *OURS_DECODE[n]]) for n in names]
+    variants += [] if "hf" in a.skip else [(HF_DECODE, ["hf_decode"])]
+    return [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
+
+
+def longest_jobs(a) -> list:
+    if "longest" in a.skip or a.device != "cuda":
+        return []
+    variants = [("ours", ["ours_longest", "--seq", 4096, "--plan", "graphs"])]
+    variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_longest", "--seq", 2048])]
+    return [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
+
+
+def row_of(key: str, r: dict) -> tuple:
+    if key.startswith("train"):
+        return (fmt(r, "tok_s", ",.0f") + " tok/s", fmt(r, "peak_allocated_gib", ".2f") + " / "
+                + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
+    if key.startswith("decode"):
+        return (fmt(r, "tok_s", ",.1f") + " tok/s", "", "")
+    return (fmt(r, "longest", ",d") + " tokens", "", "")
+
+
+def print_ratios(results: dict, seqs):
+    """Ratios against the reference of the same run, and the check that the math is the same:
+    the first-step loss equals the reference's within bf16 noise."""
+    def ratio(ours, ref, key):
+        o, b = results.get(ours, {}), results.get(ref, {})
+        return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
+
+    print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
+    for seq in seqs:
+        for name in OURS_TRAIN:
+            if f"train{seq} {name}" in results:
+                print(f"| train {seq}, {name}: tok/s | {ratio(f'train{seq} {name}', f'train{seq} transformers + peft', 'tok_s')} |")
+    for name in OURS_DECODE:
+        if f"decode {name}" in results:
+            print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
+    if "longest ours" in results:
+        print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
+    for seq in seqs:
+        ref = results.get(f"train{seq} transformers + peft", {}).get("first_loss")
+        for name in OURS_TRAIN:
+            ours = results.get(f"train{seq} {name}", {}).get("first_loss")
+            if ref is not None and ours is not None:
+                ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
+                print(f"loss check, train {seq}, {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
+
+
+def print_greedy_agreement(results: dict):
+    """Greedy output must not depend on the speed path: every path against eager, and transformers."""
     ref = results.get("decode ours, adapter unmerged (eager)", {}).get("tokens")
     for k, v in results.items():
         if k.startswith("decode") and "tokens" in v and ref and k != "decode ours, adapter unmerged (eager)":
-            same = sum(a == b for a, b in zip(v["tokens"], ref))
+            same = sum(x == y for x, y in zip(v["tokens"], ref))
             print(f"greedy tokens, {k[7:]} vs ours unmerged eager: {same}/{len(ref)} identical")
+
+
+def ddp_main(a):
+    """train.py's data-parallel step (compiled layers, as torchrun runs them) on 1 and on N GPUs."""
+    common, res = ["--device", a.device, "--steps", a.steps], {}
+    for n in (1, a.ddp):  # each printed (and saved) as it finishes: each compiles for minutes
+        t = time.time()
+        res[n] = run_worker(["ours_train_ddp", "--seq", 2048, "--plan", "compiled"], common, gpus=n)
+        print(f"[{time.time() - t:.0f} s] {n} GPU(s): {fmt(res[n], 'tok_s', ',.0f')} tok/s", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"ddp": {str(k): v for k, v in res.items()}}, f, indent=1)
+    card = torch.cuda.get_device_name(0)
+    print(f"\n{a.ddp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+    print("| GPUs | tokens/s (2048 tokens a GPU, compiled, CUDA graphs) | s/step |\n|---|---|---|")
+    for n, r in res.items():
+        print(f"| {n} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} |")
+    if "tok_s" in res[1] and "tok_s" in res[a.ddp]:
+        print(f"\nscaling with {a.ddp} GPUs: {res[a.ddp]['tok_s'] / res[1]['tok_s']:.2f}x")
+
+
+def check_greedy(a):
+    """In float32, where rounding cannot flip a greedy choice between paths: every decode path
+    gives transformers' greedy tokens."""
+    common = ["--device", a.device, "--new_tokens", a.new_tokens, "--fp32"] + (["--small"] if a.small else [])
+    paths = {"transformers + peft": ["hf_decode"], "ours eager": ["ours_decode"]}
+    if a.device == "cuda":
+        paths.update({"ours CUDA graph": ["ours_decode", "--graph"], "ours compiled + CUDA graph": ["ours_decode", "--graph", "--compile"]})
+    out = {k: run_worker(v, common).get("tokens") for k, v in paths.items()}
+    ref = out["transformers + peft"]
+    for k, v in out.items():
+        same = sum(x == y for x, y in zip(v or [], ref or []))
+        print(f"greedy tokens (float32, adapter unmerged), {k} vs transformers + peft: {same}/{len(ref or [])} identical")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from util import round_up
+
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 IGNORE_INDEX = -100
 
@@ -578,18 +580,13 @@ def pack(rows: list[dict], max_length: int) -> list[dict]:
     return packed
 
 
-def padded_length(n: int, pad_to: int) -> int:
-    """n tokens rounded up to a multiple of pad_to: the length collate pads a batch to."""
-    return -(-n // pad_to) * pad_to
-
-
 def collate(rows: list[dict], pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
     """Rows -> a batch, right-padded to the longest row (rounded up to a multiple of pad_to).
 
     input_ids (B, T) padded with pad_id; labels (B, T) with -100 on padding; attention_mask (B, T):
     1 on tokens and 0 on padding, or a packed row's segment ids; position_ids (B, T): 0, 1, 2, ...
     per row, or per sample in a packed row (0 on padding)."""
-    B, T = len(rows), padded_length(max(len(r["input_ids"]) for r in rows), pad_to)
+    B, T = len(rows), round_up(max(len(r["input_ids"]) for r in rows), pad_to)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)

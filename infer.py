@@ -7,11 +7,12 @@ takes the flags of ms-swift's `swift infer`. With --adapters alone, the base mod
 prompt the adapter was trained with come from the checkpoint's args.json (ours or ms-swift's) or
 adapter_config.json; --model and --system override them.
 
-Decoding is the autoregressive loop in its plainest form (as in gpt-fast):
+Decoding is the autoregressive loop in its plainest form (as in gpt-fast), over model.Decoder:
 
     prefill:    run the whole prompt once, filling the KV cache; logits of its last position
     decode_one: run only the token just chosen, attending to the cache; logits of the next one
 
+(on a GPU decode_one is replayed as one CUDA graph: speed.CUDAGraphDecoder, the same step)
 and between the two, pick a token from the logits: the most likely one (temperature 0, greedy),
 or a sample after transformers' repetition penalty, temperature, top-k and top-p, in that order.
 
@@ -34,73 +35,18 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import lora
 import model as modeling
-from data import DataError
+import speed
+from cli import UsageError, str2bool
 from lora import LoraError
-from model import ModelError, str2bool
-
-
-class UsageError(Exception):
-    """A flag value that cannot work, found before anything is loaded."""
-
+from model import ModelError
+from util import round_up
 
 # ----------------------------------------------------------------------------------------------
 # Decoding
-
-
-def prefill(model, input_ids, cache, start: int = 0):
-    """Run the prompt (1, T) through the model, filling the cache from position `start` (the cache
-    already holds the positions before it); logits of its last position (vocab,)."""
-    position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
-    h = model.model(input_ids, position_ids=position_ids, cache=cache)  # (1, T, hidden)
-    # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
-    return model.lm_head(h[0, -1])
-
-
-def decode_one(model, token, cache):
-    """Run one new token (a 0-d tensor) after the cached ones; logits of the token after it (vocab,)."""
-    h = model.model(token.view(1, 1), cache=cache)  # (1, 1, hidden)
-    return model.lm_head(h[0, -1])
-
-
-class CUDAGraphDecoder:
-    """decode_one replayed as a single CUDA graph: the ~600 kernel launches of one token become one.
-
-    A graph replays fixed work on fixed memory, so the cache is a StaticKVCache of `max_len`
-    positions and the token and its position live in fixed buffers that are filled before each
-    replay. The graph holds whatever adapter was active at capture: make a new one after
-    switching. The eager prefill/decode_one above stay the reference (and the CPU path)."""
-
-    def __init__(self, model, max_len: int, compile: bool = False):
-        p = model.lm_head.weight
-        self.model, self.max_len = model, max_len
-        # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
-        # casts) before capture: fewer kernels per replay.
-        self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
-        self.cache = modeling.StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        stream = torch.cuda.Stream()  # warm up outside the default stream, as capture requires
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
-                self.step_fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self.step_fn()
-
-    def _step(self):
-        h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
-        return self.model.lm_head(h[0, -1])
-
-    def decode_one(self, token, position: int):
-        self.token.copy_(token.view(1, 1))
-        self.position.fill_(position)
-        self.graph.replay()
-        return self.logits
 
 
 def apply_repetition_penalty(logits, seen, penalty: float):
@@ -138,44 +84,33 @@ def sampling_probs(logits, temperature, top_p, top_k):
 
 @torch.no_grad()
 def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int], temperature=0.0,
-             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, cache=None, graph=None,
+             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, decoder=None,
              cached: list[int] | None = None):
     """Yield new token ids one at a time; a stop id is yielded too, as the last one.
 
     At most max_new_tokens, and never past the model's context (max_position_embeddings).
-    cache: a KVCache with room for the prompt and the answer, to reuse (bench.py allocates one
-    up front); it is overwritten from position 0, or from the end of `cached`. By default a new
-    one is made.
-    graph: a CUDAGraphDecoder to decode with instead (its own cache must hold prompt + answer).
-    cached: the token ids whose keys and values that cache already holds, from earlier calls (a
-    chat's earlier turns). The prompt's common beginning with them is not run again; the list is
-    kept up to date in place, also when the caller stops early."""
+    decoder: a model.Decoder (or speed.CUDAGraphDecoder) whose cache holds prompt and answer, to
+    reuse between calls; by default a new one is made. cached: the token ids whose keys and values
+    that decoder's cache already holds, from earlier calls (a chat's earlier turns). The prompt's
+    common beginning with them is not run again; the list is kept up to date in place, also when
+    the caller stops early."""
     context = model.config.max_position_embeddings
     if len(input_ids) >= context:
         raise ModelError(f"the prompt is {len(input_ids)} tokens, but the model's context holds "
                          f"{context} (max_position_embeddings), leaving no room for an answer. Shorten it.")
     max_new_tokens = min(max_new_tokens, context - len(input_ids))
-    if graph is not None:
-        max_new_tokens = min(max_new_tokens, graph.max_len - len(input_ids))
-    elif cache is None:
-        cache = model.new_cache(1, len(input_ids) + max_new_tokens)
+    if decoder is None:
+        decoder = modeling.Decoder(model, len(input_ids) + max_new_tokens)
         if cached is not None:
             cached.clear()  # a new cache holds nothing
-    # Positions the cache holds already: the longest common beginning of the cached tokens and the
-    # prompt, less its last token (prefill must run at least one, for the next token's logits).
-    keep = 0
-    if cached is not None:
-        while keep < min(len(cached), len(input_ids) - 1) and cached[keep] == input_ids[keep]:
-            keep += 1
-        del cached[keep:]  # from here on, `cached` lists exactly the positions the cache holds
-    if cache is not None:
-        cache.length = keep
+    max_new_tokens = min(max_new_tokens, decoder.max_len - len(input_ids))
+    keep = reusable_prefix(cached, input_ids)
     device = model.lm_head.weight.device
     prompt = torch.tensor([input_ids], device=device)  # (1, T)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty
     seen[prompt[0]] = True
 
-    logits = prefill(model, prompt[:, keep:], graph.cache if graph is not None else cache, keep)  # eager either way
+    logits = decoder.prefill(prompt[:, keep:], keep)
     if cached is not None:
         cached.extend(input_ids[keep:])
     for i in range(max_new_tokens):
@@ -185,12 +120,22 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
         yield token_id
         if token_id in stop_ids or i == max_new_tokens - 1:
             return  # the last token was never run through the model: the cache does not hold it
-        if graph is not None:
-            logits = graph.decode_one(token, len(input_ids) + i)
-        else:
-            logits = decode_one(model, token, cache)
+        logits = decoder.decode_one(token, len(input_ids) + i)
         if cached is not None:
             cached.append(token_id)
+
+
+def reusable_prefix(cached: list[int] | None, input_ids: list[int]) -> int:
+    """How many positions of the cache can stay: the longest common beginning of the cached tokens
+    and the prompt, less its last token (prefill must run at least one, for the next token's
+    logits). `cached` is cut to them: from here on it lists exactly the positions the cache holds."""
+    if cached is None:
+        return 0
+    keep = 0
+    while keep < min(len(cached), len(input_ids) - 1) and cached[keep] == input_ids[keep]:
+        keep += 1
+    del cached[keep:]
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,12 +163,10 @@ class Chat:
     system: str | None = None  # from --system or /system; overrides the adapter's
     stream: bool = True
     show_prompt: bool = False
-    cuda_graph: bool = False  # decode each token as one CUDA graph replay (GPU only)
-    compile_graph: bool = False  # torch.compile the step before capturing it
+    decoding: speed.DecodePlan = field(default_factory=speed.DecodePlan)  # eager, or CUDA graphs
     # Kept between answers, so that a conversation's earlier turns are not run again:
-    cache: "modeling.KVCache | None" = None  # eager decoding's cache...
-    graph: "CUDAGraphDecoder | None" = None  # ...or the CUDA graph decoder's, for `kv_key`
-    kv_key: tuple | None = None  # (adapter, positions) they were made for
+    decoder: "modeling.Decoder | None" = None  # its KV cache, made for `kv_key`
+    kv_key: tuple | None = None  # (adapter, positions)
     cached_ids: list = field(default_factory=list)  # the tokens whose keys and values they hold
 
     @property
@@ -249,21 +192,17 @@ class Chat:
         self.adapter = name
 
     def decoder_for(self, length: int):
-        """(cache, graph) for the active adapter with room for `length` positions: the KV cache of
-        eager decoding, or the CUDA graph decoder (with its own cache). Made again, and its cached
-        tokens forgotten, only when the adapter changes (the same tokens have other keys and values)
-        or the size changes. Sizes go in steps of 2048 positions (a CUDA graph attends over its
-        whole cache, so it should not be much longer than needed)."""
-        key = (self.adapter, min(self.context, -(-length // 2048) * 2048))
+        """The decoder (and its KV cache) for the active adapter with room for `length` positions.
+        Made again, and its cached tokens forgotten, only when the adapter changes (the same tokens
+        have other keys and values) or the size changes. Sizes go in steps of 2048 positions (a
+        CUDA graph attends over its whole cache, so it should not be much longer than needed)."""
+        key = (self.adapter, min(self.context, round_up(length, 2048)))
         if key != self.kv_key:
-            self.cache = self.graph = None  # free the old one first
+            self.decoder = None  # free the old one first
             self.cached_ids = []
-            if self.cuda_graph:
-                self.graph = CUDAGraphDecoder(self.model, key[1], compile=self.compile_graph)
-            else:
-                self.cache = self.model.new_cache(1, key[1])
+            self.decoder = self.decoding.new_decoder(self.model, key[1])
             self.kv_key = key
-        return self.cache, self.graph
+        return self.decoder
 
     def answer(self, ids: list[int], out) -> str:
         """Generate the answer to the prompt `ids`, printing it to `out`; return its text."""
@@ -271,16 +210,16 @@ class Chat:
             note(self.tok.decode(ids))
         room = self.context - len(ids)
         limit = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
-        decoder = data.StreamDecoder(self.tok)  # prints only whole UTF-8 characters
+        utf8 = data.StreamDecoder(self.tok)  # prints only whole UTF-8 characters
         pieces, n, token = [], 0, None
-        cache, graph = self.decoder_for(len(ids) + limit)
-        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, cache=cache,
-                              graph=graph, cached=self.cached_ids, **self.sampling):
+        decoder = self.decoder_for(len(ids) + limit)
+        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, decoder=decoder,
+                              cached=self.cached_ids, **self.sampling):
             n += 1
-            pieces.append(decoder.push(token))
+            pieces.append(utf8.push(token))
             if self.stream and pieces[-1]:
                 print(pieces[-1], end="", file=out, flush=True)
-        pieces.append(decoder.flush())
+        pieces.append(utf8.flush())
         text = "".join(pieces)
         print(pieces[-1] if self.stream else text, file=out, flush=True)
         if n == room and token not in self.stop_ids:
@@ -381,22 +320,17 @@ def answer_lines(chat: Chat, lines) -> int:
 # Flags and loading
 
 
-class ArgumentParser(modeling.FlagParser):
-    def error(self, message):  # reported by main like every other error here
-        raise UsageError(self.explain(message))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Chat with a Qwen2 / Qwen2.5 model and its LoRA adapters (flags as in `swift infer`).")
+    p = cli.FlagParser(description="Chat with a Qwen2 / Qwen2.5 model and its LoRA adapters (flags as in `swift infer`).")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="base model: local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo model); default: the one the adapter was trained on")
-    g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s), loaded once onto the base; NAME=PATH names one for /adapter (default name: the folder's name). The first is active")
-    g.add_argument("--model_type", default=None, help="ignored: accepted so ms-swift command lines work; only Qwen2 / Qwen2.5 exist here and config.json says which")
-    g.add_argument("--merge_lora", type=str2bool, default=False, help="add the (single) adapter into the weights at load: plain-model speed, no switching (default: false)")
+    g.add_argument("--model", default=None, help="local folder, hub id or 'tiny' (default: the base the adapter was trained on)")
+    g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s); NAME=PATH names one for /adapter; the first is active")
+    g.add_argument("--model_type", default=None, help="accepted for ms-swift's command lines; config.json says the type")
+    g.add_argument("--merge_lora", type=str2bool, default=False, help="merge the (single) adapter into the weights at load: base speed, no switching")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--cuda_graph", type=str2bool, default=None, help="GPU only: decode each token as one CUDA graph replay, several times faster at batch 1; its cache holds prompt + --max_new_tokens rounded up to 2048 (default: true on a GPU)")
-    g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: fuse the step's small kernels with torch.compile first (a minute to compile; default: false)")
+    g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each token as one CUDA graph replay (default: true on a GPU)")
+    g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: compile the decode step first (a minute to compile)")
 
     g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy: always the most likely token")
@@ -404,13 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (0 = all)")
     g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
     g.add_argument("--max_new_tokens", type=int, default=None, help="longest answer in tokens (default: until the context is full)")
-    g.add_argument("--seed", type=int, default=42, help="seed for sampling (default: 42)")
+    g.add_argument("--seed", type=int, default=42, help="seed for sampling")
 
     g = p.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (default: the adapter's training system prompt, else Qwen's own)")
-    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated (default: true)")
+    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")
-    g.add_argument("--show_prompt", type=str2bool, default=False, help="print the full rendered prompt (system prompt and history included) to stderr before each answer (default: false)")
+    g.add_argument("--show_prompt", type=str2bool, default=False, help="print the whole rendered prompt (system prompt, history) to stderr before each answer")
     return p
 
 
@@ -447,7 +381,7 @@ def sampling_settings(args, gen_config: dict) -> dict:
     return s
 
 
-def check_flags(args):
+def check_flags(args, device):
     if args.temperature is not None and args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or more.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -462,34 +396,17 @@ def check_flags(args):
         raise UsageError(f"--merge_lora true needs exactly one adapter in --adapters (got {len(args.adapters)}).")
     if args.torch_compile and args.cuda_graph is False:
         raise UsageError("--torch_compile true compiles the CUDA graph step: it cannot go with --cuda_graph false.")
+    if device.type != "cuda" and (args.cuda_graph or args.torch_compile):
+        flag = "--cuda_graph true" if args.cuda_graph else "--torch_compile true (which compiles the CUDA graph step)"
+        raise UsageError(f"{flag} needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
     if not args.model and not args.adapters:
         raise UsageError("give --model (a base model) or --adapters (a checkpoint folder, whose args.json names its base).")
 
 
-def pick_device(name: str | None) -> torch.device:
-    name = name or modeling.default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device: use cuda, cuda:N or cpu.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (torch.cuda.is_available() is False); use --device cpu.")
-    return device
-
-
-def use_cuda_graph(flag: bool | None, device: torch.device) -> bool:
-    """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
-    launch-bound: 17 tok/s on the 7B shape with an adapter, against 79 replayed as graphs, BENCHMARKS.md)."""
-    return device.type == "cuda" if flag is None else flag
-
-
 def load_chat(args) -> Chat:
-    check_flags(args)
-    device = pick_device(args.device)
-    if device.type != "cuda" and (args.cuda_graph or args.torch_compile):
-        flag = "--cuda_graph true" if args.cuda_graph else "--torch_compile true (which compiles the CUDA graph step)"
-        raise UsageError(f"{flag} needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
-    dtype = modeling.parse_dtype(args.torch_dtype) if args.torch_dtype else modeling.default_dtype(device)
+    """The base model, its adapters and the decoding settings that --flags ask for."""
+    device = cli.pick_device(args.device)
+    check_flags(args, device)
     adapters = parse_adapters(args.adapters)
     # Read every adapter folder before the (slow) base model, so a wrong path fails in a second.
     for _, path in adapters:
@@ -499,19 +416,9 @@ def load_chat(args) -> Chat:
     if model_name is None:
         raise UsageError(f"{adapters[0][1]} does not say which base model it was trained on (no \"model\" in "
                          "args.json, no base_model_name_or_path in adapter_config.json); pass --model.")
-
-    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device})"
-         + ("" if args.model else f", the base model named in {adapters[0][1]}"))
-    try:
-        model, model_dir = modeling.load_model(model_name, dtype, device)
-    except ModelError as e:
-        if args.model:
-            raise
-        raise ModelError(f"{e} (The base model comes from {adapters[0][1]}'s args.json or adapter_config.json; "
-                         "pass --model to load it from elsewhere.)") from None
-    tok = data.Tokenizer(model_dir)
-    gen_config = modeling.load_generation_config(model_dir)
-
+    model, model_dir = load_base(model_name, None if args.model else adapters[0][1],
+                                 cli.pick_dtype(args.torch_dtype, device), device)
+    tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
     systems = {}
     for (name, path), ck in zip(adapters, ckpt_args):
         lora.load_adapter(model, path, name, base_model_name_or_path=model_name)
@@ -523,23 +430,35 @@ def load_chat(args) -> Chat:
         lora.merge_lora(model)
         note(f"adapter {active} merged into the weights")
     if args.merge_lora or not adapters:  # plain weights from here on: decode with fused projections
-        modeling.fuse_projections(model)
-
-    eos = gen_config.get("eos_token_id", model.config.eos_token_id)
-    stop_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {tok.im_end_id}
+        speed.fuse_projections(model)
     sampling = sampling_settings(args, gen_config)
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
                          f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k {sampling['top_k']}")
          + f", repetition_penalty {sampling['repetition_penalty']}, seed {args.seed}, max_new_tokens "
          + (str(args.max_new_tokens) if args.max_new_tokens else "until the context is full"))
-    return Chat(model=model, tok=tok, stop_ids=stop_ids, sampling=sampling, max_new_tokens=args.max_new_tokens,
+    return Chat(model=model, tok=tok, stop_ids=modeling.stop_ids(gen_config, model.config, tok.im_end_id),
+                sampling=sampling, max_new_tokens=args.max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
-                show_prompt=args.show_prompt, cuda_graph=use_cuda_graph(args.cuda_graph, device), compile_graph=args.torch_compile)
+                show_prompt=args.show_prompt, decoding=speed.plan_decoding(args.cuda_graph, args.torch_compile, device))
+
+
+def load_base(model_name: str, named_in: str | None, dtype, device):
+    """(model, its folder). named_in: the adapter whose args.json named the base, for the error."""
+    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device})"
+         + (f", the base model named in {named_in}" if named_in else ""))
+    try:
+        model_dir = cli.model_dir(model_name)
+        return modeling.load_model(str(model_dir), dtype, device)
+    except ModelError as e:
+        if not named_in:
+            raise
+        raise ModelError(f"{e} (The base model comes from {named_in}'s args.json or adapter_config.json; "
+                         "pass --model to load it from elsewhere.)") from None
 
 
 def main(argv=None) -> int:
-    try:
+    def chat_until_done():
         args = build_parser().parse_args(argv)
         chat = load_chat(args)
         if args.prompt is not None:
@@ -549,12 +468,8 @@ def main(argv=None) -> int:
             return answer_lines(chat, sys.stdin)
         repl(chat)
         return 0
-    except (UsageError, ModelError, DataError, LoraError) as e:
-        note(f"error: {e}")
-        return 2
-    except KeyboardInterrupt:
-        note()
-        return 130
+
+    return cli.run_main(chat_until_done)
 
 
 if __name__ == "__main__":

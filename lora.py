@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util import read_json, short_list
+
 # What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KEY_PREFIX = "base_model.model."  # peft's prefix in front of the module path in saved keys
@@ -139,11 +141,6 @@ def _linear_names(model) -> list[str]:
 def _describe_linears(names: list[str]) -> str:
     kinds = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
     return f"{kinds} (full paths such as {names[0]})" if names else "none"
-
-
-def _short(items, n=6) -> str:
-    items = list(items)
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def find_targets(model, target_modules) -> list[str]:
@@ -303,8 +300,8 @@ def load_lora_state_dict(model, sd: dict, name: str = "default", where: str = "t
     if missing or unexpected:
         raise LoraError(
             f"{where} does not match adapter {name!r}: "
-            + "; ".join(p for p in (missing and f"missing tensors: {_short(missing)}",
-                                    unexpected and f"unexpected tensors: {_short(unexpected)}") if p)
+            + "; ".join(p for p in (missing and f"missing tensors: {short_list(missing)}",
+                                    unexpected and f"unexpected tensors: {short_list(unexpected)}") if p)
             + ". It was saved from an adapter with other target modules; add the adapter with the same targets."
         )
     was_merged = any(layer.merged for layer in _lora_layers(model).values())
@@ -321,13 +318,7 @@ def load_lora_state_dict(model, sd: dict, name: str = "default", where: str = "t
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LoraError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix or re-create the file.") from None
-    if not isinstance(d, dict):
-        raise LoraError(f"{path} must hold a JSON object, not {type(d).__name__}.")
-    return d
+    return read_json(path, LoraError)
 
 
 def _saved_targets(model, name) -> list[str]:
@@ -371,7 +362,7 @@ def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
     cfg_file, weights = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cfg_file.exists():
         inside = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
-        hint = f" It contains checkpoint folders ({_short(inside)}): pass one of them." if inside else ""
+        hint = f" It contains checkpoint folders ({short_list(inside)}): pass one of them." if inside else ""
         raise LoraError(f"{path} has no adapter_config.json, so it is not a LoRA checkpoint folder.{hint}")
     d = _read_json(cfg_file)
     if d.get("peft_type") != "LORA":
@@ -409,12 +400,12 @@ def load_adapter(model, path, name: str = "default", base_model_name_or_path: st
         else:
             bad.append(k)
     if bad:
-        raise LoraError(f"{weights} holds tensors that are not plain LoRA A/B weights ({_short(bad)}); embedding "
+        raise LoraError(f"{weights} holds tensors that are not plain LoRA A/B weights ({short_list(bad)}); embedding "
                         "LoRA, DoRA and modules_to_save are not supported.")
     names = _linear_names(model)
     unknown = [t for t in targets if t not in names]
     if unknown:
-        raise LoraError(f"{weights} has LoRA weights for {_short(unknown)}, which match no linear layer of this model "
+        raise LoraError(f"{weights} has LoRA weights for {short_list(unknown)}, which match no linear layer of this model "
                         f"(its linear layers are {_describe_linears(names)}). The adapter belongs to a different "
                         "model: load it onto the base model it was trained for.")
     if base_model_name_or_path and saved_base and not _same_model(saved_base, base_model_name_or_path):

@@ -18,22 +18,20 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+import cli
 import lora
 import model as M
-from data import DataError
-from lora import LoraError
-from model import ModelError
+from util import atomic_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 
 
-class MergeError(Exception):
+class MergeError(cli.UsageError):
     """A bad path or flag given to merge.py."""
 
 
@@ -67,69 +65,49 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
     if out.exists() and not exist_ok:
         raise MergeError(f"the output folder {out} already exists. Pass --exist_ok to replace it, or choose "
                          "another folder with --output_dir.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError(f"--device {device}: no CUDA device is available here. Use --device cpu.")
-
-    model_dir = M.resolve_model_dir(base)
+    device = cli.pick_device(device)
+    model_dir = cli.model_dir(base)
     config = M.Config.from_json(model_dir / "config.json")
-    dtype = dtype or M.parse_dtype(config.torch_dtype)
+    dtype = dtype or cli.DTYPES.get(config.torch_dtype, torch.bfloat16)
     print(f"loading {base} ({dtype}) on {device}", flush=True)
     model, _ = M.load_model(str(model_dir), dtype=dtype, device=device)
     cfg = lora.load_adapter(model, ckpt, base_model_name_or_path=base)
     print(f"merging {ckpt} (r={cfg.r}, alpha={cfg.lora_alpha}{', rsLoRA' if cfg.use_rslora else ''})", flush=True)
     lora.merge_lora(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out, replace=exist_ok) as tmp:  # the old folder is swapped out only at the end
         M.save_safetensors_sharded(base_state_dict(model), tmp, max_shard_bytes)
         config.torch_dtype = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         for name in ("generation_config.json",) + TOKENIZER_FILES:
             if (model_dir / name).exists():
                 shutil.copy(model_dir / name, tmp / name)
-        if out.exists():  # --exist_ok: swap the old folder out only once the new one is complete
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def main(argv=None):
-    p = M.FlagParser(description="Merge a LoRA checkpoint into its base model and save a standard "
-                                 "Hugging Face model folder (config, tokenizer, safetensors shards).")
+def main(argv=None) -> int:
+    p = cli.FlagParser(description="Merge a LoRA checkpoint into its base model and save a standard "
+                                   "Hugging Face model folder (config, tokenizer, safetensors shards).")
     # What to merge
-    p.add_argument("--adapters", required=True, help="checkpoint folder with adapter_config.json and "
-                   "adapter_model.safetensors (a checkpoint-N folder of a training run, or any peft LoRA adapter)")
-    p.add_argument("--model", default=None, help="base model folder, hub id, or 'tiny'; default: the model named "
-                   "in the checkpoint's args.json or adapter_config.json")
+    p.add_argument("--adapters", required=True, help="a checkpoint folder (adapter_config.json and adapter_model.safetensors)")
+    p.add_argument("--model", default=None, help="base model folder, hub id or 'tiny' (default: the one the adapter names)")
     # Where to write it
-    p.add_argument("--output_dir", default=None, help="folder to write; default: CHECKPOINT-merged beside the checkpoint")
+    p.add_argument("--output_dir", default=None, help="folder to write (default: CHECKPOINT-merged beside the checkpoint)")
     p.add_argument("--exist_ok", action="store_true", help="replace the output folder if it already exists")
-    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB (default 5GB)")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     # How to compute it
-    p.add_argument("--device", default=M.default_device(), help="cpu or cuda (default: cuda when available); "
-                   "the merge needs memory for one copy of the base model there")
-    p.add_argument("--torch_dtype", default=None, help="bfloat16, float16 or float32; default: the base model's "
-                   "torch_dtype in config.json")
-    a = p.parse_args(argv)
-    try:
-        dtype = M.parse_dtype(a.torch_dtype) if a.torch_dtype else None
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available); holds one copy of the base")
+    p.add_argument("--torch_dtype", default=None, help="bfloat16, float16 or float32 (default: the base's config.json)")
+
+    def merge_and_say():
+        a = p.parse_args(argv)
+        dtype = cli.parse_dtype(a.torch_dtype) if a.torch_dtype else None
         out = merge(a.adapters, a.model, a.output_dir, a.exist_ok, a.device, dtype, parse_size(a.max_shard_size))
-    except (MergeError, LoraError, ModelError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # no permission, disk full: the half-written folder is already removed
-        print(f"error: {e}. Check the path and its permissions, and that the disk has room.", file=sys.stderr)
-        sys.exit(2)
-    print(f"merged model written to {out}")
+        print(f"merged model written to {out}")
+        return 0
+
+    return cli.run_main(merge_and_say)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,11 +12,8 @@ straight into the requested dtype and device onto a model built on the `meta` de
 checkpoint never needs a second, randomly initialised copy in memory.
 """
 
-import argparse
-import difflib
 import json
 import os
-import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -24,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from util import read_json, short_list
 
 
 class ModelError(Exception):
@@ -113,14 +112,9 @@ class Config:
 
     @classmethod
     def from_json(cls, path) -> "Config":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{path} does not exist: a model folder needs a config.json.") from None
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
-        return cls.from_dict(d, source=str(path))
+        if not Path(path).exists():
+            raise ModelError(f"{path} does not exist: a model folder needs a config.json.")
+        return cls.from_dict(read_json(path, ModelError), source=str(path))
 
     def to_dict(self) -> dict:
         """config.json as transformers writes it for Qwen2ForCausalLM."""
@@ -169,44 +163,6 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for max_len positions and written by position.
-
-    `seg` remembers, for each cached position, the attention-mask value it came with (0 = padding),
-    so later tokens never attend to padding. `length` is how many positions are filled.
-    """
-
-    def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.seg = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
-        self.max_len = max_len
-        self.length = 0
-
-    def update(self, layer: int, k, v):
-        """Store k, v (B, nkv, T, hd) after the cached positions; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class StaticKVCache(KVCache):
-    """A KV cache whose shapes never change, for decoding as one CUDA graph replay (batch 1).
-
-    New keys and values are written at `positions` (a tensor, so the graph can be replayed for
-    any position) and attention always spans the whole buffer; the model masks every position
-    after the query's own, so stale entries are never seen."""
-
-    positions = None  # (T,) set by the model before each forward
-
-    def update(self, layer: int, k, v):
-        self.k[layer].index_copy_(2, self.positions, k)
-        self.v[layer].index_copy_(2, self.positions, v)
-        return self.k[layer], self.v[layer]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -215,7 +171,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
-        self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix: see fuse_projections
+        self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix, for decoding: speed.fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
@@ -240,7 +196,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     # The MLP works on each token alone, so a long sequence goes through it this many tokens at a
     # time: its (tokens x intermediate) tensors, 74 MiB each at 2,048 tokens on the 7B shape, stay
-    # that size however long the sequence. In a compiled layer's backward (Qwen2Model.compile_layers)
+    # that size however long the sequence. In a compiled layer's backward (speed.compiled_layers)
     # each piece's recomputation is then used and freed before the next one's.
     chunk = 2048
 
@@ -249,7 +205,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_weight = None  # gate and up in one matrix: see fuse_projections
+        self.gate_up_weight = None  # gate and up in one matrix, for decoding: speed.fuse_projections
 
     def forward(self, x):  # (B, T, hidden)
         if x.shape[1] > self.chunk:
@@ -275,8 +231,8 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False):
         if checkpoint:
             # Keep only the layer's input; recompute its insides during backward. Done here, inside
-            # the layer, so that a compiled layer (Qwen2Model.compile_layers) compiles the
-            # recomputation together with the backward: one fused forward and one backward per layer.
+            # the layer, so that a compiled layer (speed.compiled_layers) compiles the recomputation
+            # together with the backward: one fused forward and one backward per layer.
             return torch.utils.checkpoint.checkpoint(self._forward, h, cos, sin, mask, is_causal, cache, layer,
                                                      use_reentrant=False)
         return self._forward(h, cos, sin, mask, is_causal, cache, layer)
@@ -300,6 +256,71 @@ def attention_mask_4d(q_seg, k_seg, start: int):
     return ((same & (k_pos <= q_pos)) | (k_pos == q_pos))[:, None]
 
 
+def attention_inputs(input_ids, attention_mask=None, position_ids=None):
+    """(position_ids, mask, is_causal) for a forward without a cache.
+
+    Without a mask attention is plain causal, its fastest exact kernel (is_causal, no mask tensor).
+    With one, positions are counted over the tokens (0 on padding) unless given, and the 4-d mask
+    keeps padding and packed samples apart."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        return position_ids, None, T > 1
+    seg = attention_mask.long()  # (B, T)
+    if position_ids is None:
+        position_ids = ((seg != 0).long().cumsum(-1) - 1).clamp(min=0)
+    return position_ids, attention_mask_4d(seg, seg, 0), False
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions and written by position.
+
+    `seg` remembers, for each cached position, the attention-mask value it came with (0 = padding),
+    so later tokens never attend to padding. `length` is how many positions are filled.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.seg = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
+        self.max_len = max_len
+        self.length = 0
+        self.start = 0  # where the forward in progress writes its keys and values
+
+    def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
+        """(position_ids, mask, is_causal) for T new tokens after the `length` cached ones, which
+        this reserves: the forward's layers write their keys and values at start .. start + T."""
+        B, T = input_ids.shape
+        start = self.start = self.length
+        if start + T > self.max_len:
+            raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {self.max_len}.")
+        self.length = start + T
+        seg = attention_mask.long() if attention_mask is not None else None
+        self.seg[:, start:start + T] = seg if seg is not None else 1
+        k_seg = self.seg[:, :start + T]  # (B, S)
+        unmasked = seg is None and bool((k_seg[:, :start] != 0).all())
+        if position_ids is None:
+            if unmasked:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = ((k_seg != 0).long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        if unmasked and start == 0:
+            return position_ids, None, T > 1
+        if unmasked:  # one new token sees everything cached: no mask at all
+            mask = attention_mask_4d(torch.ones_like(input_ids), k_seg.clamp(max=1), start) if T > 1 else None
+            return position_ids, mask, False
+        return position_ids, attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start), False
+
+    def update(self, layer: int, k, v):
+        """Store k, v (B, nkv, T, hd) at the reserved positions; return all keys and values so far."""
+        end = self.start + k.shape[2]
+        self.k[layer][:, :, self.start:end] = k
+        self.v[layer][:, :, self.start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Qwen2Model(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -308,102 +329,26 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
-        self.compiled_layers = None  # torch.compile'd layers for training steps: see compile_layers
-        self.cuda_graphs = False  # the compiled layers are replayed as CUDA graphs
 
-    def compile_layers(self, cuda_graphs: bool = False):
-        """torch.compile each decoder layer for training steps.
-
-        A compiled layer fuses the norms, RoPE, SiLU and LoRA's element-wise work into a few
-        kernels. With cuda_graphs, each layer is compiled together with its checkpointing (one
-        forward, and one backward that recomputes it) and both are recorded as CUDA graphs and
-        replayed (torch.compile's "reduce-overhead" mode): at short sequences a step is otherwise
-        bound by the CPU launching thousands of small kernels. Without graphs, the compiled layer
-        is checkpointed from outside (its compiled forward runs again in backward), which needs
-        less memory: 15.6 against 16.1 GiB at 2,048 tokens on the 7B shape in one run, at 0.9x
-        the speed (BENCHMARKS.md, run 10).
-
-        Shapes are static (LoRA dropout inside a checkpointed layer does not compile with dynamic
-        shapes on CUDA): each sequence length gets its own compiled code and graphs, so pad batches
-        to a few lengths (train.py: a multiple of 64 tokens for --max_length 2048). The eager layers
-        stay in place and run every forward without gradients (evaluation, decoding); parameter
-        names do not change.
-        """
-        mode = "reduce-overhead" if cuda_graphs else None
-        # One compiled version per sequence length: allow more than the default 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self.compiled_layers = [torch.compile(layer, mode=mode, dynamic=False) for layer in self.layers]
-        self.cuda_graphs = cuda_graphs
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, layers=None):
         """input_ids (B, T) -> final hidden states (B, T, hidden).
 
         attention_mask (B, T): 1 for tokens, 0 for padding, or segment ids 1, 2, ... for packed rows.
         position_ids (B, T): by default counted over the non-padding tokens (so left padding works).
         cache: a KVCache; the new tokens go after its `length` cached positions.
+        layers: callables to run instead of self.layers, with the same arguments: the same layers
+        compiled, for training steps (speed.compiled_layers).
         """
-        static = isinstance(cache, StaticKVCache)
-        if static:
-            # Fixed shapes for CUDA graphs (batch 1): keys are written at position_ids and attention
-            # spans the whole buffer, masked after each query's own position. No position_ids: a prefill.
-            if position_ids is None:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            cache.positions = position_ids[0]  # (T,)
-            S = cache.max_len
-            mask = (torch.arange(S, device=input_ids.device)[None, :] <= cache.positions[:, None])[None, None]  # (1, 1, T, S)
-            is_causal = False
+        if cache is not None:
+            position_ids, mask, is_causal = cache.attention_inputs(input_ids, attention_mask, position_ids)
         else:
-            position_ids, mask, is_causal = self._attention_inputs(input_ids, attention_mask, position_ids, cache)
-
+            position_ids, mask, is_causal = attention_inputs(input_ids, attention_mask, position_ids)
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        # The compiled layers serve training steps; scoring and decoding (no gradients) run eagerly.
-        use_compiled = self.compiled_layers is not None and cache is None and torch.is_grad_enabled()
-        layers = self.compiled_layers if use_compiled else self.layers
-        if use_compiled and not h.requires_grad:
-            # The embeddings are frozen, so the first layer's input would not require grad while
-            # every later layer's does (it depends on LoRA weights): torch.compile would compile
-            # each sequence length twice. One version for all layers costs the first layer the
-            # gradient of its input, a few matmuls that nothing uses (peft does the same under
-            # gradient checkpointing: enable_input_require_grads).
-            h.requires_grad_()
-        for i, layer in enumerate(layers):
-            if checkpoint and use_compiled and not self.cuda_graphs:  # see compile_layers
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, is_causal, cache, i, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
-        if cache is not None and not static:
-            cache.length += input_ids.shape[1]
+        for i, layer in enumerate(self.layers if layers is None else layers):
+            h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
         return self.norm(h)
-
-    def _attention_inputs(self, input_ids, attention_mask, position_ids, cache):
-        """(position_ids, mask, is_causal) for a forward after `cache.length` cached positions."""
-        B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {cache.max_len}.")
-        seg = attention_mask.long() if attention_mask is not None else None
-        if cache is not None:
-            cache.seg[:, start:start + T] = seg if seg is not None else 1
-        unmasked = seg is None and (cache is None or bool((cache.seg[:, :start] != 0).all()))
-        if position_ids is None:
-            if unmasked:
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            else:
-                valid = (cache.seg[:, :start + T] if cache is not None else seg) != 0
-                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        # Pick the cheapest exact attention: plain causal when nothing is masked and nothing cached.
-        mask, is_causal = None, False
-        if unmasked:
-            if start == 0:
-                is_causal = T > 1
-            elif T > 1:
-                mask = attention_mask_4d(torch.ones_like(input_ids), cache.seg[:, :start + T].clamp(max=1), start)
-        else:
-            k_seg = cache.seg[:, :start + T] if cache is not None else seg
-            mask = attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start)
-        return position_ids, mask, is_causal
 
 
 class Qwen2ForCausalLM(nn.Module):
@@ -424,54 +369,47 @@ class Qwen2ForCausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
 
-@torch.no_grad()
-def fuse_projections(model: Qwen2ForCausalLM):
-    """Put q, k, v (and gate, up), which all read the same input, into one matrix each, for decoding.
-
-    A decode step reads every weight once for a single token, so its speed is memory bandwidth: one
-    matmul over the fused matrix reads it at a better rate than three separate ones (the small k and
-    v matrices especially) and launches fewer kernels. The separate weights become views into the
-    fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
-    weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
-    """
-    layers = model.model.layers
-    qkv = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers]
-    gate_up = [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers]
-    if any(getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged  # a live LoRA
-           for group in qkv + gate_up for lin in group):
-        raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
-                         "merge it first (lora.merge_lora) or deactivate it.")
-    for layer, q_k_v, g_u in zip(layers, qkv, gate_up):
-        layer.self_attn.qkv_weight, layer.self_attn.qkv_bias = _fuse(q_k_v)
-        layer.mlp.gate_up_weight, _ = _fuse(g_u)
+# ----------------------------------------------------------------------------------------------
+# Decoding: a KV cache and the two steps over it (as in gpt-fast); infer.generate loops over them
 
 
-def _fuse(linears):
-    """One (sum of outs, in) matrix for nn.Linear-like modules; their weights become views into it."""
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-    start = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
-        start += n
-    return weight, bias
+class Decoder:
+    """A KV cache of `max_len` positions (batch 1) and the two steps of decoding over it:
+
+        prefill:    run the prompt once, filling the cache; logits of its last position
+        decode_one: run only the token just chosen, attending to the cache; logits of the next one
+
+    speed.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
+
+    def __init__(self, model: Qwen2ForCausalLM, max_len: int):
+        self.model, self.max_len = model, max_len
+        self.cache = model.new_cache(1, max_len)
+
+    def prefill(self, input_ids, start: int = 0):
+        """Run the prompt (1, T) from position `start` (the cache holds the positions before it);
+        logits of its last position (vocab,)."""
+        self.cache.length = start
+        position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        h = self.model.model(input_ids, position_ids=position_ids, cache=self.cache)  # (1, T, hidden)
+        # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
+        return self.model.lm_head(h[0, -1])
+
+    def decode_one(self, token, position: int):
+        """Run one token (a 0-d tensor) at `position`, right after the cached ones; logits of the
+        token after it (vocab,)."""
+        h = self.model.model(token.view(1, 1), cache=self.cache)  # (1, 1, hidden)
+        return self.model.lm_head(h[0, -1])
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding a model folder: local path, the built-in tiny model, or a Hugging Face hub id
+# Finding a model folder: a local path or a Hugging Face hub id
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
              "vocab.json", "merges.txt", "*.safetensors", "model.safetensors.index.json"]
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder, `tiny` (the built-in demo model), or a hub id such as Qwen/Qwen2.5-7B-Instruct."""
-    if name_or_path == "tiny":
-        import tiny
-        return tiny.tiny_model_dir()
+    """A local folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the HF cache)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -496,12 +434,14 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def load_generation_config(model_dir) -> dict:
     path = Path(model_dir) / "generation_config.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}).") from None
+    return read_json(path, ModelError) if path.exists() else {}
+
+
+def stop_ids(generation_config: dict, config: Config, im_end_id: int) -> set[int]:
+    """Token ids that end an answer: generation_config.json's eos_token_id (else config.json's), and
+    always <|im_end|>, which closes every assistant turn of the chat format."""
+    eos = generation_config.get("eos_token_id", config.eos_token_id)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {im_end_id}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -534,11 +474,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise ModelError(f"{model_dir} has no model.safetensors or model.safetensors.index.json: it is not a model folder.")
 
 
-def _short_list(items, n=8):
-    items = sorted(items)
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
 def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
     """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters."""
     from safetensors import safe_open
@@ -559,11 +494,11 @@ def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
     wrong = [f"{k} {found[k][0]} (expected {expected[k]})" for k in expected.keys() & found.keys() if found[k][0] != expected[k]]
     problems = []
     if missing:
-        problems.append(f"missing tensors: {_short_list(missing)}")
+        problems.append(f"missing tensors: {short_list(sorted(missing))}")
     if unexpected:
-        problems.append(f"unexpected tensors: {_short_list(unexpected)}")
+        problems.append(f"unexpected tensors: {short_list(sorted(unexpected))}")
     if wrong:
-        problems.append(f"tensors of the wrong shape: {_short_list(wrong)}")
+        problems.append(f"tensors of the wrong shape: {short_list(sorted(wrong))}")
     if problems:
         raise ModelError(
             f"the weights in {model_dir} do not match its config.json ({'; '.join(problems)}). "
@@ -616,57 +551,3 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Flag helpers shared by the scripts
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default, except where there is none to show (None: the flag's
-    own help says what happens, e.g. a default that depends on the machine)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class FlagParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one paragraph (argparse prints its whole usage first): what is
-    wrong, the nearest known flag for a misspelt one, and where the list is. Exit code 2."""
-
-    def error(self, message):
-        print(f"error: {self.explain(message)}", file=sys.stderr)
-        self.exit(2)
-
-    def explain(self, message: str) -> str:
-        known = [s for s in self._option_string_actions if s.startswith("--")]
-        unknown = [w for w in message.split() if w.startswith("--") and w not in known]
-        near = [m for w in unknown for m in difflib.get_close_matches(w, known, n=1)]
-        hint = f" (did you mean {', '.join(near)}?)" if near else ""
-        return f"{message}{hint}. See python {self.prog} --help for every flag."
-
-
-def str2bool(v: str) -> bool:
-    """ms-swift's boolean flags: `--stream true`, `--merge_lora false`."""
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
-def parse_dtype(name: str):
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "float32": torch.float32, "fp32": torch.float32}
-    if name not in table:
-        raise ModelError(f"--torch_dtype {name!r} is not one of bfloat16, float16, float32.")
-    return table[name]
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU, like the checkpoints; float32 on the CPU, where bf16 matmuls are slow."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -12,13 +12,12 @@ trained on a small built-in English and Chinese text; the weights are random fro
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from model import Config, Qwen2ForCausalLM, save_safetensors_sharded
+from util import atomic_folder, round_up
 
 TINY_VERSION = "tiny-v3"
 
@@ -121,15 +120,15 @@ def build_tokenizer(bpe_vocab_size: int = 2000):
 
 
 def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
-    """Write the tiny model in the official layout to out_dir (which must not exist yet)."""
+    """Write the tiny model in the official layout to out_dir."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     tok.save(str(out_dir / "tokenizer.json"))
     tok.model.save(str(out_dir))  # vocab.json and merges.txt, as in the official download
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     n = tok.get_vocab_size(with_added_tokens=True)
-    cfg = tiny_config(vocab_size=(n + 63) // 64 * 64, im_end=im_end, endoftext=eot)  # padded, like Qwen's
+    cfg = tiny_config(vocab_size=round_up(n, 64), im_end=im_end, endoftext=eot)  # padded, like Qwen's
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
@@ -172,12 +171,10 @@ def tiny_model_dir() -> Path:
     target = home / TINY_VERSION
     if (target / "config.json").exists():
         return target
-    home.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=home, prefix=".tiny-"))
-    make_tiny_checkpoint(tmp / "m")
     try:
-        os.replace(tmp / "m", target)
-    except OSError:  # another process finished first
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target) as tmp:
+            make_tiny_checkpoint(tmp)
+    except OSError:
+        if not (target / "config.json").exists():  # not just another process finishing first
+            raise
     return target

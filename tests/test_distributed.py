@@ -49,3 +49,21 @@ def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(t
     # a 2-rank checkpoint resumes on 1 rank
     run(common(data, tmp_path / "two", 4, steps=6) + ["--resume_from_checkpoint", run_dir / "checkpoint-4"])
     assert (run_dir / "checkpoint-6" / "adapter_model.safetensors").exists()
+
+
+def test_two_gpus_replay_micro_batches_and_train_the_same_adapter(tmp_path, tiny_dir):
+    """torchrun on two GPUs: micro-batches replayed as CUDA graphs by default (the gradient sum runs
+    after them, outside the graphs), the same adapter as one GPU with double accumulation."""
+    import pytest
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: run on the GPU machine (nvidia-h200-x2)")
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
+    gpu = lambda args: [a if a != "cpu" else "cuda" for a in args]
+    two = run(gpu(common(data, tmp_path / "two", 2)), nproc=2)
+    assert "CUDA graphs: each micro-batch shape" in two.stdout
+    run(gpu(common(data, tmp_path / "one", 4)))
+    _, a = only_checkpoint(tmp_path / "two", 4)
+    _, b = only_checkpoint(tmp_path / "one", 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)

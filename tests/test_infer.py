@@ -18,6 +18,7 @@ import data
 import infer
 import lora
 import model as modeling
+import speed
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Who are you?"
@@ -179,13 +180,13 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(chatty):
     cached = list(infer.generate(m, ids, 20, set()))
     seq = list(ids)
     with torch.no_grad():
-        cache = m.new_cache(1, len(ids) + 20)
-        logits = infer.prefill(m, torch.tensor([ids]), cache)
+        decoder = modeling.Decoder(m, len(ids) + 20)
+        logits = decoder.prefill(torch.tensor([ids]))
         for _ in range(20):
             full = m(torch.tensor([seq]))[0, -1]  # from scratch, no cache
             torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
             seq.append(int(full.argmax()))
-            logits = infer.decode_one(m, torch.tensor(seq[-1]), cache)
+            logits = decoder.decode_one(torch.tensor(seq[-1]), len(seq) - 1)
     assert cached == seq[len(ids):]
 
 
@@ -193,14 +194,14 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(cha
     _, m, tok = chatty
     stop = {tok.im_end_id, tok.endoftext_id}
     prefilled = []
-    real_prefill = infer.prefill
-    monkeypatch.setattr(infer, "prefill", lambda model, ids, cache, start=0: (
-        prefilled.append(ids.shape[1]), real_prefill(model, ids, cache, start))[1])
-    cache, cached = m.new_cache(1, 512), []
+    real_prefill = modeling.Decoder.prefill
+    monkeypatch.setattr(modeling.Decoder, "prefill", lambda self, ids, start=0: (
+        prefilled.append(ids.shape[1]), real_prefill(self, ids, start))[1])
+    cache, cached = modeling.Decoder(m, 512), []
     history = []
     for turn, question in enumerate([QUESTION, "What can you do?", "And then?"]):
         ids = prompt_ids(tok, question, history=history)
-        answer = list(infer.generate(m, ids, 8, stop, cache=cache, cached=cached))
+        answer = list(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached))
         assert answer == list(infer.generate(m, ids, 8, stop))  # a fresh cache, the whole prompt
         new = prefilled[-2]  # the reusing call's prefill (the fresh one came after it)
         if turn == 0:
@@ -212,12 +213,12 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(cha
                     {"role": "assistant", "content": tok.decode([t for t in answer if t not in stop])}]
     # Stopping early (Ctrl-C in the REPL) leaves `cached` true to what the cache holds.
     ids = prompt_ids(tok, "Tell me more.", history=history)
-    for i, _ in enumerate(infer.generate(m, ids, 8, stop, cache=cache, cached=cached)):
+    for i, _ in enumerate(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached)):
         if i == 2:
             break
     assert cached[:len(ids)] == ids and len(cached) == len(ids) + 2
     ids = prompt_ids(tok, "Something else.", history=history)
-    assert list(infer.generate(m, ids, 8, stop, cache=cache, cached=cached)) == list(infer.generate(m, ids, 8, stop))
+    assert list(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached)) == list(infer.generate(m, ids, 8, stop))
 
 
 def test_sampling_filters_match_transformers_logits_processors():
@@ -352,10 +353,11 @@ def test_bad_flag_values_are_clear_errors(capsys, flags, message):
 
 
 def test_cuda_graph_is_the_default_on_a_gpu_only():
-    assert infer.use_cuda_graph(None, torch.device("cuda")) and not infer.use_cuda_graph(None, torch.device("cpu"))
-    assert not infer.use_cuda_graph(False, torch.device("cuda"))
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert speed.plan_decoding(None, False, gpu).cuda_graph and not speed.plan_decoding(None, False, cpu).cuda_graph
+    assert not speed.plan_decoding(False, False, gpu).cuda_graph
     chat = infer.load_chat(infer.build_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
-    assert chat.cuda_graph is False
+    assert chat.decoding.cuda_graph is False
 
 
 def test_bad_adapter_folders_are_clear_errors(capsys, tmp_path, two_adapters):
@@ -537,3 +539,21 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
         out, err = capsys.readouterr()
         answers.append(out)
     assert answers[0] == answers[1] and "merged into the weights" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
+def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
+    """speed.CUDAGraphDecoder replays model.Decoder.decode_one: the same logits at every step,
+    after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
+    eager, graphed = modeling.Decoder(m, 64), speed.CUDAGraphDecoder(m, 64)
+    seq = list(range(10, 30))
+    with torch.no_grad():
+        for start, end in ((0, 12), (12, 20)):  # two turns: the second reuses positions 0..11
+            prompt = torch.tensor([seq[start:end]], device="cuda")
+            a, b = eager.prefill(prompt, start), graphed.prefill(prompt, start)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        for position in range(20, 40):
+            token = a.argmax()
+            a, b = eager.decode_one(token, position), graphed.decode_one(token, position).clone()
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

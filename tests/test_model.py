@@ -7,8 +7,14 @@ import pytest
 import torch
 
 import model
+import speed
 from conftest import make_hf_checkpoint
 from model import Config, ModelError, load_model
+
+
+def compiled_layers(m, checkpoint_inside=False):
+    """speed.compiled_layers without CUDA graphs (CPU inductor), the checkpoint inside or outside."""
+    return [speed.CompiledLayer(layer.compiled, checkpoint_inside) for layer in speed.compiled_layers(m)]
 
 
 def tokens(batch=2, length=13, seed=0, vocab=900):
@@ -94,8 +100,9 @@ def test_tiny_model_loads_through_the_official_layout(tiny_dir):
     names = {p.name for p in tiny_dir.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "model.safetensors.index.json"} <= names
-    m, d = load_model("tiny", dtype=torch.float32)
-    assert d == tiny_dir
+    import cli
+    assert cli.model_dir("tiny") == tiny_dir  # --model tiny
+    m, d = load_model(str(tiny_dir), dtype=torch.float32)
     assert m.config.tie_word_embeddings and m.config.num_key_value_heads < m.config.num_attention_heads
     assert not any(p.is_meta for p in m.parameters())
 
@@ -106,7 +113,7 @@ def test_tiny_model_is_deterministic(tmp_path, tiny_dir):
     for f in ("tokenizer.json", "config.json", "model.safetensors.index.json"):
         assert (tmp_path / "again" / f).read_text() == (tiny_dir / f).read_text()
     a, _ = load_model(str(tmp_path / "again"), dtype=torch.float32)
-    b, _ = load_model("tiny", dtype=torch.float32)
+    b, _ = load_model(str(tiny_dir), dtype=torch.float32)
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(p, q), n
 
@@ -114,7 +121,7 @@ def test_tiny_model_is_deterministic(tmp_path, tiny_dir):
 def test_tiny_model_loads_in_transformers(tiny_dir):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    ours, _ = load_model("tiny", dtype=torch.float32)
+    ours, _ = load_model(str(tiny_dir), dtype=torch.float32)
     x = tokens(vocab=900)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
@@ -134,8 +141,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
 
 
 def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
-    """compile_layers, checkpointed from outside (no graphs) and from inside the compiled layer (as
-    with CUDA graphs, which bench.py runs on a GPU); CPU inductor here. Two lengths: one static
+    """speed.compiled_layers, checkpointed from outside (no graphs) and from inside the compiled layer
+    (as with CUDA graphs, which bench.py runs on a GPU); CPU inductor here. Two lengths: one static
     compile each."""
     folder, _ = hf_checkpoint(num_hidden_layers=2)
     grads = []
@@ -143,11 +150,9 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
         m, _ = load_model(str(folder), dtype=torch.float32)
         m.train()
         m.model.gradient_checkpointing = True
-        if compiled:
-            m.model.compile_layers()
-            m.model.cuda_graphs = inside  # the checkpoint placement of the CUDA-graph path, without graphs
+        layers = compiled_layers(m, inside) if compiled else None
         for length in (16, 8):
-            m(tokens(length=length)).logsumexp(-1).mean().backward()
+            m.lm_head(m.model(tokens(length=length), layers=layers)).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
         with torch.no_grad():  # forwards without gradients run the eager layers
             assert torch.equal(m(tokens()), m.lm_head(m.model.norm(run_eager_layers(m, tokens()))))
@@ -167,11 +172,11 @@ def test_compiled_lora_layers_compile_once_per_length(hf_checkpoint):
     lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     m.train()
     m.model.gradient_checkpointing = True
-    m.model.compile_layers()
+    layers = compiled_layers(m)
     torch._dynamo.reset()
     counters.clear()
     for length in (16, 8, 16):
-        m(tokens(length=length)).logsumexp(-1).mean().backward()
+        m.lm_head(m.model(tokens(length=length), layers=layers)).logsumexp(-1).mean().backward()
     assert counters["stats"]["unique_graphs"] == 2
     assert m.model.embed_tokens.weight.grad is None
 
@@ -195,10 +200,9 @@ def test_long_sequences_go_through_the_mlp_in_pieces_with_the_same_result(hf_che
             monkeypatch.setattr(model.MLP, "_forward", forward)
         m.train()
         m.model.gradient_checkpointing = True
-        if compiled:
-            m.model.compile_layers()
-            m.model.cuda_graphs = True  # the checkpoint inside the compiled layer, as with CUDA graphs
-        m(x).logsumexp(-1).mean().backward()
+        # with the checkpoint inside the compiled layer, as with CUDA graphs
+        layers = compiled_layers(m, checkpoint_inside=True) if compiled else None
+        m.lm_head(m.model(x, layers=layers)).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
     for whole, pieces, compiled in zip(*grads):
         torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-6)
@@ -223,11 +227,11 @@ def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint):
             p.normal_(0, 0.05)
     x = tokens()
     with pytest.raises(ModelError, match="merge it first"):  # the fused matmuls would skip a live LoRA
-        model.fuse_projections(m)
+        speed.fuse_projections(m)
     lora.merge_lora(m)
     with torch.no_grad():
         before, sd = m(x), {k: v.clone() for k, v in m.state_dict().items()}
-        model.fuse_projections(m)
+        speed.fuse_projections(m)
         after = m(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     attn = m.model.layers[0].self_attn
@@ -372,7 +376,7 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
 
 
 def test_kv_cache_overflow_is_an_error(tiny_dir):
-    m, _ = load_model("tiny", dtype=torch.float32)
+    m, _ = load_model(str(tiny_dir), dtype=torch.float32)
     cache = m.new_cache(1, 4)
     with pytest.raises(ModelError, match="KV cache holds 4"):
         m(tokens(1, 5), cache=cache)
@@ -380,11 +384,11 @@ def test_kv_cache_overflow_is_an_error(tiny_dir):
 
 def test_static_cache_decoding_equals_full_forward(tiny_dir):
     """The fixed-shape cache behind CUDA-graph decoding computes the same logits as the eager path."""
-    m, _ = load_model("tiny", dtype=torch.float32)
+    m, _ = load_model(str(tiny_dir), dtype=torch.float32)
     x = tokens(1, 12, vocab=900)
     with torch.no_grad():
         full = m(x)
-        cache = model.StaticKVCache(m.config, 1, 32)
+        cache = speed.StaticKVCache(m.config, 1, 32)
         parts = [m(x[:, :4], cache=cache)]  # a prefill: positions 0..3
         parts += [m(x[:, 4:7], position_ids=torch.arange(4, 7)[None], cache=cache)]  # a later turn's: 4..6
         parts += [m(x[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache) for t in range(7, 12)]

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import runs
+import speed
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +89,7 @@ def test_tiny_model_learns_self_cognition_answers_exactly(tmp_path, tiny_dir):
                      "--gradient_checkpointing", "false", "--save_steps", 1000, "--logging_steps", 20)
     assert train.main(argv) == 0
     ckpt = sorted(run_dir_of(tmp_path / "out").glob("checkpoint-*"))[-1]
-    m, d = modeling.load_model("tiny", dtype=torch.float32)
+    m, d = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     tok = data.Tokenizer(d)
     lora.load_adapter(m, ckpt)
     for q, a in QA:
@@ -165,64 +167,63 @@ def test_crash_during_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_d
     with pytest.raises(SystemExit):
         train.main(train_args(data_file, tmp_path / "out", 4, 2))
     run = run_dir_of(tmp_path / "out")
-    assert [p.name for p in train.complete_checkpoints(run)] == ["checkpoint-2"]
-    assert (run / ".tmp-checkpoint-4").exists() and not (run / "checkpoint-4").exists()
+    assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-2"]
+    assert not (run / "checkpoint-4").exists() and not list(run.glob(".checkpoint-4.tmp-*"))  # removed on the way out
+    (run / ".checkpoint-4.tmp-killed").mkdir()  # what a kill -9 mid-save leaves
     monkeypatch.setattr(torch, "save", real_save)
-    assert train.find_resume_checkpoint(str(run)).name == "checkpoint-2"
+    assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-2"
     assert train.main(train_args(data_file, tmp_path / "out", 4, 2, "--resume_from_checkpoint", run)) == 0
-    assert (run / "checkpoint-4" / "trainer_state.json").exists() and not (run / ".tmp-checkpoint-4").exists()
+    assert (run / "checkpoint-4" / "trainer_state.json").exists() and not list(run.glob(".checkpoint-4.tmp-*"))
 
 
 def test_save_total_limit_keeps_best_and_newest(tmp_path):
     for s in (10, 20, 30, 40):
         (tmp_path / f"checkpoint-{s}").mkdir()
         (tmp_path / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
-    train.prune_checkpoints(tmp_path, 2, "checkpoint-20")
+    runs.prune_checkpoints(tmp_path, 2, "checkpoint-20")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
-    train.prune_checkpoints(tmp_path, 1, None)
+    runs.prune_checkpoints(tmp_path, 1, None)
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"]
 
 
 def test_layers_are_compiled_by_default_only_where_it_pays_back():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     unset = argparse.Namespace(torch_compile=None, cuda_graph=None)
-    # One process on a GPU: CUDA graphs of eager micro-batches, never compiled unless asked.
-    assert train.use_compile(unset, gpu, 10**6, 1) == (False, "")
-    # Without those graphs (torchrun, or --cuda_graph false): only where compiling pays back.
-    for args, world in ((unset, 2), (argparse.Namespace(torch_compile=None, cuda_graph=False), 1)):
-        compiled, why = train.use_compile(args, gpu, 192, 3, world)  # the self-cognition demo: 12 steps x 16
-        assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
-        assert "--torch_compile true compiles anyway" in why
-        compiled, why = train.use_compile(args, gpu, 20 * train.COMPILE_PAYS_BACK, 20, world)
-        assert compiled and "--torch_compile false" in why
-    assert train.use_compile(unset, cpu, 10**6, 1) == (False, "")
+    # On a GPU: CUDA graphs of eager micro-batches, never compiled unless asked (any number of ranks).
+    assert speed.use_compile(unset, gpu, 10**6, 1) == (False, "")
+    # Without those graphs (--cuda_graph false): only where compiling pays back.
+    no_graphs = argparse.Namespace(torch_compile=None, cuda_graph=False)
+    compiled, why = speed.use_compile(no_graphs, gpu, 192, 3)  # the self-cognition demo: 12 steps x 16
+    assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
+    assert "--torch_compile true compiles anyway" in why
+    compiled, why = speed.use_compile(no_graphs, gpu, 20 * speed.COMPILE_PAYS_BACK, 20)
+    assert compiled and "--torch_compile false" in why
+    assert speed.use_compile(unset, cpu, 10**6, 1) == (False, "")
     for flag in (True, False):
-        for world in (1, 2):
-            assert train.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3, world) == (flag, "")
+        assert speed.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3) == (flag, "")
 
 
-def test_whole_micro_batch_graphs_need_one_process(tmp_path, tiny_dir, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    args = base_args(write_qa(tmp_path / "qa.json"), tmp_path / "out") + ["--cuda_graph", "true"]
-    assert train.main(args) == 2
-    err = capsys.readouterr().err
-    assert "works in one process only" in err and "--torch_compile true" in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
-    monkeypatch.setenv("RANK", "1")  # the other ranks stop too, without repeating it
-    assert train.main(args) == 2
-    assert capsys.readouterr().err == ""
+def test_the_plan_says_how_the_layers_run():
+    """speed.plan_training: graphs on a GPU by default, in one process or several (gradients are
+    summed after the recorded micro-batches, outside the graphs); eager on the CPU."""
+    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048)
+    plan = speed.plan_training(a, torch.device("cuda"), [40, 100, 70], 192)
+    assert plan.graphs and not plan.compiled and plan.pad_to == 64
+    assert "here at most 2 lengths (64, 128)" in plan.message and "--cuda_graph false" in plan.message
+    plan = speed.plan_training(a, torch.device("cpu"), [40, 100, 70], 192)
+    assert not plan.graphs and not plan.compiled and plan.pad_to == 1 and plan.message == ""
 
 
 def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
-    """make_batch(fixed_shapes=True), for CUDA graphs: the loss reads every position; the unlabelled
-    ones add nothing, so the loss is that of the labelled positions alone."""
+    """For CUDA graphs the loss reads every position (speed.every_position); the unlabelled ones
+    add nothing, so the loss is that of the labelled positions alone."""
     import model as modeling
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     loss_fn = train.CausalLMLoss(m)
     rows = [{"input_ids": list(range(5, 17)), "labels": [-100] * 6 + list(range(11, 17))},
             {"input_ids": list(range(30, 37)), "labels": [-100] * 3 + list(range(33, 37))}]
     exact = train.make_batch(rows, 0, "cpu", pad_to=8)
-    fixed = train.make_batch(rows, 0, "cpu", pad_to=8, fixed_shapes=True)
+    fixed = dict(exact, label_positions=speed.every_position(2, 16))
     assert exact["label_positions"].tolist() == [5, 6, 7, 8, 9, 10, 18, 19, 20, 21]
     assert fixed["label_positions"].tolist() == [t for b in (0, 16) for t in range(b, b + 15)]  # (2, 16): all but each row's last
     with torch.no_grad():
@@ -255,7 +256,7 @@ def test_nan_loss_stops_with_a_message_keeping_the_last_good_checkpoint(tmp_path
     assert code == 1
     assert "the loss became" in err and "last good checkpoint is" in err
     run = run_dir_of(tmp_path / "out")
-    good = train.complete_checkpoints(run)
+    good = runs.complete_checkpoints(run)
     assert good and str(good[-1]) in err
     assert all(torch.isfinite(t).all() for t in adapter(good[-1]).values())
 
@@ -266,7 +267,7 @@ def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_d
     import data
     import lora
     import model as modeling
-    m, folder = modeling.load_model("tiny", dtype=torch.float32)
+    m, folder = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     tok = data.Tokenizer(folder)
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
@@ -284,7 +285,7 @@ def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_d
 
 def test_loss_is_the_summed_cross_entropy_of_the_labelled_next_tokens(tiny_dir):
     import model as modeling
-    m, _ = modeling.load_model("tiny", dtype=torch.float32)
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[0, :4] = -100  # a prompt
@@ -374,16 +375,17 @@ def test_cuda_graph_micro_batches_give_the_eager_gradients(tiny_dir):
         for p in params:
             p.grad = torch.zeros_like(p)
         loss_fn = train.CausalLMLoss(m)
-        graphed = train.CUDAGraphMicroBatches(loss_fn, params)
+        graphed = speed.CUDAGraphMicroBatches(loss_fn, params)
         g = torch.Generator().manual_seed(0)
         lengths = [20, 40, 90, 30, 100, 50]  # padded: 64, 64, 128, 64, 128, 64
         for k, n in enumerate(lengths):
             ids = torch.randint(10, 900, (n,), generator=g).tolist()
             row = {"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]}
-            batch = train.make_batch([row], 0, "cuda", pad_to=64, fixed_shapes=True)
+            batch = train.make_batch([row], 0, "cuda", pad_to=64)
             scale = 1 / train.label_tokens(row)
             torch.cuda.manual_seed(k)
-            ref_loss = loss_fn(**batch)
+            # as the graph reads it: every position (the same sum, in the same order)
+            ref_loss = loss_fn(**dict(batch, label_positions=speed.every_position(1, batch["labels"].shape[1], "cuda")))
             ref = torch.autograd.grad(ref_loss, params, grad_outputs=torch.full((), scale, device="cuda"))
             for p in params:
                 p.grad.zero_()
@@ -442,9 +444,9 @@ def test_a_failed_cuda_graph_recording_is_a_clear_error(tiny_dir, monkeypatch):
     params = lora.lora_parameters(m)
     for p in params:
         p.grad = torch.zeros_like(p)
-    graphed = train.CUDAGraphMicroBatches(train.CausalLMLoss(m), params)
+    graphed = speed.CUDAGraphMicroBatches(train.CausalLMLoss(m), params)
     row = {"input_ids": list(range(5, 25)), "labels": [-100] * 10 + list(range(15, 25))}
-    batch = train.make_batch([row], 0, "cpu", pad_to=64, fixed_shapes=True)
+    batch = train.make_batch([row], 0, "cpu", pad_to=64)
     with pytest.raises(modeling.ModelError, match=r"1 x 64 tokens as a CUDA graph failed \(CUDA error: operation not permitted when stream is capturing\)\. Run again with --cuda_graph false"):
         graphed(batch, 0.1)
     assert any(p.grad.abs().sum() > 0 for p in params)  # the eager micro-batch before it did run

@@ -1,0 +1,128 @@
+"""cli.py: what the command lines of train.py, infer.py, merge.py and bench.py share.
+
+Flag parsing whose errors are one paragraph, ms-swift's `true`/`false` booleans, the choice of
+device and dtype, what `--model` names (a folder, a hub id, or `tiny`), and the error exit: a
+problem the user can fix is printed as one `error: ...` paragraph with exit code 2, never a
+traceback. Only the scripts import this file; the library files (model, lora, data) raise their
+own errors and know nothing of flags.
+"""
+
+import argparse
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import model as modeling
+import tiny
+from data import DataError
+from lora import LoraError
+from model import ModelError
+from runs import RunError
+
+
+class UsageError(Exception):
+    """A flag value that cannot work, found before anything slow happens."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None: the flag's
+    own help says what happens, e.g. a default that depends on the machine)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UsageError of one paragraph (argparse prints its whole usage
+    first): what is wrong, the nearest known flag for a misspelt one, and where the list is.
+    run_main reports it like every other error: exit code 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=DefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UsageError(self.explain(message))
+
+    def explain(self, message: str) -> str:
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        unknown = [w for w in message.split() if w.startswith("--") and w not in known]
+        near = [m for w in unknown for m in difflib.get_close_matches(w, known, n=1)]
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        return f"{message}{hint}. See python {self.prog} --help for every flag."
+
+
+def str2bool(v: str) -> bool:
+    """ms-swift's boolean flags: `--stream true`, `--merge_lora false`."""
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, dtype, model folder
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def pick_device(flag: str | None) -> torch.device:
+    """--device: cpu, cuda or cuda:N; by default the GPU when there is one."""
+    name = flag or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UsageError(f"--device {name}: use cpu, cuda or cuda:N.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu.")
+    return torch.device(name)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"--torch_dtype {name!r} is not one of bfloat16, float16, float32.")
+    return DTYPES[name]
+
+
+def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
+    """--torch_dtype, else bf16 on a GPU (as the checkpoints are) and float32 on the CPU, where
+    bf16 matmuls are slow."""
+    if flag:
+        return parse_dtype(flag)
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def model_dir(name: str) -> Path:
+    """--model: `tiny` (the built-in demo model, written on first use), a local folder, or a hub
+    id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the Hugging Face cache)."""
+    return tiny.tiny_model_dir() if name == "tiny" else modeling.resolve_model_dir(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The error exit
+
+ERRORS = (UsageError, DataError, ModelError, LoraError, RunError, FloatingPointError, OSError)
+
+
+def run_main(body, interrupted: str = "") -> int:
+    """Run a script's body; its exit code. Errors a user can fix are one paragraph on stderr:
+    exit 2 (1 when training diverged). Under torchrun every rank checks the same flags and data,
+    so for those only rank 0 speaks."""
+    try:
+        return body()
+    except ERRORS as e:
+        quiet = isinstance(e, (UsageError, DataError)) and int(os.environ.get("RANK", "0")) > 0
+        if not quiet:
+            hint = " Check the path and its permissions, and that the disk has room." if isinstance(e, OSError) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}" if interrupted else "", file=sys.stderr)
+        return 130

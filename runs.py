@@ -1,0 +1,337 @@
+"""runs.py: keeping a training run: its folder, checkpoints, logs, resume, and stopping cleanly.
+
+A first reading can skip this file. A run lives in OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (as ms-swift's):
+
+    args.json             the flags it was started with
+    logging.jsonl         one line per logged step: loss, learning rate, speed, memory; eval_loss
+    images/loss.svg       the loss curve, drawn at the end
+    checkpoint-STEP/      the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors),
+                          args.json, and what resuming needs: optimizer.pt, rng_state.pt and
+                          trainer_state.json (the step, the place in the epoch, the log history)
+
+A checkpoint is written into a hidden temporary folder and renamed into place when complete
+(util.atomic_folder), so a crash or Ctrl-C never leaves a half-written one. Resuming restores the
+adapter, the optimizer, the random state and the place in the data order: the run ends with the
+same adapter, bit for bit, as one that was never stopped. Under torchrun rank 0 writes; all ranks
+agree on when.
+"""
+
+import json
+import random
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import lora
+from util import atomic_folder, read_json, remove_stale_temporaries
+
+
+class RunError(Exception):
+    """A run folder or checkpoint that cannot be used as asked."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders and checkpoints
+
+
+def new_run_dir(output_dir: str, add_version: bool) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not add_version:
+        return out
+    versions = [int(p.name[1:].split("-")[0]) for p in out.glob("v*-*") if p.name[1:].split("-")[0].isdigit()]
+    run = out / f"v{max(versions, default=-1) + 1}-{datetime.now():%Y%m%d-%H%M%S}"
+    run.mkdir()
+    return run
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """checkpoint-STEP folders of a run, oldest first. Half-written ones never carry this name."""
+    ckpts = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+             and (p / "trainer_state.json").exists()]
+    return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_resume_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "trainer_state.json").exists():
+        return p
+    ckpts = complete_checkpoints(p)
+    if not ckpts:
+        raise RunError(f"--resume_from_checkpoint {path}: no complete checkpoint-STEP folder in it (a checkpoint holds trainer_state.json).")
+    return ckpts[-1]
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, args_dict: dict, rng: dict) -> Path:
+    """Write checkpoint-STEP atomically; a checkpoint of the same step from an earlier attempt is replaced."""
+    final = run_dir / f"checkpoint-{state['global_step']}"
+    remove_stale_temporaries(final)  # left by a process killed while saving this step before
+    with atomic_folder(final, replace=True) as tmp:
+        lora.save_adapter(model, tmp, base_model_name_or_path=args_dict["model"])
+        (tmp / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    return final
+
+
+def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None):
+    """Keep the newest `limit` checkpoints, and always the best one by eval loss."""
+    if limit is None:
+        return
+    ckpts = complete_checkpoints(run_dir)
+    keep = ckpts[-limit:]
+    if best is not None and run_dir / best not in keep:
+        keep = [run_dir / best] + ckpts[-max(1, limit - 1):]
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p)
+
+
+def rng_state(device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+class Run:
+    """A run's folder and state, from the first step (or the resumed one) to the report at the end.
+
+    `state` is what trainer_state.json holds: global_step, epoch and step_in_epoch (where the data
+    order goes on), the best eval loss and its checkpoint, and the log history."""
+
+    def __init__(self, run_dir: Path, state: dict, args_dict: dict, total_steps: int, device, rank=0, world=1):
+        self.dir, self.state, self.args, self.total_steps = run_dir, state, args_dict, total_steps
+        self.device, self.rank, self.world = device, rank, world
+        self.t0, self.start_step, self.tokens, self.losses = time.time(), state["global_step"], 0, []
+        self.rng = rng_state(device)  # the random state after the last complete step
+
+    def end_step(self, epoch: int, steps_done_in_epoch: int, loss: float, tokens: int, loss_scale):
+        """Count one optimizer step done: its loss must be finite; a float16 step that overflowed
+        (train.LossScale) was skipped, and says so."""
+        self.check_finite(loss)
+        step = self.state["global_step"] + 1
+        self.state.update(global_step=step, epoch=epoch, step_in_epoch=steps_done_in_epoch)
+        if loss_scale.enabled:
+            if self.rank == 0 and loss_scale.skipped:
+                print(f"[{step}/{self.total_steps}] float16 gradients overflowed: step skipped, "
+                      f"loss scale now {loss_scale.value:g}", flush=True)
+            self.state["loss_scale"] = loss_scale.value
+        self.losses.append(loss)
+        self.tokens += tokens
+        self.rng = rng_state(self.device)
+
+    def log_progress(self, epoch: float, lr: float, grad_norm):
+        """Average the losses since the last log line into one logging.jsonl entry and print it."""
+        step, total_steps, elapsed = self.state["global_step"], self.total_steps, time.time() - self.t0
+        per_step = elapsed / max(1, step - self.start_step)
+        entry = {"step": step, "epoch": round(epoch, 4), "loss": round(sum(self.losses) / len(self.losses), 6),
+                 "learning_rate": lr, "grad_norm": round(float(grad_norm), 6),
+                 "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1), "elapsed": fmt_time(elapsed),
+                 "remaining": fmt_time(per_step * (total_steps - step))}
+        if "loss_scale" in self.state:
+            entry["loss_scale"] = self.state["loss_scale"]
+        if self.device.type == "cuda":
+            entry["memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self.losses = []
+        mem = f" | mem {entry['memory_gib']:.1f} GiB" if "memory_gib" in entry else ""
+        self._log(entry, f"[{step}/{total_steps}] loss {entry['loss']:.4f} lr {lr:.2e} grad {entry['grad_norm']:.3f} "
+                         f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}")
+
+    def log_eval(self, evaluate):
+        """Run `evaluate()` (the validation loss) on rank 0, log it, and remember the best step."""
+        if self.rank == 0:
+            step, eval_loss = self.state["global_step"], evaluate()
+            self._log({"step": step, "eval_loss": round(eval_loss, 6)}, f"[{step}/{self.total_steps}] eval_loss {eval_loss:.4f}")
+            if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
+                self.state.update(best_eval_loss=eval_loss, best_checkpoint=f"checkpoint-{step}")
+        self.barrier()
+
+    def _log(self, entry: dict, line: str):
+        self.state["log_history"].append(entry)
+        if self.rank == 0:
+            with open(self.dir / "logging.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(line, flush=True)
+
+    def save(self, model, optimizer, limit: int | None):
+        """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Ctrl-C must not
+        cut a save in half: it is ignored until the checkpoint is in place."""
+        if self.rank == 0:
+            handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+            try:
+                save_checkpoint(self.dir, model, optimizer, self.state, self.args, self.rng)
+                prune_checkpoints(self.dir, limit, self.state["best_checkpoint"])
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+        self.barrier()
+
+    def check_finite(self, loss: float):
+        if loss == loss and abs(loss) != float("inf"):
+            return
+        last = complete_checkpoints(self.dir)
+        raise FloatingPointError(
+            f"the loss became {loss} at step {self.state['global_step'] + 1}: training stopped and nothing more was "
+            f"saved. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower --learning_rate, "
+            "use --torch_dtype bfloat16 rather than float16, or check the data.")
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def finish(self, interrupted: bool):
+        """The loss curve, and what to do next."""
+        if self.rank != 0:
+            return
+        hist = self.state["log_history"]
+        write_loss_svg(self.dir / "images" / "loss.svg",
+                       {"train_loss": [(e["step"], e["loss"]) for e in hist if "loss" in e],
+                        "eval_loss": [(e["step"], e["eval_loss"]) for e in hist if "eval_loss" in e]})
+        ckpts = complete_checkpoints(self.dir)
+        last = ckpts[-1] if ckpts else self.dir
+        if interrupted:
+            print(f"\nstopped at step {self.state['global_step']}. Resume with:\n  python train.py ... --resume_from_checkpoint {last}")
+            return
+        print(f"\ndone: {self.state['global_step']} steps in {fmt_time(time.time() - self.t0)}.")
+        print(f"  run folder:      {self.dir}")
+        print(f"  last checkpoint: {ckpts[-1] if ckpts else '-'}")
+        if self.state["best_checkpoint"]:
+            print(f"  best checkpoint: {self.dir / self.state['best_checkpoint']} (eval_loss {self.state['best_eval_loss']:.4f})")
+        print(f"  loss curve:      {self.dir / 'images' / 'loss.svg'}")
+        print(f"  chat with it:    python infer.py --adapters {last}")
+
+
+def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1) -> Run:
+    """A new run folder, or, with --resume_from_checkpoint, the run of that checkpoint with the
+    adapter, optimizer and random state restored into `model` and `optimizer`."""
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
+             "log_history": []}
+    run_dir = None
+    if a.resume_from_checkpoint:
+        ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+        run_dir, state = ckpt.parent, restore(ckpt, model, optimizer, device)
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {state['global_step']}", flush=True)
+    elif rank == 0:
+        run_dir = new_run_dir(a.output_dir, a.add_version)
+    if world > 1:  # rank 0 chose the folder
+        holder = [str(run_dir) if run_dir else None]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    args_dict = dict(vars(a), model_dir=str(model_dir))
+    if rank == 0:
+        (run_dir / "images").mkdir(exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
+    return Run(run_dir, state, args_dict, total_steps, device, rank, world)
+
+
+def restore(ckpt: Path, model, optimizer, device) -> dict:
+    """Load a checkpoint's adapter, optimizer and random state; its trainer_state."""
+    lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    state = read_json(ckpt / "trainer_state.json", RunError)
+    set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on Ctrl-C (or a scheduler's SIGTERM): finish the step, save, exit
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopSignals:
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the step in
+    progress (it then saves a checkpoint); a second one stops at once (KeyboardInterrupt), leaving
+    the last complete checkpoint untouched. Batch schedulers and containers send SIGTERM before
+    they kill: it is treated as Ctrl-C."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device=None):
+        self.rank, self.world, self.device = rank, world, device
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        if exc[0] is KeyboardInterrupt:  # the second Ctrl-C: stopped now, reported by the caller
+            self.requested = True
+            return True
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.rank == 0:
+            print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
+
+    def agreed(self) -> bool:
+        """Whether to stop now; under torchrun every rank must stop at the same step."""
+        if self.world > 1:
+            flag = torch.tensor([float(self.requested)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def write_loss_svg(path: Path, series: dict[str, list[tuple[int, float]]]):
+    """A loss-curve image as SVG: plain text, no plotting library needed."""
+    pts = [p for s in series.values() for p in s]
+    if not pts:
+        return
+    W, H, L, B = 640, 360, 60, 40  # size, left and bottom margins
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    sx = lambda x: L + (x - x0) / (x1 - x0) * (W - L - 20)
+    sy = lambda y: 20 + (y1 - y) / (y1 - y0) * (H - B - 20)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="20" x2="{L}" y2="{H - B}" stroke="black"/>']
+    for i in range(5):
+        y = y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+        x = x0 + (x1 - x0) * i / 4
+        out.append(f'<text x="{sx(x):.1f}" y="{H - B + 16}" text-anchor="middle">{x:.0f}</text>')
+    out.append(f'<text x="{(W + L) / 2}" y="{H - 6}" text-anchor="middle">step</text>')
+    for (name, s), color, ly in zip(series.items(), ("#1f77b4", "#d62728"), (20, 36)):
+        if s:
+            line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+            out.append(f'<text x="{W - 30}" y="{ly}" text-anchor="end" fill="{color}">{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

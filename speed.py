@@ -1,0 +1,383 @@
+"""speed.py: everything that exists only to be faster, and gives the plain path's results.
+
+A first reading can skip this file. train.py and infer.py are written the plain way: one
+micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), one decode step is
+`model.Decoder.decode_one`. Each piece here replaces one of them from outside, names the plain
+function it replaces and the test that proves they agree, and is chosen in one place:
+
+    plan_training   how the decoder layers run in training (CUDA-graph micro-batches, compiled
+                    layers, or eager), printed at start-up with the reason
+    plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
+
+What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
+small kernels one by one from Python, about 300 ms on an H100 for 30 ms of GPU work; replayed as
+one CUDA graph it takes 39 ms (run 15). A decode step of one token: 17 tok/s eager, 79 replayed.
+"""
+
+import warnings
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as modeling
+from model import ModelError
+from util import round_up
+
+# ----------------------------------------------------------------------------------------------
+# How training runs
+
+
+def fast_float32_matmul(device):
+    """On GPUs, let float32 matmuls (a --torch_dtype float32 run) use TF32 tensor cores (10-bit
+    mantissa); plain float32 runs them on the slow CUDA cores. bf16 runs do not use it."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+# On the 7B shape on an H100 (BENCHMARKS.md, run 14), the first micro-batch of a new sequence
+# length takes about two minutes while the layer compiles (from a cold cache), and each one after
+# it 45 ms instead of the eager 300 ms at 64 tokens: compiling pays back after some 500
+# micro-batches of a length. A short run (the self-cognition demo: 192 micro-batches over 3
+# lengths) is several times faster eager.
+COMPILE_PAYS_BACK = 500  # micro-batches per compiled sequence length
+
+
+@dataclass
+class TrainingPlan:
+    """How the decoder layers run in training. At most one of:
+
+    graphs    each micro-batch shape's forward, loss and backward recorded once as a CUDA graph
+              and replayed (CUDAGraphMicroBatches): the default on a GPU
+    compiled  each decoder layer compiled with torch.compile (compiled_layers); with
+              layer_graphs, its forward and backward replayed as CUDA graphs
+    neither   eager layers, exactly the plain path
+
+    Recorded or compiled code has fixed shapes, so batches are then padded to a multiple of
+    `pad_to` tokens: a few lengths, each recorded or compiled once."""
+
+    graphs: bool = False
+    compiled: bool = False
+    layer_graphs: bool = False
+    pad_to: int = 1
+    message: str = ""  # what was chosen and why, for the start-up log
+
+    def training_layers(self, model):
+        """The layers for CausalLMLoss: compiled ones, or None for the model's own."""
+        return compiled_layers(model, self.layer_graphs) if self.compiled else None
+
+    def micro_batch_fn(self, loss_fn, params, plain):
+        """The function the loop calls for each micro-batch: (batch, scale) -> loss. `plain` is
+        train.micro_batch; with graphs, CUDAGraphMicroBatches does what it does, replayed."""
+        if not self.graphs:
+            return partial(plain, loss_fn)
+        device = params[0].device
+        # The default stream cannot be recorded, and autograd must not reach back to it: train
+        # on a side stream that starts after everything already queued (the loaded weights).
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        torch.cuda.set_stream(side)
+        # On this stream autograd's worker thread finds no CUDA context the first time it calls
+        # cuBLAS, says so, and sets it itself: nothing for a user to act on.
+        warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
+        return CUDAGraphMicroBatches(loss_fn, params)
+
+
+def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> TrainingPlan:
+    """Choose how the layers run from the flags (--cuda_graph, --torch_compile), the device and
+    the run's length; allow TF32 for float32 matmuls on GPUs. Batches of recorded or compiled layers are padded
+    to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+    fast_float32_matmul(device)
+    pad = max(64, -(-a.max_length // 32))
+    lengths = sorted({round_up(n, pad) for n in row_lengths})
+    compiled, why = use_compile(a, device, micro_batches, len(lengths))
+    graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False
+    layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False
+    shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
+    padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
+    if graphs:
+        message = (f"CUDA graphs: each micro-batch shape runs eagerly once and is then replayed as one recorded "
+                   f"graph; {padding}; --cuda_graph false runs every one eagerly")
+    elif compiled:
+        message = (f"compiled layers{' replayed as CUDA graphs' if layer_graphs else ''}: {padding}; "
+                   f"each is compiled the first time it comes, so early steps are slow{why}")
+    else:
+        message = f"eager layers{why}" if why else ""
+    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message)
+
+
+def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
+    """Whether to compile the layers and the reason to print ('' if --torch_compile was given).
+
+    Not by default where whole micro-batches replay as CUDA graphs (on a GPU, unless --cuda_graph
+    false): that is as fast at short sequences, within about 20% at 2,048 tokens (BENCHMARKS.md,
+    run 15), and costs a second a length instead of minutes. With --cuda_graph false on a GPU,
+    only for a run long enough to pay back compiling each length."""
+    if a.torch_compile is not None:
+        return a.torch_compile, ""
+    if device.type != "cuda":
+        return False, ""
+    if a.cuda_graph is not False:
+        return False, ""
+    per_length = micro_batches // max(n_lengths, 1)
+    if per_length >= COMPILE_PAYS_BACK:
+        return True, (f" (chosen because this run has {micro_batches} micro-batches over {n_lengths} lengths, "
+                      f"{per_length} a length; --torch_compile false for eager layers)")
+    return False, (f": this run has {micro_batches} micro-batches over {n_lengths} sequence lengths, {per_length} a "
+                   f"length, and compiling (a minute or two a length) pays back only from about {COMPILE_PAYS_BACK} "
+                   "a length; --torch_compile true compiles anyway")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled layers. Replaces: model.Qwen2Model's own layers in training steps.
+# Proved equal by: tests/test_train.py::test_compiled_layers_train_padded_batches_like_the_eager_ones
+
+
+def compiled_layers(model, cuda_graphs: bool = False) -> list:
+    """Each decoder layer compiled with torch.compile, as callables for Qwen2Model(layers=...).
+
+    A compiled layer fuses the norms, RoPE, SiLU and LoRA's element-wise work into a few kernels.
+    With cuda_graphs, each layer is compiled together with its checkpointing (one forward, and one
+    backward that recomputes it) and both are recorded as CUDA graphs and replayed (torch.compile's
+    "reduce-overhead" mode). Without graphs, the compiled layer is checkpointed from outside (its
+    compiled forward runs again in backward), which needs less memory: 15.6 against 16.1 GiB at
+    2,048 tokens on the 7B shape, at 0.9x the speed (BENCHMARKS.md, run 10).
+
+    Shapes are static (LoRA dropout inside a checkpointed layer does not compile with dynamic
+    shapes on CUDA): each sequence length gets its own compiled code. The model keeps its eager
+    layers for everything without gradients (evaluation, decoding); parameter names do not change.
+    """
+    if model.lm_head.weight.device.type == "cpu" and torch.cuda.is_available():
+        # torch.compile starts CUDA when it sees a GPU, even for a CPU model, and an activation
+        # checkpoint refuses a device first started inside its forward: start it now.
+        torch.cuda.init()
+    # One compiled version per sequence length: allow more than the default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    mode = "reduce-overhead" if cuda_graphs else None
+    return [CompiledLayer(torch.compile(layer, mode=mode, dynamic=False), checkpoint_inside=cuda_graphs)
+            for layer in model.model.layers]
+
+
+class CompiledLayer:
+    """A compiled decoder layer, called like the layer itself."""
+
+    def __init__(self, compiled, checkpoint_inside: bool):
+        self.compiled, self.checkpoint_inside = compiled, checkpoint_inside
+
+    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
+        if not h.requires_grad:
+            # The embeddings are frozen, so the first layer's input would not require grad while
+            # every later layer's does: torch.compile would compile each length twice. One version
+            # for all layers costs the first layer the gradient of its input, a few matmuls that
+            # nothing uses (peft does the same under checkpointing: enable_input_require_grads).
+            h.requires_grad_()
+        if checkpoint and not self.checkpoint_inside:
+            return torch.utils.checkpoint.checkpoint(self.compiled, h, cos, sin, mask, is_causal, cache, i,
+                                                     use_reentrant=False)
+        return self.compiled(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph micro-batches. Replaces: train.micro_batch.
+# Proved equal by: tests/test_train.py::test_cuda_graph_micro_batches_give_the_eager_gradients (GPU)
+
+
+def every_position(batch_size: int, length: int, device=None) -> torch.Tensor:
+    """The flat positions b * T + t of every token but each row's last: all that can have a next token."""
+    return torch.arange(batch_size * length, device=device).view(batch_size, length)[:, :-1].flatten()
+
+
+class CUDAGraphMicroBatches:
+    """Training micro-batches whose forward, loss and backward are recorded once per shape as a
+    CUDA graph, and replayed for every later micro-batch of that shape.
+
+    Nothing is compiled: the first micro-batch of a shape runs eagerly, then the same code is
+    recorded, in about a second. The graph holds the very kernels eager runs launch, so the
+    gradients are eager's bit for bit, dropout and gradient checkpointing included: each replay
+    draws fresh dropout masks, and the checkpoint's recomputation draws the same masks as its forward.
+
+    A replay repeats fixed work on fixed memory, so: every shape depends only on the micro-batch's
+    (B, T) (the loss reads every position: the unlabelled ones are -100 and add nothing); inputs are
+    copied into the graph's own tensors; gradients are added into .grad tensors that never move
+    (allocated before the first step and zeroed in place); and the training runs on a side stream
+    (TrainingPlan.micro_batch_fn).
+    """
+
+    def __init__(self, loss_fn, params):
+        self.loss_fn, self.params = loss_fn, params
+        self.graphs = {}  # shapes of the inputs -> (graph, its input tensors, its loss)
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all: only one runs at a time
+
+    def __call__(self, batch: dict, scale: float) -> torch.Tensor:
+        """Add the gradient of scale * loss to each parameter's .grad; return the summed loss (a
+        tensor that the next call overwrites)."""
+        batch = dict(batch, label_positions=every_position(*batch["labels"].shape, device=batch["labels"].device))
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+        if key not in self.graphs:
+            return self._record(key, batch, scale)
+        graph, static, static_loss = self.graphs[key]
+        for k, v in batch.items():
+            static[k].copy_(v)
+        static["scale"].fill_(scale)
+        graph.replay()
+        return static_loss
+
+    def _record(self, key, batch: dict, scale: float) -> torch.Tensor:
+        inputs = dict(batch, scale=torch.full((), scale, device=batch["labels"].device))
+        loss = self._run(inputs)  # a real micro-batch, and the warm-up that recording needs
+        graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs.items()}
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
+                static_loss = self._run(static)  # recorded, not run
+        except RuntimeError as e:
+            shape = " x ".join(map(str, batch["input_ids"].shape))
+            raise ModelError(f"recording a micro-batch of {shape} tokens as a CUDA graph failed ({str(e).splitlines()[0]}). "
+                             "Run again with --cuda_graph false to train without graphs (slower at short sequences); "
+                             "checkpoints already saved are untouched.") from None
+        self.graphs[key] = graph, static, static_loss
+        return loss
+
+    def _run(self, inputs: dict) -> torch.Tensor:
+        inputs = dict(inputs)
+        scale = inputs.pop("scale")
+        loss = self.loss_fn(**inputs)
+        # autograd.grad and an explicit add, not backward(): the sum stays in the .grad tensors,
+        # whatever autograd would otherwise decide about accumulating in place.
+        grads = torch.autograd.grad(loss, self.params, grad_outputs=scale)
+        for p, g in zip(self.params, grads):
+            p.grad.add_(g)
+        return loss.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# How decoding runs
+
+
+@dataclass
+class DecodePlan:
+    """How infer.py decodes: each token as one CUDA graph replay (CUDAGraphDecoder), or eagerly
+    (model.Decoder). Chosen by plan_decoding."""
+
+    cuda_graph: bool = False
+    compile: bool = False  # torch.compile the step before recording it
+
+    def new_decoder(self, model, max_len: int):
+        if self.cuda_graph:
+            return CUDAGraphDecoder(model, max_len, compile=self.compile)
+        return modeling.Decoder(model, max_len)
+
+
+def plan_decoding(cuda_graph: bool | None, compile: bool, device) -> DecodePlan:
+    """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
+    launch-bound: 17 tok/s on the 7B shape with an adapter, against 79 replayed, BENCHMARKS.md)."""
+    return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph decoding. Replaces: model.Decoder.decode_one.
+# Proved equal by: tests/test_infer.py::test_cuda_graph_decoding_gives_the_eager_tokens (GPU)
+
+
+class StaticKVCache(modeling.KVCache):
+    """A KV cache whose shapes never change, for decoding as one CUDA graph replay (batch 1).
+
+    New keys and values are written at `positions` (a tensor, so the graph can be replayed for
+    any position) and attention always spans the whole buffer, masked after each query's own
+    position, so stale entries are never seen."""
+
+    positions = None  # (T,) set by attention_inputs before each forward
+
+    def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
+        if position_ids is None:  # a prefill from position 0
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        self.positions = position_ids[0]  # (T,)
+        keys = torch.arange(self.max_len, device=input_ids.device)
+        mask = (keys[None, :] <= self.positions[:, None])[None, None]  # (1, 1, T, S)
+        return position_ids, mask, False
+
+    def update(self, layer: int, k, v):
+        self.k[layer].index_copy_(2, self.positions, k)
+        self.v[layer].index_copy_(2, self.positions, v)
+        return self.k[layer], self.v[layer]
+
+
+class CUDAGraphDecoder(modeling.Decoder):
+    """model.Decoder with decode_one replayed as a single CUDA graph: the ~600 kernel launches of
+    one token become one.
+
+    A graph replays fixed work on fixed memory, so the cache is a StaticKVCache of `max_len`
+    positions and the token and its position live in fixed buffers that are filled before each
+    replay. The prefill runs eagerly. The graph holds whatever adapter was active at capture: make
+    a new one after switching."""
+
+    def __init__(self, model, max_len: int, compile: bool = False):
+        p = model.lm_head.weight
+        self.model, self.max_len = model, max_len
+        # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
+        # casts) before capture: fewer kernels per replay.
+        self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self.cache = StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+        self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
+        stream = torch.cuda.Stream()  # warm up outside the default stream, as capture requires
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self.step_fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self.step_fn()
+
+    def _step(self):
+        h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
+        return self.model.lm_head(h[0, -1])
+
+    def decode_one(self, token, position: int):
+        self.token.copy_(token.view(1, 1))
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused projections. Replaces: three q, k, v matmuls (and two gate, up) with one, for decoding.
+# Proved equal by: tests/test_model.py::test_fused_projections_give_the_same_logits
+
+
+@torch.no_grad()
+def fuse_projections(model):
+    """Put q, k, v (and gate, up), which all read the same input, into one matrix each, for decoding.
+
+    A decode step reads every weight once for a single token, so its speed is memory bandwidth: one
+    matmul over the fused matrix reads it at a better rate than three separate ones (the small k and
+    v matrices especially) and launches fewer kernels. The separate weights become views into the
+    fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
+    weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
+    """
+    layers = model.model.layers
+    qkv = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers]
+    gate_up = [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers]
+    if any(getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged  # a live LoRA
+           for group in qkv + gate_up for lin in group):
+        raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
+                         "merge it first (lora.merge_lora) or deactivate it.")
+    for layer, q_k_v, g_u in zip(layers, qkv, gate_up):
+        layer.self_attn.qkv_weight, layer.self_attn.qkv_bias = _fuse(q_k_v)
+        layer.mlp.gate_up_weight, _ = _fuse(g_u)
+
+
+def _fuse(linears):
+    """One (sum of outs, in) matrix for nn.Linear-like modules; their weights become views into it."""
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias
