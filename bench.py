@@ -101,6 +101,7 @@ def ours_train_setup(shape, device, plan):
     micro-batch function that `plan` (a speed.TrainingPlan) gives the loop."""
     import lora
     import train
+    plan.prepare(device)
     m = ours_model(shape, device)
     m.train()
     m.model.gradient_checkpointing = True

@@ -459,6 +459,7 @@ def train(a) -> int:
     plan = speed.plan_training(a, device, [len(r["input_ids"]) for r in train_rows],
                                total_steps * a.gradient_accumulation_steps)
     log0(rank, plan.message)
+    plan.prepare(device)
     model, params = load_lora_model(a, model_dir, dtype, device, rank)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU

@@ -65,5 +65,5 @@ def test_two_gpus_replay_micro_batches_and_train_the_same_adapter(tmp_path, tiny
     run(gpu(common(data, tmp_path / "one", 4)))
     _, a = only_checkpoint(tmp_path / "two", 4)
     _, b = only_checkpoint(tmp_path / "one", 4)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    for k in a:  # float32 matmuls run as TF32 on GPUs (speed.fast_float32_matmul)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-4)
