@@ -8,8 +8,10 @@ renders it as ChatML:
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
 with a default system prompt when the conversation has none. For training, every token is
-masked out of the loss (label -100) except the content of each assistant turn and the
-<|im_end|> that closes it: the model learns to answer and to stop, not to write questions.
+masked out of the loss (label -100) except, in each assistant turn, its content, the <|im_end|>
+that closes it and the "\\n" after that: the model learns to answer and to stop, not to write
+questions. ms-swift (since 3.10.3) trains on that "\\n" too; we follow it, so the same rows give
+the same loss.
 
 The path from `--dataset` to a batch:
 
@@ -132,7 +134,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False, syste
 
 def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                 system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|>.
+    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|> + "\\n".
 
     Everything up to an answer is tokenized in one piece, exactly as an inference prompt is; each
     answer is tokenized on its own, as the model generates it after `<|im_start|>assistant\\n`
@@ -146,10 +148,10 @@ def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
             prompt += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
             continue
         prompt_ids = tok.encode(prompt + "<|im_start|>assistant\n")
-        answer_ids = tok.encode(m["content"]) + [tok.im_end_id]
+        answer_ids = tok.encode(m["content"]) + [tok.im_end_id] + tok._newline  # "\n" trained, as in ms-swift
         ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        prompt = "\n"  # closes the assistant turn; starts the next prompt
+        prompt = ""
     if add_generation_prompt:
         prompt += "<|im_start|>assistant\n"
     prompt_ids = tok.encode(prompt)

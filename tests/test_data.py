@@ -86,13 +86,35 @@ def test_a_file_may_mix_formats(tmp_path):
     assert data.load_conversations([path]) == [CONVERSATION] * len(SAME_ROW_IN_EVERY_FORMAT)
 
 
-def test_labels_are_exactly_each_answer_and_its_im_end(tok):
+def test_labels_are_exactly_each_answer_its_im_end_and_the_newline_after_it(tok):
+    """ms-swift's layout (>= 3.10.3), token by token: in each assistant turn the content, <|im_end|>
+    and the "\\n" after it are trained; system and user turns and the assistant headers are not."""
+    def masked(text):  # (id, label) pairs of a turn or header not trained on
+        return [(i, IGNORE_INDEX) for i in [tok.im_start_id] + tok.encode(text)]
+
+    def trained(answer):
+        return [(i, i) for i in tok.encode(answer) + [tok.im_end_id] + tok.encode("\n")]
+
+    end = "<|im_end|>\n"
+    expected = (masked(f"system\n{SYSTEM}{end}") + masked(f"user\n{Q1}{end}") + masked("assistant\n") + trained(A1)
+                + masked(f"user\n{Q2}{end}") + masked("assistant\n") + trained(A2))
     ids, labels = encode_chat(tok, CONVERSATION)
-    assert trained_spans(tok, ids, labels) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
-    # Everything else (system, questions, role headers, the newline after <|im_end|>) is masked.
-    masked = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
-    assert masked == render_chat(CONVERSATION).replace(A1 + "<|im_end|>", "").replace(A2 + "<|im_end|>", "")
-    assert labels[0] == IGNORE_INDEX and ids[0] == tok.im_start_id
+    assert list(zip(ids, labels)) == expected
+    assert ids == tok.encode(render_chat(CONVERSATION))
+    assert trained_spans(tok, ids, labels) == [A1 + "<|im_end|>\n", A2 + "<|im_end|>\n"]
+
+
+def test_an_inference_prompt_is_the_rendered_prompt_up_to_the_assistant_header(tok):
+    """The generation-prompt path is unchanged: the ids of the rendered prompt, history included
+    (each earlier answer followed by <|im_end|> and "\\n"), ending with <|im_start|>assistant\\n."""
+    header = [tok.im_start_id] + tok.encode("assistant\n")
+    for messages in (CONVERSATION[:2], CONVERSATION[:4]):
+        ids, labels = encode_chat(tok, messages, add_generation_prompt=True)
+        assert ids == tok.encode(render_chat(messages, add_generation_prompt=True))
+        assert ids[-len(header):] == header and labels[-len(header):] == [IGNORE_INDEX] * len(header)
+    history, _ = encode_chat(tok, CONVERSATION[:3])
+    prompt, _ = encode_chat(tok, CONVERSATION[:4], add_generation_prompt=True)
+    assert prompt[:len(history)] == history  # a conversation's prompt extends its history's training ids
 
 
 def test_system_prompt_priority_row_then_flag_then_default(tok):
@@ -139,7 +161,7 @@ def test_an_answer_is_tokenized_as_it_is_generated(tok):
     assert ids[:len(prompt)] == prompt
     assert ids[len(prompt):] == tok.encode(answer) + [tok.im_end_id] + tok.encode("\n")
     assert tok.decode(ids) == render_chat(messages)
-    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>"]
+    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>\n"]
 
 
 # ----------------------------------------------------------------------------------------------
