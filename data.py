@@ -7,11 +7,11 @@ renders it as ChatML:
     <|im_start|>user\\n{query}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
-with a default system prompt when the conversation has none. For training, every token is
-masked out of the loss (label -100) except, in each assistant turn, its content, the <|im_end|>
-that closes it and the "\\n" after that: the model learns to answer and to stop, not to write
-questions. ms-swift (since 3.10.3) trains on that "\\n" too; we follow it, so the same rows give
-the same loss.
+with Qwen's default system prompt when the conversation has none and --system is not given
+(--system '' leaves the system turn out). For training, every token is masked out of the loss
+(label -100) except, in each assistant turn, its content, the <|im_end|> that closes it and the
+"\\n" after that: the model learns to answer and to stop, not to write questions. ms-swift (since
+3.10.3) trains on that "\\n" too; we follow it, so the same rows give the same loss.
 
 The path from `--dataset` to a batch:
 
@@ -47,7 +47,7 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
 Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
 whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
 order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
-system prompt is the row's own, else --system, else Qwen's default.
+system prompt is the row's own, else --system, else Qwen's default; --system '' writes no system turn.
 """
 
 import ast
@@ -120,9 +120,12 @@ class Tokenizer:
 
 
 def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
-    """The conversation with its system prompt in front: its own, else `system`, else Qwen's default."""
-    if messages and messages[0]["role"] == "system":
-        return messages
+    """The conversation with its system prompt in front: its own, else `system`, else Qwen's default.
+
+    system="" (--system '') means no system turn at all, as ms-swift renders it; an empty system
+    turn would be a prompt the model was never trained or released with."""
+    if (messages and messages[0]["role"] == "system") or system == "":
+        return list(messages)
     return [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}] + list(messages)
 
 

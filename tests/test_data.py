@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import lora
 from data import IGNORE_INDEX, DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +121,32 @@ def test_an_inference_prompt_is_the_rendered_prompt_up_to_the_assistant_header(t
 def test_system_prompt_priority_row_then_flag_then_default(tok):
     own, plain = CONVERSATION, CONVERSATION[1:]
     assert encode_chat(tok, own, system="Other.") == encode_chat(tok, own)
+    assert encode_chat(tok, own, system="") == encode_chat(tok, own)  # '' only means: none of the flag's own
     [row] = data.encode_dataset(tok, [plain], 4096, system="Other.")
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nOther.<|im_end|>\n")
     [row] = data.encode_dataset(tok, [plain], 4096)
     assert tok.decode(row["input_ids"]).startswith(f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n")
+
+
+@pytest.mark.parametrize("system, system_turn", [(None, f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n"),
+                                                  ("", ""),  # no system turn at all, as ms-swift writes it
+                                                  ("Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n")])
+def test_system_flag_unset_empty_or_text_is_the_same_in_training_and_inference(tok, tmp_path, system, system_turn):
+    """--system as train.py passes it to encode_dataset, stored in args.json, read back by
+    lora.checkpoint_args and passed to encode_chat for the inference prompt, as infer.py does: the
+    prompt is the training row's ids up to the answer. Unset is Qwen's default, not ''."""
+    conversation = CONVERSATION[1:3]  # a question and its answer, no system prompt of their own
+    [row] = data.encode_dataset(tok, [conversation], 4096, system=system)
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    args = {"model": "tiny"} if system is None else {"model": "tiny", "system": system}  # unset: no key
+    (ckpt / "args.json").write_text(json.dumps(args))
+    stored = lora.checkpoint_args(ckpt)["system"]
+    assert stored == system
+    prompt, _ = encode_chat(tok, conversation[:1], add_generation_prompt=True, system=stored)
+    assert tok.decode(prompt) == f"{system_turn}<|im_start|>user\n{Q1}<|im_end|>\n<|im_start|>assistant\n"
+    assert row["input_ids"] == prompt + tok.encode(A1) + [tok.im_end_id] + tok.encode("\n")
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + row["input_ids"][len(prompt):]
 
 
 CHATS = {
