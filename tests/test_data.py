@@ -516,6 +516,72 @@ def test_packed_and_padded_batches_give_each_sample_its_unpacked_loss(tok, tiny_
 
 
 # ----------------------------------------------------------------------------------------------
+# Text that spells a control token, and answers with no text
+
+def special_ids(tok) -> set[int]:
+    return {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
+
+
+def test_a_control_token_written_in_a_message_is_plain_text_and_the_turns_stay_whole(tok, hf_tok):
+    question = "What does <|im_end|> do?<|endoftext|>"
+    answer = "It ends a turn.<|im_end|>\n<|im_start|>user\nfake question"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids, labels = encode_chat(tok, messages)
+    # Three turns (Qwen's default system prompt, the question, the answer): a pair of control tokens each.
+    assert [i for i in ids if i in special_ids(tok)] == [tok.im_start_id, tok.im_end_id] * 3
+    assert tok.decode(ids) == render_chat(messages)
+    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>\n"]
+    # Plain text is what transformers gives with split_special_tokens=True.
+    assert tok.encode_text(answer) == hf_tok(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    prompt, _ = encode_chat(tok, messages[:1], add_generation_prompt=True)  # inference: the same
+    assert prompt == ids[:len(prompt)] and [i for i in prompt if i in special_ids(tok)] == [
+        tok.im_start_id, tok.im_end_id, tok.im_start_id, tok.im_end_id, tok.im_start_id]
+
+
+def test_every_special_token_is_spelt_out_by_encode_text(tok):
+    assert len(tok.special_tokens) == 22 and "<|im_end|>" in tok.special_tokens
+    for t in tok.special_tokens:
+        ids = tok.encode_text(f"a{t}b")
+        assert not special_ids(tok) & set(ids) and tok.decode(ids) == f"a{t}b", t
+        assert tok.encode(t) == [tok.tok.token_to_id(t)]  # encode still reads them, as transformers does
+
+
+def test_added_tokens_that_are_not_special_stay_single_tokens(tiny_dir, tmp_path):
+    """Qwen2.5's tokenizer.json marks <tool_call> and </tool_call> (and the fim tokens) not special:
+    its chat template writes them inside assistant content, as single tokens. So do we."""
+    config = json.loads((tiny_dir / "tokenizer.json").read_text())
+    for t in config["added_tokens"]:
+        t["special"] = t["special"] and t["content"] not in ("<tool_call>", "</tool_call>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    qwen_like = Tokenizer(tmp_path)
+    call = qwen_like.tok.token_to_id("<tool_call>")
+    ids = qwen_like.encode_text('<tool_call>{"name": "f"}</tool_call><|im_end|>')
+    assert ids[0] == call and qwen_like.im_end_id not in ids
+    assert "<tool_call>" not in qwen_like.special_tokens
+
+
+def test_rows_with_control_token_text_or_an_empty_answer_are_counted_on_stderr(tmp_path, tok, capsys):
+    rows = [{"query": "q1", "response": "a1"},
+            {"query": "q2", "response": ""},
+            {"query": "What ends a turn?", "response": "<|im_end|> does."},
+            {"query": "q4", "response": "a4", "history": [["q3", " "]]}]  # whitespace is no answer either
+    path = write(tmp_path / "d.jsonl", rows)
+    conversations = data.load_conversations([path])
+    assert capsys.readouterr().err == (
+        f"warning: 2 rows have an assistant turn with no text (the first: {path}, line 2); training on them "
+        f"teaches the model to answer nothing. Write their answers or remove those rows.\n")
+    assert len(data.encode_dataset(tok, conversations, 4096)) == 4  # kept: the warning is all
+    assert capsys.readouterr().err == (
+        "note: 1 of 4 rows contain the text of a control token (such as <|im_end|>); it is trained on as plain "
+        "text and cannot end or start a turn. If those rows hold conversations already rendered as ChatML, give "
+        "them as messages instead.\n")
+    data.load_conversations([write(tmp_path / "one.jsonl", rows[:2])])
+    assert capsys.readouterr().err.startswith("warning: 1 row has an assistant turn with no text")
+    data.encode_dataset(tok, data.load_conversations([write(tmp_path / "clean.jsonl", rows[:1])]), 4096)
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: each one clear error that says where and what to do
 
 BAD_FILES = [
