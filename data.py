@@ -322,7 +322,7 @@ def read_file(path: Path) -> list[tuple[str, object]]:
     rows = None
     if path.suffix == ".json":
         try:
-            value = json.loads(text)
+            value = parse_json(text, str(path))
         except json.JSONDecodeError as e:
             # Objects one after another: JSON lines in a file named .json, which we read as such.
             if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
@@ -339,13 +339,23 @@ def read_file(path: Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}, line {lineno}", json.loads(line)))
+                rows.append((f"{path}, line {lineno}", parse_json(line, f"{path}, line {lineno}")))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {lineno}: invalid JSON at column {e.colno}: {e.msg}. "
                                 f"A .jsonl dataset has one complete JSON object per line.") from None
     if not rows:
         raise DataError(f"{path} is empty: it holds no rows.")
     return rows
+
+
+def parse_json(text: str, where: str):
+    """json.loads; JSON nested deeper than Python's recursion limit is a DataError, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: the JSON is nested too deeply to read (more than about {sys.getrecursionlimit()} "
+                        f"levels of [ or {{). A dataset row is an object of strings and lists of messages, a few "
+                        f"levels deep: check that this is the dataset file you meant.") from None
 
 
 def _messages(value, where: str, key: str, role_key: str, content_key: str) -> list[dict]:

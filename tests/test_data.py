@@ -629,6 +629,11 @@ BAD_FILES = [
     ("empty.jsonl", "\n  \n", r"empty\.jsonl is empty: a dataset needs at least one row"),
     ("empty_array.json", "[]", r"empty_array\.json is empty: it holds no rows"),
     ("data.csv", "query,response\na,b\n", r"data\.csv: unsupported file type '\.csv'\. Datasets are \.json files"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000,
+     r"deep\.json: the JSON is nested too deeply to read \(more than about \d+ levels of \[ or \{\)\. A dataset "
+     r"row is an object of strings and lists of messages, a few levels deep: check that this is the dataset file"),
+    ("deep.jsonl", '{"query": "a", "response": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+     r"deep\.jsonl, line 2: the JSON is nested too deeply to read"),
 ]
 
 
