@@ -438,7 +438,23 @@ def row_to_messages(row, where: str) -> list[dict]:
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation does not end with an assistant turn. Training learns "
                         f"only from assistant turns, so each conversation must end with the answer.")
+    check_characters(messages, where)
     return messages
+
+
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads pairs the escapes it can; what is left is no character
+
+
+def check_characters(messages: list[dict], where: str):
+    """Every text is real Unicode: JSON's escape "\\ud800" alone gives a string that no tokenizer (or
+    UTF-8 encoder) accepts, which would otherwise fail much later, with no row named."""
+    for m in messages:
+        bad = LONE_SURROGATE.search(m["content"])
+        if bad:
+            raise DataError(f"{where}: the {m['role']} text holds a lone surrogate ({ascii(bad.group())} at character "
+                            f"{bad.start() + 1}), which is not a character and cannot be tokenized. In JSON the "
+                            f"escapes \\ud800-\\udfff make a character only in pairs (\\ud83d\\ude42 is one emoji): "
+                            f"fix that escape, or remove the row.")
 
 
 def _flag_values(values, flag: str) -> tuple[str, str] | None:

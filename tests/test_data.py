@@ -629,6 +629,12 @@ BAD_FILES = [
     ("empty.jsonl", "\n  \n", r"empty\.jsonl is empty: a dataset needs at least one row"),
     ("empty_array.json", "[]", r"empty_array\.json is empty: it holds no rows"),
     ("data.csv", "query,response\na,b\n", r"data\.csv: unsupported file type '\.csv'\. Datasets are \.json files"),
+    ("surrogate.jsonl", '{"query": "a", "response": "b"}\n{"query": "hi \\ud800 there", "response": "ok"}\n',
+     r"surrogate\.jsonl, line 2: the user text holds a lone surrogate \('\\ud800' at character 4\), which is not "
+     r"a character and cannot be tokenized\. In JSON the escapes .* only in pairs .*: fix that escape, or remove "
+     r"the row"),
+    ("surrogate.json", '[{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b\\udc00"}]}]',
+     r"surrogate\.json, row 1: the assistant text holds a lone surrogate \('\\udc00' at character 2\)"),
     ("deep.json", "[" * 100_000 + "]" * 100_000,
      r"deep\.json: the JSON is nested too deeply to read \(more than about \d+ levels of \[ or \{\)\. A dataset "
      r"row is an object of strings and lists of messages, a few levels deep: check that this is the dataset file"),
@@ -644,6 +650,14 @@ def test_bad_dataset_files_give_one_clear_error(tmp_path, name, content, message
     with pytest.raises(DataError, match=message) as e:
         data.load_conversations([str(path)])
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_surrogate_pair_is_one_character(tmp_path, tok):
+    path = tmp_path / "emoji.jsonl"
+    path.write_text('{"query": "hi", "response": "\\ud83d\\ude42"}\n')  # the JSON escapes of one emoji
+    [conversation] = data.load_conversations([str(path)])
+    assert conversation[-1]["content"] == "🙂"
+    assert tok.decode(data.encode_dataset(tok, [conversation], 4096)[0]["input_ids"]).endswith("🙂<|im_end|>\n")
 
 
 def test_missing_path_is_an_error(tmp_path):
