@@ -486,6 +486,21 @@ def fill_placeholders(messages: list[dict], chinese: bool, values: dict, where: 
     return out
 
 
+MAX_SAMPLES = 10_000_000  # SOURCE#N above this and above 10x the rows is refused (see check_sample_count)
+
+
+def check_sample_count(spec: str, n_rows: int, n: int):
+    """Refuse a SOURCE#N that memory cannot be expected to hold, before a list of N rows is made.
+
+    Every sample becomes a conversation and then a tokenized row of its own, so a mistyped N (an
+    extra zero or three) would allocate until the machine runs out of memory."""
+    if n > 10 * n_rows and n > MAX_SAMPLES:
+        raise DataError(f"--dataset {spec!r}: {n:,} samples of its {n_rows:,} rows is more than 10 times the rows and "
+                        f"more than {MAX_SAMPLES:,} samples, more than memory can be expected to hold (each sample is "
+                        f"a tokenized copy). Use an N of at most {max(10 * n_rows, MAX_SAMPLES):,}; to go over the "
+                        f"rows more often, raise --num_train_epochs instead.")
+
+
 def sample_indices(n_rows: int, n: int, rng: np.random.RandomState) -> list[int]:
     """ms-swift's SOURCE#N: N // n_rows copies of every row, then N % n_rows distinct random rows."""
     repeats, extra = divmod(n, n_rows)
@@ -517,6 +532,7 @@ def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] |
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 no_answer.append(where)
         if n is not None:
+            check_sample_count(spec, len(conversations), n)
             conversations = [conversations[i] for i in sample_indices(len(conversations), n, rng)]
         mixed += conversations
     if no_answer:  # legal, but almost always a broken conversion: say so once, and go on

@@ -660,6 +660,20 @@ def test_a_surrogate_pair_is_one_character(tmp_path, tok):
     assert tok.decode(data.encode_dataset(tok, [conversation], 4096)[0]["input_ids"]).endswith("🙂<|im_end|>\n")
 
 
+def test_a_sample_count_memory_cannot_hold_is_refused_before_sampling(tmp_path, monkeypatch):
+    path = write(tmp_path / "six.jsonl", numbered_rows(6))
+    monkeypatch.setattr(data, "sample_indices", lambda *a: pytest.fail("sampled before refusing"))
+    with pytest.raises(DataError, match=rf"--dataset '{path}#100000000': 100,000,000 samples of its 6 rows is more "
+                                        rf"than 10 times the rows and more than 10,000,000 samples, more than memory "
+                                        rf"can be expected to hold .* Use an N of at most 10,000,000; to go over the "
+                                        rf"rows more often, raise --num_train_epochs instead\.$"):
+        data.load_conversations([path + "#100000000"])
+    data.check_sample_count("d.jsonl#N", 6, 10_000_000)  # many times the rows, but no more than the cap
+    data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_000)  # over the cap, but 10 times the rows
+    with pytest.raises(DataError, match=r"Use an N of at most 20,000,000;"):
+        data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_001)
+
+
 def test_missing_path_is_an_error(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=rf"--dataset '{missing}': there is no such file or folder, and it is not "
