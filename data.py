@@ -141,7 +141,8 @@ def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, system: str | None = None) -> str:
-    """The text Qwen2.5-Instruct's chat template produces for these messages."""
+    """The text Qwen2.5-Instruct's chat template produces for these messages (with system="", the
+    same without a system turn, where the template would write its default one)."""
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in with_system(messages, system))
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
