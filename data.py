@@ -7,9 +7,11 @@ renders it as ChatML:
     <|im_start|>user\\n{query}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
-with a default system prompt when the conversation has none. For training, every token is
-masked out of the loss (label -100) except the content of each assistant turn and the
-<|im_end|> that closes it: the model learns to answer and to stop, not to write questions.
+with Qwen's default system prompt when the conversation has none and --system is not given
+(--system '' leaves the system turn out). For training, every token is masked out of the loss
+(label -100) except, in each assistant turn, its content, the <|im_end|> that closes it and the
+"\\n" after that: the model learns to answer and to stop, not to write questions. ms-swift (since
+3.10.3) trains on that "\\n" too; we follow it, so the same rows give the same loss.
 
 The path from `--dataset` to a batch:
 
@@ -42,10 +44,15 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
   files are read; when some file names contain "train", only those, so a test split is not
   trained on. Anything else is an error that says how to convert it.
 - An empty "system" field in an alpaca or query row means "no system prompt of its own".
+- The text of a message is plain text: "<|im_end|>" written in a row (or typed at infer.py's
+  prompt) is those ten characters, never the control token, so data cannot end a turn or open
+  one (ms-swift reads it as the control token). Rows holding such text are counted in a note.
+- An assistant turn with no text is trained on (it teaches the model to answer nothing), but the
+  rows that have one are counted in a warning that names the first.
 Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
 whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
 order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
-system prompt is the row's own, else --system, else Qwen's default.
+system prompt is the row's own, else --system, else Qwen's default; --system '' writes no system turn.
 """
 
 import ast
@@ -54,6 +61,7 @@ import codecs
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +98,9 @@ class Tokenizer:
         self.im_start_id = self.special_id("<|im_start|>")
         self.im_end_id = self.special_id("<|im_end|>")
         self.endoftext_id = self.special_id("<|endoftext|>")
-        self._newline = self.encode("\n")
+        self.newline_ids = self.encode_text("\n")
+        # The spellings of the control tokens (<|im_end|>, <|endoftext|>, ...): encode_text spells them out.
+        self.special_tokens = tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)
 
     def special_id(self, name: str) -> int:
         i = self.tok.token_to_id(name)
@@ -103,60 +113,69 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Text with special tokens read as such ("<|im_end|>" -> its one id), as transformers does."""
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text: the spelling of a special token in it ("<|im_end|>") is tokenized as characters.
+
+        Message content goes through here, so that no text in a dataset or typed at the prompt can
+        end a turn or open one. Qwen's added tokens that are not special (<tool_call>, </tool_call>,
+        the fim tokens) stay single tokens: Qwen's own template writes them inside message content."""
+        self.tok.encode_special_tokens = True
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = False
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def encode_turn(self, role: str, content: str) -> tuple[list[int], list[int]]:
-        """`<|im_start|>role\\ncontent<|im_end|>\\n` as ids, and the ids of just `content<|im_end|>`
-        (the part an assistant turn is trained on).
-
-        Special tokens split the text before BPE runs, so this equals encoding the rendered turn at
-        once unless `content` starts with a newline (which BPE would merge with the role's)."""
-        head = [self.im_start_id] + self.encode(role + "\n")
-        body = self.encode(content) + [self.im_end_id]
-        return head + body + self._newline, body
-
 
 def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
-    """The conversation with its system prompt in front: its own, else `system`, else Qwen's default."""
-    if messages and messages[0]["role"] == "system":
-        return messages
+    """The conversation with its system prompt in front: its own, else `system`, else Qwen's default.
+
+    system="" (--system '') means no system turn at all, as ms-swift renders it; an empty system
+    turn would be a prompt the model was never trained or released with."""
+    if (messages and messages[0]["role"] == "system") or system == "":
+        return list(messages)
     return [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}] + list(messages)
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = False, system: str | None = None) -> str:
-    """The text Qwen2.5-Instruct's chat template produces for these messages."""
+    """The text Qwen2.5-Instruct's chat template produces for these messages (with system="", the
+    same without a system turn, where the template would write its default one)."""
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in with_system(messages, system))
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
                 system: str | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|>.
+    """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|> + "\\n".
 
-    Everything up to an answer is tokenized in one piece, exactly as an inference prompt is; each
+    <|im_start|> and <|im_end|> are placed by id; the text between them is tokenized as plain text
+    (Tokenizer.encode_text), so a message that contains "<|im_end|>" cannot break the turns. Each
     answer is tokenized on its own, as the model generates it after `<|im_start|>assistant\\n`
     (ms-swift does the same). The ids therefore equal tokenizing the whole rendered text, except
-    when an answer starts with a newline: the whole-text tokenizer would merge that newline into
-    the prompt's, which generation never does."""
+    when an answer starts with a newline (the whole-text tokenizer would merge that newline into
+    the header's, which generation never does) or a message holds a special token's spelling."""
     ids, labels = [], []
-    prompt = ""  # text not trained on, not yet tokenized
+    header = [tok.im_start_id] + tok.encode_text("assistant\n")
     for m in with_system(messages, system):
-        if m["role"] != "assistant":
-            prompt += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-            continue
-        prompt_ids = tok.encode(prompt + "<|im_start|>assistant\n")
-        answer_ids = tok.encode(m["content"]) + [tok.im_end_id]
-        ids += prompt_ids + answer_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        prompt = "\n"  # closes the assistant turn; starts the next prompt
+        if m["role"] == "assistant":
+            answer = tok.encode_text(m["content"]) + [tok.im_end_id] + tok.newline_ids  # "\n" trained, as in ms-swift
+            ids += header + answer
+            labels += [IGNORE_INDEX] * len(header) + answer
+        else:
+            # Header and text in one piece, as transformers tokenizes a rendered prompt: a question that
+            # starts with a newline merges with the header's.
+            text = tok.encode_text(f"{m['role']}\n{m['content']}")
+            turn = [tok.im_start_id] + text + [tok.im_end_id] + tok.newline_ids
+            ids += turn
+            labels += [IGNORE_INDEX] * len(turn)
     if add_generation_prompt:
-        prompt += "<|im_start|>assistant\n"
-    prompt_ids = tok.encode(prompt)
-    ids += prompt_ids
-    labels += [IGNORE_INDEX] * len(prompt_ids)
+        ids += header
+        labels += [IGNORE_INDEX] * len(header)
     return ids, labels
 
 
@@ -306,7 +325,7 @@ def read_file(path: Path) -> list[tuple[str, object]]:
     rows = None
     if path.suffix == ".json":
         try:
-            value = json.loads(text)
+            value = parse_json(text, str(path))
         except json.JSONDecodeError as e:
             # Objects one after another: JSON lines in a file named .json, which we read as such.
             if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
@@ -323,13 +342,23 @@ def read_file(path: Path) -> list[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((f"{path}, line {lineno}", json.loads(line)))
+                rows.append((f"{path}, line {lineno}", parse_json(line, f"{path}, line {lineno}")))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {lineno}: invalid JSON at column {e.colno}: {e.msg}. "
                                 f"A .jsonl dataset has one complete JSON object per line.") from None
     if not rows:
         raise DataError(f"{path} is empty: it holds no rows.")
     return rows
+
+
+def parse_json(text: str, where: str):
+    """json.loads; JSON nested deeper than Python's recursion limit is a DataError, not a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{where}: the JSON is nested too deeply to read (more than about {sys.getrecursionlimit()} "
+                        f"levels of [ or {{). A dataset row is an object of strings and lists of messages, a few "
+                        f"levels deep: check that this is the dataset file you meant.") from None
 
 
 def _messages(value, where: str, key: str, role_key: str, content_key: str) -> list[dict]:
@@ -412,7 +441,23 @@ def row_to_messages(row, where: str) -> list[dict]:
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation does not end with an assistant turn. Training learns "
                         f"only from assistant turns, so each conversation must end with the answer.")
+    check_characters(messages, where)
     return messages
+
+
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads pairs the escapes it can; what is left is no character
+
+
+def check_characters(messages: list[dict], where: str):
+    """Every text is real Unicode: JSON's escape "\\ud800" alone gives a string that no tokenizer (or
+    UTF-8 encoder) accepts, which would otherwise fail much later, with no row named."""
+    for m in messages:
+        bad = LONE_SURROGATE.search(m["content"])
+        if bad:
+            raise DataError(f"{where}: the {m['role']} text holds a lone surrogate ({ascii(bad.group())} at character "
+                            f"{bad.start() + 1}), which is not a character and cannot be tokenized. In JSON the "
+                            f"escapes \\ud800-\\udfff make a character only in pairs (\\ud83d\\ude42 is one emoji): "
+                            f"fix that escape, or remove the row.")
 
 
 def _flag_values(values, flag: str) -> tuple[str, str] | None:
@@ -444,6 +489,21 @@ def fill_placeholders(messages: list[dict], chinese: bool, values: dict, where: 
     return out
 
 
+MAX_SAMPLES = 10_000_000  # SOURCE#N above this and above 10x the rows is refused (see check_sample_count)
+
+
+def check_sample_count(spec: str, n_rows: int, n: int):
+    """Refuse a SOURCE#N that memory cannot be expected to hold, before a list of N rows is made.
+
+    Every sample becomes a conversation and then a tokenized row of its own, so a mistyped N (an
+    extra zero or three) would allocate until the machine runs out of memory."""
+    if n > 10 * n_rows and n > MAX_SAMPLES:
+        raise DataError(f"--dataset {spec!r}: {n:,} samples of its {n_rows:,} rows is more than 10 times the rows and "
+                        f"more than {MAX_SAMPLES:,} samples, more than memory can be expected to hold (each sample is "
+                        f"a tokenized copy). Use an N of at most {max(10 * n_rows, MAX_SAMPLES):,}; to go over the "
+                        f"rows more often, raise --num_train_epochs instead.")
+
+
 def sample_indices(n_rows: int, n: int, rng: np.random.RandomState) -> list[int]:
     """ms-swift's SOURCE#N: N // n_rows copies of every row, then N % n_rows distinct random rows."""
     repeats, extra = divmod(n, n_rows)
@@ -463,7 +523,7 @@ def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] |
     values = {"{{NAME}}": _flag_values(model_name, "--model_name"),
               "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
     rng = np.random.RandomState(seed)
-    mixed = []
+    mixed, no_answer = [], []  # no_answer: where the rows with an empty assistant turn are
     for spec in specs:
         source, n = parse_source(spec)
         conversations = []
@@ -472,9 +532,16 @@ def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] |
             tag = row.get("tag")
             chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
             conversations.append(fill_placeholders(messages, chinese, values, where))
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+                no_answer.append(where)
         if n is not None:
+            check_sample_count(spec, len(conversations), n)
             conversations = [conversations[i] for i in sample_indices(len(conversations), n, rng)]
         mixed += conversations
+    if no_answer:  # legal, but almost always a broken conversion: say so once, and go on
+        rows = "1 row has" if len(no_answer) == 1 else f"{len(no_answer)} rows have"
+        print(f"warning: {rows} an assistant turn with no text (the first: {no_answer[0]}); training on them teaches "
+              f"the model to answer nothing. Write their answers or remove those rows.", file=sys.stderr)
     return [[dict(m) for m in mixed[i]] for i in rng.permutation(len(mixed))]  # copies: repeats are not aliases
 
 
@@ -492,6 +559,7 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
     conversations = list(conversations)
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
+    note_control_token_text(tok, conversations)
     rows, too_long, untrained, longest = [], 0, 0, 0
     for messages in conversations:
         ids, labels = encode_chat(tok, messages, system=system)
@@ -526,6 +594,23 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
                         f"has {longest} tokens)" + (" or use --truncation_strategy left, which keeps the answers "
                                                     "at the end" if truncation_strategy == "right" else "") + ".")
     return rows
+
+
+def note_control_token_text(tok: Tokenizer, conversations: list[list[dict]]):
+    """One line to stderr when rows spell out a control token such as <|im_end|>.
+
+    encode_chat trains on such text as plain characters (a dataset about chat formats may mean
+    exactly that), but a row that holds a conversation already rendered as ChatML means turns,
+    and would teach the model to write fake turns as text: the count lets the user tell."""
+    if not tok.special_tokens:
+        return
+    spelling = re.compile("|".join(map(re.escape, tok.special_tokens)))
+    found = [spelling.search("\n".join(m["content"] for m in messages)) for messages in conversations]
+    found = [match.group() for match in found if match]  # per row that has one: the first
+    if found:
+        print(f"note: {len(found)} of {len(conversations)} rows contain the text of a control token (such as "
+              f"{found[0]}); it is trained on as plain text and cannot end or start a turn. If those rows hold "
+              f"conversations already rendered as ChatML, give them as messages instead.", file=sys.stderr)
 
 
 def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:

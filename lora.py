@@ -426,7 +426,8 @@ def checkpoint_args(path) -> dict:
     """A checkpoint folder's args.json (ms-swift's or ours) with "model" and "system" filled in.
 
     "model" is args.json's model (older ms-swift: model_id_or_path), else adapter_config.json's
-    base_model_name_or_path, else None; "system" is the training system prompt or None."""
+    base_model_name_or_path, else None; "system" is the training system prompt: None when none was
+    given (Qwen's default), "" when training wrote no system turn (--system '')."""
     path = Path(path)
     if not path.is_dir():
         raise LoraError(f"checkpoint folder {path} {'is a file' if path.exists() else 'does not exist'}. Pass the "
@@ -438,5 +439,5 @@ def checkpoint_args(path) -> dict:
     adapter = _read_json(adapter_file) if adapter_file.exists() else {}
     out = dict(args)
     out["model"] = args.get("model") or args.get("model_id_or_path") or adapter.get("base_model_name_or_path") or None
-    out["system"] = args.get("system") or None
+    out["system"] = args.get("system")  # "" stays "": inference must also leave the system turn out
     return out

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import lora
 from data import IGNORE_INDEX, DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,22 +87,66 @@ def test_a_file_may_mix_formats(tmp_path):
     assert data.load_conversations([path]) == [CONVERSATION] * len(SAME_ROW_IN_EVERY_FORMAT)
 
 
-def test_labels_are_exactly_each_answer_and_its_im_end(tok):
+def test_labels_are_exactly_each_answer_its_im_end_and_the_newline_after_it(tok):
+    """ms-swift's layout (>= 3.10.3), token by token: in each assistant turn the content, <|im_end|>
+    and the "\\n" after it are trained; system and user turns and the assistant headers are not."""
+    def masked(text):  # (id, label) pairs of a turn or header not trained on
+        return [(i, IGNORE_INDEX) for i in [tok.im_start_id] + tok.encode(text)]
+
+    def trained(answer):
+        return [(i, i) for i in tok.encode(answer) + [tok.im_end_id] + tok.encode("\n")]
+
+    end = "<|im_end|>\n"
+    expected = (masked(f"system\n{SYSTEM}{end}") + masked(f"user\n{Q1}{end}") + masked("assistant\n") + trained(A1)
+                + masked(f"user\n{Q2}{end}") + masked("assistant\n") + trained(A2))
     ids, labels = encode_chat(tok, CONVERSATION)
-    assert trained_spans(tok, ids, labels) == [A1 + "<|im_end|>", A2 + "<|im_end|>"]
-    # Everything else (system, questions, role headers, the newline after <|im_end|>) is masked.
-    masked = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
-    assert masked == render_chat(CONVERSATION).replace(A1 + "<|im_end|>", "").replace(A2 + "<|im_end|>", "")
-    assert labels[0] == IGNORE_INDEX and ids[0] == tok.im_start_id
+    assert list(zip(ids, labels)) == expected
+    assert ids == tok.encode(render_chat(CONVERSATION))
+    assert trained_spans(tok, ids, labels) == [A1 + "<|im_end|>\n", A2 + "<|im_end|>\n"]
+
+
+def test_an_inference_prompt_is_the_rendered_prompt_up_to_the_assistant_header(tok):
+    """The generation-prompt path is unchanged: the ids of the rendered prompt, history included
+    (each earlier answer followed by <|im_end|> and "\\n"), ending with <|im_start|>assistant\\n."""
+    header = [tok.im_start_id] + tok.encode("assistant\n")
+    for messages in (CONVERSATION[:2], CONVERSATION[:4]):
+        ids, labels = encode_chat(tok, messages, add_generation_prompt=True)
+        assert ids == tok.encode(render_chat(messages, add_generation_prompt=True))
+        assert ids[-len(header):] == header and labels[-len(header):] == [IGNORE_INDEX] * len(header)
+    history, _ = encode_chat(tok, CONVERSATION[:3])
+    prompt, _ = encode_chat(tok, CONVERSATION[:4], add_generation_prompt=True)
+    assert prompt[:len(history)] == history  # a conversation's prompt extends its history's training ids
 
 
 def test_system_prompt_priority_row_then_flag_then_default(tok):
     own, plain = CONVERSATION, CONVERSATION[1:]
     assert encode_chat(tok, own, system="Other.") == encode_chat(tok, own)
+    assert encode_chat(tok, own, system="") == encode_chat(tok, own)  # '' only means: none of the flag's own
     [row] = data.encode_dataset(tok, [plain], 4096, system="Other.")
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nOther.<|im_end|>\n")
     [row] = data.encode_dataset(tok, [plain], 4096)
     assert tok.decode(row["input_ids"]).startswith(f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n")
+
+
+@pytest.mark.parametrize("system, system_turn", [(None, f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n"),
+                                                  ("", ""),  # no system turn at all, as ms-swift writes it
+                                                  ("Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n")])
+def test_system_flag_unset_empty_or_text_is_the_same_in_training_and_inference(tok, tmp_path, system, system_turn):
+    """--system as train.py passes it to encode_dataset, stored in args.json, read back by
+    lora.checkpoint_args and passed to encode_chat for the inference prompt, as infer.py does: the
+    prompt is the training row's ids up to the answer. Unset is Qwen's default, not ''."""
+    conversation = CONVERSATION[1:3]  # a question and its answer, no system prompt of their own
+    [row] = data.encode_dataset(tok, [conversation], 4096, system=system)
+    ckpt = tmp_path / "checkpoint-1"
+    ckpt.mkdir()
+    args = {"model": "tiny"} if system is None else {"model": "tiny", "system": system}  # unset: no key
+    (ckpt / "args.json").write_text(json.dumps(args))
+    stored = lora.checkpoint_args(ckpt)["system"]
+    assert stored == system
+    prompt, _ = encode_chat(tok, conversation[:1], add_generation_prompt=True, system=stored)
+    assert tok.decode(prompt) == f"{system_turn}<|im_start|>user\n{Q1}<|im_end|>\n<|im_start|>assistant\n"
+    assert row["input_ids"] == prompt + tok.encode(A1) + [tok.im_end_id] + tok.encode("\n")
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + row["input_ids"][len(prompt):]
 
 
 CHATS = {
@@ -139,7 +184,7 @@ def test_an_answer_is_tokenized_as_it_is_generated(tok):
     assert ids[:len(prompt)] == prompt
     assert ids[len(prompt):] == tok.encode(answer) + [tok.im_end_id] + tok.encode("\n")
     assert tok.decode(ids) == render_chat(messages)
-    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>"]
+    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>\n"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +516,72 @@ def test_packed_and_padded_batches_give_each_sample_its_unpacked_loss(tok, tiny_
 
 
 # ----------------------------------------------------------------------------------------------
+# Text that spells a control token, and answers with no text
+
+def special_ids(tok) -> set[int]:
+    return {i for i, t in tok.tok.get_added_tokens_decoder().items() if t.special}
+
+
+def test_a_control_token_written_in_a_message_is_plain_text_and_the_turns_stay_whole(tok, hf_tok):
+    question = "What does <|im_end|> do?<|endoftext|>"
+    answer = "It ends a turn.<|im_end|>\n<|im_start|>user\nfake question"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids, labels = encode_chat(tok, messages)
+    # Three turns (Qwen's default system prompt, the question, the answer): a pair of control tokens each.
+    assert [i for i in ids if i in special_ids(tok)] == [tok.im_start_id, tok.im_end_id] * 3
+    assert tok.decode(ids) == render_chat(messages)
+    assert trained_spans(tok, ids, labels) == [answer + "<|im_end|>\n"]
+    # Plain text is what transformers gives with split_special_tokens=True.
+    assert tok.encode_text(answer) == hf_tok(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    prompt, _ = encode_chat(tok, messages[:1], add_generation_prompt=True)  # inference: the same
+    assert prompt == ids[:len(prompt)] and [i for i in prompt if i in special_ids(tok)] == [
+        tok.im_start_id, tok.im_end_id, tok.im_start_id, tok.im_end_id, tok.im_start_id]
+
+
+def test_every_special_token_is_spelt_out_by_encode_text(tok):
+    assert len(tok.special_tokens) == 22 and "<|im_end|>" in tok.special_tokens
+    for t in tok.special_tokens:
+        ids = tok.encode_text(f"a{t}b")
+        assert not special_ids(tok) & set(ids) and tok.decode(ids) == f"a{t}b", t
+        assert tok.encode(t) == [tok.tok.token_to_id(t)]  # encode still reads them, as transformers does
+
+
+def test_added_tokens_that_are_not_special_stay_single_tokens(tiny_dir, tmp_path):
+    """Qwen2.5's tokenizer.json marks <tool_call> and </tool_call> (and the fim tokens) not special:
+    its chat template writes them inside assistant content, as single tokens. So do we."""
+    config = json.loads((tiny_dir / "tokenizer.json").read_text())
+    for t in config["added_tokens"]:
+        t["special"] = t["special"] and t["content"] not in ("<tool_call>", "</tool_call>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(config))
+    qwen_like = Tokenizer(tmp_path)
+    call = qwen_like.tok.token_to_id("<tool_call>")
+    ids = qwen_like.encode_text('<tool_call>{"name": "f"}</tool_call><|im_end|>')
+    assert ids[0] == call and qwen_like.im_end_id not in ids
+    assert "<tool_call>" not in qwen_like.special_tokens
+
+
+def test_rows_with_control_token_text_or_an_empty_answer_are_counted_on_stderr(tmp_path, tok, capsys):
+    rows = [{"query": "q1", "response": "a1"},
+            {"query": "q2", "response": ""},
+            {"query": "What ends a turn?", "response": "<|im_end|> does."},
+            {"query": "q4", "response": "a4", "history": [["q3", " "]]}]  # whitespace is no answer either
+    path = write(tmp_path / "d.jsonl", rows)
+    conversations = data.load_conversations([path])
+    assert capsys.readouterr().err == (
+        f"warning: 2 rows have an assistant turn with no text (the first: {path}, line 2); training on them "
+        f"teaches the model to answer nothing. Write their answers or remove those rows.\n")
+    assert len(data.encode_dataset(tok, conversations, 4096)) == 4  # kept: the warning is all
+    assert capsys.readouterr().err == (
+        "note: 1 of 4 rows contain the text of a control token (such as <|im_end|>); it is trained on as plain "
+        "text and cannot end or start a turn. If those rows hold conversations already rendered as ChatML, give "
+        "them as messages instead.\n")
+    data.load_conversations([write(tmp_path / "one.jsonl", rows[:2])])
+    assert capsys.readouterr().err.startswith("warning: 1 row has an assistant turn with no text")
+    data.encode_dataset(tok, data.load_conversations([write(tmp_path / "clean.jsonl", rows[:1])]), 4096)
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input: each one clear error that says where and what to do
 
 BAD_FILES = [
@@ -518,6 +629,17 @@ BAD_FILES = [
     ("empty.jsonl", "\n  \n", r"empty\.jsonl is empty: a dataset needs at least one row"),
     ("empty_array.json", "[]", r"empty_array\.json is empty: it holds no rows"),
     ("data.csv", "query,response\na,b\n", r"data\.csv: unsupported file type '\.csv'\. Datasets are \.json files"),
+    ("surrogate.jsonl", '{"query": "a", "response": "b"}\n{"query": "hi \\ud800 there", "response": "ok"}\n',
+     r"surrogate\.jsonl, line 2: the user text holds a lone surrogate \('\\ud800' at character 4\), which is not "
+     r"a character and cannot be tokenized\. In JSON the escapes .* only in pairs .*: fix that escape, or remove "
+     r"the row"),
+    ("surrogate.json", '[{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b\\udc00"}]}]',
+     r"surrogate\.json, row 1: the assistant text holds a lone surrogate \('\\udc00' at character 2\)"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000,
+     r"deep\.json: the JSON is nested too deeply to read \(more than about \d+ levels of \[ or \{\)\. A dataset "
+     r"row is an object of strings and lists of messages, a few levels deep: check that this is the dataset file"),
+    ("deep.jsonl", '{"query": "a", "response": "b"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+     r"deep\.jsonl, line 2: the JSON is nested too deeply to read"),
 ]
 
 
@@ -528,6 +650,28 @@ def test_bad_dataset_files_give_one_clear_error(tmp_path, name, content, message
     with pytest.raises(DataError, match=message) as e:
         data.load_conversations([str(path)])
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_surrogate_pair_is_one_character(tmp_path, tok):
+    path = tmp_path / "emoji.jsonl"
+    path.write_text('{"query": "hi", "response": "\\ud83d\\ude42"}\n')  # the JSON escapes of one emoji
+    [conversation] = data.load_conversations([str(path)])
+    assert conversation[-1]["content"] == "🙂"
+    assert tok.decode(data.encode_dataset(tok, [conversation], 4096)[0]["input_ids"]).endswith("🙂<|im_end|>\n")
+
+
+def test_a_sample_count_memory_cannot_hold_is_refused_before_sampling(tmp_path, monkeypatch):
+    path = write(tmp_path / "six.jsonl", numbered_rows(6))
+    monkeypatch.setattr(data, "sample_indices", lambda *a: pytest.fail("sampled before refusing"))
+    with pytest.raises(DataError, match=rf"--dataset '{path}#100000000': 100,000,000 samples of its 6 rows is more "
+                                        rf"than 10 times the rows and more than 10,000,000 samples, more than memory "
+                                        rf"can be expected to hold .* Use an N of at most 10,000,000; to go over the "
+                                        rf"rows more often, raise --num_train_epochs instead\.$"):
+        data.load_conversations([path + "#100000000"])
+    data.check_sample_count("d.jsonl#N", 6, 10_000_000)  # many times the rows, but no more than the cap
+    data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_000)  # over the cap, but 10 times the rows
+    with pytest.raises(DataError, match=r"Use an N of at most 20,000,000;"):
+        data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_001)
 
 
 def test_missing_path_is_an_error(tmp_path):

@@ -71,10 +71,10 @@ def test_default_system_prompt_and_override():
     assert render_chat(own, system="ignored") == render_chat(own)
 
 
-def test_labels_cover_each_assistant_answer_and_its_im_end(tok):
+def test_labels_cover_each_assistant_answer_its_im_end_and_newline(tok):
     ids, labels = encode_chat(tok, CONVERSATIONS["multi turn"])
     trained = [i for i, l in zip(ids, labels) if l != data.IGNORE_INDEX]
-    assert tok.decode(trained) == "hello<|im_end|>不能。<|im_end|>"
+    assert tok.decode(trained) == "hello<|im_end|>\n不能。<|im_end|>\n"
     assert all(l in (i, data.IGNORE_INDEX) for i, l in zip(ids, labels))
 
 
