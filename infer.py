@@ -241,7 +241,8 @@ def run_command(chat: Chat, line: str):
     if cmd == "/system":
         if arg:
             chat.system = arg
-        note(f"system prompt: {chat.current_system() or data.DEFAULT_SYSTEM}")
+        system = chat.current_system()
+        note(f"system prompt: {data.DEFAULT_SYSTEM if system is None else system or '(none)'}")
     elif cmd == "/adapter" and arg:
         chat.use_adapter(None if arg == "base" else arg)
         note(f"now answering with {'the base model' if chat.adapter is None else 'adapter ' + arg}")
@@ -423,7 +424,7 @@ def load_chat(args) -> Chat:
     for (name, path), ck in zip(adapters, ckpt_args):
         lora.load_adapter(model, path, name, base_model_name_or_path=model_name)
         systems[name] = ck["system"]
-        note(f"adapter {name}: {path}" + (f" (trained with system prompt {ck['system']!r})" if ck["system"] else ""))
+        note(f"adapter {name}: {path}" + (f" (trained with system prompt {ck['system']!r})" if ck["system"] is not None else ""))
     active = adapters[0][0] if adapters else None
     lora.set_active_adapter(model, active)
     if args.merge_lora:

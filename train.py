@@ -375,10 +375,10 @@ def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> 
     return answers
 
 
-def show_answers(before: list, after: list, prompts: list):
-    print("\nanswers before -> after training:")
-    for q, b, c in zip(prompts, before, after):
-        print(f"  Q: {q}\n     before: {b[:40]!r}\n     after:  {c[:160]!r}")
+def show_answers(title: str, prompts: list, answers: list):
+    print(f"\nanswers {title}:")
+    for q, answer in zip(prompts, answers):
+        print(f"  Q: {q}\n  A: {answer[:160]!r}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,7 +470,8 @@ def train(a) -> int:
     s = Step(train_rows, tok.endoftext_id, device, plan.pad_to, plan.micro_batch_fn(loss_fn, params, micro_batch),
              params, optimizer, loss_scale, a.max_grad_norm, rank, world)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
-    before = answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids) if rank == 0 else []
+    if a.eval_prompts and rank == 0:
+        show_answers("before training", a.eval_prompts, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids))
 
     model.train()
     with runs.StopSignals(rank, world, device) as stop:
@@ -490,7 +491,7 @@ def train(a) -> int:
                 break
     run.finish(stop.requested)
     if a.eval_prompts and rank == 0 and not stop.requested:
-        show_answers(before, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids), a.eval_prompts)
+        show_answers("after training", a.eval_prompts, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids))
     if world > 1:
         dist.destroy_process_group()
     return 130 if stop.requested else 0
