@@ -118,7 +118,7 @@ def run_main(body, interrupted: str = "") -> int:
     try:
         return body()
     except ERRORS as e:
-        quiet = isinstance(e, (UsageError, DataError)) and int(os.environ.get("RANK", "0")) > 0
+        quiet = isinstance(e, (UsageError, DataError, RunError)) and int(os.environ.get("RANK", "0")) > 0
         if not quiet:
             hint = " Check the path and its permissions, and that the disk has room." if isinstance(e, OSError) else ""
             print(f"error: {e}{hint}", file=sys.stderr)

@@ -17,6 +17,8 @@ agree on when.
 """
 
 import json
+import os
+import pickle
 import random
 import shutil
 import signal
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import lora
@@ -58,14 +61,20 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint written last (after a resume from an earlier step, not the highest step)."""
+    ckpts = complete_checkpoints(run_dir)
+    return max(ckpts, key=lambda p: (p / "trainer_state.json").stat().st_mtime_ns) if ckpts else None
+
+
 def find_resume_checkpoint(path: str) -> Path:
     p = Path(path)
     if (p / "trainer_state.json").exists():
         return p
-    ckpts = complete_checkpoints(p)
-    if not ckpts:
+    newest = newest_checkpoint(p)
+    if newest is None:
         raise RunError(f"--resume_from_checkpoint {path}: no complete checkpoint-STEP folder in it (a checkpoint holds trainer_state.json).")
-    return ckpts[-1]
+    return newest
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict, args_dict: dict, rng: dict) -> Path:
@@ -81,17 +90,18 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, args_dict: dic
     return final
 
 
-def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None):
-    """Keep the newest `limit` checkpoints, and always the best one by eval loss."""
+def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None, history: list[str]):
+    """Keep the newest `limit` checkpoints of `history` (checkpoint names in the order this run
+    wrote them: after a resume, not the highest step numbers), and always the best one by eval
+    loss; the one just written is never deleted. Removes the others from `history` too."""
     if limit is None:
         return
-    ckpts = complete_checkpoints(run_dir)
-    keep = ckpts[-limit:]
-    if best is not None and run_dir / best not in keep:
-        keep = [run_dir / best] + ckpts[-max(1, limit - 1):]
-    for p in ckpts:
-        if p not in keep:
-            shutil.rmtree(p)
+    keep = set(history[-limit:])
+    if best is not None and best not in keep:
+        keep = {best} | set(history[-max(1, limit - 1):])
+    for name in [n for n in history if n not in keep]:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        history.remove(name)
 
 
 def rng_state(device) -> dict:
@@ -122,6 +132,7 @@ class Run:
         self.dir, self.state, self.args, self.total_steps = run_dir, state, args_dict, total_steps
         self.device, self.rank, self.world = device, rank, world
         self.t0, self.start_step, self.tokens, self.losses = time.time(), state["global_step"], 0, []
+        self.elapsed_before = state.get("elapsed", 0.0)  # training time before a resume
         self.rng = rng_state(device)  # the random state after the last complete step
 
     def end_step(self, epoch: int, steps_done_in_epoch: int, loss: float, tokens: int, loss_scale):
@@ -143,9 +154,10 @@ class Run:
         """Average the losses since the last log line into one logging.jsonl entry and print it."""
         step, total_steps, elapsed = self.state["global_step"], self.total_steps, time.time() - self.t0
         per_step = elapsed / max(1, step - self.start_step)
+        elapsed_in_all = self.elapsed_before + elapsed  # a resumed run goes on counting
         entry = {"step": step, "epoch": round(epoch, 4), "loss": round(sum(self.losses) / len(self.losses), 6),
                  "learning_rate": lr, "grad_norm": round(float(grad_norm), 6),
-                 "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1), "elapsed": fmt_time(elapsed),
+                 "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1), "elapsed": fmt_time(elapsed_in_all),
                  "remaining": fmt_time(per_step * (total_steps - step))}
         if "loss_scale" in self.state:
             entry["loss_scale"] = self.state["loss_scale"]
@@ -173,26 +185,41 @@ class Run:
             print(line, flush=True)
 
     def save(self, model, optimizer, limit: int | None):
-        """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Ctrl-C must not
-        cut a save in half: it is ignored until the checkpoint is in place."""
+        """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Weights that are
+        no longer finite are never saved. Ctrl-C must not cut a save in half: it is ignored until
+        the checkpoint is in place."""
+        adapter = lora.lora_state_dict(model)
+        if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
+            self.diverged("the adapter's weights became inf or NaN")
         if self.rank == 0:
             handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
             try:
+                name = f"checkpoint-{self.state['global_step']}"
+                history = self.state.setdefault("checkpoints", [])
+                history[:] = [n for n in history if n != name] + [name]
+                self.state["elapsed"] = round(self.elapsed_before + time.time() - self.t0, 1)
                 save_checkpoint(self.dir, model, optimizer, self.state, self.args, self.rng)
-                prune_checkpoints(self.dir, limit, self.state["best_checkpoint"])
+                prune_checkpoints(self.dir, limit, self.state["best_checkpoint"], history)
             finally:
                 for s, h in handlers.items():
                     signal.signal(s, h)
         self.barrier()
 
     def check_finite(self, loss: float):
-        if loss == loss and abs(loss) != float("inf"):
-            return
-        last = complete_checkpoints(self.dir)
+        if loss != loss or abs(loss) == float("inf"):
+            self.diverged(f"the loss became {loss}")
+
+    def diverged(self, what: str):
+        last = self.last_checkpoint()
         raise FloatingPointError(
-            f"the loss became {loss} at step {self.state['global_step'] + 1}: training stopped and nothing more was "
-            f"saved. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower --learning_rate, "
-            "use --torch_dtype bfloat16 rather than float16, or check the data.")
+            f"{what} at step {self.state['global_step'] + 1}: training stopped and nothing more was saved. "
+            f"The last good checkpoint is {last or '(none yet)'}. Lower --learning_rate, use --torch_dtype "
+            "bfloat16 rather than float16, or check the data.")
+
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint this run wrote last (every one it wrote had finite weights)."""
+        history = [n for n in self.state.get("checkpoints", []) if (self.dir / n / "trainer_state.json").exists()]
+        return self.dir / history[-1] if history else None
 
     def barrier(self):
         if self.world > 1:
@@ -206,50 +233,107 @@ class Run:
         write_loss_svg(self.dir / "images" / "loss.svg",
                        {"train_loss": [(e["step"], e["loss"]) for e in hist if "loss" in e],
                         "eval_loss": [(e["step"], e["eval_loss"]) for e in hist if "eval_loss" in e]})
-        ckpts = complete_checkpoints(self.dir)
-        last = ckpts[-1] if ckpts else self.dir
+        last = self.last_checkpoint()
         if interrupted:
-            print(f"\nstopped at step {self.state['global_step']}. Resume with:\n  python train.py ... --resume_from_checkpoint {last}")
+            print(f"\nstopped at step {self.state['global_step']}. Resume with:\n  python train.py ... --resume_from_checkpoint {last or self.dir}")
             return
         print(f"\ndone: {self.state['global_step']} steps in {fmt_time(time.time() - self.t0)}.")
         print(f"  run folder:      {self.dir}")
-        print(f"  last checkpoint: {ckpts[-1] if ckpts else '-'}")
+        print(f"  last checkpoint: {last or '-'}")
         if self.state["best_checkpoint"]:
             print(f"  best checkpoint: {self.dir / self.state['best_checkpoint']} (eval_loss {self.state['best_eval_loss']:.4f})")
         print(f"  loss curve:      {self.dir / 'images' / 'loss.svg'}")
-        print(f"  chat with it:    python infer.py --adapters {last}")
+        print(f"  chat with it:    python infer.py --adapters {last or self.dir}")
+
+
+# What a resume must keep: changing any of these changes what is being trained, so the run would
+# end with an adapter that neither the old nor the new flags describe.
+RESUME_MUST_MATCH = ("model", "dataset", "val_dataset", "split_dataset_ratio", "max_length", "truncation_strategy",
+                     "packing", "system", "model_name", "model_author", "lora_rank", "lora_alpha", "lora_dropout",
+                     "use_rslora", "target_modules", "per_device_train_batch_size", "seed")
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
+
+
+def check_resume(a, world: int) -> Path | None:
+    """Before anything loads: the checkpoint --resume_from_checkpoint names (None without it),
+    complete, and trained with the flags given now (--resume_only_model: only its adapter is
+    loaded, into a new run, so any flag may change). A fresh run into a folder that already holds
+    checkpoints (--add_version false) is refused: its pruning and resume would mix two runs."""
+    if not a.resume_from_checkpoint:
+        if not a.add_version and complete_checkpoints(Path(a.output_dir)):
+            raise RunError(f"--output_dir {a.output_dir} already holds checkpoints of a run. Resume it with "
+                           f"--resume_from_checkpoint {a.output_dir}, or start a new run elsewhere (another "
+                           "--output_dir, or --add_version true for a new vN-... folder in it).")
+        return None
+    ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+    needed = ("adapter_model.safetensors",) if a.resume_only_model else CHECKPOINT_FILES
+    missing = [f for f in needed if not (ckpt / f).is_file()]
+    if missing:
+        raise RunError(f"{ckpt} cannot be resumed: it has no {', '.join(missing)} (ms-swift's checkpoints name them "
+                       "otherwise). Resume from a checkpoint of this toolkit, or pass --resume_only_model true to "
+                       "start a new run from its adapter weights alone.")
+    if a.resume_only_model:
+        return ckpt
+    state = read_json(ckpt / "trainer_state.json", RunError, hint="resume from another checkpoint of the run")
+    if not isinstance(state.get("global_step"), int) or "log_history" not in state:
+        raise RunError(f"{ckpt / 'trainer_state.json'} lacks global_step or log_history; resume from another checkpoint.")
+    saved = read_json(ckpt / "args.json", RunError) if (ckpt / "args.json").exists() else {}
+    now = dict(vars(a), accumulation_x_ranks=a.gradient_accumulation_steps * world)
+    saved["accumulation_x_ranks"] = saved.get("gradient_accumulation_steps", 1) * saved.get("world_size", 1)
+    changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH + ("accumulation_x_ranks",)
+               if k in saved and saved[k] != now[k]]
+    if changed:
+        raise RunError(f"{ckpt} was trained with other flags ({'; '.join(changed)}; accumulation_x_ranks is "
+                       "--gradient_accumulation_steps times the number of ranks). Resuming would train something "
+                       "neither describes: give the checkpoint's flags, or pass --resume_only_model true to start "
+                       "a new run from its adapter weights.")
+    return ckpt
 
 
 def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1) -> Run:
     """A new run folder, or, with --resume_from_checkpoint, the run of that checkpoint with the
-    adapter, optimizer and random state restored into `model` and `optimizer`."""
+    adapter, optimizer and random state restored into `model` and `optimizer` (with
+    --resume_only_model, the adapter alone, into a new run)."""
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
-             "log_history": []}
-    run_dir = None
-    if a.resume_from_checkpoint:
-        ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+             "log_history": [], "checkpoints": []}
+    ckpt, run_dir = check_resume(a, world), None
+    if ckpt and a.resume_only_model:
+        lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+    elif ckpt:
         run_dir, state = ckpt.parent, restore(ckpt, model, optimizer, device)
-        if rank == 0:
-            print(f"resumed from {ckpt} at step {state['global_step']}", flush=True)
-    elif rank == 0:
+    if rank == 0 and ckpt:
+        print(f"resumed from {ckpt}" + (" (the adapter only: a new run)" if a.resume_only_model else
+                                        f" at step {state['global_step']}"), flush=True)
+    if rank == 0 and run_dir is None:
         run_dir = new_run_dir(a.output_dir, a.add_version)
     if world > 1:  # rank 0 chose the folder
         holder = [str(run_dir) if run_dir else None]
         dist.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
-    args_dict = dict(vars(a), model_dir=str(model_dir))
+    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world)
     if rank == 0:
         (run_dir / "images").mkdir(exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
+        # The log as the checkpoint knew it: steps after it, from the abandoned attempt, go.
+        lines = "".join(json.dumps(e) + "\n" for e in state["log_history"])
+        (run_dir / ".logging.jsonl.tmp").write_text(lines)
+        os.replace(run_dir / ".logging.jsonl.tmp", run_dir / "logging.jsonl")
     return Run(run_dir, state, args_dict, total_steps, device, rank, world)
 
 
 def restore(ckpt: Path, model, optimizer, device) -> dict:
     """Load a checkpoint's adapter, optimizer and random state; its trainer_state."""
-    lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     state = read_json(ckpt / "trainer_state.json", RunError)
-    set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
+    try:
+        lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError) as e:  # broken files
+        raise RunError(f"{ckpt} cannot be resumed: {str(e).splitlines()[0]}. Resume from another checkpoint of "
+                       "the run, or pass --resume_only_model true to start a new run from its adapter.") from None
+    # Checkpoints written before the history was kept: this one and the earlier steps beside it.
+    state.setdefault("checkpoints", [p.name for p in complete_checkpoints(ckpt.parent)
+                                     if int(p.name.split("-")[-1]) <= state["global_step"]])
     return state
 
 

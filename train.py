@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="output", help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
     g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
     return p
 
@@ -139,6 +140,7 @@ def check_args(a):
             raise UsageError(f"--dataset {spec}: {path} does not exist.{data.shipped_hint(path)}")
     if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
         raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
+    runs.check_resume(a, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,10 +180,70 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
     for s in (10, 20, 30, 40):
         (tmp_path / f"checkpoint-{s}").mkdir()
         (tmp_path / f"checkpoint-{s}" / "trainer_state.json").write_text("{}")
-    runs.prune_checkpoints(tmp_path, 2, "checkpoint-20")
+    history = [f"checkpoint-{s}" for s in (10, 20, 30, 40)]
+    runs.prune_checkpoints(tmp_path, 2, "checkpoint-20", history)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
-    runs.prune_checkpoints(tmp_path, 1, None)
-    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"]
+    runs.prune_checkpoints(tmp_path, 1, None, history)
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"] and history == ["checkpoint-40"]
+
+
+def test_a_resume_from_an_earlier_step_keeps_the_checkpoint_it_writes(tmp_path, tiny_dir, capsys):
+    """--save_total_limit keeps the newest checkpoints this run wrote, not the highest steps: resuming
+    checkpoint-2 of a 6-step run with --max_steps 3 keeps checkpoint-3 and names it as the last one;
+    logging.jsonl then holds each step once, and elapsed goes on from the checkpoint's."""
+    data_file = write_qa(tmp_path / "qa.json")
+    assert train.main(train_args(data_file, tmp_path / "out", 6, 2)) == 0
+    run = run_dir_of(tmp_path / "out")
+    capsys.readouterr()
+    args = train_args(data_file, tmp_path / "out", 3, 1, "--save_total_limit", 1, "--resume_from_checkpoint", run / "checkpoint-2")
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert (run / "checkpoint-3" / "trainer_state.json").exists() and f"last checkpoint: {run / 'checkpoint-3'}" in out
+    assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-3"  # the newest written, not checkpoint-6
+    steps = [json.loads(line)["step"] for line in (run / "logging.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["checkpoints"][-1] == "checkpoint-3" and state["elapsed"] >= json.loads(
+        (run / "checkpoint-6" / "trainer_state.json").read_text())["log_history"][0]["step"] * 0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--lora_alpha", 16], "--lora_alpha 32 -> 16.0"),
+    (["--seed", 7], "--seed 42 -> 7"),
+    (["--gradient_accumulation_steps", 4], "accumulation_x_ranks 2 -> 4"),
+])
+def test_a_resume_that_changes_what_is_trained_is_refused(tmp_path, tiny_dir, capsys, flags, needle):
+    data_file = write_qa(tmp_path / "qa.json")
+    assert train.main(train_args(data_file, tmp_path / "out", 2, 2)) == 0
+    ckpt = run_dir_of(tmp_path / "out") / "checkpoint-2"
+    capsys.readouterr()
+    args = train_args(data_file, tmp_path / "out", 4, 2, "--resume_from_checkpoint", ckpt, *flags)
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "--resume_only_model true" in err and "Traceback" not in err
+    assert not (ckpt.parent / "checkpoint-4").exists()
+    # --resume_only_model: a deliberate change, a new run from the adapter's weights
+    assert train.main(args + ["--resume_only_model", "true"]) == 0
+    assert len(list((tmp_path / "out").glob("v*-*"))) == 2
+
+
+def test_incomplete_checkpoints_and_used_folders_are_refused_before_loading(tmp_path, tiny_dir, capsys):
+    data_file = write_qa(tmp_path / "qa.json")
+    out = tmp_path / "out"
+    assert train.main(train_args(data_file, out, 2, 2, "--add_version", "false")) == 0
+    capsys.readouterr()
+    # a fresh run into a folder that holds a run's checkpoints would mix the two
+    assert train.main(train_args(data_file, out, 2, 2, "--add_version", "false")) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    (out / "checkpoint-2" / "rng_state.pt").rename(out / "checkpoint-2" / "rng_state.pth")  # as ms-swift names it
+    assert train.main(train_args(data_file, out, 4, 2, "--add_version", "false", "--resume_from_checkpoint", out)) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed: it has no rng_state.pt" in err and "Traceback" not in err
+    (out / "checkpoint-2" / "rng_state.pth").rename(out / "checkpoint-2" / "rng_state.pt")
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
+    assert train.main(train_args(data_file, out, 4, 2, "--add_version", "false", "--resume_from_checkpoint", out)) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and "Traceback" not in err
 
 
 def test_layers_are_compiled_by_default_only_where_it_pays_back():
