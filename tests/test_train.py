@@ -154,6 +154,22 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir, one_thread):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_dir, one_thread):
+    """Batch schedulers and containers send SIGTERM before they kill: the step finishes and is saved."""
+    data_file = write_qa(tmp_path / "qa.json", QA * 5)
+    proc = subprocess.Popen([sys.executable, "train.py", *train_args(data_file, tmp_path / "out", 40, 1000)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread)
+    for line in proc.stdout:
+        if line.startswith("[2/40]"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    (ckpt,) = run_dir_of(tmp_path / "out").glob("checkpoint-*")
+    assert 2 <= json.loads((ckpt / "trainer_state.json").read_text())["global_step"] < 40
+    assert f"--resume_from_checkpoint {ckpt}" in stdout
+
+
 def test_crash_during_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_dir, monkeypatch):
     data_file = write_qa(tmp_path / "qa.json")
     real_save = torch.save
