@@ -29,6 +29,7 @@ Where ms-swift's behaviour is not obvious, this file chooses:
 """
 
 import argparse
+import io
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,11 @@ def repl(chat: Chat):
 def answer_lines(chat: Chat, lines) -> int:
     """Piped use: each non-empty line is its own one-turn conversation. Returns the exit code."""
     code = 0
-    for line in lines:
+    for number, line in enumerate(lines, 1):
+        if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes that are not UTF-8 (surrogateescape)
+            note(f"error: input line {number} is not UTF-8 text; skipped it.")
+            code = 1
+            continue
         line = line.strip()
         if not line:
             continue
@@ -355,9 +360,12 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or Path(spec).exists():  # a path that itself holds '='
-            name, path = Path(spec.rstrip("/\\")).name, spec
+            # A folder name may hold dots (robot-v1.2); an adapter name may not (module names).
+            name, path = Path(spec.rstrip("/\\")).name.replace(".", "_"), spec
         if not name or not path:
             raise UsageError(f"--adapters {spec!r}: write PATH or NAME=PATH.")
+        if "." in name:
+            raise UsageError(f"--adapters {spec!r}: an adapter name cannot hold a dot; write it as {name.replace('.', '_')}=PATH.")
         pairs.append((name, path))
     names = [n for n, _ in pairs]
     for n in names:
@@ -383,6 +391,9 @@ def sampling_settings(args, gen_config: dict) -> dict:
 
 
 def check_flags(args, device):
+    for flag in ("temperature", "top_p", "repetition_penalty"):
+        if getattr(args, flag) is not None and getattr(args, flag) != getattr(args, flag):
+            raise UsageError(f"--{flag} nan: give a number.")
     if args.temperature is not None and args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or more.")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -465,8 +476,8 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             chat.answer(chat.prompt_ids([{"role": "user", "content": args.prompt}]), sys.stdout)
             return 0
-        if not sys.stdin.isatty():
-            return answer_lines(chat, sys.stdin)
+        if not sys.stdin.isatty():  # read as UTF-8 whatever the locale; a bad byte spoils only its line
+            return answer_lines(chat, io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))
         repl(chat)
         return 0
 

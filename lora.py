@@ -352,6 +352,7 @@ def save_adapter(model, out_dir, name: str = "default", base_model_name_or_path:
 
 def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
     """Check and read an adapter folder: (its LoraConfig, its tensors, the base model it names)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -376,9 +377,17 @@ def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
         pickled = " It holds adapter_model.bin, a pickle file, which is not loaded for safety: re-save it with " \
                   "peft's save_pretrained(safe_serialization=True)." if (path / "adapter_model.bin").exists() else ""
         raise LoraError(f"{path} has adapter_config.json but no adapter_model.safetensors.{pickled}")
+    for key, default in (("r", 8), ("lora_alpha", 8), ("lora_dropout", 0.0)):
+        value = d.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or (key == "r" and value != int(value)):
+            raise LoraError(f"{cfg_file}: {key} is {value!r}, not a number; fix it (e.g. 16, not \"16\").")
     cfg = LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
                      target_modules=d.get("target_modules") or "all-linear", use_rslora=bool(d.get("use_rslora")))
-    return cfg, load_file(weights), d.get("base_model_name_or_path")
+    try:
+        return cfg, load_file(weights), d.get("base_model_name_or_path")
+    except SafetensorError as e:
+        raise LoraError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}): it was cut short "
+                        "or is damaged. Use another checkpoint, or save the adapter again.") from None
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -98,6 +98,10 @@ class Config:
         missing = [k for k in required if k not in d]
         if missing:
             raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen2 config has.")
+        for f in fields(cls):
+            want = {int: int, float: (int, float)}.get(f.type if isinstance(f.type, type) else None)
+            if want and f.name in d and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
+                raise ModelError(f"{where}: {f.name} is {d[f.name]!r}, not a number; fix it (e.g. 128, not \"128\").")
         cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
                   extra={k: v for k, v in d.items() if k not in names})
         if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
@@ -452,11 +456,14 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint, single-file or sharded with an index."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ModelError(f"{index} is not a valid index: it needs a \"weight_map\" of tensor name -> file.") from None
+        weight_map = read_json(index, ModelError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ModelError(f"{index} is not a valid index: it needs a \"weight_map\" of tensor name -> file.")
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if Path(f).name != f]  # a path, not a file of this folder
+        if outside:
+            raise ModelError(f"{index} names shard(s) outside {model_dir}: {short_list(outside)}. A model's index "
+                             "names files of its own folder; this one is broken or hostile: fetch the model again.")
         absent = [f for f in files if not (model_dir / f).exists()]
         if absent:
             raise ModelError(f"{index} names shard(s) that are not in {model_dir}: {', '.join(absent)}. The download is incomplete; fetch the model again.")
@@ -474,6 +481,20 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise ModelError(f"{model_dir} has no model.safetensors or model.safetensors.index.json: it is not a model folder.")
 
 
+def shard_shapes(path: Path) -> dict:
+    """{tensor name: shape} from a safetensors file's header; a truncated or corrupt file is a
+    ModelError naming it (safetensors says only "incomplete metadata")."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as sf:
+            shapes = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): the download was "
+                         "cut short or the file is damaged. Delete it and fetch the model again.") from None
+    return shapes
+
+
 def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
     """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters."""
     from safetensors import safe_open
@@ -484,9 +505,8 @@ def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
         expected.pop("lm_head.weight", None)  # shares model.embed_tokens.weight
     found = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                found[k] = (tuple(sf.get_slice(k).get_shape()), f)
+        for k, shape in shard_shapes(f).items():
+            found[k] = (shape, f)
     if model.config.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway; it is the same tensor
     missing = expected.keys() - found.keys()

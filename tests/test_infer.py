@@ -558,3 +558,20 @@ def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir, monkeypatch):
             token = a.argmax()
             a, b = eager.decode_one(token, position), graphed.decode_one(token, position).clone()
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_a_line_that_is_not_utf8_is_skipped_and_the_others_answered(tiny_dir):
+    p = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", "tiny", "--device", "cpu", *GREEDY,
+                        "--max_new_tokens", "3"], input=b"hello\n\xff\xfe bad\nwho are you\n", capture_output=True,
+                       cwd=ROOT, timeout=120, env=dict(os.environ, **ONE_THREAD))
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "input line 2 is not UTF-8 text; skipped it" in err and "Traceback" not in err
+    assert err.count("error:") == 1  # lines 1 and 3 were answered
+
+
+def test_adapter_folders_with_dots_get_a_valid_name(capsys, two_adapters, tmp_path):
+    versioned = tmp_path / "robot-v1.2"
+    shutil.copytree(two_adapters[0], versioned)
+    assert infer.parse_adapters([str(versioned)]) == [("robot-v1_2", str(versioned))]
+    assert "cannot hold a dot; write it as a_b=PATH" in error_of(capsys, "--adapters", f"a.b={versioned}")
+    assert "--temperature nan: give a number" in error_of(capsys, "--model", "tiny", "--temperature", "nan")

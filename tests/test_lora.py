@@ -379,3 +379,17 @@ def test_bad_adapter_folders_say_what_is_wrong(tiny_dir, tmp_path):
     with pytest.raises(LoraError, match=r"adapter_config.json is not valid JSON \(line 3"):
         lora.load_adapter(m, run / "checkpoint-5")
     assert lora.adapter_names(m) == []
+
+
+def test_adapter_config_values_of_the_wrong_type_and_a_cut_short_adapter_are_named(tiny_dir, tmp_path):
+    m = tiny_model(tiny_dir)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
+    for key, value in (("lora_alpha", "16"), ("r", "eight"), ("r", 4.5)):
+        (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", key: value}))
+        with pytest.raises(LoraError, match=f"{key} is {value!r}, not a number"):
+            lora.load_adapter(m, ckpt)
+    (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    with pytest.raises(LoraError, match="adapter_model.safetensors is not a readable safetensors file"):
+        lora.load_adapter(m, ckpt)

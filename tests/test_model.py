@@ -408,3 +408,23 @@ def test_single_file_checkpoint_loads(tmp_path, tiny_dir):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cut_short_shards_hostile_indexes_and_wrong_types_are_named(tmp_path, tiny_dir):
+    folder = copy_model(tiny_dir, tmp_path / "m")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(ModelError, match=f"{shard.name} is not a readable safetensors file.*fetch the model again"):
+        load_model(str(folder))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: "../../x.safetensors" for k in index["weight_map"]}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match=r"names shard\(s\) outside"):
+        load_model(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, hidden_size="128")))
+    with pytest.raises(ModelError, match="hidden_size is '128', not a number"):
+        load_model(str(folder))
+    (folder / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(ModelError, match="must hold a JSON object, not list"):
+        load_model(str(folder))
