@@ -305,28 +305,32 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
 
 
 def worker(a):
-    """One workload in this process; its result as a RESULT line."""
+    """One workload in this process; its result as a RESULT line (from rank 0 under torchrun)."""
     torch.manual_seed(0)
     device, shape, plan = torch.device(a.device), SMALL if a.small else QWEN25_7B, PLANS[a.plan]
-    if a.worker == "ours_train":
-        r = ours_train(shape, a.seq, a.steps, device, plan)
-    elif a.worker == "ours_train_ddp":
-        r = ours_train_ddp(shape, a.seq, a.steps, plan)
-    elif a.worker == "hf_train":
-        r = hf_train(shape, a.seq, a.steps, device)
-    elif a.worker == "ours_decode":
-        r = ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32)
-    elif a.worker == "hf_decode":
-        r = hf_decode(shape, a.new_tokens, device, a.fp32)
-    elif a.worker == "ours_longest":
-        micro_batch, _, opt = ours_train_setup(shape, device, plan)
-        r = longest(longest_run(mean_loss_of(micro_batch), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
-    else:
-        m, _, opt = hf_train_setup(shape, device)
-        micro_batch = backward_of(lambda x: m(input_ids=x, labels=x).loss)
-        r = longest(longest_run(micro_batch, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+    workloads = {
+        "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan),
+        "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
+        "hf_train": lambda: hf_train(shape, a.seq, a.steps, device),
+        "ours_decode": lambda: ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32),
+        "hf_decode": lambda: hf_decode(shape, a.new_tokens, device, a.fp32),
+        "ours_longest": lambda: ours_longest(shape, device, plan, a),
+        "hf_longest": lambda: hf_longest(shape, device, a),
+    }
+    r = workloads[a.worker]()
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(r))
+
+
+def ours_longest(shape, device, plan, a):
+    micro_batch, _, opt = ours_train_setup(shape, device, plan)
+    return longest(longest_run(mean_loss_of(micro_batch), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+
+
+def hf_longest(shape, device, a):
+    m, _, opt = hf_train_setup(shape, device)
+    micro_batch = backward_of(lambda x: m(input_ids=x, labels=x).loss)
+    return longest(longest_run(micro_batch, opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
 
 
 def run_worker(args, common, gpus=0):
