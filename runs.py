@@ -259,6 +259,8 @@ def check_resume(a, world: int) -> Path | None:
     complete, and trained with the flags given now (--resume_only_model: only its adapter is
     loaded, into a new run, so any flag may change). A fresh run into a folder that already holds
     checkpoints (--add_version false) is refused: its pruning and resume would mix two runs."""
+    check_writable(Path(a.resume_from_checkpoint or a.output_dir or "."), "--resume_from_checkpoint"
+                   if a.resume_from_checkpoint else "--output_dir")
     if not a.resume_from_checkpoint:
         if not a.add_version and complete_checkpoints(Path(a.output_dir)):
             raise RunError(f"--output_dir {a.output_dir} already holds checkpoints of a run. Resume it with "
@@ -288,6 +290,15 @@ def check_resume(a, world: int) -> Path | None:
                        "neither describes: give the checkpoint's flags, or pass --resume_only_model true to start "
                        "a new run from its adapter weights.")
     return ckpt
+
+
+def check_writable(folder: Path, flag: str):
+    """Before the model loads: the run's checkpoints can be written under `folder`."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise RunError(f"{flag} {folder}: {existing} is a file, not a folder; choose another folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{flag} {folder}: you cannot write in {existing}; choose a folder you can write to.")
 
 
 def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1) -> Run:

@@ -406,6 +406,13 @@ def test_bad_flags_stop_before_training(tmp_path, tiny_dir, capsys, flags, needl
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_an_output_folder_that_cannot_be_written_stops_before_loading(tmp_path, tiny_dir, capsys):
+    data_file = write_qa(tmp_path / "qa.json")
+    assert train.main(base_args(data_file, tmp_path / "qa.json" / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"{data_file} is a file, not a folder" in err and "Traceback" not in err
+
+
 def test_flag_typo_is_an_argparse_error(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--dataset", "x.json", "--lora_rnak", "8"],
                        cwd=ROOT, capture_output=True, text=True)
