@@ -109,13 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(a):
-    """Reject impossible flag values before anything slow happens."""
+    """Reject impossible flag values before anything slow happens; fill in the unset ones that
+    ms-swift derives from others (set_derived_defaults)."""
     if a.train_type != "lora":
         raise UsageError(f"--train_type {a.train_type}: only 'lora' is supported by this toolkit.")
     positive = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "lora_rank"]
     for name in positive:
-        if getattr(a, name) is not None and getattr(a, name) < 1:  # None: set_derived_defaults fills it in
+        if getattr(a, name) is not None and getattr(a, name) < 1:  # None: set_derived_defaults below
             raise UsageError(f"--{name} must be at least 1, got {getattr(a, name)}.")
     if a.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {a.learning_rate}.")
@@ -138,6 +139,7 @@ def check_args(a):
             raise UsageError(f"--dataset {spec}: {path} does not exist.{data.shipped_hint(path)}")
     if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
         raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
+    set_derived_defaults(a)  # before the resume check, which compares them with the checkpoint's
     runs.check_resume(a, int(os.environ.get("WORLD_SIZE", "1")))
 
 
@@ -513,7 +515,6 @@ def main(argv=None) -> int:
     def checked_train():
         a = build_parser().parse_args(argv)
         check_args(a)
-        set_derived_defaults(a)
         return train(a)
 
     return cli.run_main(checked_train, "interrupted before training started; nothing was written.")

@@ -137,20 +137,24 @@ def test_unset_output_dir_is_output_slash_model_name_as_ms_swift(model, expected
     assert Path(a.output_dir) == Path(expected) and a.eval_steps == 20  # eval_steps follows save_steps
 
 
-def test_args_json_stores_the_derived_defaults(tmp_path, tiny_dir, monkeypatch, capsys):
+def test_args_json_stores_the_derived_defaults_and_a_resume_derives_the_same(tmp_path, tiny_dir, monkeypatch, capsys):
     rows = tmp_path / "qa.json"
     rows.write_text(json.dumps([{"query": f"q{i}", "response": f"a{i}"} for i in range(6)]))
     monkeypatch.chdir(tmp_path)
-    assert train.main(["--model", "tiny", "--dataset", str(rows), "--device", "cpu", "--torch_dtype", "float32",
-                       "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_steps", "3"]) == 0
+    argv = ["--model", "tiny", "--dataset", str(rows), "--device", "cpu", "--torch_dtype", "float32",
+            "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "1"]
+    assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "Setting args.gradient_accumulation_steps: 8\n" in out
     assert "1 optimizer steps per epoch" in out  # 3 micro-batches of 2 rows, 8 to a step: one step
     [run] = (tmp_path / "output" / "tiny").glob("v0-*")
     for args_file in (run / "args.json", run / "checkpoint-1" / "args.json"):
         args = json.loads(args_file.read_text())
-        assert (args["gradient_accumulation_steps"], args["eval_steps"], args["output_dir"]) == (8, 3, "output/tiny")
+        assert (args["gradient_accumulation_steps"], args["eval_steps"], args["output_dir"]) == (8, 1, "output/tiny")
         assert args["max_length"] == 2048
+    # The resume check compares the derived values, not the unset ones, with the checkpoint's.
+    assert train.main(argv + ["--resume_from_checkpoint", str(run / "checkpoint-1")]) == 0
+    assert "resumed from" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module", [train, infer])
