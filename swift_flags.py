@@ -52,8 +52,8 @@ FLAGS = {
     "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),
     "tuner_backend": SwiftFlag("peft", TRAIN, "LoRA is lora.py here, saved in PEFT's format", only=("peft",)),
     "adapters": SwiftFlag("output/vN-.../checkpoint-N", ("infer", "merge"),
-                          instead="train.py cannot continue training an existing adapter yet; "
-                                  "--resume_from_checkpoint resumes a run of this toolkit"),
+                          instead="train.py starts from an existing adapter with --resume_from_checkpoint CKPT "
+                                  "--resume_only_model true"),
     "ckpt_dir": refused("output/vN-.../checkpoint-N", "it is ms-swift 2.x's name for --adapters CHECKPOINT"),
     "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's)"),
     "use_hf": SwiftFlag("true", TRAIN_INFER, "models and datasets always come from the Hugging Face hub", ignored=True),
@@ -131,7 +131,8 @@ FLAGS = {
                            ignored=True, many=True),
     "output_dir": SwiftFlag("output", ("train", "merge"), "train.py, unset: output/MODEL_NAME, as in ms-swift"),
     "add_version": SwiftFlag("true", TRAIN),
-    "resume_from_checkpoint": SwiftFlag("output/vN-.../checkpoint-N", TRAIN, "checkpoints of this toolkit"),
+    "resume_from_checkpoint": SwiftFlag("output/vN-.../checkpoint-N", TRAIN, "resumes checkpoints of this toolkit"),
+    "resume_only_model": SwiftFlag("true", TRAIN, "loads only the checkpoint's adapter, into a new run"),
     # Several GPUs
     "deepspeed": refused("zero2", NOT_YET_DISTRIBUTED),
     "fsdp": refused("fsdp2", NOT_YET_DISTRIBUTED),
