@@ -1,10 +1,11 @@
 """cli.py: what the command lines of train.py, infer.py, merge.py and bench.py share.
 
-Flag parsing whose errors are one paragraph, ms-swift's `true`/`false` booleans, the choice of
-device and dtype, what `--model` names (a folder, a hub id, or `tiny`), and the error exit: a
-problem the user can fix is printed as one `error: ...` paragraph with exit code 2, never a
-traceback. Only the scripts import this file; the library files (model, lora, data) raise their
-own errors and know nothing of flags.
+Flag parsing whose errors are one paragraph, every ms-swift flag of one table (swift_flags.py)
+answered (taken, accepted without effect, or refused with what to use instead), ms-swift's
+`true`/`false` booleans, the choice of device and dtype, what `--model` names (a folder, a hub id,
+or `tiny`), and the error exit: a problem the user can fix is printed as one `error: ...`
+paragraph with exit code 2, never a traceback. Only the scripts import this file; the library
+files (model, lora, data) raise their own errors and know nothing of flags.
 """
 
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 import model as modeling
+import swift_flags
 import tiny
 from data import DataError
 from lora import LoraError
@@ -42,21 +44,61 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class FlagParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UsageError of one paragraph (argparse prints its whole usage
-    first): what is wrong, the nearest known flag for a misspelt one, and where the list is.
-    run_main reports it like every other error: exit code 2."""
+    first): what is wrong and what to do. An ms-swift flag this script does not take is answered
+    from swift_flags.FLAGS (not supported, and what to use instead); any other unknown flag gets
+    the nearest known one. run_main reports it like every other error: exit code 2."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=DefaultsHelpFormatter, **kwargs)
+        self.ignored = []  # the ms-swift flags accepted here without effect
+
+    def add_swift_flags(self, script: str):
+        """The ms-swift flags that `script` accepts only so that ms-swift command lines run
+        (swift_flags.FLAGS: ignored, or limited to the values that say what happens here anyway)."""
+        group = self.add_argument_group("ms-swift's flags that change nothing here")
+        for name, flag in swift_flags.FLAGS.items():
+            if script not in flag.scripts or not swift_flags.is_accepted_without_effect(flag):
+                continue
+            how = "ignored" if flag.ignored else "only " + "/".join(flag.only)
+            group.add_argument(f"--{name}", nargs="+" if flag.many else None, default=None, metavar="VALUE",
+                               type=only_values(flag.only, flag.note) if flag.only else str, help=f"{how}: {flag.note}")
+            if flag.ignored:
+                self.ignored.append(name)
+
+    def parse_args(self, args=None, namespace=None):
+        """Parsed flags; a note on stderr for each ms-swift flag given that changes nothing here."""
+        parsed = super().parse_args(args, namespace)
+        for name in self.ignored:
+            value = getattr(parsed, name)
+            if value is not None and int(os.environ.get("RANK", "0")) == 0:
+                shown = " ".join(value) if isinstance(value, list) else value
+                print(f"note: --{name} {shown} changes nothing here: {swift_flags.FLAGS[name].note}.", file=sys.stderr)
+        return parsed
 
     def error(self, message):
         raise UsageError(self.explain(message))
 
     def explain(self, message: str) -> str:
+        see = f". See python {self.prog} --help for every flag."
+        if not message.startswith("unrecognized arguments:"):
+            return message + see
+        unknown = [w.split("=")[0] for w in message.split()[2:] if w.startswith("--")]
+        refusals = [swift_flags.refusal(w[2:]) for w in unknown if w[2:] in swift_flags.FLAGS]
+        if refusals:
+            return " ".join(refusals)
         known = [s for s in self._option_string_actions if s.startswith("--")]
-        unknown = [w for w in message.split() if w.startswith("--") and w not in known]
         near = [m for w in unknown for m in difflib.get_close_matches(w, known, n=1)]
         hint = f" (did you mean {', '.join(near)}?)" if near else ""
-        return f"{message}{hint}. See python {self.prog} --help for every flag."
+        return message + hint + see
+
+
+def only_values(allowed: tuple, why: str):
+    """An argparse type that takes only the `allowed` values, saying why otherwise."""
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"{value!r} is not supported here, only {' or '.join(allowed)} ({why})")
+        return value
+    return check
 
 
 def str2bool(v: str) -> bool:

@@ -331,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local folder, hub id or 'tiny' (default: the base the adapter was trained on)")
     g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s); NAME=PATH names one for /adapter; the first is active")
-    g.add_argument("--model_type", default=None, help="accepted for ms-swift's command lines; config.json says the type")
     g.add_argument("--merge_lora", type=str2bool, default=False, help="merge the (single) adapter into the weights at load: base speed, no switching")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    g.add_argument("--infer_backend", default="pt", help="pt (ms-swift 4.x: transformers): PyTorch, the one backend here")
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each token as one CUDA graph replay (default: true on a GPU)")
     g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: compile the decode step first (a minute to compile)")
 
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")
     g.add_argument("--show_prompt", type=str2bool, default=False, help="print the whole rendered prompt (system prompt, history) to stderr before each answer")
+    p.add_swift_flags("infer")
     return p
 
 
@@ -391,6 +392,9 @@ def sampling_settings(args, gen_config: dict) -> dict:
 
 
 def check_flags(args, device):
+    if args.infer_backend not in ("pt", "transformers"):
+        raise UsageError(f"--infer_backend {args.infer_backend}: only the PyTorch backend exists here (--infer_backend pt, "
+                         "ms-swift 4.x's transformers); infer.py has no vllm, sglang or lmdeploy.")
     for flag in ("temperature", "top_p", "repetition_penalty"):
         if getattr(args, flag) is not None and getattr(args, flag) != getattr(args, flag):
             raise UsageError(f"--{flag} nan: give a number.")

@@ -53,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 (flags as in `swift sft`).")
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo)")
-    g.add_argument("--model_type", default=None, help="accepted for ms-swift's command lines; config.json says the type")
-    g.add_argument("--train_type", default="lora", help="only 'lora' is supported")
+    g.add_argument("--train_type", "--tuner_type", default="lora", help="only 'lora' (--tuner_type: ms-swift 4.x's name)")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="replay each micro-batch as a CUDA graph (default: true on one GPU)")
@@ -70,7 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system prompt for rows without one (default: Qwen2.5's own)")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
-    g.add_argument("--dataloader_num_workers", type=int, default=0, help="accepted for ms-swift's command lines; data is tokenized up front")
 
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_rank", type=int, default=8, help="rank r of A (r x in) and B (out x r)")
@@ -84,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
     g.add_argument("--per_device_train_batch_size", type=int, default=1, help="rows per micro-batch")
     g.add_argument("--per_device_eval_batch_size", type=int, default=1, help="rows per evaluation batch")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                   help="micro-batches per optimizer step (default: ceil(16 / (batch size x GPUs)), as ms-swift)")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"], help="decay after warmup")
     g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of the steps spent warming up linearly")
@@ -96,26 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--eval_steps", type=int, default=500, help="evaluate every N optimizer steps (needs validation data)")
+    g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (default: --save_steps)")
     g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the last)")
     g.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints: the best by eval loss and the newest")
     g.add_argument("--logging_steps", type=int, default=5, help="print and log every N optimizer steps")
-    g.add_argument("--output_dir", default="output", help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/")
+    g.add_argument("--output_dir", default=None, help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (default: output/MODEL_NAME)")
     g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
+    p.add_swift_flags("train")
     return p
 
 
 def check_args(a):
-    """Reject impossible flag values before anything slow happens."""
+    """Reject impossible flag values before anything slow happens; fill in the unset ones that
+    ms-swift derives from others (set_derived_defaults)."""
     if a.train_type != "lora":
         raise UsageError(f"--train_type {a.train_type}: only 'lora' is supported by this toolkit.")
     positive = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "lora_rank"]
     for name in positive:
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:  # None: set_derived_defaults below
             raise UsageError(f"--{name} must be at least 1, got {getattr(a, name)}.")
     if a.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be positive, got {a.learning_rate}.")
@@ -126,8 +127,6 @@ def check_args(a):
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(a, name)}.")
     if a.save_total_limit is not None and a.save_total_limit < 1:
         raise UsageError(f"--save_total_limit must be at least 1, got {a.save_total_limit}.")
-    if a.dataloader_num_workers < 0:
-        raise UsageError("--dataloader_num_workers cannot be negative.")
     for name in ("model_name", "model_author"):
         if getattr(a, name) and len(getattr(a, name)) > 2:
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
@@ -140,7 +139,20 @@ def check_args(a):
             raise UsageError(f"--dataset {spec}: {path} does not exist.{data.shipped_hint(path)}")
     if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
         raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
+    set_derived_defaults(a)  # before the resume check, which compares them with the checkpoint's
     runs.check_resume(a, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def set_derived_defaults(a):
+    """ms-swift's defaults that depend on other flags, written into `a` (and so into args.json)."""
+    if a.gradient_accumulation_steps is None:  # at least 16 rows per optimizer step over all GPUs
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        a.gradient_accumulation_steps = math.ceil(16 / (a.per_device_train_batch_size * world))
+        log0(int(os.environ.get("RANK", "0")), f"Setting args.gradient_accumulation_steps: {a.gradient_accumulation_steps}")
+    if a.eval_steps is None:
+        a.eval_steps = a.save_steps
+    if a.output_dir is None:
+        a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
 
 
 # ----------------------------------------------------------------------------------------------

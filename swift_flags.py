@@ -1,0 +1,199 @@
+"""swift_flags.py: the common flags of ms-swift's `swift sft`, `swift infer` and `swift export`, and
+what each one does here. This one table answers every ms-swift flag a user types:
+
+- taken: the scripts named in `scripts` have the flag, with ms-swift's meaning (train.py, infer.py
+  and merge.py define these themselves; `note` names any difference);
+- ignored: those scripts accept it so that an ms-swift command line runs, and it changes nothing
+  here (`note` says why, in --help and in a note when it is given);
+- only: those scripts accept these values, which say what this toolkit always does; others fail;
+- refused: a script that does not take it stops with one line saying so and, in `instead`, what to
+  use instead (cli.FlagParser.explain), rather than with argparse's nearest-spelling guess.
+
+`python swift_flags.py` prints the table as the README's "Coming from ms-swift" section has it.
+"""
+
+from dataclasses import dataclass
+
+SCRIPTS = {"train": "swift sft", "infer": "swift infer", "merge": "swift export"}
+
+
+@dataclass(frozen=True)
+class SwiftFlag:
+    example: str  # a typical value, quoted for the shell ("" for a flag that takes none)
+    scripts: tuple = ()  # the scripts here that take it: "train", "infer", "merge"
+    note: str = ""  # how it differs from ms-swift here, or why it is ignored
+    instead: str = ""  # for a script that does not take it: what to use instead
+    ignored: bool = False  # taken but without effect
+    only: tuple = ()  # taken with these values only
+    many: bool = False  # takes several values
+
+
+def refused(example: str, instead: str) -> SwiftFlag:
+    return SwiftFlag(example, instead=instead)
+
+
+TRAIN, INFER, MERGE = ("train",), ("infer",), ("merge",)
+TRAIN_INFER, ALL = ("train", "infer"), ("train", "infer", "merge")
+NOT_YET_DISTRIBUTED = ("DeepSpeed and FSDP are not here yet; LoRA on a 7B model fits one 24 GB GPU, and "
+                       "`torchrun --nproc_per_node N train.py ...` trains on N GPUs (data parallelism)")
+NOT_YET_QUANTIZED = ("quantized models (QLoRA training, GPTQ / AWQ / bnb export) are not here yet; "
+                     "LoRA on a bfloat16 7B model fits one 24 GB GPU")
+NO_DATASET_INFER = ("infer.py answers questions, not datasets: pipe them one per line, "
+                    "`python infer.py --adapters CKPT < questions.txt > answers.txt`")
+NO_VLLM = "infer.py decodes in PyTorch (one CUDA graph per token on a GPU); vLLM is not used"
+NO_UPLOAD = "upload the merged folder yourself: `huggingface-cli upload REPO FOLDER`"
+
+FLAGS = {
+    # Model
+    "model": SwiftFlag("Qwen/Qwen2.5-7B-Instruct", ALL, "Qwen2 / Qwen2.5 only"),
+    "model_type": SwiftFlag("qwen2", TRAIN_INFER, "config.json says the architecture", ignored=True),
+    "template": SwiftFlag("qwen2_5", TRAIN_INFER, "Qwen2.5's chat template is the one template here", only=("qwen2_5",)),
+    "train_type": SwiftFlag("lora", TRAIN, "lora only"),
+    "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),
+    "tuner_backend": SwiftFlag("peft", TRAIN, "LoRA is lora.py here, saved in PEFT's format", only=("peft",)),
+    "adapters": SwiftFlag("output/vN-.../checkpoint-N", ("infer", "merge"),
+                          instead="train.py starts from an existing adapter with --resume_from_checkpoint CKPT "
+                                  "--resume_only_model true"),
+    "ckpt_dir": refused("output/vN-.../checkpoint-N", "it is ms-swift 2.x's name for --adapters CHECKPOINT"),
+    "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's)"),
+    "use_hf": SwiftFlag("true", TRAIN_INFER, "models and datasets always come from the Hugging Face hub", ignored=True),
+    "attn_impl": SwiftFlag("flash_attn", TRAIN_INFER, "attention is torch's SDPA, which picks a flash kernel itself",
+                           ignored=True),
+    "device_map": refused("auto", "the model sits on one device, --device cuda:N (torchrun trains on several)"),
+    "quant_bits": refused("4", NOT_YET_QUANTIZED),
+    "quant_method": refused("bnb", NOT_YET_QUANTIZED),
+    # Data
+    "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, "files and Hugging Face ids; ModelScope ids are not fetched"),
+    "val_dataset": SwiftFlag("val.jsonl", TRAIN, instead=NO_DATASET_INFER),
+    "split_dataset_ratio": SwiftFlag("0.01", TRAIN),
+    "max_length": SwiftFlag("2048", TRAIN, "unset: 2048 (ms-swift: the model's context, 32,768 for Qwen2.5-7B)"),
+    "truncation_strategy": SwiftFlag("delete", TRAIN, "delete, left or right ('split' is not here)"),
+    "packing": SwiftFlag("true", TRAIN),
+    "padding_free": refused("true", "--packing true packs several rows into each --max_length row, with no padding "
+                                    "between them"),
+    "streaming": refused("true", "the datasets are read and tokenized before training; sample a large one with "
+                                 "--dataset FILE#N"),
+    "system": SwiftFlag("'You are a helpful assistant.'", TRAIN_INFER, "train.py stores it in args.json; infer.py reads it"),
+    "model_name": SwiftFlag("小黄 'Xiao Huang'", TRAIN, "replaces {{NAME}} in every dataset, not only ms-swift's own"),
+    "model_author": SwiftFlag("魔搭 ModelScope", TRAIN, "replaces {{AUTHOR}} in every dataset"),
+    "columns": refused("""'{"question":"query"}'""", "write the rows in a format read here: messages, conversations, "
+                                               "instruction/input/output or query/response"),
+    "loss_scale": SwiftFlag("default", TRAIN, "the loss is on every assistant turn", only=("default",)),
+    "dataloader_num_workers": SwiftFlag("4", TRAIN, "the data are tokenized before training starts", ignored=True),
+    "dataset_num_proc": SwiftFlag("4", TRAIN, "tokenizing runs in one process", ignored=True),
+    "load_from_cache_file": SwiftFlag("true", TRAIN, "nothing is cached; the data are tokenized at each start",
+                                      ignored=True),
+    "lazy_tokenize": SwiftFlag("false", TRAIN, "the data are tokenized before training starts", ignored=True),
+    # LoRA
+    "lora_rank": SwiftFlag("8", TRAIN),
+    "lora_alpha": SwiftFlag("32", TRAIN),
+    "lora_dropout": SwiftFlag("0.05", TRAIN),
+    "use_rslora": SwiftFlag("true", TRAIN),
+    "target_modules": SwiftFlag("all-linear", TRAIN),
+    "lora_bias": SwiftFlag("none", TRAIN, "LoRA layers have no bias here", only=("none",)),
+    "target_regex": refused("'.*q_proj'", "name the modules, --target_modules q_proj v_proj (or all-linear)"),
+    "modules_to_save": refused("embed_tokens", "only LoRA's A and B train here"),
+    "use_dora": refused("true", "DoRA is not implemented; plain LoRA, or rsLoRA's scale with --use_rslora true"),
+    "lorap_lr_ratio": refused("16", "LoRA+ is not implemented; A and B share one learning rate"),
+    "neftune_noise_alpha": refused("5", "NEFTune is not implemented"),
+    # Optimisation
+    "num_train_epochs": SwiftFlag("3", TRAIN),
+    "max_steps": SwiftFlag("-1", TRAIN),
+    "per_device_train_batch_size": SwiftFlag("1", TRAIN),
+    "per_device_eval_batch_size": SwiftFlag("1", TRAIN),
+    "gradient_accumulation_steps": SwiftFlag("16", TRAIN, "unset: ceil(16 / (batch size x GPUs)), as in ms-swift"),
+    "learning_rate": SwiftFlag("1e-4", TRAIN),
+    "lr_scheduler_type": SwiftFlag("cosine", TRAIN, "cosine, linear, constant or constant_with_warmup"),
+    "warmup_ratio": SwiftFlag("0.05", TRAIN),
+    "warmup_steps": refused("10", "give the warmup as a fraction of all steps, --warmup_ratio"),
+    "weight_decay": SwiftFlag("0.1", TRAIN),
+    "adam_beta1": SwiftFlag("0.9", TRAIN),
+    "adam_beta2": SwiftFlag("0.95", TRAIN),
+    "max_grad_norm": SwiftFlag("1.0", TRAIN),
+    "optim": SwiftFlag("adamw_torch", TRAIN, "the optimizer is torch's AdamW (fused on a GPU)",
+                       only=("adamw_torch", "adamw_torch_fused")),
+    "gradient_checkpointing": SwiftFlag("true", TRAIN),
+    "gradient_checkpointing_kwargs": SwiftFlag("""'{"use_reentrant":false}'""", TRAIN, "checkpointing is non-reentrant here",
+                                               ignored=True),
+    "use_liger_kernel": SwiftFlag("true", TRAIN, "no Liger kernels; the loss never holds all logits at once anyway",
+                                  ignored=True),
+    "seed": SwiftFlag("42", TRAIN_INFER),
+    # Evaluation, checkpoints, logging
+    "eval_steps": SwiftFlag("50", TRAIN, "unset: --save_steps, as in ms-swift"),
+    "save_steps": SwiftFlag("50", TRAIN),
+    "eval_strategy": SwiftFlag("steps", TRAIN, "evaluation goes by --eval_steps", only=("steps",)),
+    "save_strategy": SwiftFlag("steps", TRAIN, "checkpoints go by --save_steps", only=("steps",)),
+    "save_total_limit": SwiftFlag("2", TRAIN),
+    "save_only_model": SwiftFlag("true", TRAIN, "checkpoints always hold the optimizer state, so each resumes",
+                                 ignored=True),
+    "logging_steps": SwiftFlag("5", TRAIN),
+    "report_to": SwiftFlag("tensorboard", TRAIN, "logs go to logging.jsonl and images/loss.svg in the run folder",
+                           ignored=True, many=True),
+    "output_dir": SwiftFlag("output", ("train", "merge"), "train.py, unset: output/MODEL_NAME, as in ms-swift"),
+    "add_version": SwiftFlag("true", TRAIN),
+    "resume_from_checkpoint": SwiftFlag("output/vN-.../checkpoint-N", TRAIN, "resumes checkpoints of this toolkit"),
+    "resume_only_model": SwiftFlag("true", TRAIN, "loads only the checkpoint's adapter, into a new run"),
+    # Several GPUs
+    "deepspeed": refused("zero2", NOT_YET_DISTRIBUTED),
+    "fsdp": refused("fsdp2", NOT_YET_DISTRIBUTED),
+    "sequence_parallel_size": refused("2", "sequence parallelism is not implemented; each row trains on one GPU"),
+    "ddp_backend": SwiftFlag("nccl", TRAIN, "torchrun uses NCCL on GPUs, gloo on the CPU", ignored=True),
+    "ddp_timeout": SwiftFlag("1800", TRAIN, "torch.distributed's default timeout applies", ignored=True),
+    "ddp_find_unused_parameters": SwiftFlag("false", TRAIN, "no DDP wrapper; LoRA gradients are summed in one all-reduce",
+                                            ignored=True),
+    # Inference
+    "infer_backend": SwiftFlag("pt", INFER, "pt (ms-swift 4.x: transformers) only; vllm, sglang, lmdeploy are not here"),
+    "stream": SwiftFlag("true", INFER),
+    "temperature": SwiftFlag("0", INFER),
+    "top_k": SwiftFlag("20", INFER),
+    "top_p": SwiftFlag("0.8", INFER),
+    "repetition_penalty": SwiftFlag("1.05", INFER),
+    "max_new_tokens": SwiftFlag("2048", INFER),
+    "merge_lora": SwiftFlag("true", INFER, instead="merge.py writes a merged model, `python merge.py --adapters CKPT`"),
+    "num_beams": refused("4", "there is no beam search; decoding is greedy (--temperature 0) or sampled"),
+    "stop_words": refused("Observation:", "decoding stops at the model's end tokens or at --max_new_tokens"),
+    "max_batch_size": refused("8", NO_DATASET_INFER),
+    "result_path": refused("result.jsonl", NO_DATASET_INFER),
+    "vllm_gpu_memory_utilization": refused("0.9", NO_VLLM),
+    "gpu_memory_utilization": refused("0.9", NO_VLLM),
+    # Export
+    "exist_ok": SwiftFlag("", MERGE, "takes no value here (ms-swift: --exist_ok true)"),
+    "max_shard_size": SwiftFlag("5GB", MERGE),
+    "push_to_hub": refused("true", NO_UPLOAD),
+    "hub_model_id": refused("me/qwen-robot", NO_UPLOAD),
+}
+
+
+def is_accepted_without_effect(flag: SwiftFlag) -> bool:
+    """Flags that the scripts add from this table (cli.FlagParser.add_swift_flags); the scripts
+    define the others themselves."""
+    return flag.ignored or bool(flag.only)
+
+
+def refusal(name: str) -> str:
+    """The one line for --name given to a script that does not take it."""
+    flag = FLAGS[name]
+    if not flag.scripts:
+        return f"--{name} is an ms-swift flag this toolkit does not support: {flag.instead}."
+    where = " and ".join(f"{s}.py" for s in flag.scripts)
+    ms_swift = " and ".join(SCRIPTS[s] for s in flag.scripts)
+    return f"--{name} is a flag of {where} here ({ms_swift}), not of this script" + (
+        f": {flag.instead}." if flag.instead else ".")
+
+
+def markdown_table() -> str:
+    """The README's table: each flag with its example, which scripts take it and how, and the note."""
+    rows = ["| ms-swift flag | here | note |", "|---|---|---|"]
+    for name, flag in FLAGS.items():
+        scripts = ", ".join(f"{s}.py" for s in flag.scripts)
+        how = ("ignored" if flag.ignored else "only " + " / ".join(f"`{v}`" for v in flag.only) if flag.only
+               else "")
+        here = f"{scripts}: {how}" if scripts and how else scripts or "**refused**"
+        example = f" {flag.example}" if flag.example else ""
+        note = "; ".join(text for text in (flag.note, flag.instead) if text)
+        rows.append(f"| `--{name}{example}` | {here} | {note} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

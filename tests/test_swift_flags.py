@@ -1,0 +1,168 @@
+"""ms-swift's command lines: every flag of swift_flags.FLAGS is taken or refused as the table says,
+unset flags get ms-swift's derived defaults (stored in args.json), and the README shows the table."""
+
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import infer
+import merge
+import swift_flags
+import train
+from cli import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_REQUIRED = ["--model", "tiny", "--dataset", "x.json"]
+
+
+def run_script(script: str, argv: list, tmp_path) -> int:
+    """The script's main on argv (merge.py: on a checkpoint that does not exist, so that it stops
+    right after parsing)."""
+    if script == "train":
+        return train.main(TRAIN_REQUIRED + argv)
+    if script == "infer":
+        return infer.main(argv + ["--device", "cpu", "--adapters", str(tmp_path / "no-checkpoint")])
+    return merge.main(["--adapters", str(tmp_path / "no-checkpoint")] + argv)
+
+
+CASES = [(name, script) for name in swift_flags.FLAGS for script in swift_flags.SCRIPTS]
+
+
+@pytest.mark.parametrize("name,script", CASES, ids=[f"{s}-{n}" for n, s in CASES])
+def test_every_flag_in_the_table_is_taken_or_refused_with_its_message(name, script, tmp_path, capsys):
+    flag = swift_flags.FLAGS[name]
+    argv = [f"--{name}", *shlex.split(flag.example)]
+    code = run_script(script, argv, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2  # taken: stops later, at the missing data or checkpoint
+    if script in flag.scripts:
+        assert "unrecognized arguments" not in err and "not of this script" not in err and "does not support" not in err, err
+    else:
+        assert err == f"error: {swift_flags.refusal(name)}\n"  # one line, the table's, no spelling guess
+
+
+@pytest.mark.parametrize("argv,instead", [
+    ("--deepspeed zero2", "`torchrun --nproc_per_node N train.py ...` trains on N GPUs"),
+    ("--fsdp fsdp2", "`torchrun --nproc_per_node N train.py ...` trains on N GPUs"),
+    ("--streaming true", "sample a large one with --dataset FILE#N"),
+    ("--padding_free true", "--packing true packs several rows into each --max_length row"),
+    ("--quant_bits 4", "are not here yet"),
+])
+def test_unsupported_ms_swift_flags_say_so_in_one_line(argv, instead):
+    """The issue's examples, run as a user runs them: no 'did you mean --seed?'."""
+    r = subprocess.run([sys.executable, "train.py", *TRAIN_REQUIRED, *argv.split()], cwd=ROOT, capture_output=True,
+                       text=True)
+    name = argv.split()[0]
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {name} is an ms-swift flag this toolkit does not support: ")
+    assert instead in r.stderr and "did you mean" not in r.stderr
+
+
+def test_flags_of_another_script_name_it():
+    with pytest.raises(UsageError, match=r"^--temperature is a flag of infer.py here \(swift infer\), not of this script\.$"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--temperature", "0"])
+    with pytest.raises(UsageError, match="--merge_lora is a flag of infer.py here .*`python merge.py --adapters CKPT`"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--merge_lora", "true"])
+
+
+def test_a_misspelt_flag_still_gets_the_nearest_one_and_a_bad_value_no_guess():
+    with pytest.raises(UsageError, match=r"--lora_rnak 8 \(did you mean --lora_rank\?\)"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--lora_rnak", "8"])
+    with pytest.raises(UsageError) as e:
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--lora_rank", "x"])
+    assert "invalid int value: 'x'" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_ignored_flags_are_noted_and_limited_ones_take_only_their_values(capsys):
+    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--dataloader_num_workers", "4", "--template", "qwen2_5",
+                                                          "--report_to", "tensorboard", "wandb"])
+    assert a.dataloader_num_workers == "4" and a.template == "qwen2_5" and a.report_to == ["tensorboard", "wandb"]
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["note: --dataloader_num_workers 4 changes nothing here: the data are tokenized before training starts.",
+                   "note: --report_to tensorboard wandb changes nothing here: logs go to logging.jsonl and "
+                   "images/loss.svg in the run folder."]
+    with pytest.raises(UsageError, match=r"argument --template: 'qwen3' is not supported here, only qwen2_5 "
+                                         r"\(Qwen2.5's chat template is the one template here\)"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen3"])
+
+
+def test_tuner_type_is_ms_swift_4s_name_for_train_type(tmp_path, capsys):
+    assert train.build_parser().parse_args(TRAIN_REQUIRED + ["--tuner_type", "lora"]).train_type == "lora"
+    assert train.main(TRAIN_REQUIRED + ["--tuner_type", "full"]) == 2
+    assert "--train_type full: only 'lora' is supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["pt", "transformers"])
+def test_infer_backend_pt_is_the_pytorch_backend(backend):
+    assert infer.build_parser().parse_args(["--infer_backend", backend]).infer_backend == backend
+
+
+def test_infer_backend_other_than_pytorch_is_a_clear_error(capsys):
+    assert infer.main(["--model", "/no/such/model", "--infer_backend", "vllm"]) == 2  # before any model is looked for
+    assert capsys.readouterr().err == ("error: --infer_backend vllm: only the PyTorch backend exists here "
+                                       "(--infer_backend pt, ms-swift 4.x's transformers); infer.py has no vllm, "
+                                       "sglang or lmdeploy.\n")
+
+
+@pytest.mark.parametrize("batch,world,expected", [(1, 1, 16), (2, 1, 8), (3, 1, 6), (16, 1, 1), (64, 1, 1),
+                                                  (1, 2, 8), (3, 2, 3), (1, 32, 1)])
+def test_unset_accumulation_is_ms_swifts_ceil_16_over_batch_times_gpus(batch, world, expected, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--per_device_train_batch_size", str(batch)])
+    train.set_derived_defaults(a)
+    assert a.gradient_accumulation_steps == expected == max(1, math.ceil(16 / batch / world))
+    assert capsys.readouterr().out == f"Setting args.gradient_accumulation_steps: {expected}\n"  # as ms-swift logs it
+
+
+def test_given_values_are_kept_and_only_rank_0_logs(monkeypatch, capsys):
+    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--gradient_accumulation_steps", "3", "--eval_steps", "7",
+                                                          "--output_dir", "runs"])
+    train.set_derived_defaults(a)
+    assert (a.gradient_accumulation_steps, a.eval_steps, a.output_dir) == (3, 7, "runs")
+    monkeypatch.setenv("RANK", "1")
+    train.set_derived_defaults(train.build_parser().parse_args(TRAIN_REQUIRED))
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("model,expected", [("tiny", "output/tiny"), ("Qwen/Qwen2.5-7B-Instruct/", "output/Qwen2.5-7B-Instruct"),
+                                            ("/models/qwen-0.5b", "output/qwen-0.5b")])
+def test_unset_output_dir_is_output_slash_model_name_as_ms_swift(model, expected):
+    a = train.build_parser().parse_args(["--model", model, "--dataset", "x.json", "--save_steps", "20"])
+    train.set_derived_defaults(a)
+    assert Path(a.output_dir) == Path(expected) and a.eval_steps == 20  # eval_steps follows save_steps
+
+
+def test_args_json_stores_the_derived_defaults_and_a_resume_derives_the_same(tmp_path, tiny_dir, monkeypatch, capsys):
+    rows = tmp_path / "qa.json"
+    rows.write_text(json.dumps([{"query": f"q{i}", "response": f"a{i}"} for i in range(6)]))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny", "--dataset", str(rows), "--device", "cpu", "--torch_dtype", "float32",
+            "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "1"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Setting args.gradient_accumulation_steps: 8\n" in out
+    assert "1 optimizer steps per epoch" in out  # 3 micro-batches of 2 rows, 8 to a step: one step
+    [run] = (tmp_path / "output" / "tiny").glob("v0-*")
+    for args_file in (run / "args.json", run / "checkpoint-1" / "args.json"):
+        args = json.loads(args_file.read_text())
+        assert (args["gradient_accumulation_steps"], args["eval_steps"], args["output_dir"]) == (8, 1, "output/tiny")
+        assert args["max_length"] == 2048
+    # The resume check compares the derived values, not the unset ones, with the checkpoint's.
+    assert train.main(argv + ["--resume_from_checkpoint", str(run / "checkpoint-1")]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", [train, infer])
+def test_flag_help_fits_one_line(module):
+    for action in module.build_parser()._actions:
+        assert len(action.help or "") < 100, action.option_strings
+
+
+def test_readme_shows_the_table():
+    readme = (ROOT / "README.md").read_text()
+    assert swift_flags.markdown_table() in readme, "paste the output of `python swift_flags.py` into README.md"
