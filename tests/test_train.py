@@ -48,8 +48,9 @@ def adapter(ckpt):
 
 
 def base_args(data, out, *extra):
+    # One micro-batch a step unless a test says otherwise (ms-swift's default would be 16).
     return ["--model", "tiny", "--dataset", str(data), "--output_dir", str(out), "--torch_dtype", "float32",
-            "--device", "cpu", "--logging_steps", "1", *map(str, extra)]
+            "--device", "cpu", "--logging_steps", "1", "--gradient_accumulation_steps", "1", *map(str, extra)]
 
 
 def test_tutorial_command_runs_and_writes_the_run_folder(tmp_path, tiny_dir):
