@@ -321,7 +321,10 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
         holder = [str(run_dir) if run_dir else None]
         dist.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
-    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world)
+    # model_type and template as ms-swift reads them from a checkpoint's args.json: `swift infer
+    # --adapters CKPT` on a local base then needs no --model_type / --template of its own.
+    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=a.model_type or "qwen2",
+                     template=getattr(a, "template", None) or "qwen2_5")
     if rank == 0:
         (run_dir / "images").mkdir(exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")

@@ -62,6 +62,7 @@ def test_tutorial_command_runs_and_writes_the_run_folder(tmp_path, tiny_dir):
     assert run.name.startswith("v0-")
     args = json.loads((run / "args.json").read_text())
     assert args["model"] == "tiny" and args["system"] == "You are a helpful assistant."
+    assert (args["model_type"], args["template"]) == ("qwen2", "qwen2_5")  # what swift infer --adapters reads
     log = [json.loads(l) for l in (run / "logging.jsonl").read_text().splitlines()]
     train_entries = [e for e in log if "loss" in e]
     assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "elapsed", "remaining"} <= set(train_entries[-1])
