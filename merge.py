@@ -7,8 +7,8 @@ in float32 and rounded once to the weight's dtype (lora.merge_lora). The result 
 model: no adapter files, no extra compute at inference, and any tool that reads Qwen2.5 (transformers,
 vLLM, llama.cpp's converter) can load it. The output, `<checkpoint>-merged/` by default, holds
 config.json, generation_config.json, the base model's tokenizer files, safetensors shards of at
-most 5 GB with model.safetensors.index.json and merge_info.json (what was merged into what, and that
-merge.py did it).
+most 5 GB with model.safetensors.index.json, the checkpoint's args.json (its training system prompt;
+swift export keeps it too) and merge_info.json (what was merged into what, and that merge.py did it).
 
 Only one copy of the base is ever in memory: it is loaded, merged in place and saved. Everything is
 written into a hidden sibling folder `.NAME.tmp-PID-XXXXXXXX` that is renamed into place at the end
@@ -20,6 +20,7 @@ folder holding either.
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -37,7 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 MARKER = "qwen-lora merge.py"  # merge_info.json's "written_by": how --exist_ok knows a folder is ours
 # Every name merge.py writes into its folder; a folder holding anything else is not ours to delete.
 MERGED_FILE = re.compile("|".join([r"model\.safetensors(\.index\.json)?", r"model-\d+-of-\d+\.safetensors",
-                                   *map(re.escape, ("config.json", "generation_config.json",
+                                   *map(re.escape, ("config.json", "generation_config.json", "args.json",
                                                     "merge_info.json", *TOKENIZER_FILES))]))
 
 
@@ -122,17 +123,37 @@ def check_replaceable(out: Path, inputs: dict) -> None:
                          "folder with --output_dir.")
 
 
+def merge_dtype(flag, ckpt_args: dict, config) -> tuple:
+    """--torch_dtype, else the dtype the adapter was trained in (args.json's torch_dtype), else the
+    base config's; with the reason, for the log. Merging an adapter trained on float32 weights in
+    bf16 rounds W0 + delta to 8 significant bits: an update under about 0.2% of its weight
+    vanishes, and W0 is not what the adapter saw."""
+    if flag is not None:
+        return flag, "--torch_dtype"
+    trained = ckpt_args.get("torch_dtype")  # train.py writes null when it chose by device
+    if isinstance(trained, str) and trained.removeprefix("torch.") in cli.DTYPES:
+        return cli.DTYPES[trained.removeprefix("torch.")], "the checkpoint's training dtype"
+    return cli.DTYPES.get(config.torch_dtype, torch.bfloat16), "the base model's config.json"
+
+
+def output_path(adapters, output_dir) -> Path:
+    """--output_dir, else CHECKPOINT-merged beside the checkpoint. Absolute, because `.` or `..` has
+    no name and no parent to put CHECKPOINT-merged and the hidden folders in."""
+    where = Path(os.path.abspath(adapters))
+    return Path(os.path.abspath(output_dir)) if output_dir else where.parent / f"{where.name}-merged"
+
+
 def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dtype=None,
           max_shard_bytes=5 * 10**9) -> Path:
     """Merge the adapter checkpoint `adapters` into `base` and write the model folder; returns its path."""
     ckpt = Path(adapters)
-    saved_base = lora.checkpoint_args(ckpt)["model"]  # also checks that the folder exists
-    base = base or saved_base
+    ckpt_args = lora.checkpoint_args(ckpt)  # also checks that the folder exists
+    base = base or ckpt_args["model"]
     if not base:
         raise MergeError(f"{ckpt} does not say which base model it was trained on (no \"model\" in args.json, "
                          "no base_model_name_or_path in adapter_config.json). Pass it with --model.")
     lora.read_adapter(ckpt)  # fail on a broken adapter now, not after loading gigabytes of base model
-    out = Path(output_dir) if output_dir else ckpt.parent / f"{ckpt.name}-merged"
+    out = output_path(ckpt, output_dir)
     local_base = {"base model": Path(base)} if Path(base).is_dir() else {}
     check_output(out, exist_ok, {"adapter": ckpt, **local_base})  # in a second, before the base is fetched
     device = cli.pick_device(device)
@@ -143,9 +164,9 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
     inputs = {"adapter": ckpt, "base model": model_dir}
     check_output(out, exist_ok, inputs)  # the base's folder is known only now (a hub id, tiny)
     config = M.Config.from_json(model_dir / "config.json")
-    dtype = dtype or cli.DTYPES.get(config.torch_dtype, torch.bfloat16)
+    dtype, why = merge_dtype(dtype, ckpt_args, config)
     config.torch_dtype = str(dtype).removeprefix("torch.")
-    print(f"loading {base} ({config.torch_dtype}) on {device}", flush=True)
+    print(f"loading {base} ({config.torch_dtype}, {why}) on {device}", flush=True)
     model, _ = M.load_model(str(model_dir), dtype=dtype, device=device)
     cfg = lora.load_adapter(model, ckpt, base_model_name_or_path=base)
     print(f"merging {ckpt} (r={cfg.r}, alpha={cfg.lora_alpha}{', rsLoRA' if cfg.use_rslora else ''})", flush=True)
@@ -166,6 +187,9 @@ def write_folder(folder: Path, model, config, model_dir: Path, ckpt: Path, info:
     for name in ("generation_config.json",) + TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copyfile(model_dir / name, folder / name)
+    # The training system prompt, for inference on the merged model (swift export keeps args.json too).
+    if (ckpt / "args.json").is_file():
+        shutil.copyfile(ckpt / "args.json", folder / "args.json")
     (folder / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -175,6 +199,8 @@ def main(argv=None) -> int:
     # What to merge
     p.add_argument("--adapters", required=True, help="checkpoint folder with adapter_config.json and "
                    "adapter_model.safetensors (a checkpoint-N folder of a training run, or any peft LoRA adapter)")
+    p.add_argument("--merge_lora", type=cli.str2bool, default=True, help="true (the only choice): accepted so that "
+                   "ms-swift's `swift export --adapters CKPT --merge_lora true` runs as written")
     p.add_argument("--model", default=None, help="base model folder, hub id or 'tiny' (default: the model named in "
                    "the checkpoint's args.json or adapter_config.json)")
     # Where to write it
@@ -184,10 +210,14 @@ def main(argv=None) -> int:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     # How to compute it
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available); holds one copy of the base")
-    p.add_argument("--torch_dtype", default=None, help="bfloat16, float16 or float32 (default: the base's config.json)")
+    p.add_argument("--torch_dtype", default=None, help="bfloat16, float16 or float32 (default: the dtype the adapter "
+                   "was trained in, torch_dtype in the checkpoint's args.json, else the base's config.json)")
 
     def merge_and_say():
         a = p.parse_args(argv)
+        if not a.merge_lora:
+            raise MergeError(f"--merge_lora false: merge.py only merges (it is `swift export --merge_lora true`). To "
+                             f"use the adapter unmerged, load it at inference: python infer.py --adapters {a.adapters}")
         dtype = cli.parse_dtype(a.torch_dtype) if a.torch_dtype else None
         out = merge(a.adapters, a.model, a.output_dir, a.exist_ok, a.device, dtype, parse_size(a.max_shard_size))
         print(f"merged model written to {out}")

@@ -82,6 +82,7 @@ def test_sharded_merge_of_a_tied_model_writes_an_index_and_no_lm_head(tiny_dir, 
     assert "lm_head.weight" not in index["weight_map"]
     assert not any(".lora_" in k for k in index["weight_map"])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert not (out / "args.json").exists()  # the checkpoint has none, and none is invented
     x = torch.randint(0, 500, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref(x)
@@ -101,6 +102,41 @@ def test_merge_writes_the_requested_dtype(tiny_dir, tmp_path):
     layer = ref.model.layers[0].self_attn.o_proj
     base = M.load_model(str(tiny_dir), dtype=torch.bfloat16)[0].model.layers[0].self_attn.o_proj.weight
     assert torch.equal(w, (base.float() + layer.delta_weight("default")).bfloat16())  # rounded once
+
+
+def test_merged_folder_keeps_the_checkpoints_args_json_and_its_system_prompt(tiny_dir, tmp_path):
+    """As swift export does, so that inference on the merged model can use the training system prompt."""
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(tiny_dir, ckpt, "tiny", targets=["q_proj"])
+    swift_args = {"model": "tiny", "model_type": "qwen2_5", "template": "qwen2_5", "system": "你是小黄。",
+                  "train_type": "lora", "torch_dtype": "float32"}  # the keys an ms-swift checkpoint's args.json has
+    (ckpt / "args.json").write_text(json.dumps(swift_args, ensure_ascii=False, indent=2))
+    out = merge.merge(ckpt, output_dir=tmp_path / "m", device="cpu")
+    assert (out / "args.json").read_bytes() == (ckpt / "args.json").read_bytes()
+    assert lora.checkpoint_args(out)["system"] == "你是小黄。"
+
+
+def test_merge_uses_the_checkpoints_training_dtype_unless_torch_dtype_is_given(tiny_dir, tmp_path):
+    base = tmp_path / "base"  # a base whose config.json says bfloat16, as Qwen2.5's do
+    shutil.copytree(tiny_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    ckpt = tmp_path / "ckpt"
+    ref = make_checkpoint(base, ckpt, str(base), targets=["o_proj"])
+    (ckpt / "args.json").write_text(json.dumps({"model": str(base), "torch_dtype": "float32"}))
+
+    out = merge.merge(ckpt, output_dir=tmp_path / "m", device="cpu")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    merged = M.load_model(str(out), dtype=torch.float32)[0].model.layers[0].self_attn.o_proj.weight
+    layer = ref.model.layers[0].self_attn.o_proj
+    assert torch.equal(merged, layer.weight + layer.delta_weight("default"))  # no rounding to bf16
+
+    out = merge.merge(ckpt, output_dir=tmp_path / "m", exist_ok=True, device="cpu", dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"  # --torch_dtype wins
+    # train.py stores null when --torch_dtype was not given; then the base's config.json decides
+    (ckpt / "args.json").write_text(json.dumps({"model": str(base), "torch_dtype": None}))
+    out = merge.merge(ckpt, output_dir=tmp_path / "m", exist_ok=True, device="cpu")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def modes(folder) -> dict:
@@ -340,6 +376,41 @@ def dead_pid() -> int:
     return p.pid
 
 
+def test_swift_exports_merge_lora_true_is_accepted(tiny_dir, tmp_path):
+    """The tutorials' `swift export --adapters CKPT --merge_lora true` works after swapping the program."""
+    ckpt = tmp_path / "checkpoint-2"
+    make_checkpoint(tiny_dir, ckpt, "tiny", targets=["gate_proj"])
+    r = run_merge("--adapters", ckpt, "--merge_lora", "true", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "checkpoint-2-merged" / "model.safetensors").exists()
+
+
+def test_merge_lora_false_is_a_clear_error_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(tiny_dir, ckpt, "tiny", targets=["gate_proj"])
+
+    def no_loading(*a, **k):
+        raise AssertionError("the base model was loaded")
+    monkeypatch.setattr(M, "load_model", no_loading)
+    err = merge_error(capsys, "--adapters", ckpt, "--merge_lora", "false")
+    assert "--merge_lora false: merge.py only merges" in err and f"python infer.py --adapters {ckpt}" in err
+    err = merge_error(capsys, "--adapters", ckpt, "--merge_lora", "maybe")
+    assert "argument --merge_lora: expected true or false, got 'maybe'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_merging_the_current_folder_writes_beside_it(tiny_dir, tmp_path):
+    """`--adapters .` from inside the checkpoint: CHECKPOINT-merged goes beside it, not into it."""
+    ckpt = tmp_path / "checkpoint-4"
+    make_checkpoint(tiny_dir, ckpt, "tiny", targets=["v_proj"])
+    before = snapshot(ckpt)
+    r = subprocess.run([sys.executable, ROOT / "merge.py", "--adapters", ".", "--device", "cpu"], cwd=ckpt,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "checkpoint-4-merged" / "model.safetensors").exists()
+    assert snapshot(ckpt) == before
+
+
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
     r = run_merge("--adapters", tmp_path / "checkpoint-9", "--model", "tiny")
     assert r.returncode == 2
@@ -449,7 +520,8 @@ def test_every_flag_has_help(capsys):
         merge.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--adapters", "--model", "--output_dir", "--exist_ok", "--max_shard_size", "--device", "--torch_dtype"):
+    for flag in ("--adapters", "--model", "--output_dir", "--exist_ok", "--max_shard_size", "--device", "--torch_dtype",
+                 "--merge_lora"):
         assert flag in text
 
 
