@@ -156,7 +156,8 @@ ERRORS = (UsageError, DataError, ModelError, LoraError, RunError, FloatingPointE
 def run_main(body, interrupted: str = "") -> int:
     """Run a script's body; its exit code. Errors a user can fix are one paragraph on stderr:
     exit 2 (1 when training diverged). Under torchrun every rank checks the same flags and data,
-    so for those only rank 0 speaks."""
+    so for those only rank 0 speaks. Ctrl-C prints `interrupted` (or the KeyboardInterrupt's own
+    message, when it carries one) and exits 130."""
     try:
         return body()
     except ERRORS as e:
@@ -165,6 +166,7 @@ def run_main(body, interrupted: str = "") -> int:
             hint = " Check the path and its permissions, and that the disk has room." if isinstance(e, OSError) else ""
             print(f"error: {e}{hint}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2
-    except KeyboardInterrupt:
-        print(f"\n{interrupted}" if interrupted else "", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        message = str(e) or interrupted  # one raised with a message knows better what is on disk
+        print(f"\n{message}" if message else "", file=sys.stderr)
         return 130

@@ -55,7 +55,8 @@ FLAGS = {
                           instead="train.py starts from an existing adapter with --resume_from_checkpoint CKPT "
                                   "--resume_only_model true"),
     "ckpt_dir": refused("output/vN-.../checkpoint-N", "it is ms-swift 2.x's name for --adapters CHECKPOINT"),
-    "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's)"),
+    "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's); "
+                             "merge.py: the adapter's training dtype, else config.json's"),
     "use_hf": SwiftFlag("true", TRAIN_INFER, "models and datasets always come from the Hugging Face hub", ignored=True),
     "attn_impl": SwiftFlag("flash_attn", TRAIN_INFER, "attention is torch's SDPA, which picks a flash kernel itself",
                            ignored=True),
@@ -149,7 +150,8 @@ FLAGS = {
     "top_p": SwiftFlag("0.8", INFER),
     "repetition_penalty": SwiftFlag("1.05", INFER),
     "max_new_tokens": SwiftFlag("2048", INFER),
-    "merge_lora": SwiftFlag("true", INFER, instead="merge.py writes a merged model, `python merge.py --adapters CKPT`"),
+    "merge_lora": SwiftFlag("true", ("infer", "merge"), "merge.py: true only, it always merges",
+                            instead="merge.py writes a merged model, `python merge.py --adapters CKPT`"),
     "num_beams": refused("4", "there is no beam search; decoding is greedy (--temperature 0) or sampled"),
     "stop_words": refused("Observation:", "decoding stops at the model's end tokens or at --max_new_tokens"),
     "max_batch_size": refused("8", NO_DATASET_INFER),

@@ -7,6 +7,8 @@ file may import it, and it imports none of them.
 
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -38,43 +40,100 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # reading the umask means setting it; put it back at once
     os.umask(mask)
     return mask
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give `folder` and what it holds the modes mkdir and open give: 0o777 and 0o666 less the
+    umask. mkdtemp makes the folder owner-only, and a file copied with its mode or written by a
+    library may be too, so another account (a serving user, a shared group) could not read it."""
+    mask = _umask()
+    for p in [folder, *folder.rglob("*")]:
+        if not p.is_symlink():  # chmod would follow it to a file that is not ours
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
 def atomic_folder(final, replace: bool = False):
     """Write a folder so that `final` is either absent (or its old self) or complete.
 
-    Yields a hidden temporary sibling `.NAME.tmp-XXXX` to write into; when the block ends without
-    an error it is renamed to `final` in one step (with replace=True an existing `final` is swapped
-    out only then). On an error the temporary folder is removed and `final` is untouched; a process
-    killed mid-write leaves only a hidden `.NAME.tmp-*`, never a half-written `final`. Permissions
-    follow the umask, like any folder the user makes (mkdtemp alone would make it owner-only)."""
+    Yields a hidden temporary sibling `.NAME.tmp-PID-XXXXXXXX` to write into; when the block ends
+    without an error its permissions are made to follow the umask and it is renamed to `final` in
+    one step. On an error (Ctrl-C too) the temporary folder is removed and `final` is untouched; a
+    process killed mid-write leaves only the hidden folder, whose pid tells remove_stale_temporaries
+    that its writer is gone. With replace=True an existing `final` is moved aside to
+    `.NAME.old-PID-XXXXXXXX` only then, put back if the rename fails or is interrupted, and deleted
+    once the new folder is in place."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}-"))
     try:
-        tmp.chmod(0o777 & ~_umask())
         yield tmp
-        if final.exists() and replace:
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)  # fails if `final` is a non-empty folder: never merged into one
+        _follow_umask(tmp)
+        old = _rename_into_place(tmp, final, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        _delete_replaced(old, final)
 
 
-def remove_stale_temporaries(final):
-    """Remove `.NAME.tmp-*` folders that a killed atomic_folder(final) left behind. Only for a
-    folder that one process at a time writes (a run's checkpoints, a merge's output)."""
+def _rename_into_place(tmp: Path, final: Path, replace: bool) -> Path | None:
+    """Rename `tmp` to `final`; with `replace`, an existing `final` is moved aside first and put
+    back if that fails, so one of the two is always whole at `final`. Returns where it went."""
+    if not (replace and os.path.lexists(final)):
+        tmp.rename(final)  # fails if `final` is a non-empty folder: never merged into one
+        return None
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        final.rename(old)
+        tmp.rename(final)
+    except BaseException:  # Ctrl-C too: the earlier folder goes back, not left hidden
+        if os.path.lexists(old) and not os.path.lexists(final):
+            old.rename(final)
+        raise
+    return old
+
+
+def _delete_replaced(old: Path, final: Path) -> None:
+    try:
+        shutil.rmtree(old, ignore_errors=True)  # the new folder is in place: a failure here loses nothing
+    except KeyboardInterrupt:  # say what is on disk: the caller would report 'nothing was written'
+        raise KeyboardInterrupt(f"interrupted: {final} is complete; what is left of the folder it "
+                                f"replaced, {old}, may be deleted.") from None
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process with this id runs here (signal 0 only asks whether it exists)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process, or no valid pid: not ours to judge
+        return False
+    return False
+
+
+def remove_stale_temporaries(final, is_ours=None) -> list[Path]:
+    """Remove the hidden folders that a killed atomic_folder(final) left behind: the
+    `.NAME.tmp-PID-XXXXXXXX` it was writing and the `.NAME.old-PID-XXXXXXXX` it was replacing (or
+    deleting), and `.NAME.tmp-XXXXXXXX` from before the pid was in the name. Only when their
+    process is gone and, when given, `is_ours(folder)` says the contents are the writer's own; a
+    link or a file of such a name is kept. Returns the folders removed."""
     final = Path(final)
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    name = re.compile(rf"\.{re.escape(final.name)}\.(tmp|old)-(?:(\d+)-)?[a-z0-9_]{{8}}")
+    removed = []
+    for p in (final.parent.iterdir() if final.parent.is_dir() else []):
+        m = name.fullmatch(p.name)
+        if not m or p.is_symlink() or not p.is_dir():
+            continue
+        # No pid: a .tmp written before the pid was in the name (a .old always has one).
+        gone = _process_gone(int(m[2])) if m[2] else m[1] == "tmp"
+        if gone and (is_ours is None or is_ours(p)):
+            shutil.rmtree(p, ignore_errors=True)  # cleaning up: a folder that cannot go blocks nothing
+            removed += [] if p.exists() else [p]
+    return removed
 
 
 def short_list(items, n: int = 8) -> str:

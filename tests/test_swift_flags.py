@@ -66,7 +66,8 @@ def test_unsupported_ms_swift_flags_say_so_in_one_line(argv, instead):
 def test_flags_of_another_script_name_it():
     with pytest.raises(UsageError, match=r"^--temperature is a flag of infer.py here \(swift infer\), not of this script\.$"):
         train.build_parser().parse_args(TRAIN_REQUIRED + ["--temperature", "0"])
-    with pytest.raises(UsageError, match="--merge_lora is a flag of infer.py here .*`python merge.py --adapters CKPT`"):
+    with pytest.raises(UsageError, match="--merge_lora is a flag of infer.py and merge.py here "
+                                         ".*`python merge.py --adapters CKPT`"):
         train.build_parser().parse_args(TRAIN_REQUIRED + ["--merge_lora", "true"])
 
 

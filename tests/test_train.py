@@ -187,7 +187,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_d
     run = run_dir_of(tmp_path / "out")
     assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-2"]
     assert not (run / "checkpoint-4").exists() and not list(run.glob(".checkpoint-4.tmp-*"))  # removed on the way out
-    (run / ".checkpoint-4.tmp-killed").mkdir()  # what a kill -9 mid-save leaves
+    (run / ".checkpoint-4.tmp-999999999-abcdefgh").mkdir()  # what a kill -9 mid-save leaves (a pid gone)
     monkeypatch.setattr(torch, "save", real_save)
     assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-2"
     assert train.main(train_args(data_file, tmp_path / "out", 4, 2, "--resume_from_checkpoint", run)) == 0
