@@ -153,6 +153,8 @@ def set_derived_defaults(a):
         a.eval_steps = a.save_steps
     if a.output_dir is None:
         a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
+    if a.torch_dtype is None:  # the dtype it trains in, for merge.py and for reading args.json
+        a.torch_dtype = str(cli.pick_dtype(None, cli.pick_device(a.device))).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------
