@@ -159,6 +159,7 @@ class Chat:
     max_new_tokens: int | None  # None: until the context is full
     generator: torch.Generator
     adapter_systems: dict  # adapter name -> the system prompt it was trained with (None: Qwen's default)
+    base_system: str | None = None  # a model merged by merge.py: the system prompt it was trained with
     adapter: str | None = None  # the active adapter; None is the plain base model
     merged: bool = False  # the active adapter was merged into the weights (--merge_lora true)
     system: str | None = None  # from --system or /system; overrides the adapter's
@@ -175,7 +176,9 @@ class Chat:
         return self.model.config.max_position_embeddings
 
     def current_system(self) -> str | None:
-        return self.system if self.system is not None else self.adapter_systems.get(self.adapter)
+        if self.system is not None:
+            return self.system
+        return self.base_system if self.adapter is None else self.adapter_systems.get(self.adapter)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         ids, _ = data.encode_chat(self.tok, messages, add_generation_prompt=True, system=self.current_system())
@@ -455,8 +458,15 @@ def load_chat(args) -> Chat:
     return Chat(model=model, tok=tok, stop_ids=modeling.stop_ids(gen_config, model.config, tok.im_end_id),
                 sampling=sampling, max_new_tokens=args.max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
+                base_system=merged_system(model_dir),
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
                 show_prompt=args.show_prompt, decoding=speed.plan_decoding(args.cuda_graph, args.torch_compile, device))
+
+
+def merged_system(model_dir) -> str | None:
+    """A model merged by merge.py keeps its checkpoint's args.json: the system prompt it was
+    trained with (None: none was given, Qwen's default)."""
+    return lora.checkpoint_args(model_dir)["system"] if (Path(model_dir) / "args.json").exists() else None
 
 
 def load_base(model_name: str, named_in: str | None, dtype, device):

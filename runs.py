@@ -67,9 +67,11 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: (p / "trainer_state.json").stat().st_mtime_ns) if ckpts else None
 
 
-def find_resume_checkpoint(path: str) -> Path:
+def find_resume_checkpoint(path: str, adapter_only: bool = False) -> Path:
+    """A checkpoint folder, or a run folder's newest checkpoint; with adapter_only, also a plain
+    adapter folder (peft's or ms-swift's adapter files without trainer_state.json)."""
     p = Path(path)
-    if (p / "trainer_state.json").exists():
+    if (p / "trainer_state.json").exists() or adapter_only and (p / "adapter_model.safetensors").exists():
         return p
     newest = newest_checkpoint(p)
     if newest is None:
@@ -267,7 +269,7 @@ def check_resume(a, world: int) -> Path | None:
                            f"--resume_from_checkpoint {a.output_dir}, or start a new run elsewhere (another "
                            "--output_dir, or --add_version true for a new vN-... folder in it).")
         return None
-    ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+    ckpt = find_resume_checkpoint(a.resume_from_checkpoint, a.resume_only_model)
     needed = ("adapter_model.safetensors",) if a.resume_only_model else CHECKPOINT_FILES
     missing = [f for f in needed if not (ckpt / f).is_file()]
     if missing:

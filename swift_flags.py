@@ -51,9 +51,8 @@ FLAGS = {
     "train_type": SwiftFlag("lora", TRAIN, "lora only"),
     "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),
     "tuner_backend": SwiftFlag("peft", TRAIN, "LoRA is lora.py here, saved in PEFT's format", only=("peft",)),
-    "adapters": SwiftFlag("output/vN-.../checkpoint-N", ("infer", "merge"),
-                          instead="train.py starts from an existing adapter with --resume_from_checkpoint CKPT "
-                                  "--resume_only_model true"),
+    "adapters": SwiftFlag("output/vN-.../checkpoint-N", ALL,
+                          "train.py: a new run that goes on training that adapter, with its rank and targets"),
     "ckpt_dir": refused("output/vN-.../checkpoint-N", "it is ms-swift 2.x's name for --adapters CHECKPOINT"),
     "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's); "
                              "merge.py: the adapter's training dtype, else config.json's"),

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
+    g.add_argument("--adapters", default=None, help="go on training this LoRA adapter (its rank and targets) in a new run")
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
     p.add_swift_flags("train")
     return p
@@ -153,6 +154,12 @@ def set_derived_defaults(a):
         a.eval_steps = a.save_steps
     if a.output_dir is None:
         a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
+    if a.adapters:  # ms-swift's --adapters: a new run from that adapter, with its LoRA shape
+        cfg, _, _ = lora.read_adapter(a.adapters)
+        a.lora_rank, a.lora_alpha, a.use_rslora = cfg.r, cfg.lora_alpha, cfg.use_rslora
+        targets = cfg.target_modules
+        a.target_modules = [targets] if isinstance(targets, str) else list(targets)
+        a.resume_from_checkpoint, a.resume_only_model = a.adapters, True
     if a.torch_dtype is None:  # the dtype it trains in, for merge.py and for reading args.json
         a.torch_dtype = str(cli.pick_dtype(None, cli.pick_device(a.device))).removeprefix("torch.")
 

@@ -167,3 +167,27 @@ def test_flag_help_fits_one_line(module):
 def test_readme_shows_the_table():
     readme = (ROOT / "README.md").read_text()
     assert swift_flags.markdown_table() in readme, "paste the output of `python swift_flags.py` into README.md"
+
+
+def test_adapters_goes_on_training_an_adapter_and_a_merged_model_keeps_its_system_prompt(tmp_path, tiny_dir, capsys):
+    """train.py --adapters CKPT (swift sft --adapters): a new run from that adapter, with its rank;
+    merge.py keeps the training system prompt, and infer.py --model MERGED uses it."""
+    import infer
+    import merge
+    import train
+    data_file = tmp_path / "qa.json"
+    data_file.write_text(json.dumps([{"query": "hi", "response": "hello"}, {"query": "who", "response": "me"}]))
+    common = ["--model", "tiny", "--dataset", str(data_file), "--torch_dtype", "float32", "--device", "cpu",
+              "--max_steps", "2", "--save_steps", "2", "--gradient_accumulation_steps", "1"]
+    assert train.main(common + ["--output_dir", str(tmp_path / "a"), "--lora_rank", "4", "--system", "Be brief."]) == 0
+    (first,) = (tmp_path / "a").glob("v*/checkpoint-2")
+    assert train.main(common + ["--output_dir", str(tmp_path / "b"), "--adapters", str(first), "--system", "Be brief."]) == 0
+    (second,) = (tmp_path / "b").glob("v*/checkpoint-2")
+    assert json.loads((second / "adapter_config.json").read_text())["r"] == 4  # the adapter's rank, not the default 8
+    assert "the adapter only: a new run" in capsys.readouterr().out
+    assert merge.main(["--adapters", str(second), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    merged = second.parent / "checkpoint-2-merged"
+    assert infer.main(["--model", str(merged), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2",
+                       "--temperature", "0", "--show_prompt", "true"]) == 0
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in capsys.readouterr().err
