@@ -435,7 +435,7 @@ def load_chat(args) -> Chat:
     if model_name is None:
         raise UsageError(f"{adapters[0][1]} does not say which base model it was trained on (no \"model\" in "
                          "args.json, no base_model_name_or_path in adapter_config.json); pass --model.")
-    model, model_dir = load_base(model_name, None if args.model else adapters[0][1],
+    model, model_dir = load_base(model_name, None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir")),
                                  cli.pick_dtype(args.torch_dtype, device), device)
     tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
     systems = {}
@@ -469,17 +469,21 @@ def merged_system(model_dir) -> str | None:
     return lora.checkpoint_args(model_dir)["system"] if (Path(model_dir) / "args.json").exists() else None
 
 
-def load_base(model_name: str, named_in: str | None, dtype, device):
-    """(model, its folder). named_in: the adapter whose args.json named the base, for the error."""
+def load_base(model_name: str, named_in: tuple | None, dtype, device):
+    """(model, its folder). named_in: (the adapter whose args.json named the base, the folder
+    its training loaded the base from), for a base the hub cannot give (one that ms-swift
+    downloaded from ModelScope is in args.json's model_dir) and for the error."""
     note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device})"
-         + (f", the base model named in {named_in}" if named_in else ""))
+         + (f", the base model named in {named_in[0]}" if named_in else ""))
     try:
-        model_dir = cli.model_dir(model_name)
-        return modeling.load_model(str(model_dir), dtype, device)
+        return modeling.load_model(str(cli.model_dir(model_name)), dtype, device)
     except ModelError as e:
         if not named_in:
             raise
-        raise ModelError(f"{e} (The base model comes from {named_in}'s args.json or adapter_config.json; "
+        if named_in[1] and Path(named_in[1]).is_dir():
+            note(f"({model_name} is not here; loading {named_in[1]}, where its training found it)")
+            return modeling.load_model(named_in[1], dtype, device)
+        raise ModelError(f"{e} (The base model comes from {named_in[0]}'s args.json or adapter_config.json; "
                          "pass --model to load it from elsewhere.)") from None
 
 

@@ -191,3 +191,22 @@ def test_adapters_goes_on_training_an_adapter_and_a_merged_model_keeps_its_syste
     assert infer.main(["--model", str(merged), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2",
                        "--temperature", "0", "--show_prompt", "true"]) == 0
     assert "<|im_start|>system\nBe brief.<|im_end|>" in capsys.readouterr().err
+
+
+def test_a_base_that_only_args_json_model_dir_finds_is_loaded_from_there(tmp_path, tiny_dir, capsys):
+    """ms-swift's args.json names the hub id and, as model_dir, the folder it downloaded it to
+    (from ModelScope, which this toolkit does not fetch): infer.py loads the base from there."""
+    import shutil
+
+    import infer
+    import lora
+    import model as modeling
+    m, _ = modeling.load_model(str(tiny_dir))
+    lora.add_adapter(m, lora.LoraConfig(r=2, lora_alpha=4))
+    ckpt = tmp_path / "checkpoint-10"
+    lora.save_adapter(m, ckpt, base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+    local = tmp_path / "modelscope" / "Qwen2.5-0.5B-Instruct"
+    shutil.copytree(tiny_dir, local)
+    (ckpt / "args.json").write_text(json.dumps({"model": "Qwen/Qwen2.5-0.5B-Instruct", "model_dir": str(local)}))
+    assert infer.main(["--adapters", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
+    assert f"loading {local}, where its training found it" in capsys.readouterr().err
