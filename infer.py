@@ -21,8 +21,9 @@ Where ms-swift's behaviour is not obvious, this file chooses:
   ms-swift does (Qwen2.5-Instruct: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05;
   the penalty applies to greedy decoding too). --temperature 0 is greedy.
 - --max_new_tokens not given: answer until a stop token or until the context is full.
-- Piped stdin (not a terminal): every non-empty line is a separate one-turn conversation; only the
-  answers go to stdout, one per prompt, each ended by a newline. Everything else goes to stderr.
+- Piped stdin (not a terminal): every non-empty line is a separate one-turn conversation; stdout
+  gets one JSON object per such line, {"line", "query", "response"} or {"line", "error"}, which no
+  newline in an answer can shift. Everything else goes to stderr.
 - In the REPL, Ctrl-C stops the answer and drops that turn (question and partial answer) from the
   history. The system prompt follows the active adapter (the one it was trained with) unless
   --system or /system set one; /system and /adapter keep the history.
@@ -30,6 +31,7 @@ Where ms-swift's behaviour is not obvious, this file chooses:
 
 import argparse
 import io
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,23 +308,30 @@ def repl(chat: Chat):
 
 
 def answer_lines(chat: Chat, lines) -> int:
-    """Piped use: each non-empty line is its own one-turn conversation. Returns the exit code."""
+    """Piped use: each non-empty line is its own one-turn conversation, answered on stdout as one
+    JSON object a line: {"line": N, "query": ..., "response": ...}, or {"line": N, "error": ...}
+    for a line that could not be answered (the exit code is then 1). An answer may hold newlines
+    and a line may be skipped; the line number says which input each output belongs to."""
     code = 0
     for number, line in enumerate(lines, 1):
-        if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes that are not UTF-8 (surrogateescape)
-            note(f"error: input line {number} is not UTF-8 text; skipped it.")
-            code = 1
-            continue
         line = line.strip()
         if not line:
             continue
-        ids = chat.prompt_ids([{"role": "user", "content": line}])
-        if len(ids) >= chat.context:
-            note(f"error: a prompt of {len(ids)} tokens does not fit the model's context of {chat.context}; skipped it.")
-            code = 1
-            continue
-        chat.answer(ids, sys.stdout)
+        result = answer_line(chat, line, number)
+        code = 1 if "error" in result else code
+        print(json.dumps({"line": number, **result}, ensure_ascii=False), flush=True)
     return code
+
+
+def answer_line(chat: Chat, line: str, number: int) -> dict:
+    if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes that are not UTF-8 (surrogateescape)
+        note(f"error: input line {number} is not UTF-8 text; skipped it.")
+        return {"error": "not UTF-8 text"}
+    ids = chat.prompt_ids([{"role": "user", "content": line}])
+    if len(ids) >= chat.context:
+        note(f"error: input line {number} is {len(ids)} tokens, more than the model's context of {chat.context}; skipped it.")
+        return {"query": line, "error": f"{len(ids)} tokens do not fit the model's context of {chat.context}"}
+    return {"query": line, "response": chat.answer(ids, io.StringIO())}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,9 +288,11 @@ def test_piped_lines_are_answered_one_by_one_on_stdout(chatty):
     code, out, err = run_cli("--model", folder, "--max_new_tokens", 10, "--stream", "false", *GREEDY,
                              stdin=f"{QUESTION}\n\n你好\n")
     assert code == 0, err
-    # Each line is its own conversation: the second answer does not see the first.
-    assert out == expected_answer(m, tok, QUESTION, max_new_tokens=10) + "\n" \
-        + expected_answer(m, tok, "你好", max_new_tokens=10) + "\n"
+    # Each line is its own conversation (the second answer does not see the first), answered as
+    # one JSON object a line that names its input line: newlines in an answer cannot shift them.
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"line": 1, "query": QUESTION, "response": expected_answer(m, tok, QUESTION, max_new_tokens=10)},
+        {"line": 3, "query": "你好", "response": expected_answer(m, tok, "你好", max_new_tokens=10)}]
 
 
 def test_checkpoint_args_supply_base_model_and_system_prompt(chatty, tmp_path):
@@ -566,7 +568,9 @@ def test_a_line_that_is_not_utf8_is_skipped_and_the_others_answered(tiny_dir):
                        cwd=ROOT, timeout=120, env=dict(os.environ, **ONE_THREAD))
     err = p.stderr.decode()
     assert p.returncode == 1 and "input line 2 is not UTF-8 text; skipped it" in err and "Traceback" not in err
-    assert err.count("error:") == 1  # lines 1 and 3 were answered
+    results = [json.loads(line) for line in p.stdout.decode().splitlines()]
+    assert [r["line"] for r in results] == [1, 2, 3] and results[1] == {"line": 2, "error": "not UTF-8 text"}
+    assert "response" in results[0] and "response" in results[2]
 
 
 def test_adapter_folders_with_dots_get_a_valid_name(capsys, two_adapters, tmp_path):
