@@ -544,10 +544,18 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
-def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir, monkeypatch):
+def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
     """speed.CUDAGraphDecoder replays model.Decoder.decode_one: the same logits at every step,
     after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # float32 as float32
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 as float32 (an earlier test may have allowed TF32)
+    try:
+        compare_graph_and_eager_decoding(tiny_dir)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def compare_graph_and_eager_decoding(tiny_dir):
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
     eager, graphed = modeling.Decoder(m, 64), speed.CUDAGraphDecoder(m, 64)
     seq = list(range(10, 30))

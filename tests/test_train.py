@@ -281,10 +281,9 @@ def test_layers_are_compiled_by_default_only_where_it_pays_back():
         assert speed.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3) == (flag, "")
 
 
-def test_the_plan_says_how_the_layers_run(monkeypatch):
+def test_the_plan_says_how_the_layers_run():
     """speed.plan_training: graphs on a GPU by default, in one process or several (gradients are
     summed after the recorded micro-batches, outside the graphs); eager on the CPU."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048)
     plan = speed.plan_training(a, torch.device("cuda"), [40, 100, 70], 192)
     assert plan.graphs and not plan.compiled and plan.pad_to == 64
