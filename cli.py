@@ -144,7 +144,24 @@ def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
 def model_dir(name: str) -> Path:
     """--model: `tiny` (the built-in demo model, written on first use), a local folder, or a hub
     id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the Hugging Face cache)."""
-    return tiny.tiny_model_dir() if name == "tiny" else modeling.resolve_model_dir(name)
+    return tiny_dir() if name == "tiny" else modeling.resolve_model_dir(name)
+
+
+def tiny_dir() -> Path:
+    """The tiny model's folder, written on first use; a damaged copy is named, with what to do."""
+    try:
+        folder = tiny.tiny_model_dir()
+    except OSError as e:
+        raise ModelError(f"the built-in tiny model could not be written ({e}). Set QWEN_LORA_HOME to a folder "
+                         "you can write to (it goes to QWEN_LORA_HOME/tiny-v3).") from None
+    try:
+        for f in modeling.checkpoint_files(folder):
+            modeling.shard_shapes(f)
+        modeling.Config.from_json(folder / "config.json")
+    except ModelError as e:
+        raise ModelError(f"the built-in tiny model in {folder} is damaged ({e}) Delete that folder: it is written "
+                         "again on the next run.") from None
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------

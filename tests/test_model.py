@@ -428,3 +428,18 @@ def test_cut_short_shards_hostile_indexes_and_wrong_types_are_named(tmp_path, ti
     (folder / "config.json").write_text(json.dumps([config]))
     with pytest.raises(ModelError, match="must hold a JSON object, not list"):
         load_model(str(folder))
+
+
+def test_a_damaged_tiny_model_says_to_delete_it(tmp_path, monkeypatch):
+    import cli
+    import tiny
+    monkeypatch.setenv("QWEN_LORA_HOME", str(tmp_path))
+    folder = cli.model_dir("tiny")
+    assert folder == tmp_path / tiny.TINY_VERSION
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ModelError, match=f"the built-in tiny model in {folder} is damaged .* Delete that folder"):
+        cli.model_dir("tiny")
+    monkeypatch.setenv("QWEN_LORA_HOME", str(shard / "home"))  # under a file: cannot be written
+    with pytest.raises(ModelError, match="could not be written .* Set QWEN_LORA_HOME"):
+        cli.model_dir("tiny")
