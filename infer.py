@@ -280,6 +280,9 @@ def repl(chat: Chat):
             continue
         if not line:
             continue
+        if data.LONE_SURROGATE.search(line):  # bytes that are not UTF-8: nothing to tokenize
+            note("(that line is not UTF-8 text; type it again)")
+            continue
         if line in ("exit", "quit"):
             return
         if line == "clear":
@@ -324,7 +327,7 @@ def answer_lines(chat: Chat, lines) -> int:
 
 
 def answer_line(chat: Chat, line: str, number: int) -> dict:
-    if any("\udc80" <= ch <= "\udcff" for ch in line):  # bytes that are not UTF-8 (surrogateescape)
+    if data.LONE_SURROGATE.search(line):  # bytes that are not UTF-8 (read with surrogateescape)
         note(f"error: input line {number} is not UTF-8 text; skipped it.")
         return {"error": "not UTF-8 text"}
     ids = chat.prompt_ids([{"role": "user", "content": line}])
@@ -404,6 +407,8 @@ def sampling_settings(args, gen_config: dict) -> dict:
 
 
 def check_flags(args, device):
+    if args.system and data.LONE_SURROGATE.search(args.system):
+        raise UsageError("--system holds bytes that are not UTF-8 text; give it as UTF-8.")
     if args.infer_backend not in ("pt", "transformers"):
         raise UsageError(f"--infer_backend {args.infer_backend}: only the PyTorch backend exists here (--infer_backend pt, "
                          "ms-swift 4.x's transformers); infer.py has no vllm, sglang or lmdeploy.")

@@ -128,6 +128,9 @@ def check_args(a):
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(a, name)}.")
     if a.save_total_limit is not None and a.save_total_limit < 1:
         raise UsageError(f"--save_total_limit must be at least 1, got {a.save_total_limit}.")
+    texts = [a.system or ""] + (a.model_name or []) + (a.model_author or [])
+    if any(data.LONE_SURROGATE.search(text) for text in texts):
+        raise UsageError("--system, --model_name or --model_author holds bytes that are not UTF-8 text; give them as UTF-8.")
     for name in ("model_name", "model_author"):
         if getattr(a, name) and len(getattr(a, name)) > 2:
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")

@@ -587,3 +587,4 @@ def test_adapter_folders_with_dots_get_a_valid_name(capsys, two_adapters, tmp_pa
     assert infer.parse_adapters([str(versioned)]) == [("robot-v1_2", str(versioned))]
     assert "cannot hold a dot; write it as a_b=PATH" in error_of(capsys, "--adapters", f"a.b={versioned}")
     assert "--temperature nan: give a number" in error_of(capsys, "--model", "tiny", "--temperature", "nan")
+    assert "--system holds bytes that are not UTF-8" in error_of(capsys, "--model", "tiny", "--system", "a\udcffb")

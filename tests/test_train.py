@@ -397,6 +397,7 @@ def test_lr_schedule_warmup_then_cosine():
     (["--device", "tpu"], "--device tpu"),
     (["--cuda_graph", "true"], "--cuda_graph true needs a GPU"),
     (["--cuda_graph", "true", "--torch_compile", "false"], "--cuda_graph true needs a GPU"),
+    (["--system", "a\udcffb"], "not UTF-8 text"),  # a byte that is not UTF-8 on the command line
 ])
 def test_bad_flags_stop_before_training(tmp_path, tiny_dir, capsys, flags, needle):
     data_file = write_qa(tmp_path / "qa.json")
