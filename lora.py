@@ -317,10 +317,6 @@ def load_lora_state_dict(model, sd: dict, name: str = "default", where: str = "t
 # Adapter folders: PEFT's layout, as ms-swift checkpoints hold it too
 
 
-def _read_json(path: Path) -> dict:
-    return read_json(path, LoraError)
-
-
 def _saved_targets(model, name) -> list[str]:
     """target_modules for adapter_config.json: suffixes like peft's when they say exactly what was wrapped."""
     paths = [p for p, layer in _lora_layers(model).items() if name in layer.lora_A]
@@ -365,7 +361,7 @@ def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
         inside = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
         hint = f" It contains checkpoint folders ({short_list(inside)}): pass one of them." if inside else ""
         raise LoraError(f"{path} has no adapter_config.json, so it is not a LoRA checkpoint folder.{hint}")
-    d = _read_json(cfg_file)
+    d = read_json(cfg_file, LoraError)
     if d.get("peft_type") != "LORA":
         raise LoraError(f"{cfg_file} has peft_type {d.get('peft_type')!r}; only LoRA adapters (peft_type \"LORA\") can be loaded.")
     unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out", "lora_bias")
@@ -444,8 +440,8 @@ def checkpoint_args(path) -> dict:
     args_file, adapter_file = path / "args.json", path / "adapter_config.json"
     if not args_file.exists() and not adapter_file.exists():
         raise LoraError(f"{path} has neither args.json nor adapter_config.json, so it is not a training checkpoint.")
-    args = _read_json(args_file) if args_file.exists() else {}
-    adapter = _read_json(adapter_file) if adapter_file.exists() else {}
+    args = read_json(args_file, LoraError) if args_file.exists() else {}
+    adapter = read_json(adapter_file, LoraError) if adapter_file.exists() else {}
     out = dict(args)
     out["model"] = args.get("model") or args.get("model_id_or_path") or adapter.get("base_model_name_or_path") or None
     out["system"] = args.get("system")  # "" stays "": inference must also leave the system turn out

@@ -20,7 +20,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import model as modeling
 from model import ModelError
