@@ -495,10 +495,9 @@ def shard_shapes(path: Path) -> dict:
     return shapes
 
 
-def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
-    """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters."""
-    from safetensors import safe_open
-
+def check_weights(model: Qwen2ForCausalLM, model_dir: Path) -> tuple[list[Path], dict]:
+    """Check, from the shard headers only, that the checkpoint holds every tensor the model needs
+    in the right shape. Returns (the shard files, {name: shape} of the tensors to load)."""
     files = checkpoint_files(model_dir)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -524,6 +523,15 @@ def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
             f"the weights in {model_dir} do not match its config.json ({'; '.join(problems)}). "
             "The checkpoint is incomplete or belongs to another model: download it again or fix config.json."
         )
+    return files, expected
+
+
+def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
+    """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters,
+    one shard at a time."""
+    from safetensors import safe_open
+
+    files, expected = check_weights(model, model_dir)
     for f in files:
         shard = {}
         with safe_open(f, framework="pt", device=str(device)) as sf:

@@ -51,6 +51,16 @@ from infer import generate
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 (flags as in `swift sft`).")
+    model_flags(p)
+    data_flags(p)
+    lora_flags(p)
+    optimisation_flags(p)
+    run_flags(p)
+    p.add_swift_flags("train")
+    return p
+
+
+def model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo)")
     g.add_argument("--train_type", "--tuner_type", default="lora", help="only 'lora' (--tuner_type: ms-swift 4.x's name)")
@@ -59,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="replay each micro-batch as a CUDA graph (default: true on one GPU)")
     g.add_argument("--torch_compile", type=str2bool, default=None, help="compile the decoder layers (default: only long runs without graphs)")
 
+
+def data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub ids; SOURCE#N samples N rows")
     g.add_argument("--val_dataset", nargs="*", default=[], help="validation data, same forms as --dataset")
@@ -70,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
 
+
+def lora_flags(p):
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_rank", type=int, default=8, help="rank r of A (r x in) and B (out x r)")
     g.add_argument("--lora_alpha", type=float, default=32, help="scale alpha / r on the LoRA update")
@@ -77,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
 
+
+def optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--num_train_epochs", type=float, default=3, help="passes over the training data")
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
@@ -94,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", type=str2bool, default=True, help="recompute each layer in backward instead of storing it")
     g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
 
+
+def run_flags(p):
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (default: --save_steps)")
     g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the last)")
@@ -105,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
     g.add_argument("--adapters", default=None, help="go on training this LoRA adapter (its rank and targets) in a new run")
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
-    p.add_swift_flags("train")
-    return p
 
 
 def check_args(a):
