@@ -362,6 +362,22 @@ def test_cuda_graph_is_the_default_on_a_gpu_only():
     assert chat.decoding.cuda_graph is False
 
 
+
+def test_repl_line_that_is_not_utf8_is_skipped_with_a_note(capsys, monkeypatch):
+    """Where no readline cleans the line (libedit, a plain pipe to input()), bytes that are not UTF-8
+    arrive surrogate-escaped: the REPL says so and goes on, instead of the tokenizer's TypeError."""
+    chat = infer.load_chat(infer.build_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
+    lines = iter([b"caf\xe9".decode("utf-8", "surrogateescape")])
+
+    def typed(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", typed)
+    infer.repl(chat)  # returns at the end of input, no exception
+    assert "that line is not UTF-8 text; type it again" in capsys.readouterr().err
+
 def test_bad_adapter_folders_are_clear_errors(capsys, tmp_path, two_adapters):
     assert "does not exist" in error_of(capsys, "--adapters", tmp_path / "nope")
     (tmp_path / "empty").mkdir()
