@@ -638,10 +638,10 @@ def pack(rows: list[dict], max_length: int) -> list[dict]:
     Each packed row carries segment_ids (1, 2, 3, ... per sample: samples never attend to each
     other) and position_ids that restart at 0 for each sample, so every sample is computed exactly
     as if it were alone."""
-    for r in rows:
-        if len(r["input_ids"]) > max_length:
-            raise DataError(f"A row of {len(r['input_ids'])} tokens cannot be packed into rows of --max_length {max_length}.")
-    return [concat_rows([rows[i] for i in members]) for members in pack_bins([len(r["input_ids"]) for r in rows], max_length)]
+    lengths = [len(r["input_ids"]) for r in rows]
+    if lengths and max(lengths) > max_length:
+        raise DataError(f"A row of {max(lengths)} tokens cannot be packed into rows of --max_length {max_length}.")
+    return [concat_rows([rows[i] for i in members]) for members in pack_bins(lengths, max_length)]
 
 
 def pack_bins(lengths: list[int], budget: int) -> list[list[int]]:

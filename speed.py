@@ -23,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+import cli
 import model as modeling
 from model import ModelError
 from util import round_up
@@ -98,7 +99,7 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     compiled layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
-        row_lengths = range(pad, max(a.max_tokens_per_pass, *row_lengths) + 1, pad)
+        row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
     graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False
@@ -127,7 +128,7 @@ def packed_attention(a, device) -> tuple[object, str]:
     packing = (f"each optimizer step's rows run packed into sequences of at most {a.max_tokens_per_pass} tokens, "
                "the step's gradient unchanged (--padding_free false: one micro-batch at a time)"
                if a.padding_free else "--packing true rows")
-    if a.torch_dtype in (None, "bfloat16", "float16") and varlen_attn is not None:
+    if cli.pick_dtype(a.torch_dtype, device) in (torch.bfloat16, torch.float16) and varlen_attn is not None:
         return VarlenAttention, f"{packing}; rows attend through torch's varlen_attn (no T x T mask)"
     need = "bfloat16 or float16" + ("" if varlen_attn is not None else " and torch >= 2.9")
     return None, f"{packing}; rows attend through SDPA with a T x T block mask (varlen_attn needs {need})"

@@ -43,8 +43,8 @@ import runs
 import speed
 from cli import UsageError, str2bool
 from data import DataError
-from util import round_up
 from infer import generate
+from util import round_up
 
 # ----------------------------------------------------------------------------------------------
 # Flags: ms-swift's names and defaults
@@ -347,7 +347,7 @@ class Step:
     device: torch.device
     pad_to: int  # batches are padded to a multiple of this many tokens (speed.TrainingPlan)
     micro_batch: object  # (batch, scale) -> loss: micro_batch above, or its faster twin
-    budget: int | None  # tokens per packed batch (step_batches); None: micro-batches as they are
+    budget: int | None  # --max_tokens_per_pass for step_batches; None (--padding_free false): as they are
     params: list  # the LoRA parameters: the only ones that train
     optimizer: torch.optim.Optimizer
     loss_scale: "LossScale"
@@ -357,9 +357,9 @@ class Step:
 
 
 def optimizer_step(s: Step, micro: list[list[int]], lr: float):
-    """Run this rank's share of the step's micro-batches (packed: step_batches), then clip and step. The step's gradient
-    is sum(token losses) / (label tokens of the whole step, all ranks). Returns (loss per label
-    token, gradient norm, tokens of the step)."""
+    """Run this rank's share of the step's micro-batches (as step_batches packs them), then clip
+    and step. The step's gradient is sum(token losses) / (label tokens of the whole step, all
+    ranks). Returns (loss per label token, gradient norm, tokens of the step)."""
     n_tokens = sum(label_tokens(s.rows[i]) for mb in micro for i in mb)
     scale = s.loss_scale.value / max(1, n_tokens)  # float16: times the loss scale, divided back below
     # Summed on the device and read once per step: reading it per micro-batch would make the CPU
