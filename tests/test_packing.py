@@ -126,6 +126,27 @@ def test_a_packed_sequence_gives_each_row_its_own_logits(lora_model):
     m.train()
 
 
+def test_varlen_attention_reads_q_k_v_and_row_offsets_as_the_kernel_expects(lora_model, monkeypatch):
+    """speed.VarlenAttention's plumbing on the CPU, with a stand-in for the GPU-only kernel that runs
+    causal SDPA row by row on varlen_attn's (tokens, heads, head_dim) layout: the same hidden states
+    as the block mask (the kernel itself is compared on a GPU, below)."""
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), enable_gqa=False):
+        assert window_size == (-1, 0) and q.shape[0] == max_q and torch.equal(cu_q, cu_k)
+        out = torch.zeros_like(q)  # (T, nh, hd)
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            heads = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, heads, n, hd)
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                *heads, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(speed, "varlen_attn", kernel)
+    (batch,) = train.step_batches([random_rows([7, 30, 1, 12, 20])], 0, "cpu", 64, 2048)
+    inputs = dict(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
+    with torch.no_grad():
+        varlen = lora_model.model(batch["input_ids"], **inputs, packed_mask=speed.VarlenAttention)
+        torch.testing.assert_close(varlen, lora_model.model(batch["input_ids"], **inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_step_packing_takes_numpy_rows_and_keeps_the_label_count():
     """Rows may hold numpy arrays (data.encode_dataset's choice); a packed row masks each row's first
     label, which no row's loss uses, so the step's label-token count is unchanged."""
