@@ -1,6 +1,7 @@
 """bench.py: speed and memory of our training step and decoding against transformers + peft.
 
     python bench.py            # the exact Qwen2.5-7B shape on one GPU (random bf16 weights)
+    python bench.py --workloads tutorial   # the tutorial's run: self-cognition rows, batch 1 x 16
     python bench.py --small    # a tiny shape on the CPU in seconds (CI runs it so it cannot rot)
 
 Every workload runs in its own process (clean peak-memory counters), ours and the reference
@@ -11,10 +12,17 @@ from a fixed seed, so the loss of the first training step must agree: it is chec
 Setup as the tutorial trains: LoRA r=8, alpha=32, dropout 0.05 on all-linear, batch 1, gradient
 checkpointing, AdamW. The reference is transformers' Qwen2ForCausalLM (SDPA attention, gradient
 checkpointing) wrapped by peft.
+
+The `tutorial` workload is the tutorial's whole configuration: the shipped self-cognition rows
+(placeholders filled, --system 'You are a helpful assistant.'), batch 1, accumulation 16, 10
+epochs. Ours runs train.py's optimizer step on train.py's default path (each step's rows packed,
+CUDA graphs: speed.plan_training decides, as in train.py); the reference runs as ms-swift runs it,
+one forward and backward per row, 16 per step, under bf16 autocast as the HF Trainer does.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,7 +117,7 @@ def ours_train_setup(shape, device, plan):
     for p in params:
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    loss_fn = train.CausalLMLoss(m, layers=plan.training_layers(m))
+    loss_fn = train.CausalLMLoss(m, layers=plan.training_layers(m), packed_mask=plan.packed_mask)
     return plan.micro_batch_fn(loss_fn, params, train.micro_batch), params, opt
 
 
@@ -246,6 +254,95 @@ def longest(train_fn, device, limit_gib, start=2048, stop=65536, step=1024):
 
 
 # ----------------------------------------------------------------------------------------------
+# The tutorial's run: self-cognition rows, batch 1 x 16 accumulation
+
+TUTORIAL_FLAGS = ["--model", "tiny", "--dataset", "data/self_cognition.json", "--num_train_epochs", "10",
+                  "--per_device_train_batch_size", "1", "--learning_rate", "1e-4", "--lora_rank", "8",
+                  "--lora_alpha", "32", "--target_modules", "all-linear", "--gradient_accumulation_steps", "16",
+                  "--max_length", "2048", "--system", "You are a helpful assistant.",
+                  "--model_author", "swift", "--model_name", "swift-robot"]
+
+
+def tutorial_setup(a, device):
+    """train.py's flags for the tutorial's line, its rows (tokenized with --tokenizer, else the tiny
+    model's tokenizer) and its optimizer steps: lists of micro-batches of row indices."""
+    import cli
+    import data
+    import train
+    flags = train.build_parser().parse_args(TUTORIAL_FLAGS + ["--device", str(device)])
+    train.set_derived_defaults(flags)
+    tok = data.Tokenizer(a.tokenizer or cli.tiny_dir())
+    convs = data.load_conversations([flags.dataset[0]], seed=flags.seed, model_name=flags.model_name,
+                                    model_author=flags.model_author)
+    rows = data.encode_dataset(tok, convs, flags.max_length, flags.truncation_strategy, system=flags.system)
+    steps = [w for epoch in range(math.ceil(flags.num_train_epochs))
+             for w in train.epoch_windows(len(rows), 1, flags.gradient_accumulation_steps, epoch, flags.seed)]
+    return flags, rows, tok.endoftext_id, steps
+
+
+def ours_tutorial(shape, device, a):
+    """train.py's optimizer steps on the tutorial's run, on the path train.py chooses by default;
+    all its steps (--small: --steps), each timed. A step's loss is per label token, as logged."""
+    import train
+    flags, rows, pad_id, steps = tutorial_setup(a, device)
+    steps = steps[:a.steps] if a.small else steps
+    plan = speed.plan_training(flags, device, [len(r["input_ids"]) for r in rows],
+                               len(steps) * flags.gradient_accumulation_steps)
+    micro_batch, params, opt = ours_train_setup(shape, device, plan)
+    budget = flags.max_tokens_per_pass if flags.padding_free else None
+    s = train.Step(rows, pad_id, device, plan.pad_to, micro_batch, budget, params, opt, train.LossScale(False),
+                   flags.max_grad_norm)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for micro in steps:
+        t = time.perf_counter()
+        loss, _, _ = train.optimizer_step(s, micro, flags.learning_rate)  # reads the loss: waits for the GPU
+        times.append(time.perf_counter() - t)
+        losses.append(loss)
+    steady = times[len(times) // 10:] or times  # after the first epoch's recordings
+    return {"s_per_step": sum(steady) / len(steady), "total_s": sum(times), "steps": len(times),
+            "first_loss": losses[0], "plan": plan.message, **memory(device)}
+
+
+def hf_tutorial(shape, device, a):
+    """The reference on the same rows, as ms-swift trains them: one forward and backward per row under
+    bf16 autocast (the HF Trainer's --bf16), each row's mean loss weighted by its label tokens over
+    the step's (ms-swift's num_items_in_batch). One step to warm up, then --steps timed."""
+    import train
+    flags, rows, _, steps = tutorial_setup(a, device)
+    m, params, opt = hf_train_setup(shape, device)
+    first = {}
+
+    def step(micro):
+        n_tokens = sum(train.label_tokens(rows[i]) for mb in micro for i in mb)
+        total = 0.0
+        for i in (i for mb in micro for i in mb):
+            x = torch.as_tensor(rows[i]["input_ids"], device=device).long()[None]  # (1, T)
+            labels = torch.as_tensor(rows[i]["labels"], device=device).long()[None]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = m(input_ids=x, labels=labels).loss * (train.label_tokens(rows[i]) / n_tokens)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, flags.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        first.setdefault("loss", float(total))
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step(steps[0])
+    sync(device)
+    t = time.perf_counter()
+    for micro in steps[1:1 + a.steps]:
+        step(micro)
+    sync(device)
+    return {"s_per_step": (time.perf_counter() - t) / a.steps, "first_loss": first["loss"], **memory(device)}
+
+
+# ----------------------------------------------------------------------------------------------
 # The reference: transformers + peft
 
 
@@ -296,6 +393,7 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 # Driver: each workload in its own process
 
 
+WORKLOADS = ["train", "decode", "longest", "tutorial"]
 PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
     "eager": speed.TrainingPlan(),
     "graphs": speed.TrainingPlan(graphs=True),  # the default on one GPU
@@ -316,6 +414,8 @@ def worker(a):
         "hf_decode": lambda: hf_decode(shape, a.new_tokens, device, a.fp32),
         "ours_longest": lambda: ours_longest(shape, device, plan, a),
         "hf_longest": lambda: hf_longest(shape, device, a),
+        "ours_tutorial": lambda: ours_tutorial(shape, device, a),
+        "hf_tutorial": lambda: hf_tutorial(shape, device, a),
     }
     r = workloads[a.worker]()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -357,7 +457,10 @@ def build_parser():
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
+    p.add_argument("--workloads", nargs="+", default=["train", "decode", "longest"], choices=WORKLOADS,
+                   help="what to measure (tutorial: the tutorial's run, batch 1 x 16 self-cognition rows)")
     p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled")
+    p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -382,9 +485,11 @@ def main():
     if a.check_greedy:
         return check_greedy(a)
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
-              "--seq_step", a.seq_step] + (["--small"] if a.small else [])
+              "--seq_step", a.seq_step] + (["--small"] if a.small else []) + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
     seqs = (256, 64) if a.small else tuple(a.train_seqs)
-    jobs = train_jobs(a, seqs) + decode_jobs(a) + longest_jobs(a)
+    jobs = [job for name, jobs_of in (("train", lambda: train_jobs(a, seqs)), ("decode", lambda: decode_jobs(a)),
+                                      ("longest", lambda: longest_jobs(a)), ("tutorial", lambda: tutorial_jobs(a)))
+            if name in a.workloads for job in jobs_of()]
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
     rows, results = [], {}
     for key, workload, name, args in jobs:  # each result is printed (and saved) as soon as it exists
@@ -400,6 +505,8 @@ def main():
     print("|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    if "plan" in results.get("tutorial ours (default path)", {}):
+        print("\ntutorial, ours: " + results["tutorial ours (default path)"]["plan"].replace("\n", "; "))
     if "hf" not in a.skip:
         print_ratios(results, seqs)
     print_greedy_agreement(results)
@@ -443,6 +550,12 @@ def decode_jobs(a) -> list:
     return [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
 
 
+def tutorial_jobs(a) -> list:
+    variants = [("ours (default path)", ["ours_tutorial"])]
+    variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_tutorial"])]
+    return [(f"tutorial {name}", "tutorial: self-cognition, batch 1 x 16", name, args) for name, args in variants]
+
+
 def longest_jobs(a) -> list:
     if "longest" in a.skip or a.device != "cuda":
         return []
@@ -452,6 +565,10 @@ def longest_jobs(a) -> list:
 
 
 def row_of(key: str, r: dict) -> tuple:
+    if key.startswith("tutorial"):
+        total = f"; {r['steps']} steps in {r['total_s']:.1f} s" if "total_s" in r else ""
+        return (fmt(r, "s_per_step", ".3f") + " s/step" + total, fmt(r, "peak_allocated_gib", ".2f") + " / "
+                + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
     if key.startswith("train"):
         return (fmt(r, "tok_s", ",.0f") + " tok/s", fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
@@ -477,13 +594,17 @@ def print_ratios(results: dict, seqs):
             print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
     if "longest ours" in results:
         print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
-    for seq in seqs:
-        ref = results.get(f"train{seq} transformers + peft", {}).get("first_loss")
-        for name in OURS_TRAIN:
-            ours = results.get(f"train{seq} {name}", {}).get("first_loss")
-            if ref is not None and ours is not None:
-                ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
-                print(f"loss check, train {seq}, {name}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
+    if "tutorial ours (default path)" in results:  # time per step: the reference's over ours
+        print(f"| tutorial, ours (default path): time per optimizer step | "
+              f"{ratio('tutorial transformers + peft', 'tutorial ours (default path)', 's_per_step')} |")
+    pairs = [(f"train {seq}, {name}", f"train{seq} {name}", f"train{seq} transformers + peft")
+             for seq in seqs for name in OURS_TRAIN]
+    pairs.append(("tutorial, ours (default path)", "tutorial ours (default path)", "tutorial transformers + peft"))
+    for what, ours_key, ref_key in pairs:
+        ref, ours = results.get(ref_key, {}).get("first_loss"), results.get(ours_key, {}).get("first_loss")
+        if ref is not None and ours is not None:
+            ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
+            print(f"loss check, {what}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
 
 
 def print_greedy_agreement(results: dict):

@@ -21,6 +21,7 @@ The path from `--dataset` to a batch:
     encode_dataset      conversation -> {"input_ids", "labels"}; rows over --max_length dropped or cut
     split_dataset       hold out --split_dataset_ratio of the rows for evaluation
     pack (optional)     several rows in one row of <= --max_length tokens, kept apart by segment ids
+                        (train.py packs each optimizer step's rows the same way: pack_bins, concat_rows)
     collate             rows -> right-padded (B, T) tensors with an attention mask
 
 Row formats (a file may mix them; each row is recognised by its keys):
@@ -632,37 +633,52 @@ def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:
 # Batching: padding and packing
 
 def pack(rows: list[dict], max_length: int) -> list[dict]:
-    """Several rows in one row of at most max_length tokens (best-fit decreasing).
+    """--packing true: several rows in one row of at most max_length tokens (pack_bins, then concat_rows).
 
     Each packed row carries segment_ids (1, 2, 3, ... per sample: samples never attend to each
     other) and position_ids that restart at 0 for each sample, so every sample is computed exactly
-    as if it were alone. The first label of each sample is masked: the trainer predicts labels[t]
-    from position t - 1, which for a sample's first token is the previous sample's last token."""
+    as if it were alone."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    if lengths and max(lengths) > max_length:
+        raise DataError(f"A row of {max(lengths)} tokens cannot be packed into rows of --max_length {max_length}.")
+    return [concat_rows([rows[i] for i in members]) for members in pack_bins(lengths, max_length)]
+
+
+def pack_bins(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of rows grouped into bins of at most `budget` tokens (best-fit decreasing: few bins).
+
+    Each row, longest first, goes into the fullest bin that still has room for it, else a new one.
+    A row longer than the budget gets a bin of its own."""
     bins: list[list[int]] = []
     space: list[tuple[int, int]] = []  # (tokens still free, bin index), sorted
-    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"])):
-        n = len(rows[i]["input_ids"])
-        if n > max_length:
-            raise DataError(f"A row of {n} tokens cannot be packed into rows of --max_length {max_length}.")
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
         k = bisect.bisect_left(space, (n, -1))  # the fullest bin that still has room
-        free, b = space.pop(k) if k < len(space) else (max_length, len(bins))
+        free, b = space.pop(k) if k < len(space) else (max(budget, n), len(bins))
         if b == len(bins):
             bins.append([])
         bins[b].append(i)
         if free > n:
             bisect.insort(space, (free - n, b))
+    return bins
 
-    packed = []
-    for members in bins:
-        row = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
-        for segment, i in enumerate(members, 1):
-            ids, labels = rows[i]["input_ids"], rows[i]["labels"]
-            row["input_ids"] += ids
-            row["labels"] += [IGNORE_INDEX] + labels[1:]
-            row["segment_ids"] += [segment] * len(ids)
-            row["position_ids"] += range(len(ids))
-        packed.append(row)
-    return packed
+
+def concat_rows(rows: list[dict]) -> dict:
+    """Rows one after another in one row, each sample kept apart: segment_ids 1, 2, 3, ... (a row
+    packed already keeps its own samples), position_ids restarting at 0 for each sample.
+
+    The first label of each row is masked: the trainer predicts labels[t] from position t - 1,
+    which for a row's first token is the previous row's last token. Alone, a row's first label is
+    never predicted either, so the loss is unchanged. Token lists or numpy arrays alike."""
+    out = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
+    for r in rows:
+        n, first = len(r["input_ids"]), out["segment_ids"][-1] if out["segment_ids"] else 0  # segments so far
+        segments = r["segment_ids"] if "segment_ids" in r else [1] * n
+        out["input_ids"] += [int(t) for t in r["input_ids"]]
+        out["labels"] += [IGNORE_INDEX] + [int(t) for t in r["labels"][1:]]
+        out["segment_ids"] += [first + int(s) for s in segments]
+        out["position_ids"] += [int(p) for p in r["position_ids"]] if "position_ids" in r else range(n)
+    return out
 
 
 def collate(rows: list[dict], pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:

@@ -190,9 +190,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
-        # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
+        if callable(mask):  # packed rows attended without a (T, T) mask: speed.VarlenAttention on a GPU
+            y = mask(q, k, v)  # (B, nh, T, hd)
+        else:
+            # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -260,13 +263,25 @@ def attention_mask_4d(q_seg, k_seg, start: int):
     return ((same & (k_pos <= q_pos)) | (k_pos == q_pos))[:, None]
 
 
-def attention_inputs(input_ids, attention_mask=None, position_ids=None):
+def block_mask(cu_seqlens, T: int):
+    """Boolean (1, 1, T, T) mask of rows packed into one sequence: a token sees the tokens at or
+    before it in its own row. cu_seqlens (N + 1,): where each row starts, then T (repeated: empty rows)."""
+    tokens = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    row = torch.searchsorted(cu_seqlens, tokens, right=True)  # (T,): 1, 1, 2, ... the row of each token, from 1
+    return attention_mask_4d(row[None], row[None], 0)
+
+
+def attention_inputs(input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, packed_mask=None):
     """(position_ids, mask, is_causal) for a forward without a cache.
 
     Without a mask attention is plain causal, its fastest exact kernel (is_causal, no mask tensor).
     With one, positions are counted over the tokens (0 on padding) unless given, and the 4-d mask
-    keeps padding and packed samples apart."""
+    keeps padding and packed samples apart. With cu_seqlens, the input is rows packed one after
+    another into one sequence, with their position_ids: packed_mask(cu_seqlens, T) keeps them
+    apart, block_mask by default (speed.VarlenAttention on a GPU needs no mask tensor)."""
     B, T = input_ids.shape
+    if cu_seqlens is not None:
+        return position_ids, (packed_mask or block_mask)(cu_seqlens, T), False
     if attention_mask is None:
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -334,7 +349,8 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, layers=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, layers=None,
+                cu_seqlens=None, packed_mask=None):
         """input_ids (B, T) -> final hidden states (B, T, hidden).
 
         attention_mask (B, T): 1 for tokens, 0 for padding, or segment ids 1, 2, ... for packed rows.
@@ -342,11 +358,15 @@ class Qwen2Model(nn.Module):
         cache: a KVCache; the new tokens go after its `length` cached positions.
         layers: callables to run instead of self.layers, with the same arguments: the same layers
         compiled, for training steps (speed.compiled_layers).
+        cu_seqlens (N + 1,): rows packed into one sequence (B = 1) start at these offsets; with
+        position_ids restarting at 0 for each. packed_mask: how attention keeps them apart
+        (attention_inputs).
         """
         if cache is not None:
             position_ids, mask, is_causal = cache.attention_inputs(input_ids, attention_mask, position_ids)
         else:
-            position_ids, mask, is_causal = attention_inputs(input_ids, attention_mask, position_ids)
+            position_ids, mask, is_causal = attention_inputs(input_ids, attention_mask, position_ids, cu_seqlens,
+                                                             packed_mask)
         h = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

@@ -6,7 +6,8 @@ micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), o
 function it replaces and the test that proves they agree, and is chosen in one place:
 
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches, compiled
-                    layers, or eager), printed at start-up with the reason
+                    layers, or eager) and how packed rows attend (VarlenAttention on a GPU),
+                    printed at start-up with the reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
@@ -14,6 +15,7 @@ small kernels one by one from Python, about 300 ms on an H100 for 30 ms of GPU w
 one CUDA graph it takes 39 ms (run 15). A decode step of one token: 17 tok/s eager, 79 replayed.
 """
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +23,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+import cli
 import model as modeling
 from model import ModelError
 from util import round_up
@@ -55,13 +58,17 @@ class TrainingPlan:
     neither   eager layers, exactly the plain path
 
     Recorded or compiled code has fixed shapes, so batches are then padded to a multiple of
-    `pad_to` tokens: a few lengths, each recorded or compiled once."""
+    `pad_to` tokens: a few lengths, each recorded or compiled once.
+
+    packed_mask: how rows packed into one sequence (train.step_batches) are kept apart, for
+    model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention."""
 
     graphs: bool = False
     compiled: bool = False
     layer_graphs: bool = False
     pad_to: int = 1
     message: str = ""  # what was chosen and why, for the start-up log
+    packed_mask: object = None
 
     def training_layers(self, model):
         """The layers for CausalLMLoss: compiled ones, or None for the model's own."""
@@ -88,9 +95,11 @@ class TrainingPlan:
 
 def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> TrainingPlan:
     """Choose how the layers run from the flags (--cuda_graph, --torch_compile), the device and
-    the run's length. Batches of recorded or compiled layers are padded
-    to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+    the run's length, and how packed rows attend (packed_attention). Batches of recorded or
+    compiled layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
     pad = max(64, -(-a.max_length // 32))
+    if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
+        row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
     graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False
@@ -105,7 +114,24 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
         message = f"eager layers{why}" if why else ""
-    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message)
+    packed_mask, how = packed_attention(a, device)
+    message = "\n".join(m for m in (message, how) if m)
+    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask)
+
+
+def packed_attention(a, device) -> tuple[object, str]:
+    """How packed rows attend (TrainingPlan.packed_mask) and what to print about it. On a GPU in
+    bfloat16 or float16 (flash attention's dtypes): VarlenAttention. Elsewhere the plain path,
+    SDPA with a block mask: all there is on the CPU, so nothing is printed there."""
+    if device.type != "cuda" or not (a.padding_free or a.packing):
+        return None, ""
+    packing = (f"each optimizer step's rows run packed into sequences of at most {a.max_tokens_per_pass} tokens, "
+               "the step's gradient unchanged (--padding_free false: one micro-batch at a time)"
+               if a.padding_free else "--packing true rows")
+    if cli.pick_dtype(a.torch_dtype, device) in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+        return VarlenAttention, f"{packing}; rows attend through torch's varlen_attn (no T x T mask)"
+    need = "bfloat16 or float16" + ("" if varlen_attn is not None else " and torch >= 2.9")
+    return None, f"{packing}; rows attend through SDPA with a T x T block mask (varlen_attn needs {need})"
 
 
 def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
@@ -177,6 +203,49 @@ class CompiledLayer:
             return torch.utils.checkpoint.checkpoint(self.compiled, h, cos, sin, mask, is_causal, cache, i,
                                                      use_reentrant=False)
         return self.compiled(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed rows through flash attention. Replaces: model.block_mask and SDPA over it.
+# Proved equal by: tests/test_packing.py::test_varlen_attention_equals_the_block_mask_path (GPU)
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.9
+    varlen_attn = None
+
+
+def varlen_keywords() -> dict:
+    """varlen_attn's keywords for causal attention within each row, from its signature: causal is
+    `window_size=(-1, 0)` in torch 2.11 (the GPU machine) and 2.13, `is_causal=True` in 2.9; 2.13
+    takes grouped-query K/V with `enable_gqa=True`, 2.11 without a word."""
+    if varlen_attn is None:
+        return {}
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal | ({"enable_gqa": True} if "enable_gqa" in params else {})
+
+
+VARLEN_KEYWORDS = varlen_keywords()  # read once: torch.compile cannot trace inspect.signature
+
+
+class VarlenAttention:
+    """Attention over rows packed into one sequence, each row causal and alone, with torch's
+    varlen_attn (flash attention told where each row starts): no T x T mask is built, and no work
+    is spent on pairs of tokens from different rows. It goes to the layers in place of the mask
+    (model.attention_inputs calls VarlenAttention(cu_seqlens, T)), and model.Attention calls it.
+
+    max_len bounds the longest row: T itself, as a recorded CUDA graph bakes this Python int in,
+    so it must depend on nothing but the shapes (the graph's key)."""
+
+    def __init__(self, cu_seqlens, max_len: int):
+        self.cu_seqlens, self.max_len = cu_seqlens, max_len
+
+    def __call__(self, q, k, v):
+        """q (1, nh, T, hd), k and v (1, nkv, T, hd) -> (1, nh, T, hd)."""
+        q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # (T, heads, hd)
+        y = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, **VARLEN_KEYWORDS)
+        return y.transpose(0, 1)[None]  # (1, nh, T, hd)
 
 
 # ----------------------------------------------------------------------------------------------

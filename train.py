@@ -44,6 +44,7 @@ import speed
 from cli import UsageError, str2bool
 from data import DataError
 from infer import generate
+from util import round_up
 
 # ----------------------------------------------------------------------------------------------
 # Flags: ms-swift's names and defaults
@@ -78,6 +79,10 @@ def data_flags(p):
     g.add_argument("--max_length", type=int, default=2048, help="longest row in tokens")
     g.add_argument("--truncation_strategy", default="delete", choices=["delete", "left", "right"], help="rows over --max_length: drop, or cut left or right")
     g.add_argument("--packing", type=str2bool, default=False, help="pack several rows into each --max_length row")
+    g.add_argument("--padding_free", type=str2bool, default=True,
+                   help="run each step's rows packed together, no padding; same gradient (false: micro-batches)")
+    g.add_argument("--max_tokens_per_pass", type=int, default=None,
+                   help="most tokens in one packed forward/backward (default: --max_length)")
     g.add_argument("--system", default=None, help="system prompt for rows without one (default: Qwen2.5's own)")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
@@ -130,7 +135,7 @@ def check_args(a):
     ms-swift derives from others (set_derived_defaults)."""
     if a.train_type != "lora":
         raise UsageError(f"--train_type {a.train_type}: only 'lora' is supported by this toolkit.")
-    positive = ["max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+    positive = ["max_length", "max_tokens_per_pass", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "lora_rank"]
     for name in positive:
         if getattr(a, name) is not None and getattr(a, name) < 1:  # None: set_derived_defaults below
@@ -171,6 +176,8 @@ def set_derived_defaults(a):
         log0(int(os.environ.get("RANK", "0")), f"Setting args.gradient_accumulation_steps: {a.gradient_accumulation_steps}")
     if a.eval_steps is None:
         a.eval_steps = a.save_steps
+    if a.max_tokens_per_pass is None:  # packed passes need no more memory than one row of --max_length
+        a.max_tokens_per_pass = a.max_length
     if a.output_dir is None:
         a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
     if a.adapters:  # ms-swift's --adapters: a new run from that adapter, with its LoRA shape
@@ -204,16 +211,19 @@ class CausalLMLoss(nn.Module):
 
     Only positions whose next token has a label go through lm_head, in chunks that are
     recomputed during backward: the (tokens x 152k-vocab) float32 logits never exist at once.
-    layers: the decoder layers to run (speed.TrainingPlan.training_layers); None: the model's own."""
+    layers: the decoder layers to run (speed.TrainingPlan.training_layers); None: the model's own.
+    packed_mask: how packed rows are kept apart (speed.TrainingPlan.packed_mask); None: model.block_mask."""
 
-    def __init__(self, model, chunk: int = 256, layers=None):
+    def __init__(self, model, chunk: int = 256, layers=None, packed_mask=None):
         super().__init__()
-        self.model, self.chunk, self.layers = model, chunk, layers
+        self.model, self.chunk, self.layers, self.packed_mask = model, chunk, layers, packed_mask
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None, cu_seqlens=None):
         """label_positions (N,): the flat positions b * T + t whose next token t + 1 has a label.
-        make_batch finds them on the CPU; finding them here would make the CPU wait for the GPU."""
-        h = self.model.model(input_ids, attention_mask, position_ids, layers=self.layers)  # (B, T, hidden)
+        make_batch finds them on the CPU; finding them here would make the CPU wait for the GPU.
+        cu_seqlens: rows packed into one sequence start at these offsets (make_batch)."""
+        h = self.model.model(input_ids, attention_mask, position_ids, layers=self.layers, cu_seqlens=cu_seqlens,
+                             packed_mask=self.packed_mask)  # (B, T, hidden)
         if label_positions is None:
             label_positions = label_positions_of(labels)
         h = h.flatten(0, 1).index_select(0, label_positions)  # (N, hidden): position t predicts t + 1
@@ -245,9 +255,12 @@ def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
 
     Padding comes after each row's tokens, so causal attention alone already keeps every token from
     seeing it, and padding carries no labels: the attention mask is needed only to keep packed
-    samples apart. Without one, attention runs as plain causal, its fastest kernel."""
+    samples apart. Without one, attention runs as plain causal, its fastest kernel. One row of
+    packed samples says where each starts (cu_seqlens) instead: no (B, T) mask."""
     batch = data.collate(rows, pad_id, pad_to)
-    if not any("segment_ids" in r for r in rows):
+    if len(rows) == 1 and "segment_ids" in rows[0]:
+        batch["cu_seqlens"] = row_offsets(rows[0]["segment_ids"], batch["input_ids"].shape[1])
+    if "cu_seqlens" in batch or not any("segment_ids" in r for r in rows):
         del batch["attention_mask"]
     batch["label_positions"] = label_positions_of(batch["labels"])
     if torch.device(device).type == "cuda":
@@ -255,6 +268,33 @@ def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
         # on to the next micro-batch; from ordinary memory the CPU would wait for it.
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def row_offsets(segment_ids, T: int) -> torch.Tensor:
+    """cu_seqlens (int32) of one packed row padded to T tokens: where each sample starts, where the
+    padding starts (the padding is a row of its own), then T. Its length is rounded up to a multiple
+    of 16, plus one, by empty rows at the end (T repeated): replayed CUDA graphs need fixed shapes,
+    and so rows of 1 to 15 samples share one shape, 16 to 31 another."""
+    seg = torch.as_tensor(segment_ids)
+    starts = ((seg[1:] != seg[:-1]).nonzero().squeeze(1) + 1).tolist()
+    offsets = [0, *starts, len(seg)]
+    return torch.tensor(offsets + [T] * (round_up(len(offsets), 16) + 1 - len(offsets)), dtype=torch.int32)
+
+
+def step_batches(micro: list[list[dict]], pad_id: int, device, pad_to: int = 1, budget: int | None = None):
+    """This rank's rows of one optimizer step, micro-batch by micro-batch -> the batches that run.
+
+    budget None: each micro-batch as it is, padded. A budget (--padding_free, the default): all the
+    step's rows packed into as few sequences of at most `budget` tokens as fit (data.pack_bins;
+    a longer row runs alone), each row seeing only itself. The loss is summed over label tokens
+    and divided by the whole step's count, so the gradient is the same either way: a micro-batch
+    is a unit of memory, not of math. Without padding, no padding tokens are computed."""
+    if budget is not None:
+        rows = [r for mb in micro for r in mb]
+        micro = [[data.concat_rows([rows[i] for i in members])]
+                 for members in data.pack_bins([len(r["input_ids"]) for r in rows], budget)]
+    for rows in micro:
+        yield make_batch(rows, pad_id, device, pad_to)
 
 
 def label_tokens(row) -> int:
@@ -307,6 +347,7 @@ class Step:
     device: torch.device
     pad_to: int  # batches are padded to a multiple of this many tokens (speed.TrainingPlan)
     micro_batch: object  # (batch, scale) -> loss: micro_batch above, or its faster twin
+    budget: int | None  # --max_tokens_per_pass for step_batches; None (--padding_free false): as they are
     params: list  # the LoRA parameters: the only ones that train
     optimizer: torch.optim.Optimizer
     loss_scale: "LossScale"
@@ -316,16 +357,16 @@ class Step:
 
 
 def optimizer_step(s: Step, micro: list[list[int]], lr: float):
-    """Run this rank's share of the step's micro-batches, then clip and step. The step's gradient
-    is sum(token losses) / (label tokens of the whole step, all ranks). Returns (loss per label
-    token, gradient norm, tokens of the step)."""
+    """Run this rank's share of the step's micro-batches (as step_batches packs them), then clip
+    and step. The step's gradient is sum(token losses) / (label tokens of the whole step, all
+    ranks). Returns (loss per label token, gradient norm, tokens of the step)."""
     n_tokens = sum(label_tokens(s.rows[i]) for mb in micro for i in mb)
     scale = s.loss_scale.value / max(1, n_tokens)  # float16: times the loss scale, divided back below
     # Summed on the device and read once per step: reading it per micro-batch would make the CPU
     # wait for the GPU each time, instead of queueing the next micro-batch.
     loss_sum = torch.zeros(1, device=s.device, dtype=torch.float64)
-    for mb in micro[s.rank::s.world]:
-        batch = make_batch([s.rows[i] for i in mb], s.pad_id, s.device, s.pad_to)
+    share = [[s.rows[i] for i in mb] for mb in micro[s.rank::s.world]]
+    for batch in step_batches(share, s.pad_id, s.device, s.pad_to, s.budget):
         loss_sum += s.micro_batch(batch, scale)
     sum_over_ranks([loss_sum], s.world)
     sum_over_ranks([p.grad for p in s.params], s.world)
@@ -505,12 +546,13 @@ def train(a) -> int:
     model, params = load_lora_model(a, model_dir, dtype, device, rank)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
-    loss_fn = CausalLMLoss(model, layers=plan.training_layers(model))
+    loss_fn = CausalLMLoss(model, layers=plan.training_layers(model), packed_mask=plan.packed_mask)
     run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world)
     loss_scale = LossScale(enabled=dtype == torch.float16)
     loss_scale.value = run.state.get("loss_scale", loss_scale.value)
     s = Step(train_rows, tok.endoftext_id, device, plan.pad_to, plan.micro_batch_fn(loss_fn, params, micro_batch),
-             params, optimizer, loss_scale, a.max_grad_norm, rank, world)
+             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm,
+             rank, world)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
     if a.eval_prompts and rank == 0:
         show_answers("before training", a.eval_prompts, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids))

@@ -108,6 +108,7 @@ def train_args(data_file, out, steps=6, save_steps=3, *extra):
 
 
 def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
+    """Each step's rows run packed (--padding_free, the default): a resume packs the same rows."""
     data_file = write_qa(tmp_path / "qa.json", QA + QA[:1])  # 5 rows, 3 steps per epoch
     assert train.main(train_args(data_file, tmp_path / "a", 6, 2)) == 0
     run = run_dir_of(tmp_path / "a")
@@ -284,7 +285,7 @@ def test_layers_are_compiled_by_default_only_where_it_pays_back():
 def test_the_plan_says_how_the_layers_run():
     """speed.plan_training: graphs on a GPU by default, in one process or several (gradients are
     summed after the recorded micro-batches, outside the graphs); eager on the CPU."""
-    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048)
+    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=False, packing=False)
     plan = speed.plan_training(a, torch.device("cuda"), [40, 100, 70], 192)
     assert plan.graphs and not plan.compiled and plan.pad_to == 64
     assert "here at most 2 lengths (64, 128)" in plan.message and "--cuda_graph false" in plan.message
@@ -310,7 +311,8 @@ def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
 
 def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
     """--torch_compile true (on a GPU the default for long runs; here CPU inductor): batches padded to a multiple of 64
-    tokens, one compile per length, announced at the start; the adapter matches eager training."""
+    tokens, one compile per length, announced at the start; the adapter matches eager training. The steps run
+    packed (--padding_free, the default), so packed rows train through compiled layers too."""
     data = write_qa(tmp_path / "qa.json", QA + [("讲一个很长的故事" * 12, "从前有座山，山里有座庙。" * 12)])
     adapters = []
     for compiled in ("false", "true"):
@@ -319,8 +321,8 @@ def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny
                                     "--per_device_train_batch_size", 2, "--lora_dropout", 0, "--seed", 3)) == 0
         adapters.append(load_file(run_dir_of(out) / "checkpoint-3" / "adapter_model.safetensors"))
     log = capsys.readouterr().out
-    assert re.search(r"compiled layers: batches are padded to multiples of 64 tokens, here at most 3 lengths "
-                     r"\(64, 128, \d+\); each is compiled the first time it comes", log)
+    assert ("compiled layers: batches are padded to multiples of 64 tokens, here at most 32 lengths "
+            "(64, 128, 192, 256, 320, 384, 448, 512, ...); each is compiled the first time it comes") in log
     for k in adapters[0]:
         torch.testing.assert_close(adapters[1][k], adapters[0][k], rtol=1e-4, atol=1e-6)
 
@@ -359,6 +361,8 @@ def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_d
         torch.testing.assert_close(loss(**batch), loss(**masked), rtol=1e-5, atol=1e-5)
     packed = train.make_batch(data.pack(rows, 256), tok.endoftext_id, "cpu")
     assert packed["attention_mask"].max() > 1  # segment ids survive
+    one = train.make_batch(data.pack(rows, 1024), tok.endoftext_id, "cpu")  # one row: where each sample starts
+    assert "attention_mask" not in one and one["cu_seqlens"][len(QA)] == one["input_ids"].shape[1]
 
 
 def test_loss_is_the_summed_cross_entropy_of_the_labelled_next_tokens(tiny_dir):
