@@ -90,6 +90,9 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     """Choose how the layers run from the flags (--cuda_graph, --torch_compile), the device and
     the run's length. Batches of recorded or compiled layers are padded
     to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+    if getattr(a, "fsdp", False):  # train.py's --fsdp true: the model is split over the ranks (shard.py)
+        return TrainingPlan(message="eager layers: under --fsdp each layer gathers its weights from all ranks as it "
+                                    "runs, which a recorded CUDA graph or a compiled layer cannot replay")
     pad = max(64, -(-a.max_length // 32))
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
