@@ -19,7 +19,9 @@ How the layers run on a GPU (CUDA graphs, compiled layers) is decided in speed.p
 as the function that runs one micro-batch; the loop below is the same whichever it is.
 
 Several GPUs: `torchrun --nproc_per_node N train.py ...` is data parallelism: each rank runs its
-share of every optimizer step's micro-batches, and their gradients are summed once per step.
+share of every optimizer step's micro-batches, and their gradients are summed once per step
+(DataParallel). With --fsdp true the model is split over the ranks instead (shard.py); the loop is
+the same.
 """
 
 import argparse
@@ -439,7 +441,8 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
 
 
 @torch.no_grad()
-def answer_prompts(model, tok, prompts, system, stop_ids, new_decoder=modeling.Decoder, max_new_tokens=64) -> list[str]:
+def answer_prompts(model, tok, prompts, system, stop_ids, new_decoder=modeling.Decoder,
+                   max_new_tokens=64) -> list[str]:
     """Greedy answers. new_decoder(model, max_len): a model.Decoder, or a twin for a sharded model."""
     was_training = model.training
     model.eval()
