@@ -181,5 +181,9 @@ def test_two_gpus_with_fsdp_train_like_one_gpu_in_bfloat16(tmp_path, hf_checkpoi
     assert train.main(gpu(common(folder, data, tmp_path / "one", 4, "--cuda_graph", "false"))) == 0
     x = load_file(run_dir(tmp_path / "two") / "checkpoint-4" / "adapter_model.safetensors")
     y = load_file(run_dir(tmp_path / "one") / "checkpoint-4" / "adapter_model.safetensors")
-    for k in x:  # bf16 matmuls: the same kernels on the same inputs, but summed in another order
-        torch.testing.assert_close(x[k], y[k], rtol=2e-2, atol=2e-4)
+    # bf16 matmuls give slightly different gradients when summed in another order, and AdamW turns
+    # a gradient near zero into a full-size step of either sign: compare each tensor as a whole
+    for k in x:
+        assert (x[k] - y[k]).norm() <= 0.05 * y[k].norm(), k
+    losses = lambda run: [e["loss"] for e in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in e]
+    assert losses(run_dir(tmp_path / "two")) == pytest.approx(losses(run_dir(tmp_path / "one")), rel=1e-2)
