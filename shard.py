@@ -10,9 +10,9 @@ rank holds 1/N of every weight instead, as PyTorch's own engine does it,
     (in backward, again: the checkpointed layer is recomputed with the gathered weights)
     LoRA's A and B are split the same way, and so are their gradients (each rank receives the
     sum of its rows only: a reduce-scatter, once per optimizer step) and AdamW's state
-    the embedding, the final norm and lm_head (or the tied embedding) are the root: the embedding
-    and norm are split and gathered once per step; lm_head stays whole on every rank (CausalLMLoss
-    reads its weight directly, outside any module call)
+    the embedding and the final norm make the root unit (Qwen2Model), gathered once per step;
+    lm_head stays whole on every rank, as does a tied embedding, which is lm_head too
+    (CausalLMLoss reads lm_head's weight directly, outside any module call FSDP could hook)
 
 Nothing else changes: the same layers run (eagerly: a recorded CUDA graph cannot replay the
 all-gathers), in the same dtypes as the plain path (bf16 base, float32 A and B whose matmuls run
