@@ -40,6 +40,12 @@ QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, n
 SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+# The larger Qwen2.5 shapes (their config.json files), for the 4-bit workloads and the fit table.
+QWEN25_14B = dict(QWEN25_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                  num_key_value_heads=8)
+QWEN25_32B = dict(QWEN25_14B, intermediate_size=27648, num_hidden_layers=64)
+QWEN25_72B = dict(QWEN25_14B, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64)
+SHAPES = {"7b": QWEN25_7B, "14b": QWEN25_14B, "32b": QWEN25_32B, "72b": QWEN25_72B}
 
 
 
@@ -47,15 +53,20 @@ SMALL = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_
 # Shared by both implementations: the same weights, the same tokens
 
 
+def random_value(name, shape, index: int, device, seed=0):
+    """The value of parameter `name`, the index-th by name: ones for norms, else N(0, 0.02) from
+    a generator of its own (float32; the parameter's dtype rounds it)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, device=device)
+    g = torch.Generator(device=device).manual_seed(seed + index)
+    return torch.randn(shape, generator=g, device=device) * 0.02
+
+
 @torch.no_grad()
 def fill_random(model, seed=0):
     """Give every parameter the same random values in any implementation with the same names."""
     for i, (name, p) in enumerate(sorted(model.named_parameters())):
-        g = torch.Generator(device=p.device).manual_seed(seed + i)
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g, device=p.device) * 0.02)
+        p.copy_(random_value(name, p.shape, i, p.device, seed))
 
 
 def tokens(n, vocab, device, seed=1):
@@ -210,6 +221,55 @@ def ours_train_ddp(shape, seq, steps, plan):
     if world > 1:
         dist.destroy_process_group()
     return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
+
+
+def ours_train_fsdp(shape, seq, steps, device):
+    """train.py's step under torchrun with --fsdp: the model split over the ranks (shard.py), eager
+    layers as speed.plan_training chooses there. Every rank trains on a sequence of its own (the
+    same one, so the first-step loss is comparable with one GPU's)."""
+    import torch.distributed as dist
+    import lora
+    import train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    speed.fast_float32_matmul(device)
+    m = ours_sharded_model(shape, device)
+    m.train()
+    m.model.gradient_checkpointing = True
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    micro_batch = speed.TrainingPlan().micro_batch_fn(train.CausalLMLoss(m), params, train.micro_batch)
+    # world=1: FSDP itself reduce-scatters the gradients in backward
+    r = measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device, world=1)
+    dist.destroy_process_group()
+    return {**r, "tok_s": world * r["tok_s"], "gpus": world}
+
+
+@torch.no_grad()
+def ours_sharded_model(shape, device):
+    """fill_random's weights, made directly split over the ranks: built on the meta device, split
+    (shard.shard), then each whole tensor drawn on the GPU in turn and only this rank's rows kept,
+    so the whole model never exists on one GPU (one whole tensor at a time does)."""
+    import lora
+    import model as modeling
+    import shard
+    with torch.device("meta"):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as ours_model
+        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape)).to(dtype)
+    base = sorted((name, p.shape) for name, p in m.named_parameters())  # fill_random's order, before LoRA
+    lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
+    shard.shard(m, device)
+    m.to_empty(device=device)
+    params = dict(m.named_parameters())
+    for i, (name, size) in enumerate(base):
+        shard.copy_rows(params[name], random_value(name, size, i, device))
+    shard.init_lora(m, 0, device)
+    return m
 
 
 @torch.no_grad()
@@ -405,10 +465,11 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
 def worker(a):
     """One workload in this process; its result as a RESULT line (from rank 0 under torchrun)."""
     torch.manual_seed(0)
-    device, shape, plan = torch.device(a.device), SMALL if a.small else QWEN25_7B, PLANS[a.plan]
+    device, shape, plan = torch.device(a.device), SMALL if a.small else SHAPES[a.shape], PLANS[a.plan]
     workloads = {
         "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan),
         "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
+        "ours_train_fsdp": lambda: ours_train_fsdp(shape, a.seq, a.steps, device),
         "hf_train": lambda: hf_train(shape, a.seq, a.steps, device),
         "ours_decode": lambda: ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32),
         "hf_decode": lambda: hf_decode(shape, a.new_tokens, device, a.fp32),
@@ -462,6 +523,7 @@ def build_parser():
     p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled")
     p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
+    p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
     # worker mode (internal)
@@ -472,6 +534,7 @@ def build_parser():
     p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="7b", choices=list(SHAPES), help=argparse.SUPPRESS)
     return p
 
 
@@ -482,6 +545,8 @@ def main():
         return worker(a)
     if a.ddp:
         return ddp_main(a)
+    if a.fsdp:
+        return fsdp_main(a)
     if a.check_greedy:
         return check_greedy(a)
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
@@ -633,6 +698,35 @@ def ddp_main(a):
         print(f"| {n} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} |")
     if "tok_s" in res[1] and "tok_s" in res[a.ddp]:
         print(f"\nscaling with {a.ddp} GPUs: {res[a.ddp]['tok_s'] / res[1]['tok_s']:.2f}x")
+
+
+def fsdp_main(a):
+    """--fsdp N: the 32B shape on one GPU (whole, eager) and split over N GPUs (train.py --fsdp
+    true), and the 72B shape split over N GPUs; 2,048-token rows, one per GPU."""
+    common, res = ["--device", a.device, "--steps", a.steps, "--seq", 2048], {}
+    jobs = {"32B, 1 GPU": (["ours_train", "--shape", "32b", "--plan", "eager"], 0),
+            f"32B, {a.fsdp} GPUs, --fsdp": (["ours_train_fsdp", "--shape", "32b"], a.fsdp),
+            f"72B, {a.fsdp} GPUs, --fsdp": (["ours_train_fsdp", "--shape", "72b"], a.fsdp)}
+    for name, (args, gpus) in jobs.items():  # each printed (and saved) as it finishes
+        t = time.time()
+        res[name] = run_worker(args, common, gpus=gpus)
+        print(f"[{time.time() - t:.0f} s] {name}: {fmt(res[name], 'tok_s', ',.0f')} tok/s", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"fsdp": res}, f, indent=1)
+    card = torch.cuda.get_device_name(0)
+    print(f"\n{a.fsdp} x {card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+    print("| model, GPUs | tokens/s (2,048 a GPU, eager) | s/step | peak allocated / reserved per GPU | first-step loss |")
+    print("|---|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {fmt(r, 'tok_s', ',.0f')} | {fmt(r, 's_per_step', '.3f')} | {fmt(r, 'peak_allocated_gib', '.2f')}"
+              f" / {fmt(r, 'peak_reserved_gib', '.2f')} GiB | {fmt(r, 'first_loss', '.5f')} |")
+    one, split = res["32B, 1 GPU"], res[f"32B, {a.fsdp} GPUs, --fsdp"]
+    if "tok_s" in one and "tok_s" in split:
+        ok = abs(one["first_loss"] - split["first_loss"]) <= 1e-3 * abs(one["first_loss"])
+        print(f"\n32B scaling from 1 to {a.fsdp} GPUs with --fsdp: {split['tok_s'] / one['tok_s']:.2f}x")
+        print(f"loss check, 32B first step: 1 GPU {one['first_loss']:.5f} vs {a.fsdp} GPUs {split['first_loss']:.5f}: "
+              f"{'OK' if ok else 'MISMATCH'}")
 
 
 def check_greedy(a):

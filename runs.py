@@ -79,14 +79,14 @@ def find_resume_checkpoint(path: str, adapter_only: bool = False) -> Path:
     return newest
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict, args_dict: dict, rng: dict) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer_state: dict, state: dict, args_dict: dict, rng: dict) -> Path:
     """Write checkpoint-STEP atomically; a checkpoint of the same step from an earlier attempt is replaced."""
     final = run_dir / f"checkpoint-{state['global_step']}"
     remove_stale_temporaries(final)  # left by a process killed while saving this step before
     with atomic_folder(final, replace=True) as tmp:
         lora.save_adapter(model, tmp, base_model_name_or_path=args_dict["model"])
         (tmp / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     return final
@@ -120,6 +120,21 @@ def set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class WholeState:
+    """What a checkpoint holds of the model and the optimizer, when each rank holds all of them (one
+    process, or DDP): gathered for saving, and loaded back. shard.ShardedState does the same for a
+    model split over the ranks, in this same form: a checkpoint does not depend on how it was trained."""
+
+    def gather(self, model, optimizer) -> tuple:
+        """(a model holding the whole adapter, for lora.save_adapter; the optimizer's state dict)"""
+        return model, optimizer.state_dict()
+
+    def load(self, model, optimizer, adapter: dict, optimizer_state: dict | None = None):
+        lora.load_lora_state_dict(model, adapter)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -130,9 +145,11 @@ class Run:
     `state` is what trainer_state.json holds: global_step, epoch and step_in_epoch (where the data
     order goes on), the best eval loss and its checkpoint, and the log history."""
 
-    def __init__(self, run_dir: Path, state: dict, args_dict: dict, total_steps: int, device, rank=0, world=1):
+    def __init__(self, run_dir: Path, state: dict, args_dict: dict, total_steps: int, device, rank=0, world=1,
+                 states=None):
         self.dir, self.state, self.args, self.total_steps = run_dir, state, args_dict, total_steps
         self.device, self.rank, self.world = device, rank, world
+        self.states = states or WholeState()
         self.t0, self.start_step, self.tokens, self.losses = time.time(), state["global_step"], 0, []
         self.elapsed_before = state.get("elapsed", 0.0)  # training time before a resume
         self.rng = rng_state(device)  # the random state after the last complete step
@@ -171,13 +188,12 @@ class Run:
                          f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}")
 
     def log_eval(self, evaluate):
-        """Run `evaluate()` (the validation loss) on rank 0, log it, and remember the best step."""
-        if self.rank == 0:
-            step, eval_loss = self.state["global_step"], evaluate()
-            self._log({"step": step, "eval_loss": round(eval_loss, 6)}, f"[{step}/{self.total_steps}] eval_loss {eval_loss:.4f}")
-            if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
-                self.state.update(best_eval_loss=eval_loss, best_checkpoint=f"checkpoint-{step}")
-        self.barrier()
+        """Run `evaluate()` (the validation loss), log it, and remember the best step. Every rank
+        runs it (a sharded model needs all ranks for each forward); rank 0 writes."""
+        step, eval_loss = self.state["global_step"], evaluate()
+        self._log({"step": step, "eval_loss": round(eval_loss, 6)}, f"[{step}/{self.total_steps}] eval_loss {eval_loss:.4f}")
+        if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
+            self.state.update(best_eval_loss=eval_loss, best_checkpoint=f"checkpoint-{step}")
 
     def _log(self, entry: dict, line: str):
         self.state["log_history"].append(entry)
@@ -190,6 +206,7 @@ class Run:
         """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Weights that are
         no longer finite are never saved. Ctrl-C must not cut a save in half: it is ignored until
         the checkpoint is in place."""
+        model, optimizer_state = self.states.gather(model, optimizer)  # on every rank
         adapter = lora.lora_state_dict(model)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
             self.diverged("the adapter's weights became inf or NaN")
@@ -200,7 +217,7 @@ class Run:
                 history = self.state.setdefault("checkpoints", [])
                 history[:] = [n for n in history if n != name] + [name]
                 self.state["elapsed"] = round(self.elapsed_before + time.time() - self.t0, 1)
-                save_checkpoint(self.dir, model, optimizer, self.state, self.args, self.rng)
+                save_checkpoint(self.dir, model, optimizer_state, self.state, self.args, self.rng)
                 prune_checkpoints(self.dir, limit, self.state["best_checkpoint"], history)
             finally:
                 for s, h in handlers.items():
@@ -303,17 +320,20 @@ def check_writable(folder: Path, flag: str):
         raise RunError(f"{flag} {folder}: you cannot write in {existing}; choose a folder you can write to.")
 
 
-def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1) -> Run:
+def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1,
+             states=None) -> Run:
     """A new run folder, or, with --resume_from_checkpoint, the run of that checkpoint with the
     adapter, optimizer and random state restored into `model` and `optimizer` (with
-    --resume_only_model, the adapter alone, into a new run)."""
+    --resume_only_model, the adapter alone, into a new run). states: how the model's and the
+    optimizer's state is saved and loaded (WholeState, or shard.ShardedState)."""
+    states = states or WholeState()
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
              "log_history": [], "checkpoints": []}
     ckpt, run_dir = check_resume(a, world), None
     if ckpt and a.resume_only_model:
-        lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+        states.load(model, optimizer, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
     elif ckpt:
-        run_dir, state = ckpt.parent, restore(ckpt, model, optimizer, device)
+        run_dir, state = ckpt.parent, restore(ckpt, model, optimizer, device, states)
     if rank == 0 and ckpt:
         print(f"resumed from {ckpt}" + (" (the adapter only: a new run)" if a.resume_only_model else
                                         f" at step {state['global_step']}"), flush=True)
@@ -334,15 +354,15 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
         lines = "".join(json.dumps(e) + "\n" for e in state["log_history"])
         (run_dir / ".logging.jsonl.tmp").write_text(lines)
         os.replace(run_dir / ".logging.jsonl.tmp", run_dir / "logging.jsonl")
-    return Run(run_dir, state, args_dict, total_steps, device, rank, world)
+    return Run(run_dir, state, args_dict, total_steps, device, rank, world, states)
 
 
-def restore(ckpt: Path, model, optimizer, device) -> dict:
+def restore(ckpt: Path, model, optimizer, device, states=None) -> dict:
     """Load a checkpoint's adapter, optimizer and random state; its trainer_state."""
     state = read_json(ckpt / "trainer_state.json", RunError)
     try:
-        lora.load_lora_state_dict(model, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        (states or WholeState()).load(model, optimizer, load_file(ckpt / "adapter_model.safetensors", device=str(device)),
+                                      torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         set_rng_state(torch.load(ckpt / "rng_state.pt", weights_only=True), device)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, EOFError) as e:  # broken files
         raise RunError(f"{ckpt} cannot be resumed: {str(e).splitlines()[0]}. Resume from another checkpoint of "

@@ -60,7 +60,7 @@ class TrainingPlan:
     Recorded or compiled code has fixed shapes, so batches are then padded to a multiple of
     `pad_to` tokens: a few lengths, each recorded or compiled once.
 
-    packed_mask: how rows packed into one sequence (train.step_batches) are kept apart, for
+    packed_mask: how rows packed into one sequence (train.step_passes) are kept apart, for
     model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention."""
 
     graphs: bool = False
@@ -97,6 +97,11 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     """Choose how the layers run from the flags (--cuda_graph, --torch_compile), the device and
     the run's length, and how packed rows attend (packed_attention). Batches of recorded or
     compiled layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+    packed_mask, how = packed_attention(a, device)
+    if getattr(a, "fsdp", False):  # train.py's --fsdp true: the model is split over the ranks (shard.py)
+        return TrainingPlan(message="\n".join(m for m in (
+            "eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
+            "recorded CUDA graph or a compiled layer cannot replay", how) if m), packed_mask=packed_mask)
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
         row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
@@ -114,7 +119,6 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
         message = f"eager layers{why}" if why else ""
-    packed_mask, how = packed_attention(a, device)
     message = "\n".join(m for m in (message, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask)
 

@@ -34,8 +34,8 @@ def refused(example: str, instead: str) -> SwiftFlag:
 
 TRAIN, INFER, MERGE = ("train",), ("infer",), ("merge",)
 TRAIN_INFER, ALL = ("train", "infer"), ("train", "infer", "merge")
-NOT_YET_DISTRIBUTED = ("DeepSpeed and FSDP are not here yet; LoRA on a 7B model fits one 24 GB GPU, and "
-                       "`torchrun --nproc_per_node N train.py ...` trains on N GPUs (data parallelism)")
+USE_FSDP = ("DeepSpeed is not used here: `torchrun --nproc_per_node N train.py ... --fsdp true` splits the model "
+            "over the GPUs (ZeRO-3's job) with PyTorch's FSDP2")
 NOT_YET_QUANTIZED = ("quantized models (QLoRA training, GPTQ / AWQ / bnb export) are not here yet; "
                      "LoRA on a bfloat16 7B model fits one 24 GB GPU")
 NO_DATASET_INFER = ("infer.py answers questions, not datasets: pipe them one per line, "
@@ -134,8 +134,9 @@ FLAGS = {
     "resume_from_checkpoint": SwiftFlag("output/vN-.../checkpoint-N", TRAIN, "resumes checkpoints of this toolkit"),
     "resume_only_model": SwiftFlag("true", TRAIN, "loads only the checkpoint's adapter, into a new run"),
     # Several GPUs
-    "deepspeed": refused("zero2", NOT_YET_DISTRIBUTED),
-    "fsdp": refused("fsdp2", NOT_YET_DISTRIBUTED),
+    "deepspeed": refused("zero3", USE_FSDP),
+    "fsdp": SwiftFlag("'full_shard auto_wrap'", TRAIN, "FSDP2, each decoder layer one unit: true, fsdp2 or "
+                      "'full_shard auto_wrap'; no offload"),
     "sequence_parallel_size": refused("2", "sequence parallelism is not implemented; each row trains on one GPU"),
     "ddp_backend": SwiftFlag("nccl", TRAIN, "torchrun uses NCCL on GPUs, gloo on the CPU", ignored=True),
     "ddp_timeout": SwiftFlag("1800", TRAIN, "torch.distributed's default timeout applies", ignored=True),

@@ -19,7 +19,9 @@ How the layers run on a GPU (CUDA graphs, compiled layers) is decided in speed.p
 as the function that runs one micro-batch; the loop below is the same whichever it is.
 
 Several GPUs: `torchrun --nproc_per_node N train.py ...` is data parallelism: each rank runs its
-share of every optimizer step's micro-batches, and their gradients are summed once per step.
+share of every optimizer step's micro-batches, and their gradients are summed once per step
+(DataParallel). With --fsdp true the model is split over the ranks instead (shard.py); the loop is
+the same.
 """
 
 import argparse
@@ -40,6 +42,7 @@ import data
 import lora
 import model as modeling
 import runs
+import shard
 import speed
 from cli import UsageError, str2bool
 from data import DataError
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_flags(p)
     optimisation_flags(p)
     run_flags(p)
+    scale_flags(p)
     p.add_swift_flags("train")
     return p
 
@@ -130,6 +134,12 @@ def run_flags(p):
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
 
 
+def scale_flags(p):
+    g = p.add_argument_group("several GPUs (torchrun)")
+    g.add_argument("--fsdp", nargs="+", default=None, metavar="VALUE",
+                   help="true (or 'full_shard auto_wrap'): split the model over the ranks (FSDP2), not DDP")
+
+
 def check_args(a):
     """Reject impossible flag values before anything slow happens; fill in the unset ones that
     ms-swift derives from others (set_derived_defaults)."""
@@ -156,6 +166,7 @@ def check_args(a):
         if getattr(a, name) and len(getattr(a, name)) > 2:
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
     cli.pick_dtype(a.torch_dtype, torch.device("cpu"))  # a bad name fails here
+    shard.check_flags(a)
     if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
     for spec in a.dataset + a.val_dataset:
@@ -281,20 +292,20 @@ def row_offsets(segment_ids, T: int) -> torch.Tensor:
     return torch.tensor(offsets + [T] * (round_up(len(offsets), 16) + 1 - len(offsets)), dtype=torch.int32)
 
 
-def step_batches(micro: list[list[dict]], pad_id: int, device, pad_to: int = 1, budget: int | None = None):
-    """This rank's rows of one optimizer step, micro-batch by micro-batch -> the batches that run.
+def step_passes(micro: list[list[dict]], budget: int | None) -> list[list[dict]]:
+    """One rank's rows of an optimizer step, micro-batch by micro-batch -> the rows of each pass
+    (one forward and backward) that runs.
 
-    budget None: each micro-batch as it is, padded. A budget (--padding_free, the default): all the
-    step's rows packed into as few sequences of at most `budget` tokens as fit (data.pack_bins;
-    a longer row runs alone), each row seeing only itself. The loss is summed over label tokens
-    and divided by the whole step's count, so the gradient is the same either way: a micro-batch
-    is a unit of memory, not of math. Without padding, no padding tokens are computed."""
-    if budget is not None:
-        rows = [r for mb in micro for r in mb]
-        micro = [[data.concat_rows([rows[i] for i in members])]
-                 for members in data.pack_bins([len(r["input_ids"]) for r in rows], budget)]
-    for rows in micro:
-        yield make_batch(rows, pad_id, device, pad_to)
+    budget None: each micro-batch as it is (padded by make_batch). A budget (--padding_free, the
+    default): all the step's rows packed into as few sequences of at most `budget` tokens as fit
+    (data.pack_bins; a longer row runs alone), each row seeing only itself. The loss is summed over
+    label tokens and divided by the whole step's count, so the gradient is the same either way: a
+    micro-batch is a unit of memory, not of math. Without padding, no padding tokens are computed."""
+    if budget is None:
+        return micro
+    rows = [r for mb in micro for r in mb]
+    return [[data.concat_rows([rows[i] for i in members])]
+            for members in data.pack_bins([len(r["input_ids"]) for r in rows], budget)]
 
 
 def label_tokens(row) -> int:
@@ -347,17 +358,16 @@ class Step:
     device: torch.device
     pad_to: int  # batches are padded to a multiple of this many tokens (speed.TrainingPlan)
     micro_batch: object  # (batch, scale) -> loss: micro_batch above, or its faster twin
-    budget: int | None  # --max_tokens_per_pass for step_batches; None (--padding_free false): as they are
+    budget: int | None  # --max_tokens_per_pass for step_passes; None (--padding_free false): as they are
     params: list  # the LoRA parameters: the only ones that train
     optimizer: torch.optim.Optimizer
     loss_scale: "LossScale"
     max_grad_norm: float
-    rank: int = 0
-    world: int = 1
+    ranks: "DataParallel"  # how the ranks share the step: DataParallel below, or shard.FullyShard
 
 
 def optimizer_step(s: Step, micro: list[list[int]], lr: float):
-    """Run this rank's share of the step's micro-batches (as step_batches packs them), then clip
+    """Run this rank's share of the step's micro-batches (as step_passes packs them), then clip
     and step. The step's gradient is sum(token losses) / (label tokens of the whole step, all
     ranks). Returns (loss per label token, gradient norm, tokens of the step)."""
     n_tokens = sum(label_tokens(s.rows[i]) for mb in micro for i in mb)
@@ -365,11 +375,10 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     # Summed on the device and read once per step: reading it per micro-batch would make the CPU
     # wait for the GPU each time, instead of queueing the next micro-batch.
     loss_sum = torch.zeros(1, device=s.device, dtype=torch.float64)
-    share = [[s.rows[i] for i in mb] for mb in micro[s.rank::s.world]]
-    for batch in step_batches(share, s.pad_id, s.device, s.pad_to, s.budget):
-        loss_sum += s.micro_batch(batch, scale)
-    sum_over_ranks([loss_sum], s.world)
-    sum_over_ranks([p.grad for p in s.params], s.world)
+    passes = lambda share: step_passes([[s.rows[i] for i in mb] for mb in share], s.budget)
+    for rows, weight in s.ranks.share(micro, passes):  # weight 0: a repeat that only keeps sharded ranks in step
+        loss_sum += weight * s.micro_batch(make_batch(rows, s.pad_id, s.device, s.pad_to), weight * scale)
+    s.ranks.reduce(loss_sum, s.params)
     s.loss_scale.unscale(s.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
     for group in s.optimizer.param_groups:
@@ -380,6 +389,34 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     s.optimizer.zero_grad(set_to_none=False)
     tokens = sum(len(s.rows[i]["input_ids"]) for mb in micro for i in mb)
     return loss_sum.item() / max(1, n_tokens), grad_norm, tokens
+
+
+class DataParallel:
+    """How the ranks of a torchrun share an optimizer step (one process: rank 0 of 1). Each holds
+    the whole model and runs every world-th micro-batch; then the loss and the LoRA gradients are
+    summed over the ranks. shard.FullyShard is its twin for a model split over the ranks (--fsdp)."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+        self.states = runs.WholeState()  # what checkpoints save and restore
+
+    def load_lora_model(self, model_dir, cfg: lora.LoraConfig, seed: int, dtype, device):
+        model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
+        torch.manual_seed(seed)  # the LoRA init does not depend on how many random numbers loading used
+        lora.add_adapter(model, cfg)
+        return model
+
+    def share(self, micro: list, passes) -> list:
+        """(rows of a pass, weight of its loss) for each pass of the step this rank runs: every
+        world-th micro-batch, made into passes by passes(micro-batches) (train.step_passes)."""
+        return [(rows, 1.0) for rows in passes(micro[self.rank::self.world])]
+
+    def reduce(self, loss_sum, params):
+        sum_over_ranks([loss_sum], self.world)
+        sum_over_ranks([p.grad for p in params], self.world)
+
+    def new_decoder(self, model, max_len: int):
+        return modeling.Decoder(model, max_len)
 
 
 def sum_over_ranks(tensors: list, world: int):
@@ -446,19 +483,24 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
 
 
 @torch.no_grad()
-def answer_prompts(model, tok, prompts, system, stop_ids, max_new_tokens=64) -> list[str]:
+def answer_prompts(model, tok, prompts, system, stop_ids, new_decoder=modeling.Decoder,
+                   max_new_tokens=64) -> list[str]:
+    """Greedy answers. new_decoder(model, max_len): a model.Decoder, or a twin for a sharded model."""
     was_training = model.training
     model.eval()
     answers = []
     for q in prompts:
         ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True, system=system)
-        out = [t for t in generate(model, ids, max_new_tokens, stop_ids) if t not in stop_ids]
+        decoder = new_decoder(model, len(ids) + max_new_tokens)
+        out = [t for t in generate(model, ids, max_new_tokens, stop_ids, decoder=decoder) if t not in stop_ids]
         answers.append(tok.decode(out))
     model.train(was_training)
     return answers
 
 
-def show_answers(title: str, prompts: list, answers: list):
+def show_answers(title: str, prompts: list, answers: list, rank: int = 0):
+    if rank != 0:
+        return
     print(f"\nanswers {title}:")
     for q, answer in zip(prompts, answers):
         print(f"  Q: {q}\n  A: {answer[:160]!r}", flush=True)
@@ -502,16 +544,15 @@ def schedule(a, n_rows: int, world: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, math.ceil(a.warmup_ratio * total)
 
 
-def load_lora_model(a, model_dir, dtype, device, rank: int):
+def load_lora_model(a, model_dir, dtype, device, ranks: DataParallel):
     """The base model with frozen weights and a fresh LoRA adapter: float32 A and B, the only
     parameters that train; their gradients allocated once, zeroed in place after each step."""
-    model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
-    torch.manual_seed(a.seed)  # the LoRA init does not depend on how many random numbers loading used
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
-    lora.add_adapter(model, lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                                            target_modules=targets, use_rslora=a.use_rslora))
+    cfg = lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                          target_modules=targets, use_rslora=a.use_rslora)
+    model = ranks.load_lora_model(model_dir, cfg, a.seed, dtype, device)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    if rank == 0:
+    if ranks.rank == 0:
         lora.print_trainable_parameters(model)
     params = lora.lora_parameters(model)
     for p in params:
@@ -543,19 +584,20 @@ def train(a) -> int:
                                total_steps * a.gradient_accumulation_steps)
     log0(rank, plan.message)
     plan.prepare(device)
-    model, params = load_lora_model(a, model_dir, dtype, device, rank)
+    ranks = shard.FullyShard(rank, world) if a.fsdp and world > 1 else DataParallel(rank, world)
+    model, params = load_lora_model(a, model_dir, dtype, device, ranks)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
     loss_fn = CausalLMLoss(model, layers=plan.training_layers(model), packed_mask=plan.packed_mask)
-    run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world)
+    run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world, ranks.states)
     loss_scale = LossScale(enabled=dtype == torch.float16)
     loss_scale.value = run.state.get("loss_scale", loss_scale.value)
     s = Step(train_rows, tok.endoftext_id, device, plan.pad_to, plan.micro_batch_fn(loss_fn, params, micro_batch),
-             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm,
-             rank, world)
+             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm, ranks)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
-    if a.eval_prompts and rank == 0:
-        show_answers("before training", a.eval_prompts, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids))
+    answers = lambda: answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids, ranks.new_decoder)  # on every rank
+    if a.eval_prompts:
+        show_answers("before training", a.eval_prompts, answers(), rank)
 
     model.train()
     with runs.StopSignals(rank, world, device) as stop:
@@ -574,8 +616,8 @@ def train(a) -> int:
             if stopping:
                 break
     run.finish(stop.requested)
-    if a.eval_prompts and rank == 0 and not stop.requested:
-        show_answers("after training", a.eval_prompts, answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids))
+    if a.eval_prompts and not stop.requested:
+        show_answers("after training", a.eval_prompts, answers(), rank)
     if world > 1:
         dist.destroy_process_group()
     return 130 if stop.requested else 0

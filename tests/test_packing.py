@@ -1,4 +1,4 @@
-"""Packed optimizer steps (train.step_batches, --padding_free): the rows of a step go through the
+"""Packed optimizer steps (train.step_passes, --padding_free): the rows of a step go through the
 model packed into few sequences, each row attending only to itself, and the step's gradient is the
 one of accumulating them one by one. Also proved elsewhere, on whole runs: with 2 gloo ranks
 (tests/test_distributed.py, against one rank with --padding_free false), resumed mid-epoch
@@ -78,7 +78,7 @@ def step_gradient(m, rows, micro, budget):
     recorder = GradientRecorder(params)
     fn = train.CausalLMLoss(m)
     s = train.Step(rows, 0, torch.device("cpu"), 1, lambda batch, scale: train.micro_batch(fn, batch, scale), budget,
-                   params, recorder, train.LossScale(enabled=False), 0.0)
+                   params, recorder, train.LossScale(enabled=False), 0.0, train.DataParallel())
     loss, _, _ = train.optimizer_step(s, micro, lr=0.0)
     return recorder.grads, loss
 
@@ -99,7 +99,7 @@ def test_a_packed_step_gives_the_gradient_of_one_by_one_accumulation(lora_model,
     assert (packed - plain).norm() / plain.norm() < 1e-5
     torch.testing.assert_close(packed, plain, rtol=1e-4, atol=1e-7)
     assert packed_loss == pytest.approx(plain_loss, rel=1e-6)
-    batches = list(train.step_batches([[rows[i] for i in mb] for mb in micro], 0, "cpu", 1, budget))
+    batches = [train.make_batch(r, 0, "cpu") for r in train.step_passes([[rows[i] for i in mb] for mb in micro], budget)]
     assert len(batches) == passes
     assert all(b["input_ids"].shape[1] <= budget or b["cu_seqlens"][1] > budget for b in batches)
 
@@ -140,7 +140,7 @@ def test_varlen_attention_reads_q_k_v_and_row_offsets_as_the_kernel_expects(lora
         return out
 
     monkeypatch.setattr(speed, "varlen_attn", kernel)
-    (batch,) = train.step_batches([random_rows([7, 30, 1, 12, 20])], 0, "cpu", 64, 2048)
+    (batch,) = [train.make_batch(r, 0, "cpu", 64) for r in train.step_passes([random_rows([7, 30, 1, 12, 20])], 2048)]
     inputs = dict(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
     with torch.no_grad():
         varlen = lora_model.model(batch["input_ids"], **inputs, packed_mask=speed.VarlenAttention)
@@ -228,7 +228,7 @@ def test_packed_micro_batches_replayed_as_cuda_graphs_give_the_eager_gradients(t
         steps = [[20, 40, 3], [30, 33, 1], [90, 30, 2, 5], [25] * 17, [26] * 17]
         for k, lengths in enumerate(steps):
             rows = random_rows(lengths, seed=k)
-            (batch,) = train.step_batches([rows], 0, "cuda", 64, 2048)
+            (batch,) = [train.make_batch(r, 0, "cuda", 64) for r in train.step_passes([rows], 2048)]
             scale = 1 / sum(train.label_tokens(r) for r in rows)
             ref_loss = loss_fn(**dict(batch, label_positions=speed.every_position(1, batch["labels"].shape[1], "cuda")))
             ref = torch.autograd.grad(ref_loss, params, grad_outputs=torch.full((), scale, device="cuda"))

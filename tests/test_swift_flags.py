@@ -47,8 +47,7 @@ def test_every_flag_in_the_table_is_taken_or_refused_with_its_message(name, scri
 
 
 @pytest.mark.parametrize("argv,instead", [
-    ("--deepspeed zero2", "`torchrun --nproc_per_node N train.py ...` trains on N GPUs"),
-    ("--fsdp fsdp2", "`torchrun --nproc_per_node N train.py ...` trains on N GPUs"),
+    ("--deepspeed zero3", "`torchrun --nproc_per_node N train.py ... --fsdp true` splits the model over the GPUs"),
     ("--streaming true", "sample a large one with --dataset FILE#N"),
     ("--quant_bits 4", "are not here yet"),
 ])
