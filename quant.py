@@ -113,8 +113,11 @@ def dynamic_map(device=None) -> torch.Tensor:
 
 
 def nearest(x, sorted_values) -> torch.Tensor:
-    """Index of the nearest of `sorted_values` to each x (int32); a tie goes to the lower one, as
-    in bitsandbytes (its CUDA kernels compare x > midpoint)."""
+    """Index of the nearest of `sorted_values` to each x (int32): the midpoints between neighbours
+    in float32, a value on one going to the lower neighbour, as bitsandbytes' PyTorch code rounds.
+    (Its CUDA kernels compare with decimal constants a few float32 steps from these midpoints, and
+    give FP4's zero the sign of x: a value that close to a midpoint can get the other, equally
+    near, code there. Its CPU kernel for 8 bits rounds through a table of 65,536 steps.)"""
     midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
     return torch.bucketize(x, midpoints, out_int32=True)
 
@@ -134,15 +137,10 @@ def scale_blocks(x, blocksize: int):
 
 
 def encode_4bit(scaled, quant_type: str) -> torch.Tensor:
-    """Values in [-1, 1] -> their 4-bit codes (uint8, one a value)."""
-    if quant_type == "nf4":  # the table is sorted: a code is its index
-        return nearest(scaled, code_table("nf4", scaled.device)).to(torch.uint8)
-    # FP4 is a sign bit and a 3-bit magnitude: the nearest magnitude, then the sign of x (as
-    # bitsandbytes' CUDA kernel; its CPU path can give a value just above 0 the code of -0).
-    magnitudes = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=scaled.device) / 12.0
-    order = torch.argsort(magnitudes)  # codes in order of magnitude: 0, 1, 6, 7, 4, 5, 2, 3
-    code = order[nearest(scaled.abs(), magnitudes[order])]
-    return (code + 8 * (scaled < 0)).to(torch.uint8)
+    """Values in [-1, 1] -> the codes of the nearest table values (uint8, one a value)."""
+    table = code_table(quant_type, scaled.device)
+    order = torch.argsort(table, stable=True)  # codes in order of value (FP4's are not; NF4's are)
+    return order[nearest(scaled, table[order])].to(torch.uint8)
 
 
 def quantize_8bit(x, blocksize: int = NESTED_BLOCKSIZE):

@@ -39,6 +39,7 @@ import cli
 import data
 import lora
 import model as modeling
+import quant
 import runs
 import speed
 from cli import UsageError, str2bool
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     data_flags(p)
     lora_flags(p)
+    quant_flags(p)
     optimisation_flags(p)
     run_flags(p)
     p.add_swift_flags("train")
@@ -90,6 +92,17 @@ def lora_flags(p):
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
+
+
+def quant_flags(p):
+    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
+    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (QLoRA)")
+    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
+    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
+                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
+    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
+                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
+    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
 
 
 def optimisation_flags(p):
@@ -151,6 +164,9 @@ def check_args(a):
         if getattr(a, name) and len(getattr(a, name)) > 2:
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
     cli.pick_dtype(a.torch_dtype, torch.device("cpu"))  # a bad name fails here
+    problem = quant.flag_problem(a, cli.pick_dtype(a.torch_dtype, cli.pick_device(a.device)))
+    if problem:
+        raise UsageError(problem)
     if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
     for spec in a.dataset + a.val_dataset:
@@ -464,7 +480,10 @@ def schedule(a, n_rows: int, world: int) -> tuple[int, int, int]:
 def load_lora_model(a, model_dir, dtype, device, rank: int):
     """The base model with frozen weights and a fresh LoRA adapter: float32 A and B, the only
     parameters that train; their gradients allocated once, zeroed in place after each step."""
-    model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
+    if a.quant_bits:  # QLoRA: the decoder's linear layers kept in 4 bits, dequantised for each matmul
+        model, _ = quant.load_quantized(str(model_dir), quant.settings(a), dtype, device)
+    else:
+        model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
     torch.manual_seed(a.seed)  # the LoRA init does not depend on how many random numbers loading used
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
     lora.add_adapter(model, lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
