@@ -396,7 +396,7 @@ def build_parser():
     p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
-    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled")
+    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled (quant: 7b 14b 32b)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -603,6 +603,8 @@ def quant_main(a):
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
     results, rows = {}, []
     for name, shape, tokens, flags in QUANT_JOBS:
+        if shape in a.skip:  # --skip 32b: leave out the workloads of that shape
+            continue
         tokens = tokens // 8 if a.small else tokens
         t = time.time()
         args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]

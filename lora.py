@@ -11,8 +11,8 @@ alpha / sqrt(r) instead, which keeps the update's size stable as r grows. After 
 again ("unmerging") gives the base back.
 
 `LoRALinear` wraps an nn.Linear and keeps its `weight` and `bias` under the same names, so the
-base model's state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. (A 4-bit
-base layer, quant.Linear4bit, is wrapped whole instead, as `base_layer`: it has no weight matrix.) It holds
+base model's state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change; a 4-bit
+base layer (quant.Linear4bit), which has no weight matrix, is kept whole as `base_layer`. It holds
 any number of named adapters, of which one (or none: the plain base) is active. On disk an
 adapter is exactly what peft writes: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft, vLLM and ms-swift

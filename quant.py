@@ -178,14 +178,21 @@ def quantize(w, quant_type: str = "nf4", double_quant: bool = True) -> dict:
 # Dequantising. dequantize is the plain path; dequantize_fast picks the speed path.
 
 
-def dequantize(shape, dtype, codes, table, absmax, absmax_table=None, absmax_scale=None, absmax_offset=None):
+def block_absmax(absmax, absmax_table=None, absmax_scale=None, absmax_offset=None):
+    """The absmax of each block of 64 (float32): kept as it is, or with double quantisation
+    dequantised from its 8-bit codes (absmax_table: dynamic_map()) as bitsandbytes does."""
+    if absmax_table is None:
+        return absmax
+    nested = absmax_table[absmax.int()]  # (blocks,)
+    padded = F.pad(nested, (0, -nested.numel() % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
+    return (padded * absmax_scale[:, None]).flatten()[:nested.numel()] + absmax_offset  # (blocks,)
+
+
+def dequantize(shape, dtype, codes, table, *scales):
     """The weight back from quantize()'s tensors, as bitsandbytes' dequantize_4bit computes it:
     table value times block absmax in float32, then cast to `dtype`. table: code_table();
-    absmax_table: dynamic_map(), with double quantisation."""
-    if absmax_table is not None:  # double quantisation: the absmax values come back first
-        nested = absmax_table[absmax.int()]  # (blocks,)
-        padded = F.pad(nested, (0, -nested.numel() % NESTED_BLOCKSIZE)).view(-1, NESTED_BLOCKSIZE)
-        absmax = (padded * absmax_scale[:, None]).flatten()[:nested.numel()] + absmax_offset  # (blocks,)
+    scales: block_absmax()'s arguments."""
+    absmax = block_absmax(*scales)  # (numel / 64,)
     pairs = torch.stack([codes >> 4, codes & 0xF], dim=-1)  # (numel / 2, 2): the first code is the high nibble
     values = table[pairs.flatten().int()]  # (numel,) in [-1, 1]
     return (values.view(-1, BLOCKSIZE) * absmax[:, None]).view(shape).to(dtype)
@@ -196,14 +203,16 @@ def compiled_dequantize():
     return torch.compile(dequantize)
 
 
-def dequantize_fast(*args):
+def dequantize_fast(shape, dtype, codes, table, *scales):
     """dequantize, chosen here: on a GPU compiled into one kernel that reads the packed codes and
     writes the weight (the plain path makes int32 and float32 temporaries: some 10 bytes a weight
-    moved instead of 2.5). Plain on the CPU, and inside code that is being compiled already (a
-    compiled layer, speed.compiled_layers, fuses it into its own kernels)."""
-    if args[2].device.type != "cuda" or torch.compiler.is_compiling():
-        return dequantize(*args)
-    return compiled_dequantize()(*args)
+    moved instead of 2.5). The double-quantised scales (1/64 of the work) are dequantised first,
+    outside it: compiled, their multiply and add could fuse into one rounding (an FMA) and so
+    differ from bitsandbytes' in the last bit. Plain on the CPU, and inside code that is being
+    compiled already (a compiled layer, speed.compiled_layers, fuses it into its own kernels)."""
+    if codes.device.type != "cuda" or torch.compiler.is_compiling():
+        return dequantize(shape, dtype, codes, table, *scales)
+    return compiled_dequantize()(shape, dtype, codes, table, block_absmax(*scales))
 
 
 class DequantizedMatmul(torch.autograd.Function):

@@ -6,8 +6,9 @@
 takes the flags of ms-swift's `swift sft --train_type lora` with the same meaning. What happens:
 
 1. Read and tokenize the datasets (data.py): only assistant answers carry labels.
-2. Load the base model in bf16 (model.py), wrap its linear layers with LoRA (lora.py): the base
-   stays frozen, only the float32 LoRA matrices A and B train (their matmuls run in bf16).
+2. Load the base model in bf16 (model.py; with --quant_bits 4 its decoder layers in 4 bits,
+   quant.py), wrap its linear layers with LoRA (lora.py): the base stays frozen, only the float32
+   LoRA matrices A and B train (their matmuls run in bf16).
 3. Each optimizer step runs `gradient_accumulation_steps` micro-batches. The loss of a step is
    the summed cross-entropy of its label tokens divided by the number of label tokens in the
    whole step (not a mean of per-batch means), so long and short answers weigh the same.
