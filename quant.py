@@ -4,7 +4,8 @@ and block scales, dequantised just in time for its matmul.
 A first reading can skip this file: LoRA trains the same on a 4-bit base as on a bf16 one. QLoRA
 (Dettmers et al., 2023) freezes the base in 4 bits, so a model takes about a quarter of its bf16
 memory, and trains the float32 LoRA matrices A and B on top exactly as lora.py does. The weights
-are stored the way bitsandbytes stores them (`quantize_4bit`, blocksize 64), bit for bit:
+are stored as bitsandbytes' `quantize_4bit` (blocksize 64) stores them, bit for bit as its PyTorch
+code computes them (`nearest` says where its CUDA kernels may round a borderline value otherwise):
 
     W (out, in), read row by row as one flat vector, cut into blocks of 64 values
     absmax_b = max |w| over block b                              one float32 per block
