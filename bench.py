@@ -3,6 +3,8 @@
     python bench.py            # the exact Qwen2.5-7B shape on one GPU (random bf16 weights)
     python bench.py --workloads tutorial   # the tutorial's run: self-cognition rows, batch 1 x 16
     python bench.py --small    # a tiny shape on the CPU in seconds (CI runs it so it cannot rot)
+    python bench.py --workloads quant   # 4-bit base (QLoRA): 7B, 14B and 32B shapes on one GPU
+    python bench.py --workloads fit     # which model trains on which card, computed (no GPU)
 
 Every workload runs in its own process (clean peak-memory counters), ours and the reference
 alike, on the same card in the same run; the table gives each ratio. Weights are random (speed
@@ -101,27 +103,53 @@ def timed_steps(step, n_warmup, n_steps, device):
 # Ours: train.py's step and infer.py's decoding, run the way speed.py's plan says
 
 
-def ours_model(shape, device, fp32=False):
-    """Our model with random weights and a LoRA adapter, as train.py builds it."""
+def ours_model(shape, device, fp32=False, quant_type=None, dequantized=False):
+    """Our model with random weights and a LoRA adapter, as train.py builds it. quant_type: the
+    decoder in 4 bits (ours_model_4bit)."""
     import lora
     import model as modeling
     speed.fast_float32_matmul(device)
-    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
-    with device:
-        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
-    torch.set_default_dtype(torch.float32)
-    fill_random(m)
+    if quant_type:
+        m = ours_model_4bit(shape, device, quant_type, dequantized)
+    else:
+        torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
+        with device:
+            m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+        torch.set_default_dtype(torch.float32)
+        fill_random(m)
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
     return m
 
 
-def ours_train_setup(shape, device, plan):
+def ours_model_4bit(shape, device, quant_type: str, dequantized=False):
+    """fill_random's weights with the decoder in 4 bits, as load_quantized loads a checkpoint: each
+    weight drawn on the device and quantised there before the next is drawn, so a 32B model never
+    exists in bf16. dequantized: then the bf16 model built from those 4-bit weights (its loss must
+    be the 4-bit model's)."""
+    import model as modeling
+    import quant
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device("meta"):
+        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+    params = sorted((name, p.shape) for name, p in m.named_parameters())
+    quant.quantize_decoder(m, quant.QuantConfig(quant_type), dtype)
+    for i, (name, size) in enumerate(params):
+        quant.place(m, name, random_value(name, size, i, device).to(dtype), dtype)
+    if dequantized:
+        weights = quant.dequantized_state_dict(m)
+        with torch.device("meta"):
+            m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+        m.load_state_dict(weights, strict=True, assign=True)
+    return m
+
+
+def ours_train_setup(shape, device, plan, quant_type=None, dequantized=False):
     """train.py's setup: the model in training mode, gradients allocated once, AdamW, and the
     micro-batch function that `plan` (a speed.TrainingPlan) gives the loop."""
     import lora
     import train
     plan.prepare(device)
-    m = ours_model(shape, device)
+    m = ours_model(shape, device, quant_type=quant_type, dequantized=dequantized)
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
@@ -142,8 +170,8 @@ def mean_loss_of(micro_batch):
     return run
 
 
-def ours_train(shape, seq, steps, device, plan):
-    micro_batch, params, opt = ours_train_setup(shape, device, plan)
+def ours_train(shape, seq, steps, device, plan, quant_type=None, dequantized=False):
+    micro_batch, params, opt = ours_train_setup(shape, device, plan, quant_type, dequantized)
     return measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device)
 
 
@@ -351,7 +379,7 @@ def ours_tutorial(shape, device, a):
     micro_batch, params, opt = ours_train_setup(shape, device, plan)
     budget = flags.max_tokens_per_pass if flags.padding_free else None
     s = train.Step(rows, pad_id, device, plan.pad_to, micro_batch, budget, params, opt, train.LossScale(False),
-                   flags.max_grad_norm)
+                   flags.max_grad_norm, train.DataParallel())
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -453,7 +481,7 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 # Driver: each workload in its own process
 
 
-WORKLOADS = ["train", "decode", "longest", "tutorial"]
+WORKLOADS = ["train", "decode", "longest", "tutorial", "quant", "fit"]
 PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
     "eager": speed.TrainingPlan(),
     "graphs": speed.TrainingPlan(graphs=True),  # the default on one GPU
@@ -467,7 +495,7 @@ def worker(a):
     torch.manual_seed(0)
     device, shape, plan = torch.device(a.device), SMALL if a.small else SHAPES[a.shape], PLANS[a.plan]
     workloads = {
-        "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan),
+        "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan, a.quant, a.dequantized),
         "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
         "ours_train_fsdp": lambda: ours_train_fsdp(shape, a.seq, a.steps, device),
         "hf_train": lambda: hf_train(shape, a.seq, a.steps, device),
@@ -519,13 +547,14 @@ def build_parser():
     p.add_argument("--limit_gib", type=float, default=22.0, help="memory cap for the longest-sequence search (a 24 GB card)")
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
     p.add_argument("--workloads", nargs="+", default=["train", "decode", "longest"], choices=WORKLOADS,
-                   help="what to measure (tutorial: the tutorial's run, batch 1 x 16 self-cognition rows)")
-    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled")
+                   help="what to measure (tutorial: batch 1 x 16 self-cognition rows; quant: 4-bit 7B/14B/32B; fit: a table)")
+    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled (quant: 7b 14b 32b)")
     p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
     p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plan", default="eager", choices=list(PLANS), help=argparse.SUPPRESS)
@@ -535,6 +564,8 @@ def build_parser():
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="7b", choices=list(SHAPES), help=argparse.SUPPRESS)
+    p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -549,6 +580,10 @@ def main():
         return fsdp_main(a)
     if a.check_greedy:
         return check_greedy(a)
+    if "quant" in a.workloads:  # a run of its own: 4-bit 7B, 14B and 32B
+        return quant_main(a)
+    if "fit" in a.workloads:
+        return print(fit_table())
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step] + (["--small"] if a.small else []) + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
     seqs = (256, 64) if a.small else tuple(a.train_seqs)
@@ -741,6 +776,119 @@ def check_greedy(a):
     for k, v in out.items():
         same = sum(x == y for x, y in zip(v or [], ref or []))
         print(f"greedy tokens (float32, adapter unmerged), {k} vs transformers + peft: {same}/{len(ref or [])} identical")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit base weights (quant.py): python bench.py --workloads quant
+
+
+QUANT_JOBS = [  # (name, shape, tokens, worker flags); QUANT stands for --quant_type
+    ("7B bf16", "7b", 2048, []),
+    ("7B 4-bit", "7b", 2048, ["--quant", "QUANT"]),
+    ("7B bf16 built from the 4-bit weights", "7b", 2048, ["--quant", "QUANT", "--dequantized"]),
+    ("14B 4-bit", "14b", 2048, ["--quant", "QUANT"]),
+    ("32B 4-bit", "32b", 1024, ["--quant", "QUANT"]),
+    ("32B 4-bit", "32b", 2048, ["--quant", "QUANT"]),
+]
+QUANT_TARGETS_GIB = {("7B 4-bit", 2048): 8, ("14B 4-bit", 2048): 14, ("32B 4-bit", 1024): 22}  # issue #20
+
+
+def quant_main(a):
+    """4-bit training on one GPU, as train.py --quant_bits 4 runs it (CUDA graphs): peak memory of
+    each shape, 7B speed against our bf16 path in the same run, and the first-step loss against the
+    bf16 model built from the same 4-bit weights (the math must be that model's). The random
+    weights are drawn and quantised on the GPU tensor by tensor (ours_model_4bit)."""
+    plan = "graphs" if a.device == "cuda" else "eager"
+    common = ["--device", a.device, "--steps", a.steps, "--plan", plan] + (["--small"] if a.small else [])
+    card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
+    results, rows = {}, []
+    for name, shape, tokens, flags in QUANT_JOBS:
+        if shape in a.skip:  # --skip 32b: leave out the workloads of that shape
+            continue
+        tokens = tokens // 8 if a.small else tokens
+        t = time.time()
+        args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]
+        r = results[(name, tokens)] = run_worker(args, common)
+        shown = name.replace("4-bit", f"4-bit {a.quant_type}") + (" (small shape)" if a.small else "")
+        rows.append((f"train, {tokens} tokens", shown, *row_of("train", r)))
+        print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"card": card, "date": str(date.today()), "quant": {f"{k[0]}, {k[1]}": v for k, v in results.items()}}, f, indent=1)
+    print(f"\n{card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+    print("| workload | model | speed | peak allocated / reserved | first-step loss |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print_quant_checks(results, 8 if a.small else 1)
+
+
+def print_quant_checks(results: dict, shrink: int):
+    """Each target of issue #20 with the measured value, and the loss check."""
+    print()
+    for (name, tokens), limit in QUANT_TARGETS_GIB.items():
+        peak = results.get((name, tokens // shrink), {}).get("peak_allocated_gib")
+        if peak is not None:
+            print(f"memory, {name} at {tokens // shrink} tokens: {peak:.2f} GiB peak allocated (target <= {limit} GiB): "
+                  + ("OK" if peak <= limit else "OVER"))
+    bf16, q4, deq = (results.get((n, 2048 // shrink), {}) for n in ("7B bf16", "7B 4-bit", "7B bf16 built from the 4-bit weights"))
+    if "tok_s" in bf16 and "tok_s" in q4:
+        ratio = q4["tok_s"] / bf16["tok_s"]
+        print(f"speed, 7B 4-bit against our bf16 path: {ratio:.2f}x (target >= 0.7): {'OK' if ratio >= 0.7 else 'SLOW'}")
+    if "first_loss" in q4 and "first_loss" in deq:
+        ok = abs(q4["first_loss"] - deq["first_loss"]) <= 1e-3 * abs(deq["first_loss"])
+        print(f"loss check, 7B 4-bit vs the bf16 model built from its dequantised weights: {q4['first_loss']:.5f} vs "
+              f"{deq['first_loss']:.5f}: {'OK' if ok else 'MISMATCH'}")
+    import importlib.util
+    found = importlib.util.find_spec("bitsandbytes") is not None
+    print("transformers + peft + bitsandbytes: " + ("installed here, but not run by this benchmark" if found else
+          "bitsandbytes is not installed on this machine, so the 4-bit path is compared with our bf16 path only"))
+
+
+# ----------------------------------------------------------------------------------------------
+# What fits on which card: python bench.py --workloads fit (computed, no GPU)
+
+CARDS_GIB = {"24 GB": 22, "48 GB": 46, "80 GB": 78}  # what training can use of each (CUDA context, fragmentation)
+MEASURED_7B_BF16_PEAK_GIB = 15.49  # train, 2,048 tokens, our default path, H200 (FACTS.md, 2026-11-30)
+
+
+def weight_gib(shape) -> dict:
+    """Weights in bf16 and with the decoder's linear layers in 4 bits (NF4, double quantised:
+    4.127 bits a weight), and the LoRA state (r=8 all-linear: float32 A, B, their gradients and
+    two AdamW moments), in GiB."""
+    h, inter, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
+    rest = layers * (h + 2 * kv + 2 * h) + h + vocab * h * (1 if shape["tie_word_embeddings"] else 2)
+    lora = layers * 8 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+    return {"bf16": 2 * (linear + rest) / 2**30, "4-bit": (linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * rest) / 2**30,
+            "lora": 16 * lora / 2**30}
+
+
+def working_gib(shape, tokens: int, quantized: bool) -> float:
+    """Memory besides weights and LoRA state while a step trains `tokens` tokens: each layer's
+    checkpointed input (bf16), plus one layer's recomputation and the loss chunks, taken from the
+    7B measurement and scaled by intermediate size x tokens; in 4 bits also the largest weight
+    dequantised (forward and backward)."""
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    w7 = weight_gib(QWEN25_7B)
+    measured_rest = MEASURED_7B_BF16_PEAK_GIB - w7["bf16"] - w7["lora"] - 28 * 2048 * 3584 * 2 / 2**30
+    gib = layers * tokens * h * 2 / 2**30 + measured_rest * inter / 18944 * tokens / 2048
+    return gib + (2 * h * inter * 2 / 2**30 if quantized else 0)
+
+
+def fit_table(tokens: int = 2048) -> str:
+    rows = [f"| model | weights bf16 / 4-bit | training peak at {tokens:,} tokens, bf16 / 4-bit | "
+            + " | ".join(CARDS_GIB) + " |", "|---|---|---|" + "---|" * len(CARDS_GIB)]
+    for name, shape in SHAPES.items():
+        w = weight_gib(shape)
+        peak = {kind: w[kind] + w["lora"] + working_gib(shape, tokens, kind == "4-bit") for kind in ("bf16", "4-bit")}
+        fits = [" and ".join(k for k in peak if peak[k] <= cap) or "neither" for cap in CARDS_GIB.values()]
+        rows.append(f"| {name.upper()} | {w['bf16']:.1f} / {w['4-bit']:.1f} GiB | {peak['bf16']:.1f} / {peak['4-bit']:.1f} GiB | "
+                    + " | ".join(fits) + " |")
+    rows.append(f"\nComputed: weights exactly; the rest scaled from our 7B bf16 step at 2,048 tokens "
+                f"({MEASURED_7B_BF16_PEAK_GIB} GiB peak on an H200); a card counts as its {', '.join(f'{c}: {g} GiB' for c, g in CARDS_GIB.items())}.")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

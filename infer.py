@@ -42,6 +42,7 @@ import cli
 import data
 import lora
 import model as modeling
+import quant
 import speed
 from cli import UsageError, str2bool
 from lora import LoraError
@@ -353,6 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each token as one CUDA graph replay (default: true on a GPU)")
     g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: compile the decode step first (a minute to compile)")
 
+    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
+    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (less memory)")
+    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
+    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
+                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
+    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
+                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
+    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
+
     g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy: always the most likely token")
     g.add_argument("--top_p", type=float, default=None, help="sample only from the most likely tokens whose probabilities add up to this")
@@ -427,6 +437,13 @@ def check_flags(args, device):
         raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be 1 or more.")
     if args.merge_lora and len(args.adapters) != 1:
         raise UsageError(f"--merge_lora true needs exactly one adapter in --adapters (got {len(args.adapters)}).")
+    if args.merge_lora and args.quant_bits:
+        raise UsageError("--merge_lora true with --quant_bits 4: the adapter would be rounded into 4-bit weights, another "
+                         "model than the one trained. Run it unmerged (drop --merge_lora), or merge it into the bf16 "
+                         "base with merge.py and load the merged folder with --quant_bits 4.")
+    problem = quant.flag_problem(args, cli.pick_dtype(args.torch_dtype, device))
+    if problem:
+        raise UsageError(problem)
     if args.torch_compile and args.cuda_graph is False:
         raise UsageError("--torch_compile true compiles the CUDA graph step: it cannot go with --cuda_graph false.")
     if device.type != "cuda" and (args.cuda_graph or args.torch_compile):
@@ -450,19 +467,22 @@ def load_chat(args) -> Chat:
         raise UsageError(f"{adapters[0][1]} does not say which base model it was trained on (no \"model\" in "
                          "args.json, no base_model_name_or_path in adapter_config.json); pass --model.")
     model, model_dir = load_base(model_name, None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir")),
-                                 cli.pick_dtype(args.torch_dtype, device), device)
+                                 cli.pick_dtype(args.torch_dtype, device), device, quant.settings(args))
     tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
     systems = {}
     for (name, path), ck in zip(adapters, ckpt_args):
         lora.load_adapter(model, path, name, base_model_name_or_path=model_name)
         systems[name] = ck["system"]
         note(f"adapter {name}: {path}" + (f" (trained with system prompt {ck['system']!r})" if ck["system"] is not None else ""))
+        if ck.get("quant_bits") and not args.quant_bits:
+            note(f"(adapter {name} was trained on a 4-bit base and runs on this unquantised one too; "
+                 "--quant_bits 4 loads the base as it was trained, in less memory)")
     active = adapters[0][0] if adapters else None
     lora.set_active_adapter(model, active)
     if args.merge_lora:
         lora.merge_lora(model)
         note(f"adapter {active} merged into the weights")
-    if args.merge_lora or not adapters:  # plain weights from here on: decode with fused projections
+    if (args.merge_lora or not adapters) and not args.quant_bits:  # plain weights: decode with fused projections
         speed.fuse_projections(model)
     sampling = sampling_settings(args, gen_config)
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
@@ -483,20 +503,27 @@ def merged_system(model_dir) -> str | None:
     return lora.checkpoint_args(model_dir)["system"] if (Path(model_dir) / "args.json").exists() else None
 
 
-def load_base(model_name: str, named_in: tuple | None, dtype, device):
+def load_base(model_name: str, named_in: tuple | None, dtype, device, quantized: quant.QuantConfig | None = None):
     """(model, its folder). named_in: (the adapter whose args.json named the base, the folder
     its training loaded the base from), for a base the hub cannot give (one that ms-swift
-    downloaded from ModelScope is in args.json's model_dir) and for the error."""
-    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device})"
+    downloaded from ModelScope is in args.json's model_dir) and for the error. quantized: load
+    the decoder's linear layers in 4 bits (quant.py)."""
+    def load(folder):
+        if quantized:
+            return quant.load_quantized(folder, quantized, dtype, device)
+        return modeling.load_model(folder, dtype, device)
+
+    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device}"
+         + (f", decoder layers in 4-bit {quantized.quant_type})" if quantized else ")")
          + (f", the base model named in {named_in[0]}" if named_in else ""))
     try:
-        return modeling.load_model(str(cli.model_dir(model_name)), dtype, device)
+        return load(str(cli.model_dir(model_name)))
     except ModelError as e:
         if not named_in:
             raise
         if named_in[1] and Path(named_in[1]).is_dir():
             note(f"({model_name} is not here; loading {named_in[1]}, where its training found it)")
-            return modeling.load_model(named_in[1], dtype, device)
+            return load(named_in[1])
         raise ModelError(f"{e} (The base model comes from {named_in[0]}'s args.json or adapter_config.json; "
                          "pass --model to load it from elsewhere.)") from None
 

@@ -11,7 +11,8 @@ alpha / sqrt(r) instead, which keeps the update's size stable as r grows. After 
 again ("unmerging") gives the base back.
 
 `LoRALinear` wraps an nn.Linear and keeps its `weight` and `bias` under the same names, so the
-base model's state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change. It holds
+base model's state-dict keys (`model.layers.0.self_attn.q_proj.weight`) do not change; a 4-bit
+base layer (quant.Linear4bit), which has no weight matrix, is kept whole as `base_layer`. It holds
 any number of named adapters, of which one (or none: the plain base) is active. On disk an
 adapter is exactly what peft writes: adapter_config.json + adapter_model.safetensors with keys
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, so peft, vLLM and ms-swift
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant import Linear4bit
 from util import read_json, short_list
 
 # What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
@@ -60,11 +62,15 @@ class LoraConfig:
 class LoRALinear(nn.Module):
     """An nn.Linear plus named low-rank adapters: y = x W0^T + b + scale * B(A(dropout(x)))."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear | Linear4bit):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_parameter("weight", base.weight)  # (out, in): the same Parameter, frozen
-        self.register_parameter("bias", base.bias)  # (out,) or None
+        self.base_layer = None  # a 4-bit base (quant.py), which multiplies by its own dequantised weight
+        if isinstance(base, Linear4bit):
+            self.base_layer = base
+        else:
+            self.register_parameter("weight", base.weight)  # (out, in): the same Parameter, frozen
+            self.register_parameter("bias", base.bias)  # (out,) or None
         self.lora_A = nn.ModuleDict()  # name -> Linear(in -> r)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r -> out)
         self.lora_dropout = nn.ModuleDict()
@@ -74,7 +80,8 @@ class LoRALinear(nn.Module):
 
     def add(self, name: str, r: int, scale: float, dropout: float):
         # Kept in float32 even when the base is bf16: tiny updates to A and B would round away.
-        kw = dict(bias=False, device=self.weight.device, dtype=torch.float32)
+        device = (self.weight if self.base_layer is None else self.base_layer.codes).device
+        kw = dict(bias=False, device=device, dtype=torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as peft (and nn.Linear)
@@ -87,7 +94,7 @@ class LoRALinear(nn.Module):
         return self.scale[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
 
     def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
         name = self.active
         if name is None or self.merged or name not in self.lora_A:
             return out
@@ -105,6 +112,9 @@ class LoRALinear(nn.Module):
     def merge(self):
         if self.merged or self.active not in self.lora_A:
             return
+        if self.base_layer is not None:
+            raise LoraError("the base model is in 4 bits (--quant_bits 4): W0 + (alpha/r) B A rounded back to 4 bits "
+                            "would be another model. Merge into the bf16 base instead (merge.py), or run unmerged.")
         w = self.weight
         w.copy_((w.float() + self.delta_weight(self.active)).to(w.dtype))  # W0 += (alpha/r) B A
         self.merged = True
@@ -134,8 +144,9 @@ def _linear_names(model) -> list[str]:
     """Module paths that can carry LoRA; a tied lm_head cannot (merging would change embeddings)."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, LoRALinear)) and not (tied and n == "lm_head")
-            and ".lora_A." not in n and ".lora_B." not in n]  # not the adapters' own A and B
+            if isinstance(m, (nn.Linear, Linear4bit, LoRALinear)) and not (tied and n == "lm_head")
+            and ".lora_A." not in n and ".lora_B." not in n  # not the adapters' own A and B
+            and not n.endswith(".base_layer")]  # nor the 4-bit layer inside a LoRALinear
 
 
 def _describe_linears(names: list[str]) -> str:

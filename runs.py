@@ -269,7 +269,8 @@ class Run:
 # end with an adapter that neither the old nor the new flags describe.
 RESUME_MUST_MATCH = ("model", "dataset", "val_dataset", "split_dataset_ratio", "max_length", "truncation_strategy",
                      "packing", "system", "model_name", "model_author", "lora_rank", "lora_alpha", "lora_dropout",
-                     "use_rslora", "target_modules", "per_device_train_batch_size", "seed")
+                     "use_rslora", "target_modules", "per_device_train_batch_size", "seed", "quant_bits",
+                     "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
 
 

@@ -62,6 +62,9 @@ def check_flags(a):
         if a.fsdp and getattr(a, flag):
             raise UsageError(f"--{flag} true cannot go with --fsdp true: the layers gather their weights from all "
                              "ranks as they run, which a recorded or compiled layer cannot replay. Drop one of them.")
+    if a.fsdp and getattr(a, "quant_bits", None):
+        raise UsageError("--quant_bits 4 cannot go with --fsdp true yet: a 4-bit layer's packed codes are not split "
+                         "over the ranks. Use one of them: --quant_bits 4 fits Qwen2.5-32B on one 24 GB GPU.")
     if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1 and int(os.environ.get("RANK", "0")) == 0:
         print("note: --fsdp true in one process: there is nothing to split the model over, so it trains whole. "
               "Start several with torchrun --nproc_per_node N train.py ...", file=sys.stderr)

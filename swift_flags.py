@@ -36,8 +36,8 @@ TRAIN, INFER, MERGE = ("train",), ("infer",), ("merge",)
 TRAIN_INFER, ALL = ("train", "infer"), ("train", "infer", "merge")
 USE_FSDP = ("DeepSpeed is not used here: `torchrun --nproc_per_node N train.py ... --fsdp true` splits the model "
             "over the GPUs (ZeRO-3's job) with PyTorch's FSDP2")
-NOT_YET_QUANTIZED = ("quantized models (QLoRA training, GPTQ / AWQ / bnb export) are not here yet; "
-                     "LoRA on a bfloat16 7B model fits one 24 GB GPU")
+NO_QUANTIZED_EXPORT = ("merge.py writes the merged model in bf16 (GPTQ / AWQ / bnb export are not here); "
+                       "`infer.py --model MERGED --quant_bits 4` quantises it as it loads")
 NO_DATASET_INFER = ("infer.py answers questions, not datasets: pipe them one per line, "
                     "`python infer.py --adapters CKPT < questions.txt > answers.txt`")
 NO_VLLM = "infer.py decodes in PyTorch (one CUDA graph per token on a GPU); vLLM is not used"
@@ -60,8 +60,15 @@ FLAGS = {
     "attn_impl": SwiftFlag("flash_attn", TRAIN_INFER, "attention is torch's SDPA, which picks a flash kernel itself",
                            ignored=True),
     "device_map": refused("auto", "the model sits on one device, --device cuda:N (torchrun trains on several)"),
-    "quant_bits": refused("4", NOT_YET_QUANTIZED),
-    "quant_method": refused("bnb", NOT_YET_QUANTIZED),
+    "quant_bits": SwiftFlag("4", TRAIN_INFER, "4 only: QLoRA, the decoder's linear layers in bitsandbytes' 4-bit "
+                            "format, made here (ms-swift also needs --quant_method bnb); infer.py: not read from "
+                            "the checkpoint's args.json", instead=NO_QUANTIZED_EXPORT),
+    "quant_method": SwiftFlag("bnb", TRAIN_INFER, "bnb only", instead=NO_QUANTIZED_EXPORT),
+    "bnb_4bit_quant_type": SwiftFlag("nf4", TRAIN_INFER, "nf4 or fp4"),
+    "bnb_4bit_use_double_quant": SwiftFlag("true", TRAIN_INFER),
+    "bnb_4bit_compute_dtype": SwiftFlag("bfloat16", TRAIN_INFER, "only --torch_dtype's (ms-swift: float32 under "
+                                        "--torch_dtype float16)"),
+    "bnb_4bit_quant_storage": SwiftFlag("uint8", TRAIN_INFER, "two 4-bit codes a byte", only=("uint8",)),
     # Data
     "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, "files and Hugging Face ids; ModelScope ids are not fetched"),
     "val_dataset": SwiftFlag("val.jsonl", TRAIN, instead=NO_DATASET_INFER),

@@ -6,8 +6,9 @@
 takes the flags of ms-swift's `swift sft --train_type lora` with the same meaning. What happens:
 
 1. Read and tokenize the datasets (data.py): only assistant answers carry labels.
-2. Load the base model in bf16 (model.py), wrap its linear layers with LoRA (lora.py): the base
-   stays frozen, only the float32 LoRA matrices A and B train (their matmuls run in bf16).
+2. Load the base model in bf16 (model.py; with --quant_bits 4 its decoder layers in 4 bits,
+   quant.py), wrap its linear layers with LoRA (lora.py): the base stays frozen, only the float32
+   LoRA matrices A and B train (their matmuls run in bf16).
 3. Each optimizer step runs `gradient_accumulation_steps` micro-batches. The loss of a step is
    the summed cross-entropy of its label tokens divided by the number of label tokens in the
    whole step (not a mean of per-batch means), so long and short answers weigh the same.
@@ -41,6 +42,7 @@ import cli
 import data
 import lora
 import model as modeling
+import quant
 import runs
 import shard
 import speed
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     data_flags(p)
     lora_flags(p)
+    quant_flags(p)
     optimisation_flags(p)
     run_flags(p)
     scale_flags(p)
@@ -99,6 +102,17 @@ def lora_flags(p):
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
+
+
+def quant_flags(p):
+    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
+    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (QLoRA)")
+    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
+    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
+                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
+    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
+                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
+    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
 
 
 def optimisation_flags(p):
@@ -167,6 +181,9 @@ def check_args(a):
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
     cli.pick_dtype(a.torch_dtype, torch.device("cpu"))  # a bad name fails here
     shard.check_flags(a)
+    problem = quant.flag_problem(a, cli.pick_dtype(a.torch_dtype, cli.pick_device(a.device)))
+    if problem:
+        raise UsageError(problem)
     if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
     for spec in a.dataset + a.val_dataset:
@@ -396,12 +413,18 @@ class DataParallel:
     the whole model and runs every world-th micro-batch; then the loss and the LoRA gradients are
     summed over the ranks. shard.FullyShard is its twin for a model split over the ranks (--fsdp)."""
 
-    def __init__(self, rank: int = 0, world: int = 1):
+    def __init__(self, rank: int = 0, world: int = 1, quantize=None):
         self.rank, self.world = rank, world
         self.states = runs.WholeState()  # what checkpoints save and restore
+        # quant.settings of --quant_bits 4 (QLoRA): the decoder's linear layers kept in 4 bits,
+        # dequantised for each matmul; None: the model as the checkpoint holds it
+        self.quantize = quantize
 
     def load_lora_model(self, model_dir, cfg: lora.LoraConfig, seed: int, dtype, device):
-        model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
+        if self.quantize:
+            model, _ = quant.load_quantized(str(model_dir), self.quantize, dtype, device)
+        else:
+            model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
         torch.manual_seed(seed)  # the LoRA init does not depend on how many random numbers loading used
         lora.add_adapter(model, cfg)
         return model
@@ -584,7 +607,8 @@ def train(a) -> int:
                                total_steps * a.gradient_accumulation_steps)
     log0(rank, plan.message)
     plan.prepare(device)
-    ranks = shard.FullyShard(rank, world) if a.fsdp and world > 1 else DataParallel(rank, world)
+    quantize = quant.settings(a) if a.quant_bits else None
+    ranks = shard.FullyShard(rank, world) if a.fsdp and world > 1 else DataParallel(rank, world, quantize)
     model, params = load_lora_model(a, model_dir, dtype, device, ranks)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU

@@ -49,7 +49,7 @@ def test_every_flag_in_the_table_is_taken_or_refused_with_its_message(name, scri
 @pytest.mark.parametrize("argv,instead", [
     ("--deepspeed zero3", "`torchrun --nproc_per_node N train.py ... --fsdp true` splits the model over the GPUs"),
     ("--streaming true", "sample a large one with --dataset FILE#N"),
-    ("--quant_bits 4", "are not here yet"),
+    ("--use_dora true", "DoRA is not implemented"),
 ])
 def test_unsupported_ms_swift_flags_say_so_in_one_line(argv, instead):
     """The issue's examples, run as a user runs them: no 'did you mean --seed?'."""

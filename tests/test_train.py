@@ -230,6 +230,7 @@ def test_a_resume_from_an_earlier_step_keeps_the_checkpoint_it_writes(tmp_path, 
     (["--lora_alpha", 16], "--lora_alpha 32 -> 16.0"),
     (["--seed", 7], "--seed 42 -> 7"),
     (["--gradient_accumulation_steps", 4], "accumulation_x_ranks 2 -> 4"),
+    (["--quant_bits", 4], "--quant_bits None -> 4"),  # a 4-bit base is another base
 ])
 def test_a_resume_that_changes_what_is_trained_is_refused(tmp_path, tiny_dir, capsys, flags, needle):
     data_file = write_qa(tmp_path / "qa.json")
