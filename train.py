@@ -442,8 +442,8 @@ def setup_distributed(device_flag):
 def load_data(a, tok) -> tuple[list, list]:
     """Read, substitute, sample, tokenize and split: (training rows, validation rows)."""
     def rows_of(specs):
-        convs = data.load_conversations(specs, seed=a.seed, model_name=a.model_name, model_author=a.model_author)
-        return data.encode_dataset(tok, convs, a.max_length, a.truncation_strategy, system=a.system)
+        return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, system=a.system, seed=a.seed,
+                                 model_name=a.model_name, model_author=a.model_author)
 
     train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []
