@@ -18,10 +18,16 @@ The path from `--dataset` to a batch:
     load_conversations  read every source (local .json / .jsonl, a folder, or a Hugging Face
                         dataset id), turn each row of any supported format into a conversation,
                         fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, mix
-    encode_dataset      conversation -> {"input_ids", "labels"}; rows over --max_length dropped or cut
+    encode_dataset      conversation -> Row (token ids, and which carry a label); rows over
+                        --max_length dropped or cut
     split_dataset       hold out --split_dataset_ratio of the rows for evaluation
     pack (optional)     several rows in one row of <= --max_length tokens, kept apart by segment ids
     collate             rows -> right-padded (B, T) tensors with an attention mask
+
+train.py calls load_dataset, which is the first two steps for datasets of any size: a source is
+read a line at a time and tokenized in batches of a thousand conversations on every core, so the
+text and the conversations are never all in memory; a Row keeps 5 bytes a token; a large source
+prints how far it has got.
 
 Row formats (a file may mix them; each row is recognised by its keys):
 
@@ -58,7 +64,10 @@ system prompt is the row's own, else --system, else Qwen's default; --system '' 
 import ast
 import bisect
 import codecs
+import collections
+import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -612,11 +621,13 @@ def conversations_of(files: list[Path], values: dict, no_answer: list, progress:
     for path in files:
         for where, row in read_file(path, progress):
             messages = row_to_messages(row, where)
-            tag = row.get("tag")
-            chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 no_answer.append(where)
-            yield fill_placeholders(messages, chinese, values, where)
+            if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
+                tag = row.get("tag")
+                chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
+                messages = fill_placeholders(messages, chinese, values, where)
+            yield messages
 
 
 def mixture(sizes: list[tuple[int, int | None]], rng: np.random.RandomState) -> list[int]:
@@ -630,13 +641,8 @@ def mixture(sizes: list[tuple[int, int | None]], rng: np.random.RandomState) -> 
 
 
 def batches(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
         yield batch
 
 
@@ -714,17 +720,20 @@ def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | 
     """encode_chat for many conversations at once, as Rows: the turns of all of them are tokenized in
     one call (Tokenizer.encode_texts, on every core), then laid out by chat_pieces as encode_chat does."""
     conversations = [with_system(messages, system) for messages in conversations]
-    texts = list(dict.fromkeys(turn_text(m) for messages in conversations for m in messages))
-    ids_of = dict(zip(texts, tok.encode_texts(texts)))  # a text many rows share (a system prompt) tokenized once
-    rows = []
+    texts = [turn_text(m) for messages in conversations for m in messages]
+    unique = list(dict.fromkeys(texts))  # a text many rows share (a system prompt) is tokenized once
+    ids_of = dict(zip(unique, tok.encode_texts(unique)))
+    texts = iter(texts)
+    ids, lengths, trained, ends = [], [], [], []  # of the batch: its ids, then per piece, then per row
     for messages in conversations:
-        pieces = chat_pieces(tok, messages, [ids_of[turn_text(m)] for m in messages])
-        ids = []
-        for piece, _ in pieces:
+        for piece, is_trained in chat_pieces(tok, messages, [ids_of[next(texts)] for _ in messages]):
             ids += piece
-        trained = np.repeat([t for _, t in pieces], [len(piece) for piece, _ in pieces])
-        rows.append(Row(np.array(ids, dtype=np.int32), trained))
-    return rows
+            lengths.append(len(piece))
+            trained.append(is_trained)
+        ends.append(len(ids))
+    # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
+    ids, trained = np.array(ids, dtype=np.int32), np.repeat(trained, lengths)
+    return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
 
 
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
@@ -734,16 +743,21 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
     """encode_dataset(load_conversations(...)) for a dataset of any size: each source is tokenized in
     batches while it is read, so only the compact rows are ever all in memory, not the text or the
     conversations; a source of progress_over bytes or more prints its progress every progress_every s."""
-    rows, spelled = [], []
+    rows, spelled, pending = [], [], collections.deque()
 
     def encode(conversations):
-        rows.extend(encode_chats(tok, conversations, system))
+        # The tokenizer lets go of Python while it works: the next batch is read in the meantime.
+        pending.append(pool.submit(encode_chats, tok, conversations, system))
         spelled.extend(control_token_text(tok, messages) for messages in conversations)
+        if len(pending) > 1:
+            rows.extend(pending.popleft().result())
 
     def progress(name, total_bytes):
         return Progress(name, total_bytes, "reading and tokenizing", progress_over, progress_every)
 
-    order = read_sources(specs, encode, seed, model_name, model_author, progress)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        order = read_sources(specs, encode, seed, model_name, model_author, progress)
+        rows.extend(row for job in pending for row in job.result())
     note_control_token_text([spelled[i] for i in order])
     return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays
 
