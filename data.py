@@ -67,6 +67,7 @@ import codecs
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -114,7 +115,8 @@ class Tokenizer:
         self.assistant_header = [self.im_start_id] + self.encode_text("assistant\n")
         # The spellings of the control tokens (<|im_end|>, <|endoftext|>, ...): encode_text spells them out.
         self.special_tokens = tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)
-        self.special_spelling = re.compile("|".join(map(re.escape, self.special_tokens))) if self.special_tokens else None
+        self.special_spelling = (re.compile("|".join(map(re.escape, self.special_tokens)))
+                                 if self.special_tokens else None)  # finds them in a row's text
 
     def special_id(self, name: str) -> int:
         i = self.tok.token_to_id(name)
@@ -655,12 +657,11 @@ class Progress:
     with the rows done, the share of its bytes read and the time left, and one when it is done.
     Sources under `over` bytes print nothing: they are read before anyone would wonder."""
 
-    def __init__(self, name: str, total_bytes: int, what: str = "reading", over: int = PROGRESS_OVER,
-                 every: float = PROGRESS_EVERY):
+    def __init__(self, name: str, total_bytes: int, over: int = PROGRESS_OVER, every: float = PROGRESS_EVERY):
         self.name, self.total, self.every, self.on = name, total_bytes, every, total_bytes >= over
         self.bytes_read, self.start = 0, time.monotonic()
         self.last = self.start
-        self.say(f"{what} {name} ({total_bytes / 1e6:,.0f} MB)")
+        self.say(f"reading {name} ({total_bytes / 1e6:,.0f} MB)")
 
     def say(self, text: str):
         if self.on:
@@ -689,7 +690,7 @@ class Row:
     It reads as the dict it stands for: row["input_ids"], and row["labels"] (the id where trained,
     -100 elsewhere), made when asked. A packed row (see pack) also knows its samples' lengths, from
     which row["segment_ids"] and row["position_ids"] are made. As Python lists of ints, ids and
-    labels took 10 to 40 bytes a token: gigabytes for a dataset of a few hundred megabytes."""
+    labels took 16 to 48 bytes a token: gigabytes for a dataset of a few hundred megabytes."""
 
     __slots__ = ("ids", "trained", "lengths")
 
@@ -752,9 +753,7 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
         if len(pending) > 1:
             rows.extend(pending.popleft().result())
 
-    def progress(name, total_bytes):
-        return Progress(name, total_bytes, "reading and tokenizing", progress_over, progress_every)
-
+    progress = functools.partial(Progress, over=progress_over, every=progress_every)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         order = read_sources(specs, encode, seed, model_name, model_author, progress)
         rows.extend(row for job in pending for row in job.result())

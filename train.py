@@ -441,9 +441,12 @@ def setup_distributed(device_flag):
 
 def load_data(a, tok) -> tuple[list, list]:
     """Read, substitute, sample, tokenize and split: (training rows, validation rows)."""
+    quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
+
     def rows_of(specs):
         return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, system=a.system, seed=a.seed,
-                                 model_name=a.model_name, model_author=a.model_author)
+                                 model_name=a.model_name, model_author=a.model_author,
+                                 progress_over=math.inf if quiet else data.PROGRESS_OVER)
 
     train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []
