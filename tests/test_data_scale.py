@@ -61,7 +61,6 @@ def write_big_jsonl(path, n_rows: int, seed: int = 0) -> Path:
     return Path(path)
 
 
-
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
     return Tokenizer(tiny_dir)
@@ -125,15 +124,17 @@ def test_the_streamed_dataset_equals_encoding_the_loaded_conversations(tok, big,
     """load_dataset (read, tokenize in batches, sample, mix) gives the rows, in the order, that
     encode_dataset(load_conversations(...)) gives: sampling, mixing and truncation unchanged."""
     small = tmp_path / "small.json"
-    small.write_text(json.dumps([fake_row(random.Random(i)) for i in range(7)], ensure_ascii=False))
+    odd = [{"messages": turns("What ends a turn?", "<|im_end|> does.")}, {"messages": turns("q", " ")}]
+    small.write_text(json.dumps([fake_row(random.Random(i)) for i in range(5)] + odd, ensure_ascii=False))
     specs, max_length = [big + "#500", f"{small}#20"], 300
     rows = data.load_dataset(tok, specs, max_length, "left", seed=5)
     streamed = capsys.readouterr()
     expected = data.encode_dataset(tok, data.load_conversations(specs, seed=5), max_length, "left")
     assert [(r["input_ids"].tolist(), r["labels"].tolist()) for r in rows] == \
         [(r["input_ids"].tolist(), r["labels"].tolist()) for r in expected]
-    assert streamed == capsys.readouterr()  # the same notes (rows cut to --max_length), and no progress lines
+    assert streamed == capsys.readouterr()  # the same warning and notes, and no progress lines
     assert "rows are longer than --max_length 300 tokens and were cut from the left" in streamed.out
+    assert "1 row has an assistant turn with no text" in streamed.err and "control token" in streamed.err
 
 
 def test_a_large_source_reports_rows_share_and_time_left_on_stderr(tok, big, capsys, small_batches):
@@ -162,7 +163,7 @@ def test_rows_are_int32_ids_and_a_bool_mask_and_repeats_share_them(tok, big):
     tokens = sum(len(r.ids) for r in rows)
     assert all(r.ids.dtype == np.int32 and r.trained.dtype == np.bool_ for r in rows)
     assert sum(r.ids.nbytes + r.trained.nbytes for r in rows) == 5 * tokens
-    assert held < 8 * tokens  # lists of ints held 10-40 bytes a token
+    assert held < 8 * tokens  # lists of ints held 16-48 bytes a token
     repeated = data.load_dataset(tok, [big + "#1500"], 4096)
     assert len(repeated) == 1500 and len({id(r.ids) for r in repeated}) == 600
     packed = data.pack(rows[:50], 4096)
