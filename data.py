@@ -18,11 +18,17 @@ The path from `--dataset` to a batch:
     load_conversations  read every source (local .json / .jsonl, a folder, or a Hugging Face
                         dataset id), turn each row of any supported format into a conversation,
                         fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, mix
-    encode_dataset      conversation -> {"input_ids", "labels"}; rows over --max_length dropped or cut
+    encode_dataset      conversation -> Row (token ids, and which carry a label); rows over
+                        --max_length dropped or cut
     split_dataset       hold out --split_dataset_ratio of the rows for evaluation
     pack (optional)     several rows in one row of <= --max_length tokens, kept apart by segment ids
                         (train.py packs each optimizer step's rows the same way: pack_bins, concat_rows)
     collate             rows -> right-padded (B, T) tensors with an attention mask
+
+train.py calls load_dataset, which is the first two steps for datasets of any size: a source is
+read a line at a time and tokenized in batches of a thousand conversations on every core, so the
+text and the conversations are never all in memory; a Row keeps 5 bytes a token; a large source
+prints how far it has got.
 
 Row formats (a file may mix them; each row is recognised by its keys):
 
@@ -59,10 +65,17 @@ system prompt is the row's own, else --system, else Qwen's default; --system '' 
 import ast
 import bisect
 import codecs
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import itertools
 import json
 import os
 import re
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +113,11 @@ class Tokenizer:
         self.im_end_id = self.special_id("<|im_end|>")
         self.endoftext_id = self.special_id("<|endoftext|>")
         self.newline_ids = self.encode_text("\n")
+        self.assistant_header = [self.im_start_id] + self.encode_text("assistant\n")
         # The spellings of the control tokens (<|im_end|>, <|endoftext|>, ...): encode_text spells them out.
         self.special_tokens = tuple(t.content for t in self.tok.get_added_tokens_decoder().values() if t.special)
+        self.special_spelling = (re.compile("|".join(map(re.escape, self.special_tokens)))
+                                 if self.special_tokens else None)  # finds them in a row's text
 
     def special_id(self, name: str) -> int:
         i = self.tok.token_to_id(name)
@@ -123,9 +139,20 @@ class Tokenizer:
         Message content goes through here, so that no text in a dataset or typed at the prompt can
         end a turn or open one. Qwen's added tokens that are not special (<tool_call>, </tool_call>,
         the fim tokens) stay single tokens: Qwen's own template writes them inside message content."""
+        with self.plain_text() as tok:
+            return tok.encode(text, add_special_tokens=False).ids
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """encode_text of many texts in one call, which `tokenizers` runs on every core."""
+        with self.plain_text() as tok:
+            return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    @contextlib.contextmanager
+    def plain_text(self):
+        """Inside: the spelling of a special token is tokenized as characters (see encode_text)."""
         self.tok.encode_special_tokens = True
         try:
-            return self.tok.encode(text, add_special_tokens=False).ids
+            yield self.tok
         finally:
             self.tok.encode_special_tokens = False
 
@@ -160,24 +187,34 @@ def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     (ms-swift does the same). The ids therefore equal tokenizing the whole rendered text, except
     when an answer starts with a newline (the whole-text tokenizer would merge that newline into
     the header's, which generation never does) or a message holds a special token's spelling."""
+    messages = with_system(messages, system)
+    texts = [tok.encode_text(turn_text(m)) for m in messages]
     ids, labels = [], []
-    header = [tok.im_start_id] + tok.encode_text("assistant\n")
-    for m in with_system(messages, system):
-        if m["role"] == "assistant":
-            answer = tok.encode_text(m["content"]) + [tok.im_end_id] + tok.newline_ids  # "\n" trained, as in ms-swift
-            ids += header + answer
-            labels += [IGNORE_INDEX] * len(header) + answer
-        else:
-            # Header and text in one piece, as transformers tokenizes a rendered prompt: a question that
-            # starts with a newline merges with the header's.
-            text = tok.encode_text(f"{m['role']}\n{m['content']}")
-            turn = [tok.im_start_id] + text + [tok.im_end_id] + tok.newline_ids
-            ids += turn
-            labels += [IGNORE_INDEX] * len(turn)
-    if add_generation_prompt:
-        ids += header
-        labels += [IGNORE_INDEX] * len(header)
+    for piece, trained in chat_pieces(tok, messages, texts, add_generation_prompt):
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+def turn_text(message: dict) -> str:
+    """The text of a turn that is tokenized in one piece: an answer alone (its header is fixed ids);
+    a question with its header, as transformers tokenizes a rendered prompt (a question that starts
+    with a newline merges with the header's)."""
+    return message["content"] if message["role"] == "assistant" else f"{message['role']}\n{message['content']}"
+
+
+def chat_pieces(tok: Tokenizer, messages: list[dict], texts: list[list[int]], add_generation_prompt: bool = False):
+    """The conversation's tokens in order, as (ids, trained) pieces; texts[i] are the ids of turn_text(messages[i])."""
+    end = [tok.im_end_id] + tok.newline_ids
+    pieces = []
+    for m, text in zip(messages, texts):
+        if m["role"] == "assistant":
+            pieces += [(tok.assistant_header, False), (text + end, True)]  # "\n" trained, as in ms-swift
+        else:
+            pieces.append(([tok.im_start_id] + text + end, False))
+    if add_generation_prompt:
+        pieces.append((tok.assistant_header, False))
+    return pieces
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -248,17 +285,15 @@ def parse_source(spec: str) -> tuple[str, int | None]:
     return source.strip(), int(n)
 
 
-def read_source(source: str) -> list[tuple[str, object]]:
-    """Every row of a local file, a local folder or a hub dataset, as (where, row) pairs.
-
-    `where` ("data.jsonl, line 7" / "data.json, row 7") is how error messages point at a row."""
+def source_files(source: str) -> list[Path]:
+    """The .json / .jsonl files of a local file, a local folder or a hub dataset."""
     path = Path(source).expanduser()
     if path.is_file():
-        return read_file(path)
+        return [path]
     if path.is_dir():
-        return read_folder(path, source)
+        return folder_files(path, source)
     if re.fullmatch(r"(HF::)?[\w.-]+/[\w.-]+", source) and not source.endswith((".json", ".jsonl")):
-        return read_folder(download_hub_dataset(source.removeprefix("HF::")), source)
+        return folder_files(download_hub_dataset(source.removeprefix("HF::")), source)
     raise DataError(f"--dataset {source!r}: there is no such file or folder, and it is not a Hugging Face "
                     f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files."
                     + shipped_hint(source))
@@ -295,8 +330,8 @@ def download_hub_dataset(repo_id: str) -> Path:
     return Path(folder)
 
 
-def read_folder(folder: Path, source: str) -> list[tuple[str, object]]:
-    """The rows of every .json / .jsonl file in a folder (a local one or a hub snapshot).
+def folder_files(folder: Path, source: str) -> list[Path]:
+    """The .json / .jsonl files of a folder (a local one or a hub snapshot).
 
     When some file names contain "train", only those are read, so a repo's test split is not
     trained on."""
@@ -309,47 +344,75 @@ def read_folder(folder: Path, source: str) -> list[tuple[str, object]]:
                         f"arrays and .jsonl files are supported; convert other formats first, e.g. "
                         f"`datasets.load_dataset(...)['train'].to_json('train.jsonl')`, and pass that file.")
     train = [p for p in data if "train" in p.name.lower()]
-    return [pair for p in (train or data) for pair in read_file(p)]
+    return train or data
 
 
-def read_file(path: Path) -> list[tuple[str, object]]:
-    """Rows of a .json file (one array) or a .jsonl file (one object per line)."""
+def read_file(path: Path, progress: "Progress") -> Iterator[tuple[str, object]]:
+    """The rows of a .json file (one array) or a .jsonl file (one object per line), as (where, row).
+
+    `where` ("data.jsonl, line 7" / "data.json, row 7") is how error messages point at a row. A
+    .jsonl file is read a line at a time, so the text of a large one is never in memory whole."""
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}. Datasets are .json files holding "
                         f"one array of rows, or .jsonl files with one row per line.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
+    rows = read_json_array(path) if path.suffix == ".json" else None
+    if rows is None:
+        yield from read_json_lines(path, progress)
+        return
+    share = path.stat().st_size / len(rows)  # of the bytes, per row: for the progress lines
+    for i, row in enumerate(rows, 1):
+        progress.read(share)
+        yield f"{path}, row {i}", row
+
+
+def read_json_array(path: Path) -> list | None:
+    """The rows of a .json file, or None when it holds JSON lines instead (objects one after another)."""
+    text = read_utf8(path, path.read_bytes())
     if not text.strip():
         raise DataError(f"{path} is empty: a dataset needs at least one row.")
-    rows = None
-    if path.suffix == ".json":
-        try:
-            value = parse_json(text, str(path))
-        except json.JSONDecodeError as e:
-            # Objects one after another: JSON lines in a file named .json, which we read as such.
-            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
-                raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
-                                f"A .json dataset is one array of rows: [{{...}}, {{...}}].") from None
-        else:
-            if not isinstance(value, list):
-                raise DataError(f"{path} holds a JSON {type(value).__name__}, not an array of rows. A .json "
-                                f"dataset is one array: [{{...}}, {{...}}]; or write one row per line as .jsonl.")
-            rows = [(f"{path}, row {i}", row) for i, row in enumerate(value, 1)]
-    if rows is None:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+    try:
+        value = parse_json(text, str(path))
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            return None
+        raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
+                        f"A .json dataset is one array of rows: [{{...}}, {{...}}].") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path} holds a JSON {type(value).__name__}, not an array of rows. A .json "
+                        f"dataset is one array: [{{...}}, {{...}}]; or write one row per line as .jsonl.")
+    if not value:
+        raise DataError(f"{path} is empty: it holds no rows.")
+    return value
+
+
+def read_json_lines(path: Path, progress: "Progress") -> Iterator[tuple[str, object]]:
+    """The rows of a file of JSON lines, one line at a time."""
+    start, count = 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = read_utf8(path, raw, start).rstrip("\r\n")
+            start += len(raw)
+            progress.read(len(raw))
             if not line.strip():
                 continue
+            where = f"{path}, line {lineno}"
             try:
-                rows.append((f"{path}, line {lineno}", parse_json(line, f"{path}, line {lineno}")))
+                row = parse_json(line, where)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: invalid JSON at column {e.colno}: {e.msg}. "
+                raise DataError(f"{where}: invalid JSON at column {e.colno}: {e.msg}. "
                                 f"A .jsonl dataset has one complete JSON object per line.") from None
-    if not rows:
-        raise DataError(f"{path} is empty: it holds no rows.")
-    return rows
+            count += 1
+            yield where, row
+    if not count:
+        raise DataError(f"{path} is empty: a dataset needs at least one row.")
+
+
+def read_utf8(path: Path, raw: bytes, start: int = 0) -> str:
+    """Bytes of the file from byte `start` on, as text (a byte order mark at the file's start is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if start == 0 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {start + e.start}); save it as UTF-8.") from None
 
 
 def parse_json(text: str, where: str):
@@ -517,67 +580,221 @@ def sample_indices(n_rows: int, n: int, rng: np.random.RandomState) -> list[int]
 def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] | None = None,
                        model_author: list[str] | None = None) -> list[list[dict]]:
     """Every --dataset source read, checked, filled in, sampled and mixed: a list of conversations."""
+    conversations = []
+    order = read_sources(specs, conversations.extend, seed, model_name, model_author)
+    return [[dict(m) for m in conversations[i]] for i in order]  # copies: repeats are not aliases
+
+
+def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, model_author=None,
+                 progress=None) -> list[int]:
+    """Read every --dataset source, handing its conversations (checked, placeholders filled in) to
+    `consume` in batches as they are read. Returns the mixture: the conversation each row of the
+    dataset is, in order, as indices into all the conversations consumed.
+
+    progress(name, total_bytes) makes the Progress that reports on a source (default: Progress)."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
         raise DataError("No dataset given: pass --dataset with one or more .json / .jsonl files or hub ids.")
     values = {"{{NAME}}": _flag_values(model_name, "--model_name"),
               "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
-    rng = np.random.RandomState(seed)
-    mixed, no_answer = [], []  # no_answer: where the rows with an empty assistant turn are
+    sizes, no_answer = [], []  # no_answer: where the rows with an empty assistant turn are
     for spec in specs:
         source, n = parse_source(spec)
-        conversations = []
-        for where, row in read_source(source):
-            messages = row_to_messages(row, where)
-            tag = row.get("tag")
-            chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
-            conversations.append(fill_placeholders(messages, chinese, values, where))
-            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-                no_answer.append(where)
+        files = source_files(source)
+        report = (progress or Progress)(source, sum(p.stat().st_size for p in files))
+        count = 0
+        for batch in batches(conversations_of(files, values, no_answer, report), BATCH_ROWS):
+            consume(batch)
+            count += len(batch)
+            report.rows_done(count)
+        report.rows_done(count, finished=True)
         if n is not None:
-            check_sample_count(spec, len(conversations), n)
-            conversations = [conversations[i] for i in sample_indices(len(conversations), n, rng)]
-        mixed += conversations
+            check_sample_count(spec, count, n)
+        sizes.append((count, n))
     if no_answer:  # legal, but almost always a broken conversion: say so once, and go on
         rows = "1 row has" if len(no_answer) == 1 else f"{len(no_answer)} rows have"
         print(f"warning: {rows} an assistant turn with no text (the first: {no_answer[0]}); training on them teaches "
               f"the model to answer nothing. Write their answers or remove those rows.", file=sys.stderr)
-    return [[dict(m) for m in mixed[i]] for i in rng.permutation(len(mixed))]  # copies: repeats are not aliases
+    return mixture(sizes, np.random.RandomState(seed))
+
+
+def conversations_of(files: list[Path], values: dict, no_answer: list, progress: "Progress") -> Iterator[list[dict]]:
+    """The conversations of a source's files, one at a time: checked and filled in."""
+    for path in files:
+        for where, row in read_file(path, progress):
+            messages = row_to_messages(row, where)
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+                no_answer.append(where)
+            if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
+                tag = row.get("tag")
+                chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
+                messages = fill_placeholders(messages, chinese, values, where)
+            yield messages
+
+
+def mixture(sizes: list[tuple[int, int | None]], rng: np.random.RandomState) -> list[int]:
+    """(rows of each source, its SOURCE#N or None) -> the mixed dataset, as indices into all sources'
+    rows one after another: each source whole or sampled, in --dataset order, then one shuffle."""
+    order, start = [], 0
+    for n_rows, n in sizes:
+        order += [start + i for i in (range(n_rows) if n is None else sample_indices(n_rows, n, rng))]
+        start += n_rows
+    return [order[i] for i in rng.permutation(len(order))]
+
+
+def batches(items, size: int):
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+PROGRESS_OVER = 10_000_000  # bytes: smaller sources are read without progress lines
+PROGRESS_EVERY = 5.0  # seconds between progress lines
+
+
+class Progress:
+    """How far reading a large source has got, on stderr: a line as it starts, one every `every` seconds
+    with the rows done, the share of its bytes read and the time left, and one when it is done.
+    Sources under `over` bytes print nothing: they are read before anyone would wonder."""
+
+    def __init__(self, name: str, total_bytes: int, over: int = PROGRESS_OVER, every: float = PROGRESS_EVERY):
+        self.name, self.total, self.every, self.on = name, total_bytes, every, total_bytes >= over
+        self.bytes_read, self.start = 0, time.monotonic()
+        self.last = self.start
+        self.say(f"reading {name} ({total_bytes / 1e6:,.0f} MB)")
+
+    def say(self, text: str):
+        if self.on:
+            print(f"data: {text}", file=sys.stderr, flush=True)
+
+    def read(self, n_bytes: float):
+        self.bytes_read += n_bytes
+
+    def rows_done(self, n_rows: int, finished: bool = False):
+        now = time.monotonic()
+        if finished:
+            self.say(f"{self.name}: {n_rows:,} rows in {now - self.start:.0f} s")
+        elif now - self.last >= self.every:
+            self.last = now
+            share = min(1.0, self.bytes_read / max(1, self.total))
+            left = (now - self.start) * (1 - share) / max(share, 1e-6)
+            self.say(f"{self.name}: {n_rows:,} rows ({share:.0%}), about {left:.0f} s left")
 
 
 # ----------------------------------------------------------------------------------------------
 # Encoding and splitting
 
-def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_strategy: str = "delete",
-                   system: str | None = None) -> list[dict]:
-    """Conversations -> [{"input_ids": [...], "labels": [...]}], each at most max_length tokens.
+class Row:
+    """A training row, stored in 5 bytes a token: its ids (int32) and which of them are trained (bool).
 
-    truncation_strategy: "delete" drops longer rows (and prints how many); "left" keeps the last
-    max_length tokens; "right" the first. Rows left without any trained token are dropped."""
-    if truncation_strategy not in ("delete", "left", "right"):
-        raise DataError(f"--truncation_strategy must be delete, left or right, not {truncation_strategy!r}.")
+    It reads as the dict it stands for: row["input_ids"], and row["labels"] (the id where trained,
+    -100 elsewhere), made when asked. A packed row (see pack) also knows its samples' lengths, from
+    which row["segment_ids"] and row["position_ids"] are made. As Python lists of ints, ids and
+    labels took 16 to 48 bytes a token: gigabytes for a dataset of a few hundred megabytes."""
+
+    __slots__ = ("ids", "trained", "lengths")
+
+    def __init__(self, ids: np.ndarray, trained: np.ndarray, lengths: list[int] | None = None):
+        self.ids, self.trained, self.lengths = ids, trained, lengths
+
+    def __contains__(self, key) -> bool:
+        return key in ("input_ids", "labels") or (self.lengths is not None and key in ("segment_ids", "position_ids"))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self:
+            raise KeyError(key)
+        if key == "input_ids":
+            return self.ids
+        if key == "labels":
+            return np.where(self.trained, self.ids, IGNORE_INDEX)
+        segments = np.repeat(np.arange(len(self.lengths)), self.lengths)  # (T,): 0, 0, 0, 1, 1, 2, ...
+        if key == "segment_ids":
+            return segments + 1
+        starts = np.cumsum([0] + self.lengths[:-1])
+        return np.arange(len(self.ids)) - starts[segments]  # restarts at 0 for each sample
+
+
+BATCH_ROWS = 1000  # conversations tokenized in one call
+
+
+def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | None = None) -> list[Row]:
+    """encode_chat for many conversations at once, as Rows: the turns of all of them are tokenized in
+    one call (Tokenizer.encode_texts, on every core), then laid out by chat_pieces as encode_chat does."""
+    conversations = [with_system(messages, system) for messages in conversations]
+    texts = [turn_text(m) for messages in conversations for m in messages]
+    unique = list(dict.fromkeys(texts))  # a text many rows share (a system prompt) is tokenized once
+    ids_of = dict(zip(unique, tok.encode_texts(unique)))
+    texts = iter(texts)
+    ids, lengths, trained, ends = [], [], [], []  # of the batch: its ids, then per piece, then per row
+    for messages in conversations:
+        for piece, is_trained in chat_pieces(tok, messages, [ids_of[next(texts)] for _ in messages]):
+            ids += piece
+            lengths.append(len(piece))
+            trained.append(is_trained)
+        ends.append(len(ids))
+    # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
+    ids, trained = np.array(ids, dtype=np.int32), np.repeat(trained, lengths)
+    return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
+
+
+def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
+                 system: str | None = None, seed: int = 42, model_name: list[str] | None = None,
+                 model_author: list[str] | None = None, progress_over: int = PROGRESS_OVER,
+                 progress_every: float = PROGRESS_EVERY) -> list[Row]:
+    """encode_dataset(load_conversations(...)) for a dataset of any size: each source is tokenized in
+    batches while it is read, so only the compact rows are ever all in memory, not the text or the
+    conversations; a source of progress_over bytes or more prints its progress every progress_every s."""
+    rows, spelled, pending = [], [], collections.deque()
+
+    def encode(conversations):
+        # The tokenizer lets go of Python while it works: the next batch is read in the meantime.
+        pending.append(pool.submit(encode_chats, tok, conversations, system))
+        spelled.extend(control_token_text(tok, messages) for messages in conversations)
+        if len(pending) > 1:
+            rows.extend(pending.popleft().result())
+
+    progress = functools.partial(Progress, over=progress_over, every=progress_every)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        order = read_sources(specs, encode, seed, model_name, model_author, progress)
+        rows.extend(row for job in pending for row in job.result())
+    note_control_token_text([spelled[i] for i in order])
+    return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays
+
+
+def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_strategy: str = "delete",
+                   system: str | None = None) -> list[Row]:
+    """Conversations -> Rows (token ids and labels), each at most max_length tokens (see fit_rows)."""
     conversations = list(conversations)
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
-    note_control_token_text(tok, conversations)
-    rows, too_long, untrained, longest = [], 0, 0, 0
-    for messages in conversations:
-        ids, labels = encode_chat(tok, messages, system=system)
-        longest = max(longest, len(ids))
-        if len(ids) > max_length:
+    note_control_token_text([control_token_text(tok, messages) for messages in conversations])
+    rows = [row for batch in batches(conversations, BATCH_ROWS) for row in encode_chats(tok, batch, system)]
+    return fit_rows(rows, max_length, truncation_strategy)
+
+
+def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str) -> list[Row]:
+    """The rows, each at most max_length tokens. truncation_strategy: "delete" drops longer rows (and
+    prints how many); "left" keeps the last max_length tokens; "right" the first. Rows left without
+    any trained token are dropped."""
+    if truncation_strategy not in ("delete", "left", "right"):
+        raise DataError(f"--truncation_strategy must be delete, left or right, not {truncation_strategy!r}.")
+    kept, too_long, untrained, longest = [], 0, 0, 0
+    for row in rows:
+        longest = max(longest, len(row.ids))
+        if len(row.ids) > max_length:
             too_long += 1
             if truncation_strategy == "delete":
                 continue
             keep = slice(-max_length, None) if truncation_strategy == "left" else slice(max_length)
-            ids, labels = ids[keep], labels[keep]
+            row = Row(row.ids[keep], row.trained[keep])
         # labels[0] is never a target (nothing comes before it), so a row needs one after it.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        if not row.trained[1:].any():
             untrained += 1
             continue
-        rows.append({"input_ids": ids, "labels": labels})
+        kept.append(row)
 
-    n = len(conversations)
+    n = len(rows)
     if too_long:
         what = "dropped" if truncation_strategy == "delete" else f"cut from the {truncation_strategy}"
         hint = " (use --truncation_strategy left|right to keep them cut)" if truncation_strategy == "delete" else ""
@@ -585,7 +802,7 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
               f"the longest has {longest} tokens.")
     if untrained:
         print(f"{untrained} of {n} rows had no assistant token left after truncation and were dropped.")
-    if not rows:
+    if not kept:
         if truncation_strategy == "delete":
             raise DataError(f"All {n} rows are longer than --max_length {max_length} tokens, so nothing is left "
                             f"to train on. Raise --max_length (the longest row has {longest} tokens) or use "
@@ -594,23 +811,26 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
                         f"no row has an assistant token left to learn from. Raise --max_length (the longest row "
                         f"has {longest} tokens)" + (" or use --truncation_strategy left, which keeps the answers "
                                                     "at the end" if truncation_strategy == "right" else "") + ".")
-    return rows
+    return kept
 
 
-def note_control_token_text(tok: Tokenizer, conversations: list[list[dict]]):
-    """One line to stderr when rows spell out a control token such as <|im_end|>.
+def control_token_text(tok: Tokenizer, messages: list[dict]) -> str | None:
+    """The first spelling of a control token (such as "<|im_end|>") in the conversation's text, if any."""
+    found = tok.special_spelling and tok.special_spelling.search("\n".join(m["content"] for m in messages))
+    return found.group() if found else None
+
+
+def note_control_token_text(found: list[str | None]):
+    """One line to stderr when rows spell out a control token such as <|im_end|> (found: per row, the
+    first such spelling, or None).
 
     encode_chat trains on such text as plain characters (a dataset about chat formats may mean
     exactly that), but a row that holds a conversation already rendered as ChatML means turns,
     and would teach the model to write fake turns as text: the count lets the user tell."""
-    if not tok.special_tokens:
-        return
-    spelling = re.compile("|".join(map(re.escape, tok.special_tokens)))
-    found = [spelling.search("\n".join(m["content"] for m in messages)) for messages in conversations]
-    found = [match.group() for match in found if match]  # per row that has one: the first
-    if found:
-        print(f"note: {len(found)} of {len(conversations)} rows contain the text of a control token (such as "
-              f"{found[0]}); it is trained on as plain text and cannot end or start a turn. If those rows hold "
+    spelled = [text for text in found if text]
+    if spelled:
+        print(f"note: {len(spelled)} of {len(found)} rows contain the text of a control token (such as "
+              f"{spelled[0]}); it is trained on as plain text and cannot end or start a turn. If those rows hold "
               f"conversations already rendered as ChatML, give them as messages instead.", file=sys.stderr)
 
 
@@ -632,8 +852,8 @@ def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:
 # ----------------------------------------------------------------------------------------------
 # Batching: padding and packing
 
-def pack(rows: list[dict], max_length: int) -> list[dict]:
-    """--packing true: several rows in one row of at most max_length tokens (pack_bins, then concat_rows).
+def pack(rows: list, max_length: int) -> list[Row]:
+    """--packing true: several rows in one Row of at most max_length tokens (pack_bins, then concat_rows).
 
     Each packed row carries segment_ids (1, 2, 3, ... per sample: samples never attend to each
     other) and position_ids that restart at 0 for each sample, so every sample is computed exactly
@@ -663,25 +883,33 @@ def pack_bins(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def concat_rows(rows: list[dict]) -> dict:
-    """Rows one after another in one row, each sample kept apart: segment_ids 1, 2, 3, ... (a row
+def concat_rows(rows: list) -> Row:
+    """Rows one after another in one Row, each sample kept apart: segment_ids 1, 2, 3, ... (a row
     packed already keeps its own samples), position_ids restarting at 0 for each sample.
 
     The first label of each row is masked: the trainer predicts labels[t] from position t - 1,
     which for a row's first token is the previous row's last token. Alone, a row's first label is
-    never predicted either, so the loss is unchanged. Token lists or numpy arrays alike."""
-    out = {"input_ids": [], "labels": [], "segment_ids": [], "position_ids": []}
+    never predicted either, so the loss is unchanged. Rows or dicts of lists or arrays alike."""
+    trained, lengths = [], []
     for r in rows:
-        n, first = len(r["input_ids"]), out["segment_ids"][-1] if out["segment_ids"] else 0  # segments so far
-        segments = r["segment_ids"] if "segment_ids" in r else [1] * n
-        out["input_ids"] += [int(t) for t in r["input_ids"]]
-        out["labels"] += [IGNORE_INDEX] + [int(t) for t in r["labels"][1:]]
-        out["segment_ids"] += [first + int(s) for s in segments]
-        out["position_ids"] += [int(p) for p in r["position_ids"]] if "position_ids" in r else range(n)
-    return out
+        t = np.array(r["labels"]) != IGNORE_INDEX  # a fresh array: the row's own is not changed
+        t[0] = False
+        trained.append(t)
+        lengths += sample_lengths(r)
+    ids = np.concatenate([np.asarray(r["input_ids"], dtype=np.int32) for r in rows])
+    return Row(ids, np.concatenate(trained), lengths)
 
 
-def collate(rows: list[dict], pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
+def sample_lengths(row) -> list[int]:
+    """The lengths of the samples in a row: one, or a packed row's several (from its segment ids)."""
+    if "segment_ids" not in row:
+        return [len(row["input_ids"])]
+    seg = np.asarray(row["segment_ids"])
+    starts = np.flatnonzero(seg[1:] != seg[:-1]) + 1
+    return np.diff([0, *starts, len(seg)]).tolist()
+
+
+def collate(rows: list, pad_id: int, pad_to: int = 1) -> dict[str, torch.Tensor]:
     """Rows -> a batch, right-padded to the longest row (rounded up to a multiple of pad_to).
 
     input_ids (B, T) padded with pad_id; labels (B, T) with -100 on padding; attention_mask (B, T):

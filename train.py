@@ -327,7 +327,7 @@ def step_passes(micro: list[list[dict]], budget: int | None) -> list[list[dict]]
 
 def label_tokens(row) -> int:
     """Tokens that carry a loss in this row (labels shifted by one, as in the loss)."""
-    return sum(1 for l in row["labels"][1:] if l != data.IGNORE_INDEX)
+    return int((torch.as_tensor(row["labels"][1:]) != data.IGNORE_INDEX).sum())
 
 
 def epoch_windows(n_rows: int, batch_size: int, accum: int, epoch: int, seed: int) -> list[list[list[int]]]:
@@ -547,9 +547,12 @@ def setup_distributed(device_flag):
 
 def load_data(a, tok) -> tuple[list, list]:
     """Read, substitute, sample, tokenize and split: (training rows, validation rows)."""
+    quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
+
     def rows_of(specs):
-        convs = data.load_conversations(specs, seed=a.seed, model_name=a.model_name, model_author=a.model_author)
-        return data.encode_dataset(tok, convs, a.max_length, a.truncation_strategy, system=a.system)
+        return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, system=a.system, seed=a.seed,
+                                 model_name=a.model_name, model_author=a.model_author,
+                                 progress_over=math.inf if quiet else data.PROGRESS_OVER)
 
     train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []

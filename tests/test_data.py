@@ -79,7 +79,7 @@ def test_every_format_gives_the_same_ids_and_labels(tmp_path, tok, suffix):
         [conversation] = data.load_conversations([path])
         assert conversation == CONVERSATION, name
         [encoded] = data.encode_dataset(tok, [conversation], max_length=4096)
-        assert (encoded["input_ids"], encoded["labels"]) == expected, name
+        assert (encoded["input_ids"].tolist(), encoded["labels"].tolist()) == expected, name
 
 
 def test_a_file_may_mix_formats(tmp_path):
@@ -145,8 +145,9 @@ def test_system_flag_unset_empty_or_text_is_the_same_in_training_and_inference(t
     assert stored == system
     prompt, _ = encode_chat(tok, conversation[:1], add_generation_prompt=True, system=stored)
     assert tok.decode(prompt) == f"{system_turn}<|im_start|>user\n{Q1}<|im_end|>\n<|im_start|>assistant\n"
-    assert row["input_ids"] == prompt + tok.encode(A1) + [tok.im_end_id] + tok.encode("\n")
-    assert row["labels"] == [IGNORE_INDEX] * len(prompt) + row["input_ids"][len(prompt):]
+    ids = row["input_ids"].tolist()
+    assert ids == prompt + tok.encode(A1) + [tok.im_end_id] + tok.encode("\n")
+    assert row["labels"].tolist() == [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]
 
 
 CHATS = {
@@ -383,7 +384,7 @@ def long_and_short(tok):
 def test_rows_over_max_length_are_dropped_with_a_count(tok, capsys):
     short, long, n_short, n_long = long_and_short(tok)
     rows = data.encode_dataset(tok, [short, long, short], max_length=n_short + 5)
-    assert [r["input_ids"] for r in rows] == [encode_chat(tok, short)[0]] * 2
+    assert [r["input_ids"].tolist() for r in rows] == [encode_chat(tok, short)[0]] * 2
     out = capsys.readouterr().out
     assert f"1 of 3 rows are longer than --max_length {n_short + 5} tokens and were dropped" in out
     assert f"the longest has {n_long} tokens" in out
@@ -396,7 +397,7 @@ def test_truncation_left_or_right_keeps_rows_cut(tok, strategy):
     m = n_long - 20
     [row] = data.encode_dataset(tok, [long], max_length=m, truncation_strategy=strategy)
     cut = slice(-m, None) if strategy == "left" else slice(m)
-    assert row == {"input_ids": ids[cut], "labels": labels[cut]}
+    assert (row["input_ids"].tolist(), row["labels"].tolist()) == (ids[cut], labels[cut])
 
 
 def test_nothing_left_to_train_on_is_an_error(tok):
@@ -446,15 +447,15 @@ def test_pack_fills_rows_with_every_sample_once(tok):
     assert all(len(p["input_ids"]) <= 8 for p in packed) and len(packed) == 4  # 28 tokens: 4 rows is optimal
     samples = []
     for p in packed:
-        seg, pos = p["segment_ids"], p["position_ids"]
+        seg, pos = p["segment_ids"].tolist(), p["position_ids"].tolist()
         assert seg == sorted(seg) and seg[0] == 1
         for s in set(seg):
             where = [t for t in range(len(seg)) if seg[t] == s]
             assert [pos[t] for t in where] == list(range(len(where)))  # positions restart per sample
-            samples.append([p["input_ids"][t] for t in where])
+            samples.append([int(p["input_ids"][t]) for t in where])
     assert sorted(samples) == sorted(r["input_ids"] for r in rows)
     b = data.collate(packed, pad_id=0)
-    assert b["attention_mask"].tolist()[0] == packed[0]["segment_ids"] + [0] * (8 - len(packed[0]["segment_ids"]))
+    assert b["attention_mask"].tolist()[0] == packed[0]["segment_ids"].tolist() + [0] * (8 - len(packed[0]["segment_ids"]))
     with pytest.raises(DataError, match="A row of 7 tokens cannot be packed into rows of --max_length 6"):
         data.pack(rows, max_length=6)
 
@@ -508,8 +509,8 @@ def test_packed_and_padded_batches_give_each_sample_its_unpacked_loss(tok, tiny_
         got = {}
         for b, p in enumerate(packed):
             for s in sorted(set(p["segment_ids"])):
-                ids = [i for i, seg in zip(p["input_ids"], p["segment_ids"]) if seg == s]
-                k = next(k for k, r in enumerate(rows) if r["input_ids"] == ids)
+                ids = p["input_ids"][p["segment_ids"] == s].tolist()
+                k = next(k for k, r in enumerate(rows) if r["input_ids"].tolist() == ids)
                 got[k] = loss[b][target_segment[b] == s].sum().item()
     assert sorted(got) == list(range(len(rows)))
     torch.testing.assert_close([got[k] for k in range(len(rows))], alone, rtol=1e-5, atol=1e-4)

@@ -154,8 +154,11 @@ def test_step_packing_takes_numpy_rows_and_keeps_the_label_count():
     rows = random_rows([8, 5])
     as_numpy = [{k: np.asarray(v, dtype=np.int32) for k, v in r.items()} for r in rows]
     packed = data.concat_rows(as_numpy)
-    assert packed == data.concat_rows(rows)
-    assert packed["segment_ids"] == [1] * 8 + [2] * 5 and packed["position_ids"] == list(range(8)) + list(range(5))
+    for key in ("input_ids", "labels", "segment_ids", "position_ids"):
+        assert packed[key].tolist() == data.concat_rows(rows)[key].tolist()
+    assert packed["segment_ids"].tolist() == [1] * 8 + [2] * 5
+    assert packed["position_ids"].tolist() == list(range(8)) + list(range(5))
+    assert data.concat_rows([packed, rows[0]])["segment_ids"].tolist() == [1] * 8 + [2] * 5 + [3] * 8
     assert train.label_tokens(packed) == sum(train.label_tokens(r) for r in rows)
 
 
@@ -204,7 +207,9 @@ def test_varlen_attention_equals_the_block_mask_path():
                                                                  enable_gqa=True)
         results.append([y.float(), *(x.float() for x in torch.autograd.grad((y * out).sum(), (q, k, v)))])
     for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        # bf16 outputs of two kernels that sum in different orders: a few elements differ by a rounding step
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=4e-2)
+        assert ((got - want).abs() > 2e-2).float().mean() < 1e-3
 
 
 @cuda_only
