@@ -491,7 +491,7 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
 
 
 def worker(a):
-    """One workload in this process; its result as a RESULT line (from rank 0 under torchrun)."""
+    """One workload in this process; its result (a dict)."""
     torch.manual_seed(0)
     device, shape, plan = torch.device(a.device), SMALL if a.small else SHAPES[a.shape], PLANS[a.plan]
     workloads = {
@@ -506,9 +506,7 @@ def worker(a):
         "ours_tutorial": lambda: ours_tutorial(shape, device, a),
         "hf_tutorial": lambda: hf_tutorial(shape, device, a),
     }
-    r = workloads[a.worker]()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("RESULT " + json.dumps(r))
+    return workloads[a.worker]()
 
 
 def ours_longest(shape, device, plan, a):
@@ -523,6 +521,13 @@ def hf_longest(shape, device, a):
 
 
 def run_worker(args, common, gpus=0):
+    """One workload in a process of its own (so that peak memory is its own), its result as a dict.
+    --small (CI, on the CPU) runs it in this process: a process start costs seconds there."""
+    if "--small" in common and not gpus:
+        try:
+            return worker(build_parser().parse_args(["--worker", *map(str, args), *map(str, common)]))
+        except Exception as e:  # reported in the table, as a failed worker process is
+            return {"error": f"{type(e).__name__}: {e}"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus else [sys.executable]
     cmd = [*launch, __file__, "--worker", *map(str, args), *map(str, common)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -572,8 +577,11 @@ def build_parser():
 def main():
     a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
-    if a.worker:
-        return worker(a)
+    if a.worker:  # a process of run_worker's: its result as a RESULT line (from rank 0 under torchrun)
+        r = worker(a)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(r))
+        return
     if a.ddp:
         return ddp_main(a)
     if a.fsdp:
