@@ -123,6 +123,14 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask)
 
 
+def varlen_available(device, dtype) -> bool:
+    """Whether rows packed into one sequence can attend through varlen_attn (flash attention, told
+    where each row starts): on a GPU, in bfloat16 or float16, with torch >= 2.9. Elsewhere packed
+    rows need SDPA with a T x T block mask, which on the CPU made the demo 1.7x slower than
+    padded micro-batches: so --padding_free is on by default only where this holds."""
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None
+
+
 def packed_attention(a, device) -> tuple[object, str]:
     """How packed rows attend (TrainingPlan.packed_mask) and what to print about it. On a GPU in
     bfloat16 or float16 (flash attention's dtypes): VarlenAttention. Elsewhere the plain path,
@@ -132,7 +140,7 @@ def packed_attention(a, device) -> tuple[object, str]:
     packing = (f"each optimizer step's rows run packed into sequences of at most {a.max_tokens_per_pass} tokens, "
                "the step's gradient unchanged (--padding_free false: one micro-batch at a time)"
                if a.padding_free else "--packing true rows")
-    if cli.pick_dtype(a.torch_dtype, device) in (torch.bfloat16, torch.float16) and varlen_attn is not None:
+    if varlen_available(device, cli.pick_dtype(a.torch_dtype, device)):
         return VarlenAttention, f"{packing}; rows attend through torch's varlen_attn (no T x T mask)"
     need = "bfloat16 or float16" + ("" if varlen_attn is not None else " and torch >= 2.9")
     return None, f"{packing}; rows attend through SDPA with a T x T block mask (varlen_attn needs {need})"

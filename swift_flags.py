@@ -76,7 +76,7 @@ FLAGS = {
     "max_length": SwiftFlag("2048", TRAIN, "unset: 2048 (ms-swift: the model's context, 32,768 for Qwen2.5-7B)"),
     "truncation_strategy": SwiftFlag("delete", TRAIN, "delete, left or right ('split' is not here)"),
     "packing": SwiftFlag("true", TRAIN),
-    "padding_free": SwiftFlag("true", TRAIN, "unset: true (ms-swift: false); it packs all the rows of each optimizer "
+    "padding_free": SwiftFlag("true", TRAIN, "unset: true on a GPU in bf16 (ms-swift: false); it packs all the rows of each optimizer "
                               "step, not of each batch, into passes of --max_tokens_per_pass tokens: the same gradient"),
     "streaming": refused("true", "the datasets are read and tokenized before training; sample a large one with "
                                  "--dataset FILE#N"),

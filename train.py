@@ -86,8 +86,8 @@ def data_flags(p):
     g.add_argument("--max_length", type=int, default=2048, help="longest row in tokens")
     g.add_argument("--truncation_strategy", default="delete", choices=["delete", "left", "right"], help="rows over --max_length: drop, or cut left or right")
     g.add_argument("--packing", type=str2bool, default=False, help="pack several rows into each --max_length row")
-    g.add_argument("--padding_free", type=str2bool, default=True,
-                   help="run each step's rows packed together, no padding; same gradient (false: micro-batches)")
+    g.add_argument("--padding_free", type=str2bool, default=None,
+                   help="run each step's rows packed together, same gradient (default: true on a GPU in bf16)")
     g.add_argument("--max_tokens_per_pass", type=int, default=None,
                    help="most tokens in one packed forward/backward (default: --max_length)")
     g.add_argument("--system", default=None, help="system prompt for rows without one (default: Qwen2.5's own)")
@@ -216,6 +216,9 @@ def set_derived_defaults(a):
         a.resume_from_checkpoint, a.resume_only_model = a.adapters, True
     if a.torch_dtype is None:  # the dtype it trains in, for merge.py and for reading args.json
         a.torch_dtype = str(cli.pick_dtype(None, cli.pick_device(a.device))).removeprefix("torch.")
+    if a.padding_free is None:  # packed where rows attend without a T x T mask: faster there, slower elsewhere
+        device = cli.pick_device(a.device)
+        a.padding_free = speed.varlen_available(device, cli.pick_dtype(a.torch_dtype, device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def only_checkpoint(out, step):
 def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(tmp_path, tiny_dir):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
-    two = run(common(data, tmp_path / "two", 2), nproc=2)  # each rank packs its share of a step (--padding_free)
+    two = run(common(data, tmp_path / "two", 2) + ["--padding_free", "true"], nproc=2)  # each rank packs its share
     run(common(data, tmp_path / "one", 4) + ["--padding_free", "false"])  # one micro-batch at a time
     run_dir, a = only_checkpoint(tmp_path / "two", 4)
     _, b = only_checkpoint(tmp_path / "one", 4)

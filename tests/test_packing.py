@@ -162,13 +162,20 @@ def test_step_packing_takes_numpy_rows_and_keeps_the_label_count():
     assert train.label_tokens(packed) == sum(train.label_tokens(r) for r in rows)
 
 
-def test_padding_free_is_on_by_default_and_can_be_turned_off(tmp_path, tiny_dir):
+def test_padding_free_is_on_by_default_where_varlen_attention_runs(tmp_path, tiny_dir):
     import argparse
-    a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json"])
-    assert a.padding_free and a.max_tokens_per_pass is None
+    a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--device", "cpu"])
+    assert a.padding_free is None and a.max_tokens_per_pass is None
     a.gradient_accumulation_steps = 1
     train.set_derived_defaults(a)
     assert a.max_tokens_per_pass == a.max_length == 2048
+    assert a.padding_free is False  # on the CPU packed rows need a T x T mask: micro-batches are faster
+    assert speed.varlen_available(torch.device("cuda"), torch.bfloat16) == (speed.varlen_attn is not None)
+    assert not speed.varlen_available(torch.device("cuda"), torch.float32)
+    a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--padding_free", "true"])
+    a.gradient_accumulation_steps = 1
+    train.set_derived_defaults(a)
+    assert a.padding_free is True
     gpu = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=True,
                              max_tokens_per_pass=1024, packing=False, torch_dtype="bfloat16")
     plan = speed.plan_training(gpu, torch.device("cuda"), [40, 100, 70], 192)

@@ -108,14 +108,15 @@ def train_args(data_file, out, steps=6, save_steps=3, *extra):
 
 
 def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
-    """Each step's rows run packed (--padding_free, the default): a resume packs the same rows."""
+    """Each step's rows run packed (--padding_free true, the default on a GPU): a resume packs the same rows."""
     data_file = write_qa(tmp_path / "qa.json", QA + QA[:1])  # 5 rows, 3 steps per epoch
-    assert train.main(train_args(data_file, tmp_path / "a", 6, 2)) == 0
+    assert train.main(train_args(data_file, tmp_path / "a", 6, 2, "--padding_free", "true")) == 0
     run = run_dir_of(tmp_path / "a")
     full = adapter(run / "checkpoint-6")
     (run / "checkpoint-6" / "adapter_model.safetensors").unlink()
     # resume mid-epoch from step 4 (of 6) into the same run: it rewrites checkpoint-6
-    assert train.main(train_args(data_file, tmp_path / "a", 6, 2, "--resume_from_checkpoint", run / "checkpoint-4")) == 0
+    assert train.main(train_args(data_file, tmp_path / "a", 6, 2, "--padding_free", "true",
+                                 "--resume_from_checkpoint", run / "checkpoint-4")) == 0
     resumed = adapter(run / "checkpoint-6")
     assert full.keys() == resumed.keys()
     for k in full:
@@ -313,12 +314,12 @@ def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
 def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
     """--torch_compile true (on a GPU the default for long runs; here CPU inductor): batches padded to a multiple of 64
     tokens, one compile per length, announced at the start; the adapter matches eager training. The steps run
-    packed (--padding_free, the default), so packed rows train through compiled layers too."""
+    packed (--padding_free true, the default on a GPU), so packed rows train through compiled layers too."""
     data = write_qa(tmp_path / "qa.json", QA + [("讲一个很长的故事" * 12, "从前有座山，山里有座庙。" * 12)])
     adapters = []
     for compiled in ("false", "true"):
         out = tmp_path / compiled
-        assert train.main(base_args(data, out, "--torch_compile", compiled, "--max_steps", 3,
+        assert train.main(base_args(data, out, "--torch_compile", compiled, "--max_steps", 3, "--padding_free", "true",
                                     "--per_device_train_batch_size", 2, "--lora_dropout", 0, "--seed", 3)) == 0
         adapters.append(load_file(run_dir_of(out) / "checkpoint-3" / "adapter_model.safetensors"))
     log = capsys.readouterr().out
