@@ -559,6 +559,8 @@ def build_parser():
     p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
+    p.add_argument("--write_checkpoint", nargs=2, metavar=("SHAPE", "DIR"), default=None,
+                   help="only write random weights of SHAPE (7b, 14b, 32b, 72b) to DIR, in the official layout")
     p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -574,9 +576,34 @@ def build_parser():
     return p
 
 
+def write_checkpoint(shape_name: str, out):
+    """--write_checkpoint SHAPE DIR: random weights of a shape (random_value's, drawn on the GPU one
+    tensor at a time) saved in the official layout with the tiny model's tokenizer, for running
+    train.py itself on the 7B shape (BENCHMARKS.md, run 17: the tutorial's command line)."""
+    import shutil
+    from pathlib import Path
+    import cli
+    import model as modeling
+    out, tiny = Path(out), cli.tiny_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (tiny / name).exists():
+            shutil.copy(tiny / name, out / name)
+    config = {**json.loads((tiny / "config.json").read_text()), **SHAPES[shape_name], "torch_dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in modeling.Qwen2ForCausalLM(modeling.Config.from_dict(config)).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = {k: random_value(k, shape, i, device).to(torch.bfloat16).cpu() for i, (k, shape) in enumerate(shapes.items())}
+    modeling.save_safetensors_sharded(weights, out)
+    print(f"wrote a random {shape_name} checkpoint to {out}")
+
+
 def main():
     a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
+    if a.write_checkpoint:
+        return write_checkpoint(*a.write_checkpoint)
     if a.worker:  # a process of run_worker's: its result as a RESULT line (from rank 0 under torchrun)
         r = worker(a)
         if int(os.environ.get("RANK", "0")) == 0:

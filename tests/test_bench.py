@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,3 +26,16 @@ def test_bench_small_runs_and_matches_the_reference_loss():
     # float32 greedy decoding gives transformers' tokens, merged or not
     assert "adapter merged (eager) vs ours unmerged eager: 16/16 identical" in out
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 16/16 identical" in out
+
+
+def test_write_checkpoint_gives_a_folder_train_py_loads(tmp_path, monkeypatch):
+    """bench.py --write_checkpoint: random weights of a shape in the official layout (how run 17 ran
+    the tutorial's train.py line on the 7B shape); here the small shape, on the CPU."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    import model
+    monkeypatch.setitem(bench.SHAPES, "small", bench.SMALL)
+    bench.write_checkpoint("small", tmp_path / "ckpt")
+    m, _ = model.load_model(str(tmp_path / "ckpt"))
+    assert m.config.hidden_size == bench.SMALL["hidden_size"] and (tmp_path / "ckpt" / "tokenizer.json").exists()
+    torch.testing.assert_close(m.model.norm.weight, torch.ones(bench.SMALL["hidden_size"], dtype=m.model.norm.weight.dtype))
