@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import model as modeling
+import quant
 import swift_flags
 import tiny
 from data import DataError
@@ -115,6 +116,18 @@ def str2bool(v: str) -> bool:
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
+
+
+def quant_flags(p):
+    """The 4-bit base's flags (ms-swift's names and defaults), the same in train.py and infer.py."""
+    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
+    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (QLoRA)")
+    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
+    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
+                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
+    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
+                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
+    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
 
 
 def pick_device(flag: str | None) -> torch.device:

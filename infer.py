@@ -354,14 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each token as one CUDA graph replay (default: true on a GPU)")
     g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: compile the decode step first (a minute to compile)")
 
-    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
-    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (less memory)")
-    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
-    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
-                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
-    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
-                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
-    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
+    cli.quant_flags(p)
 
     g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy: always the most likely token")

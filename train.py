@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_flags(p)
     data_flags(p)
     lora_flags(p)
-    quant_flags(p)
+    cli.quant_flags(p)
     optimisation_flags(p)
     run_flags(p)
     scale_flags(p)
@@ -102,17 +102,6 @@ def lora_flags(p):
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
     g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
-
-
-def quant_flags(p):
-    g = p.add_argument_group("4-bit base (QLoRA, quant.py)")
-    g.add_argument("--quant_bits", type=int, choices=[4], default=None, help="4: keep the decoder's linear layers in 4 bits (QLoRA)")
-    g.add_argument("--quant_method", choices=["bnb"], default=None, help="bnb: bitsandbytes' 4-bit format, made here (implied by --quant_bits 4)")
-    g.add_argument("--bnb_4bit_quant_type", choices=quant.QUANT_TYPES, default=quant.QuantConfig.quant_type,
-                   help="nf4 (normal-distribution quantiles) or fp4 (a 4-bit float)")
-    g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
-                   help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
-    g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
 
 
 def optimisation_flags(p):
@@ -613,7 +602,7 @@ def train(a) -> int:
                                total_steps * a.gradient_accumulation_steps)
     log0(rank, plan.message)
     plan.prepare(device)
-    quantize = quant.settings(a) if a.quant_bits else None
+    quantize = quant.settings(a)  # None without --quant_bits
     ranks = shard.FullyShard(rank, world) if a.fsdp and world > 1 else DataParallel(rank, world, quantize)
     model, params = load_lora_model(a, model_dir, dtype, device, ranks)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
