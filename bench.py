@@ -146,10 +146,15 @@ def ours_model_4bit(shape, device, quant_type: str, dequantized=False):
 def ours_train_setup(shape, device, plan, quant_type=None, dequantized=False):
     """train.py's setup: the model in training mode, gradients allocated once, AdamW, and the
     micro-batch function that `plan` (a speed.TrainingPlan) gives the loop."""
+    plan.prepare(device)
+    return training_setup(ours_model(shape, device, quant_type=quant_type, dequantized=dequantized), plan, device)
+
+
+def training_setup(m, plan, device):
+    """m in training mode, checkpointed, its LoRA gradients allocated once, AdamW, and the
+    micro-batch function of `plan`: (micro_batch, params, optimizer)."""
     import lora
     import train
-    plan.prepare(device)
-    m = ours_model(shape, device, quant_type=quant_type, dequantized=dequantized)
     m.train()
     m.model.gradient_checkpointing = True
     params = lora.lora_parameters(m)
@@ -256,22 +261,13 @@ def ours_train_fsdp(shape, seq, steps, device):
     layers as speed.plan_training chooses there. Every rank trains on a sequence of its own (the
     same one, so the first-step loss is comparable with one GPU's)."""
     import torch.distributed as dist
-    import lora
-    import train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     speed.fast_float32_matmul(device)
-    m = ours_sharded_model(shape, device)
-    m.train()
-    m.model.gradient_checkpointing = True
-    params = lora.lora_parameters(m)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    micro_batch = speed.TrainingPlan().micro_batch_fn(train.CausalLMLoss(m), params, train.micro_batch)
+    micro_batch, params, opt = training_setup(ours_sharded_model(shape, device), speed.TrainingPlan(), device)
     # world=1: FSDP itself reduce-scatters the gradients in backward
     r = measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device, world=1)
     dist.destroy_process_group()
