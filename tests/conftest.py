@@ -61,3 +61,21 @@ def hf_checkpoint(tmp_path, tiny_dir):
         folder = tmp_path / name
         return folder, make_hf_checkpoint(folder, tiny_dir, seed=seed, **config)
     return make
+
+
+def lora_for_training(m, cfg, b_std: float, seed: int | None = None):
+    """m with a LoRA adapter whose B is drawn from N(0, b_std) instead of zero (so every A has a
+    gradient, and the loss sees the dropout masks), in training mode, checkpointed as train.py
+    trains it. seed: reseed after the adapter's own init, before B is drawn."""
+    import torch
+    import lora
+    lora.add_adapter(m, cfg)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+    m.train()
+    m.model.gradient_checkpointing = True
+    return m

@@ -16,6 +16,7 @@ import lora
 import model as modeling
 import speed
 import train
+from conftest import lora_for_training
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = [5, 40, 17, 60, 9, 33]  # mixed, in the order of the step's micro-batches
@@ -45,15 +46,7 @@ def lora_model(tiny_dir):
     """The tiny model in float32 with a LoRA adapter whose B is not zero (so every A has a gradient),
     dropout 0, checkpointed as train.py trains it."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
-    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    m.train()
-    m.model.gradient_checkpointing = True
-    return m
+    return lora_for_training(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), 0.05, seed=0)
 
 
 class GradientRecorder:
@@ -225,13 +218,7 @@ def test_packed_micro_batches_replayed_as_cuda_graphs_give_the_eager_gradients(t
     through varlen_attn in bfloat16."""
     with torch.cuda.stream(torch.cuda.Stream()):  # as train.py: graphs are recorded off the default stream
         m, _ = modeling.load_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
-        lora.add_adapter(m, lora.LoraConfig(lora_dropout=0.0))
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)
-        m.train()
-        m.model.gradient_checkpointing = True
+        lora_for_training(m, lora.LoraConfig(lora_dropout=0.0), 0.02)
         params = lora.lora_parameters(m)
         for p in params:
             p.grad = torch.zeros_like(p)

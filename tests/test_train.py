@@ -4,11 +4,9 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safetensors.torch import load_file
 import runs
 import speed
 import train
+from conftest import lora_for_training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -456,13 +455,7 @@ def test_cuda_graph_micro_batches_give_the_eager_gradients(tiny_dir):
     import model as modeling
     with torch.cuda.stream(torch.cuda.Stream()):  # as train.py: graphs are recorded off the default stream
         m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
-        lora.add_adapter(m, lora.LoraConfig(lora_dropout=0.3))
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02)  # B = 0 would make the loss blind to the dropout masks
-        m.train()
-        m.model.gradient_checkpointing = True
+        lora_for_training(m, lora.LoraConfig(lora_dropout=0.3), 0.02)  # B = 0: blind to the dropout masks
         params = lora.lora_parameters(m)
         for p in params:
             p.grad = torch.zeros_like(p)
