@@ -189,9 +189,11 @@ class FullyShard:
         Every rank runs as many passes as the busiest one (each pass gathers every layer from all
         ranks), so a rank with fewer repeats one at weight 0; each rank works out every rank's passes
         itself, from the step's micro-batches that they all hold."""
-        mine = [(rows, 1.0) for rows in passes(micro[self.rank::self.world])]
-        most = max(len(passes(micro[r::self.world])) for r in range(self.world))
-        mine += [(passes(micro[:1])[0], 0.0)] * (most - len(mine))
+        every = [passes(micro[r::self.world]) for r in range(self.world)]
+        mine = [(rows, 1.0) for rows in every[self.rank]]
+        short = max(map(len, every)) - len(mine)
+        if short:
+            mine += [(passes(micro[:1])[0], 0.0)] * short
         for i, item in enumerate(mine):
             self.model.model.set_requires_gradient_sync(i == len(mine) - 1)
             yield item
