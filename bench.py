@@ -452,9 +452,15 @@ def hf_train_setup(shape, device):
     return m, params, opt
 
 
-def hf_train(shape, seq, steps, device):
+def hf_train(shape, seq, steps, device, autocast=False):
+    """autocast: run the bf16 model under torch.autocast(bfloat16), as the HF Trainer (and so
+    ms-swift) runs it; peft's float32 LoRA matmuls then run in bf16."""
     m, params, opt = hf_train_setup(shape, device)
-    return measure_train(backward_of(lambda x: m(input_ids=x, labels=x).loss), params, opt, shape, seq, steps, device)
+
+    def mean_loss(x):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return m(input_ids=x, labels=x).loss
+    return measure_train(backward_of(mean_loss), params, opt, shape, seq, steps, device)
 
 
 @torch.no_grad()
@@ -494,7 +500,7 @@ def worker(a):
         "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan, a.quant, a.dequantized),
         "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
         "ours_train_fsdp": lambda: ours_train_fsdp(shape, a.seq, a.steps, device),
-        "hf_train": lambda: hf_train(shape, a.seq, a.steps, device),
+        "hf_train": lambda: hf_train(shape, a.seq, a.steps, device, a.autocast),
         "ours_decode": lambda: ours_decode(shape, a.new_tokens, device, a.merged, a.graph, a.compile, a.fp32),
         "hf_decode": lambda: hf_decode(shape, a.new_tokens, device, a.fp32),
         "ours_longest": lambda: ours_longest(shape, device, plan, a),
@@ -566,6 +572,7 @@ def build_parser():
     p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="7b", choices=list(SHAPES), help=argparse.SUPPRESS)
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
