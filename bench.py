@@ -486,7 +486,9 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 WORKLOADS = ["train", "decode", "longest", "tutorial", "quant", "fit"]
 PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
     "eager": speed.TrainingPlan(),
-    "graphs": speed.TrainingPlan(graphs=True),  # the default on one GPU
+    "fused": speed.TrainingPlan(fused=True),  # --cuda_graph false
+    "graphs": speed.TrainingPlan(graphs=True, fused=True),  # the default on one GPU
+    "graphs_plain": speed.TrainingPlan(graphs=True),  # the default before fused layers
     "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True),
     "compiled_nographs": speed.TrainingPlan(compiled=True),  # --cuda_graph false: the least memory
 }

@@ -190,14 +190,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
-        if callable(mask):  # packed rows attended without a (T, T) mask: speed.VarlenAttention on a GPU
-            y = mask(q, k, v)  # (B, nh, T, hd)
-        else:
-            # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=self.n_kv != self.n_head)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = attend(q, k, v, mask, is_causal).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
+
+
+def attend(q, k, v, mask, is_causal):
+    """q (B, nh, T, hd), k and v (B, nkv, S, hd) -> (B, nh, T, hd)."""
+    if callable(mask):  # packed rows attended without a (T, T) mask: speed.VarlenAttention on a GPU
+        return mask(q, k, v)
+    # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):

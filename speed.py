@@ -22,6 +22,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import cli
 import model as modeling
@@ -69,10 +70,13 @@ class TrainingPlan:
     pad_to: int = 1
     message: str = ""  # what was chosen and why, for the start-up log
     packed_mask: object = None
+    fused: bool = False  # eager layers as FusedLayer: fewer kernels (the default on a GPU)
 
     def training_layers(self, model):
-        """The layers for CausalLMLoss: compiled ones, or None for the model's own."""
-        return compiled_layers(model, self.layer_graphs) if self.compiled else None
+        """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own."""
+        if self.compiled:
+            return compiled_layers(model, self.layer_graphs)
+        return fused_layers(model) if self.fused else None
 
     def prepare(self, device):
         """What this plan needs set before the model loads: TF32 for float32 matmuls on GPUs, and
@@ -112,15 +116,16 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
     padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
     if graphs:
-        message = (f"CUDA graphs: each micro-batch shape runs eagerly once and is then replayed as one recorded "
-                   f"graph; {padding}; --cuda_graph false runs every one eagerly")
+        message = (f"CUDA graphs of fused layers: each micro-batch shape runs eagerly once and is then replayed as "
+                   f"one recorded graph; {padding}; --cuda_graph false runs every one eagerly")
     elif compiled:
         message = (f"compiled layers{' replayed as CUDA graphs' if layer_graphs else ''}: {padding}; "
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
         message = f"eager layers{why}" if why else ""
     message = "\n".join(m for m in (message, how) if m)
-    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask)
+    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
+                        fused=device.type == "cuda" and not compiled)
 
 
 def varlen_available(device, dtype) -> bool:
@@ -215,6 +220,147 @@ class CompiledLayer:
             return torch.utils.checkpoint.checkpoint(self.compiled, h, cos, sin, mask, is_causal, cache, i,
                                                      use_reentrant=False)
         return self.compiled(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused training layers. Replaces: model.DecoderLayer._forward in training steps.
+# Proved equal by: tests/test_fused.py::test_fused_layers_give_the_plain_gradients
+
+
+class LoRAProjection(torch.autograd.Function):
+    """out = residual + x W^T + bias + sum over adapters i of s_i * dropout_i(x) A_i^T B_i^T, each
+    adapter i adding into its own block of columns of out (q, k and v share one fused W).
+
+    What autograd would do with lora.LoRALinear, written out so that nothing is done twice: the
+    LoRA products and the residual are added inside the matmuls (cuBLAS's C += A B), instead of
+    separate add kernels over the (tokens x out) output, each gradient that reaches x is added into
+    one buffer the same way, and dropout's backward is fused into that addition. The base weight
+    is frozen: its gradient is never computed. x (N, in), W (out, in), residual (N, out) or None;
+    adapters: (start, stop, scale, p) per adapter, with its A (r, in) and B (out_i, r) in `ab`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, adapters, *ab):
+        out = F.linear(x, weight, bias) if residual is None else torch.addmm(residual, x, weight.t())  # (N, out)
+        saved = []
+        for (start, stop, scale, p), a, b in zip(adapters, ab[0::2], ab[1::2]):
+            xd, keep = torch.native_dropout(x, p, True) if p > 0 else (x, None)  # keep: (N, in) bool
+            u = xd @ a.to(x.dtype).t()  # (N, r)
+            out[:, start:stop].addmm_(u, b.to(x.dtype).t(), alpha=scale)
+            saved += [xd, keep, u]
+        ctx.adapters, ctx.has_residual = adapters, residual is not None
+        ctx.save_for_backward(weight, *ab, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N, out)
+        weight, *rest = ctx.saved_tensors
+        n = len(ctx.adapters)
+        ab, saved = rest[:2 * n], rest[2 * n:]
+        dx = grad @ weight if ctx.needs_input_grad[0] else None  # (N, in)
+        dab = []
+        for i, (start, stop, scale, p) in enumerate(ctx.adapters):
+            a, b, (xd, keep, u) = ab[2 * i], ab[2 * i + 1], saved[3 * i:3 * i + 3]
+            g = grad[:, start:stop]  # (N, out_i)
+            du = (g @ b.to(g.dtype)).mul_(scale)  # (N, r)
+            dab += [(du.t() @ xd).float(), (g.t() @ u).float().mul_(scale)]  # dA (r, in), dB (out_i, r)
+            if dx is None:
+                continue
+            if keep is None:
+                dx.addmm_(du, a.to(du.dtype))
+            else:  # dropout's backward: only kept positions, scaled by 1 / (1 - p)
+                dx += torch.ops.aten.native_dropout_backward(du @ a.to(du.dtype), keep, 1 / (1 - p))
+        return dx, None, None, grad if ctx.has_residual else None, None, *dab
+
+
+def lora_terms(linears) -> tuple[list, list]:
+    """The live adapters of LoRALinears whose outputs lie side by side: ((start, stop, scale,
+    dropout p), ...) and [A, B, A, B, ...]. An inactive or merged adapter adds nothing."""
+    adapters, ab, start = [], [], 0
+    for lin in linears:
+        name, stop = lin.active, start + lin.out_features
+        if name is not None and not lin.merged and name in lin.lora_A:
+            drop = lin.lora_dropout[name]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            adapters.append((start, stop, lin.scale[name], p))
+            ab += [lin.lora_A[name].weight, lin.lora_B[name].weight]
+        start = stop
+    return tuple(adapters), ab
+
+
+class FusedLayer:
+    """A decoder layer for training steps, called like the layer itself, computing what
+    model.DecoderLayer computes in fewer kernels on the same weights:
+
+    - q, k and v in one matmul over a fused matrix, LoRA inside every matmul (LoRAProjection)
+    - the residual additions inside the o and down matmuls
+    - RMSNorm as torch's one fused kernel (F.rms_norm), which rounds once where Qwen2's rounds twice
+    - RoPE on q and k together, before their heads are transposed
+
+    The weights are those of the layer: q, k, v become views into their fused matrix
+    (fuse_projections' _fuse), so nothing is stored twice and nothing is copied per step. Gate and
+    up stay apart: halves of one fused output would be strided, and SiLU and the product over
+    strided halves took 2.6x as long as over whole tensors (an H200 profile)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        with torch.no_grad():
+            self.qkv_weight, self.qkv_bias = _fuse(self.qkv)
+
+    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
+        if checkpoint:
+            return torch.utils.checkpoint.checkpoint(self.forward, h, cos, sin, mask, is_causal, use_reentrant=False)
+        return self.forward(h, cos, sin, mask, is_causal)
+
+    def forward(self, h, cos, sin, mask, is_causal):  # h (B, T, hidden)
+        B, T, D = h.shape
+        attn, mlp, layer = self.layer.self_attn, self.layer.mlp, self.layer
+        nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
+        x = rms_norm(layer.input_layernorm, h).view(B * T, D)
+        qkv = project(self.qkv, x, self.qkv_weight, self.qkv_bias).view(B, T, nh + 2 * nkv, hd)
+        qk = rope_heads(qkv[:, :, :nh + nkv], cos, sin)  # (B, T, nh + nkv, hd)
+        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
+        y = modeling.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal)  # (B, nh, T, hd)
+        h = project([attn.o_proj], y.transpose(1, 2).reshape(B * T, nh * hd), attn.o_proj.weight, residual=h.view(B * T, D))
+        x = rms_norm(layer.post_attention_layernorm, h).view(B, T, D)
+        # As model.MLP: a long sequence goes through the MLP mlp.chunk positions at a time.
+        pieces = [self.mlp(x_.reshape(-1, D), h_.reshape(-1, D)).view(B, -1, D)
+                  for x_, h_ in zip(x.split(mlp.chunk, dim=1), h.view(B, T, D).split(mlp.chunk, dim=1))]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def mlp(self, x, h):  # (n, hidden) each -> (n, hidden): h + down(silu(gate(x)) * up(x))
+        mlp = self.layer.mlp
+        gate, up = (project([lin], x, lin.weight) for lin in (mlp.gate_proj, mlp.up_proj))  # 2 x (n, intermediate)
+        return project([mlp.down_proj], F.silu(gate) * up, mlp.down_proj.weight, residual=h)
+
+
+def project(linears, x, weight, bias=None, residual=None):
+    """residual + x W^T + bias + the LoRA terms of `linears`, whose weights are W's rows side by side."""
+    adapters, ab = lora_terms(linears)
+    return LoRAProjection.apply(x, weight, bias, residual, adapters, *ab)
+
+
+def rms_norm(norm, x):
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def rope_heads(x, cos, sin):
+    """RoPE on x (B, T, heads, hd), cos and sin (B, T, hd): model.apply_rope with the heads after
+    the positions, so one pass covers q and k. x * cos + rotate(x) * sin, where rotate(x) =
+    (-x2, x1) is written as the halves swapped, (x2, x1), times sin with its first half negated."""
+    half = x.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]  # (B, T, 1, hd)
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos[:, :, None], swapped, signed_sin)
+
+
+def fused_layers(model) -> list | None:
+    """FusedLayer for every decoder layer, or None where they do not apply: a 4-bit base (its
+    weights are not matrices to fuse)."""
+    if any(getattr(m, "base_layer", None) is not None for m in model.modules()):
+        return None
+    return [FusedLayer(layer) for layer in model.model.layers]
 
 
 # ----------------------------------------------------------------------------------------------

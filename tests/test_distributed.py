@@ -65,7 +65,7 @@ def test_two_gpus_replay_micro_batches_and_train_the_same_adapter(tmp_path, tiny
     # TF32 matmuls, other packings sum in other orders, and Adam's first steps turn the tiny gradients'
     # rounding into whole steps of the learning rate.
     two = run(gpu(common(data, tmp_path / "two", 2)) + ["--padding_free", "false"], nproc=2)
-    assert "CUDA graphs: each micro-batch shape" in two.stdout
+    assert "CUDA graphs of fused layers: each micro-batch shape" in two.stdout
     run(gpu(common(data, tmp_path / "one", 4)) + ["--padding_free", "false"])
     _, a = only_checkpoint(tmp_path / "two", 4)
     _, b = only_checkpoint(tmp_path / "one", 4)

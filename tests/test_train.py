@@ -500,7 +500,7 @@ def test_train_with_cuda_graphs_on_a_gpu(tmp_path, tiny_dir, capsys):
     for name, extra in (("graphs", []), ("eager", ["--cuda_graph", "false"])):
         assert train.main(common + ["--output_dir", str(tmp_path / name)] + extra) == 0
         out = capsys.readouterr().out
-        assert ("CUDA graphs: each micro-batch shape" in out) == (name == "graphs")
+        assert ("CUDA graphs of fused layers: each micro-batch shape" in out) == (name == "graphs")
         log = (run_dir_of(tmp_path / name) / "logging.jsonl").read_text().splitlines()
         losses[name] = [json.loads(line)["loss"] for line in log if '"loss"' in line]
     assert len(losses["graphs"]) == 3

@@ -1,0 +1,76 @@
+"""speed.FusedLayer (the default training layer on a GPU) computes what model.DecoderLayer does:
+the same loss and LoRA gradients, in float32 on the CPU, with dropout drawing the same masks."""
+
+import pytest
+import torch
+
+import lora
+import model as modeling
+import speed
+import train
+from conftest import lora_for_training
+from test_packing import one_thread, random_rows  # noqa: F401 (one_thread: a fixture)
+
+
+def fresh_model(tiny_dir, dropout):
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    return lora_for_training(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout), 0.05, seed=0)
+
+
+def loss_and_grads(m, batch, layers, seed=7):
+    params = lora.lora_parameters(m)
+    torch.manual_seed(seed)  # the same dropout masks in both paths
+    loss = train.CausalLMLoss(m, layers=layers)(**batch)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def batches():
+    """Rows padded side by side, rows packed into one sequence, and a sequence longer than the MLP's
+    chunk (monkeypatched to 16 tokens below), as make_batch makes them."""
+    padded = train.make_batch(random_rows([20, 33, 9]), 0, "cpu")
+    (packed,) = [train.make_batch(r, 0, "cpu") for r in train.step_passes([random_rows([20, 33, 9], seed=1)], 2048)]
+    return {"padded": padded, "packed": packed, "long": train.make_batch(random_rows([70], seed=2), 0, "cpu")}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, monkeypatch):
+    monkeypatch.setattr(modeling.MLP, "chunk", 16)
+    m = fresh_model(tiny_dir, dropout)
+    fused = speed.fused_layers(m)
+    for name, batch in batches().items():
+        loss, grads = loss_and_grads(m, batch, None)
+        fused_loss, fused_grads = loss_and_grads(m, batch, fused)
+        assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6), name
+        got, want = torch.cat([g.flatten() for g in fused_grads]), torch.cat([g.flatten() for g in grads])
+        assert want.abs().sum() > 0
+        assert (got - want).norm() / want.norm() < 1e-5, name
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@cuda_only
+def test_fused_layers_replayed_as_cuda_graphs_give_the_plain_gradients_on_the_gpu(tiny_dir):
+    """In bfloat16 on a GPU, with dropout, recorded and replayed (train.py's default there): the
+    plain layers' loss and gradients, up to bf16 rounding."""
+    with torch.cuda.stream(torch.cuda.Stream()):  # as train.py: graphs are recorded off the default stream
+        m, _ = modeling.load_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
+        lora_for_training(m, lora.LoraConfig(lora_dropout=0.1), 0.02, seed=0)
+        params = lora.lora_parameters(m)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        plain_fn = train.CausalLMLoss(m)
+        graphed = speed.CUDAGraphMicroBatches(train.CausalLMLoss(m, layers=speed.fused_layers(m)), params)
+        for k, lengths in enumerate([[20, 40, 3], [30, 33, 1], [20, 40, 3]]):
+            batch = train.make_batch(random_rows(lengths, seed=k), 0, "cuda", 64)
+            scale = 1 / sum(len(r["labels"]) for r in random_rows(lengths, seed=k))
+            torch.manual_seed(k)
+            ref_loss = plain_fn(**dict(batch, label_positions=speed.every_position(*batch["labels"].shape, "cuda")))
+            ref = torch.autograd.grad(ref_loss, params, grad_outputs=torch.full((), scale, device="cuda"))
+            for p in params:
+                p.grad.zero_()
+            torch.manual_seed(k)
+            loss = graphed(batch, scale).clone()
+            torch.testing.assert_close(loss, ref_loss.detach(), rtol=2e-3, atol=1e-2)
+            got, want = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in ref])
+            assert (got - want).norm() / want.norm() < 2e-2, k
