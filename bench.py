@@ -509,8 +509,38 @@ def worker(a):
         "hf_longest": lambda: hf_longest(shape, device, a),
         "ours_tutorial": lambda: ours_tutorial(shape, device, a),
         "hf_tutorial": lambda: hf_tutorial(shape, device, a),
+        "peak_matmul": lambda: peak_matmul(device),
     }
     return workloads[a.worker]()
+
+
+def peak_matmul(device, repeats=20):
+    """The card's bf16 matmul rate as cuBLAS reaches it on one large square product, in TFLOP/s:
+    the peak that the roofline of the training workloads is drawn against (dense bf16, no sparsity)."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)  # the CPU: --small
+    x, w = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    s = timed_steps(lambda: x @ w, 3, repeats, device)
+    return {"tflops": 2 * n**3 / s / 1e12}
+
+
+def train_flops_per_token(shape, seq: int) -> float:
+    """FLOPs of one trained token: every matmul of the layers and lm_head three times (forward,
+    its recomputation under checkpointing, and the gradient of its input: the frozen base weights
+    get none, LoRA's few are left out), and causal attention over seq tokens 4.5 times its forward
+    (forward, recomputation, and a backward of 2.5 forwards, as flash attention's)."""
+    D, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    q = shape["num_attention_heads"] * (D // shape["num_attention_heads"])
+    kv = shape["num_key_value_heads"] * (D // shape["num_attention_heads"])
+    matmul_params = L * (2 * D * q + 2 * D * kv + 3 * D * I) + D * shape["vocab_size"]
+    attention_forward = L * 2 * seq * q  # QK^T and PV, each query over seq / 2 keys on average
+    return 6 * matmul_params + 4.5 * attention_forward
+
+
+def roofline_note(r: dict, shape, seq: int, peak: dict) -> str:
+    """' (58% of roofline)': tok/s against what the card's peak bf16 rate allows at these FLOPs."""
+    if "tok_s" not in r or "tflops" not in peak:
+        return ""
+    return f" ({100 * r['tok_s'] * train_flops_per_token(shape, seq) / (peak['tflops'] * 1e12):.0f}% of roofline)"
 
 
 def ours_longest(shape, device, plan, a):
@@ -627,7 +657,8 @@ def main():
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step] + (["--small"] if a.small else []) + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
     seqs = (256,) if a.small else tuple(a.train_seqs)  # --small: each worker process costs seconds in CI
-    jobs = [job for name, jobs_of in (("train", lambda: train_jobs(a, seqs)), ("decode", lambda: decode_jobs(a)),
+    peak = [("peak", "peak matmul rate", "cuBLAS, one large square product", ["peak_matmul"])] if "train" in a.workloads else []
+    jobs = peak + [job for name, jobs_of in (("train", lambda: train_jobs(a, seqs)), ("decode", lambda: decode_jobs(a)),
                                       ("longest", lambda: longest_jobs(a)), ("tutorial", lambda: tutorial_jobs(a)))
             if name in a.workloads for job in jobs_of()]
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
@@ -635,7 +666,7 @@ def main():
     for key, workload, name, args in jobs:  # each result is printed (and saved) as soon as it exists
         t = time.time()
         r = results[key] = run_worker(args, common)
-        rows.append((workload, name, *row_of(key, r)))
+        rows.append((workload, name, *row_of(key, r, results.get("peak", {}), SMALL if a.small else QWEN25_7B)))
         print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
         if a.json:
             with open(a.json, "w") as f:
@@ -652,8 +683,12 @@ def main():
     print_greedy_agreement(results)
 
 
-OURS_TRAIN = {"ours (eager)": "eager", "ours (eager, CUDA graphs)": "graphs",  # name -> --plan
+OURS_TRAIN = {"ours (eager)": "eager", "ours (fused layers)": "fused",  # name -> --plan
+              "ours (default: fused layers, CUDA graphs)": "graphs", "ours (plain layers, CUDA graphs)": "graphs_plain",
               "ours (compiled, CUDA graphs)": "compiled", "ours (compiled, no graphs)": "compiled_nographs"}
+# The reference both ways: the bf16 model as is, and under bf16 autocast as the HF Trainer (and so
+# ms-swift) runs it. Every ratio is taken against the faster of the two in the same run.
+HF_TRAIN = {"transformers + peft": [], "transformers + peft (bf16 autocast)": ["--autocast"]}
 OURS_DECODE = {"ours, adapter unmerged (eager)": [], "ours, adapter merged (eager)": ["--merged"],
                "ours, adapter unmerged (CUDA graph)": ["--graph"], "ours, adapter merged (CUDA graph)": ["--merged", "--graph"],
                "ours, adapter unmerged (compiled, CUDA graph)": ["--graph", "--compile"],
@@ -667,14 +702,14 @@ def train_jobs(a, seqs) -> list:
     for seq in seqs:
         if f"train{seq}" in a.skip:
             continue
-        names = [] if "eager" in a.skip else ["ours (eager)"]
-        names += ["ours (eager, CUDA graphs)"] if cuda else []
+        names = [] if "eager" in a.skip else ["ours (eager)"] + (["ours (fused layers)"] if cuda else [])
+        names += ["ours (default: fused layers, CUDA graphs)", "ours (plain layers, CUDA graphs)"] if cuda else []
         if cuda and "compiled" not in a.skip:
             names.append("ours (compiled, CUDA graphs)")
             if seq == seqs[0] or "eager" not in a.skip:
                 names.append("ours (compiled, no graphs)")
         variants = [(n, ["ours_train", "--seq", seq, "--plan", OURS_TRAIN[n]]) for n in names]
-        variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_train", "--seq", seq])]
+        variants += [] if "hf" in a.skip else [(n, ["hf_train", "--seq", seq, *f]) for n, f in HF_TRAIN.items()]
         jobs += [(f"train{seq} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
     return jobs
 
@@ -704,13 +739,16 @@ def longest_jobs(a) -> list:
     return [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
 
 
-def row_of(key: str, r: dict) -> tuple:
+def row_of(key: str, r: dict, peak: dict, shape: dict) -> tuple:
     if key.startswith("tutorial"):
         total = f"; {r['steps']} steps in {r['total_s']:.1f} s" if "total_s" in r else ""
         return (fmt(r, "s_per_step", ".3f") + " s/step" + total, fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
+    if key == "peak":
+        return (fmt(r, "tflops", ",.1f") + " TFLOP/s", "", "")
     if key.startswith("train"):
-        return (fmt(r, "tok_s", ",.0f") + " tok/s", fmt(r, "peak_allocated_gib", ".2f") + " / "
+        seq = int(key.split()[0].removeprefix("train"))
+        return (fmt(r, "tok_s", ",.0f") + " tok/s" + roofline_note(r, shape, seq, peak), fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
     if key.startswith("decode"):
         return (fmt(r, "tok_s", ",.1f") + " tok/s", "", "")
@@ -718,17 +756,22 @@ def row_of(key: str, r: dict) -> tuple:
 
 
 def print_ratios(results: dict, seqs):
-    """Ratios against the reference of the same run, and the check that the math is the same:
-    the first-step loss equals the reference's within bf16 noise."""
+    """Ratios against the reference of the same run (in training the faster of its two ways), and
+    the check that the math is the same: the first-step loss equals the reference's within bf16 noise."""
     def ratio(ours, ref, key):
         o, b = results.get(ours, {}), results.get(ref, {})
         return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
 
+    def train_reference(seq):  # the key of the faster reference at this length
+        keys = [f"train{seq} {name}" for name in HF_TRAIN]
+        return max(keys, key=lambda k: results.get(k, {}).get("tok_s", 0))
+
     print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
     for seq in seqs:
+        ref = train_reference(seq)
         for name in OURS_TRAIN:
             if f"train{seq} {name}" in results:
-                print(f"| train {seq}, {name}: tok/s | {ratio(f'train{seq} {name}', f'train{seq} transformers + peft', 'tok_s')} |")
+                print(f"| train {seq}, {name}: tok/s against {ref.split(' ', 1)[1]} | {ratio(f'train{seq} {name}', ref, 'tok_s')} |")
     for name in OURS_DECODE:
         if f"decode {name}" in results:
             print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
