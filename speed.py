@@ -5,9 +5,9 @@ micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), o
 `model.Decoder.decode_one`. Each piece here replaces one of them from outside, names the plain
 function it replaces and the test that proves they agree, and is chosen in one place:
 
-    plan_training   how the decoder layers run in training (CUDA-graph micro-batches, compiled
-                    layers, or eager) and how packed rows attend (VarlenAttention on a GPU),
-                    printed at start-up with the reason
+    plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
+                    layers, compiled layers, or eager) and how packed rows attend (VarlenAttention
+                    on a GPU), printed at start-up with the reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
@@ -113,19 +113,19 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
     graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False
     layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False
+    fused = device.type == "cuda" and not compiled and not getattr(a, "quant_bits", None)  # 4 bits: no matrices to fuse
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
     padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
     if graphs:
-        message = (f"CUDA graphs of fused layers: each micro-batch shape runs eagerly once and is then replayed as "
-                   f"one recorded graph; {padding}; --cuda_graph false runs every one eagerly")
+        message = (f"CUDA graphs{' of fused layers' if fused else ''}: each micro-batch shape runs eagerly once and is "
+                   f"then replayed as one recorded graph; {padding}; --cuda_graph false runs every one eagerly")
     elif compiled:
         message = (f"compiled layers{' replayed as CUDA graphs' if layer_graphs else ''}: {padding}; "
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
-        message = f"eager layers{why}" if why else ""
+        message = f"eager{' fused' if fused else ''} layers{why}" if why or fused else ""
     message = "\n".join(m for m in (message, how) if m)
-    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
-                        fused=device.type == "cuda" and not compiled)
+    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask, fused)
 
 
 def varlen_available(device, dtype) -> bool:
