@@ -481,12 +481,14 @@ def _fuse(linears):
 # fake host/device split) and ::test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory (GPU)
 
 # What offloading frees is layers x tokens x hidden x 2 bytes a pass (bf16): 196 KiB a token on the
-# 7B shape, 6.1 GiB at 32,768 tokens, the one part of a step's memory that grows with the row (the
-# MLP and the loss run in chunks of fixed size). What it costs is two copies of that over PCIe a
-# step, on a side stream behind the layers' compute, and as much pinned host memory. Under 2 GiB
-# (10,700 tokens on the 7B shape) the inputs are under a tenth of a 24 GB card and the default
-# path (CUDA graphs) is faster; from there on they decide what fits, and a row that long keeps
-# the GPU busy enough to hide the copies.
+# 7B shape, 6.1 GiB at 32,768 tokens: what grows with the row once for every layer (the working
+# memory of the one layer being computed grows too, but once; the MLP and the loss run in chunks
+# of fixed size). What it costs is two copies of that over PCIe a
+# step, on a side stream behind the layers' compute, as much pinned host memory, and the CUDA
+# graphs of the default path (a recorded graph cannot move its tensors). Under 2 GiB (10,700
+# tokens on the 7B shape) the inputs are under a tenth of a 24 GB card and the default path stays;
+# past it they decide what fits, and a row that long keeps the GPU busy enough to hide the copies
+# (bench.py's `longest` workload measures both).
 OFFLOAD_OVER_GIB = 2.0
 
 
@@ -510,9 +512,9 @@ def use_offload(a, device, config, row_lengths: list[int]) -> tuple[bool, str]:
         saved = (f" ({config.num_hidden_layers} layers x {tokens:,} tokens x {config.hidden_size:,} x {size} bytes = "
                  f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''})")
     return True, (f"offloaded checkpoints: each layer's saved input{saved} waits in pinned host memory from its "
-                  "forward to its backward, copied on a side stream while the layers compute; eager layers, no "
-                  "CUDA graphs (a row this long keeps the GPU busy without them); --activation_cpu_offload false "
-                  "keeps the inputs on the GPU")
+                  "forward to its backward, copied on a side stream while the layers compute; no CUDA graphs (a "
+                  "recorded graph keeps its tensors where they are, and a long row keeps the GPU busy without one); "
+                  "--activation_cpu_offload false keeps the inputs on the GPU")
 
 
 def offload_problem(a, device) -> str | None:
