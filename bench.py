@@ -491,6 +491,7 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
     "graphs_plain": speed.TrainingPlan(graphs=True),  # the default before fused layers
     "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True),
     "compiled_nographs": speed.TrainingPlan(compiled=True),  # --cuda_graph false: the least memory
+    "offload": speed.TrainingPlan(offload=True),  # long rows: each layer's saved input in host memory
 }
 
 
@@ -681,6 +682,7 @@ def main():
     if "hf" not in a.skip:
         print_ratios(results, seqs)
     print_greedy_agreement(results)
+    print_long_rows(results, a.limit_gib)
 
 
 OURS_TRAIN = {"ours (eager)": "eager", "ours (fused layers)": "fused",  # name -> --plan
@@ -732,11 +734,28 @@ def tutorial_jobs(a) -> list:
 
 
 def longest_jobs(a) -> list:
+    """The longest sequence in --limit_gib: ours by default (CUDA graphs), ours with offloaded
+    checkpoints (searched from 16,384 tokens: the default path's 14,336 fits without them), and the
+    reference; then long_row_jobs."""
     if "longest" in a.skip or a.device != "cuda":
         return []
-    variants = [("ours", ["ours_longest", "--seq", 4096, "--plan", "graphs"])]
+    variants = [("ours", ["ours_longest", "--seq", 4096, "--plan", "graphs"]),
+                (OFFLOADED, ["ours_longest", "--seq", 16384, "--plan", "offload"])]
     variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_longest", "--seq", 2048])]
-    return [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
+    jobs = [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
+    return jobs + long_row_jobs()
+
+
+OFFLOADED = "ours (eager, offloaded checkpoints)"
+LONG_ROWS = (16384, 32768)
+
+
+def long_row_jobs() -> list:
+    """Training speed on rows of LONG_ROWS tokens with offloaded checkpoints, and eagerly without them
+    (what offloading costs; no memory cap here, so the peak says what each needs)."""
+    names = {OFFLOADED: "offload", "ours (eager)": "eager"}
+    return [(f"train{seq} {name}", f"train, {seq} tokens", name, ["ours_train", "--seq", seq, "--plan", plan])
+            for seq in LONG_ROWS for name, plan in names.items()]
 
 
 def row_of(key: str, r: dict, peak: dict, shape: dict) -> tuple:
@@ -777,6 +796,9 @@ def print_ratios(results: dict, seqs):
             print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
     if "longest ours" in results:
         print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
+    if f"longest {OFFLOADED}" in results:
+        print(f"| longest trainable sequence, {OFFLOADED} | "
+              f"{ratio(f'longest {OFFLOADED}', 'longest transformers + peft', 'longest')} |")
     if "tutorial ours (default path)" in results:  # time per step: the reference's over ours
         print(f"| tutorial, ours (default path): time per optimizer step | "
               f"{ratio('tutorial transformers + peft', 'tutorial ours (default path)', 's_per_step')} |")
@@ -788,6 +810,20 @@ def print_ratios(results: dict, seqs):
         if ref is not None and ours is not None:
             ok = abs(ours - ref) <= 0.01 * abs(ref) + 1e-3
             print(f"loss check, {what}: ours {ours:.5f} vs reference {ref:.5f}: {'OK' if ok else 'MISMATCH'}")
+
+
+def print_long_rows(results: dict, limit_gib: float):
+    """Issue #19's target for long rows: 32,768 tokens trainable in 22 GiB with offloaded checkpoints,
+    and what offloading costs in speed at each length of LONG_ROWS."""
+    longest = results.get(f"longest {OFFLOADED}", {}).get("longest")
+    if longest is not None:
+        print(f"long rows, {OFFLOADED}: longest in {limit_gib:g} GiB {longest:,} tokens (target >= 32,768): "
+              + ("OK" if longest >= 32768 else "SHORT"))
+    for seq in LONG_ROWS:
+        off, on = (results.get(f"train{seq} {name}", {}) for name in (OFFLOADED, "ours (eager)"))
+        if "tok_s" in off and "tok_s" in on:
+            print(f"long rows, {seq} tokens: offloading runs at {off['tok_s'] / on['tok_s']:.2f}x the speed of eager "
+                  f"layers without it, peak {off['peak_allocated_gib']:.2f} against {on['peak_allocated_gib']:.2f} GiB")
 
 
 def print_greedy_agreement(results: dict):

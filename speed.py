@@ -6,8 +6,9 @@ micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), o
 function it replaces and the test that proves they agree, and is chosen in one place:
 
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
-                    layers, compiled layers, or eager) and how packed rows attend (VarlenAttention
-                    on a GPU), printed at start-up with the reason
+                    layers, compiled layers, or eager; each layer's checkpointed input kept in host
+                    memory for long rows) and how packed rows attend (VarlenAttention on a GPU),
+                    printed at start-up with the reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
@@ -17,6 +18,7 @@ one CUDA graph it takes 39 ms (run 15). A decode step of one token: 17 tok/s eag
 
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -62,7 +64,10 @@ class TrainingPlan:
     `pad_to` tokens: a few lengths, each recorded or compiled once.
 
     packed_mask: how rows packed into one sequence (train.step_passes) are kept apart, for
-    model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention."""
+    model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention.
+
+    offload: each layer's checkpointed input waits in host memory from its forward to its backward
+    (offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move."""
 
     graphs: bool = False
     compiled: bool = False
@@ -71,12 +76,13 @@ class TrainingPlan:
     message: str = ""  # what was chosen and why, for the start-up log
     packed_mask: object = None
     fused: bool = False  # eager layers as FusedLayer: fewer kernels (the default on a GPU)
+    offload: bool = False
 
     def training_layers(self, model):
-        """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own."""
-        if self.compiled:
-            return compiled_layers(model, self.layer_graphs)
-        return fused_layers(model) if self.fused else None
+        """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own;
+        offloaded ones around whichever with offload."""
+        layers = compiled_layers(model, self.layer_graphs) if self.compiled else fused_layers(model) if self.fused else None
+        return offloaded_layers(layers or model.model.layers) if self.offload else layers
 
     def prepare(self, device):
         """What this plan needs set before the model loads: TF32 for float32 matmuls on GPUs, and
@@ -97,22 +103,24 @@ class TrainingPlan:
         return CUDAGraphMicroBatches(loss_fn, params) if self.graphs else partial(plain, loss_fn)
 
 
-def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> TrainingPlan:
-    """Choose how the layers run from the flags (--cuda_graph, --torch_compile), the device and
-    the run's length, and how packed rows attend (packed_attention). Batches of recorded or
-    compiled layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+def plan_training(a, device, row_lengths: list[int], micro_batches: int, config=None) -> TrainingPlan:
+    """Choose how the layers run from the flags (--cuda_graph, --torch_compile,
+    --activation_cpu_offload), the device, the run's length and the model's shape (config, a
+    model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
+    layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
     packed_mask, how = packed_attention(a, device)
     if getattr(a, "fsdp", False):  # train.py's --fsdp true: the model is split over the ranks (shard.py)
         return TrainingPlan(message="\n".join(m for m in (
             "eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
             "recorded CUDA graph or a compiled layer cannot replay", how) if m), packed_mask=packed_mask)
+    offload, offloading = use_offload(a, device, config, row_lengths)
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
         row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
-    graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False
-    layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False
+    graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False and not offload
+    layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False and not offload
     fused = device.type == "cuda" and not compiled and not getattr(a, "quant_bits", None)  # 4 bits: no matrices to fuse
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
     padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
@@ -124,8 +132,9 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int) -> Trai
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
         message = f"eager{' fused' if fused else ''} layers{why}" if why or fused else ""
-    message = "\n".join(m for m in (message, how) if m)
-    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask, fused)
+    message = "\n".join(m for m in (message, offloading, how) if m)
+    return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
+                        fused=fused, offload=offload)
 
 
 def varlen_available(device, dtype) -> bool:
@@ -608,3 +617,177 @@ def _fuse(linears):
             lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
         start += n
     return weight, bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Offloaded checkpoints. Replaces: keeping each checkpointed layer's input on the GPU (model.DecoderLayer
+# with checkpoint=True) from its forward to its backward.
+# Proved equal by: tests/test_offload.py::test_offloaded_layers_give_the_checkpointed_gradients (CPU, a
+# fake host/device split) and ::test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory (GPU)
+
+# What offloading frees is layers x tokens x hidden x 2 bytes a pass (bf16): 196 KiB a token on the
+# 7B shape, 6.1 GiB at 32,768 tokens: what grows with the row once for every layer (the working
+# memory of the one layer being computed grows too, but once; the MLP and the loss run in chunks
+# of fixed size). What it costs is two copies of that over PCIe a
+# step, on a side stream behind the layers' compute, as much pinned host memory, and the CUDA
+# graphs of the default path (a recorded graph cannot move its tensors). Under 2 GiB (10,700
+# tokens on the 7B shape) the inputs are under a tenth of a 24 GB card and the default path stays;
+# past it they decide what fits, and a row that long keeps the GPU busy enough to hide the copies
+# (bench.py's `longest` workload measures both).
+OFFLOAD_OVER_GIB = 2.0
+
+
+def use_offload(a, device, config, row_lengths: list[int]) -> tuple[bool, str]:
+    """Whether the layers' checkpointed inputs wait in host memory (offloaded_layers), and what to
+    print. --activation_cpu_offload true or false when given (offload_problem refuses what cannot
+    run); by default on a GPU when one pass's inputs (its tokens: --max_tokens_per_pass or the
+    longest row packed; else a micro-batch of the longest rows) would pass OFFLOAD_OVER_GIB, unless
+    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split."""
+    flag = getattr(a, "activation_cpu_offload", None)
+    if flag is False or device.type != "cuda" or (flag is None and config is None):
+        return False, ""
+    saved = ""
+    if config is not None:
+        tokens = (max(a.max_tokens_per_pass, max(row_lengths)) if a.padding_free
+                  else a.per_device_train_batch_size * max(row_lengths))
+        size = cli.pick_dtype(getattr(a, "torch_dtype", None), device).itemsize
+        gib = config.num_hidden_layers * tokens * config.hidden_size * size / 2**30
+        if flag is None and (gib <= OFFLOAD_OVER_GIB or a.cuda_graph or not a.gradient_checkpointing):
+            return False, ""
+        saved = (f" ({config.num_hidden_layers} layers x {tokens:,} tokens x {config.hidden_size:,} x {size} bytes = "
+                 f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''})")
+    return True, (f"offloaded checkpoints: each layer's saved input{saved} waits in pinned host memory from its "
+                  "forward to its backward, copied on a side stream while the layers compute; no CUDA graphs (a "
+                  "recorded graph keeps its tensors where they are, and a long row keeps the GPU busy without one); "
+                  "--activation_cpu_offload false keeps the inputs on the GPU")
+
+
+def offload_problem(a, device) -> str | None:
+    """Why --activation_cpu_offload true cannot run as asked (for train.check_args), or None."""
+    if getattr(a, "activation_cpu_offload", None) is not True:
+        return None
+    flag = "--activation_cpu_offload true"
+    if device.type != "cuda":
+        return (f"{flag} moves each layer's saved input from the GPU to host memory, and this run is on the CPU: "
+                "drop the flag or pass --device cuda.")
+    if not a.gradient_checkpointing:
+        return f"{flag} offloads the layer inputs that gradient checkpointing keeps: it needs --gradient_checkpointing true."
+    if a.cuda_graph:
+        return (f"{flag} and --cuda_graph true exclude each other: a recorded graph keeps its tensors where they are. "
+                "Drop one of them.")
+    if getattr(a, "fsdp", None):
+        return f"{flag} is not available with --fsdp (its layers gather their weights as they run): drop one of them."
+    return None
+
+
+def offloaded_layers(layers) -> list:
+    """Decoder layer callables (the model's own, compiled_layers, or any with their arguments) whose
+    checkpointed input is kept in host memory between forward and backward, for Qwen2Model(layers=...)."""
+    offloader = Offloader()
+    return [OffloadedLayer(layer, offloader) for layer in layers]
+
+
+class OffloadedLayer:
+    """A layer that checkpoints as it does (its recomputation in backward, dropout's masks drawn
+    again from the saved random state: torch.utils.checkpoint), with one change: the input that
+    the checkpoint keeps for backward is handed to the Offloader, which keeps it in host memory.
+    What a checkpoint saves goes through the saved-tensor hooks around it; what the layer saves
+    inside is the checkpoint's own business (its hooks come later and win)."""
+
+    def __init__(self, layer, offloader):
+        self.layer, self.offloader = layer, offloader
+
+    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
+        if not checkpoint:  # evaluation, or no checkpointing: no input is kept for a backward
+            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False)
+        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, h, i), self.offloader.unpack):
+            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True)
+
+
+class Offloader:
+    """Moves the layer inputs that checkpoints save to host memory and back (saved-tensor hooks).
+
+    Backward runs the layers last to first: when one layer's input is brought back, the copy of
+    the layer before it starts, so that it crosses while this layer's backward computes. cos, sin
+    and a mask, the same tensors for every layer, stay where they are."""
+
+    def __init__(self):
+        self.streams = {}  # device -> the side stream of its copies
+        self.last = None  # the latest layer's HostCopy (a weak reference): the one before the next
+
+    def pack(self, h, i: int, t):
+        if t.data_ptr() != h.data_ptr() or t.shape != h.shape:
+            return t
+        if t.device.type == "cuda":
+            if t.device not in self.streams:
+                self.streams[t.device] = torch.cuda.Stream(t.device)
+            copy = PinnedHostCopy(t, self.streams[t.device])
+        else:
+            copy = HostCopy(t)
+        copy.previous = self.last if i > 0 else None
+        self.last = weakref.ref(copy)
+        return copy
+
+    def unpack(self, saved):
+        if not isinstance(saved, HostCopy):
+            return saved
+        t = saved.bring_back()
+        previous = saved.previous and saved.previous()
+        if previous is not None:
+            previous.start_bringing_back()
+        return t
+
+
+class HostCopy:
+    """A layer input kept away from the device until its backward. This class is the CPU's
+    stand-in (the tests' fake host/device split): the "host" copy is a tensor of its own and the
+    "device" one a new copy of it, so backward can only use what was brought back."""
+
+    previous = None  # the layer before's HostCopy (a weak reference), brought back next
+
+    def __init__(self, t):
+        self.host, self.back = t.detach().clone(), None
+
+    def start_bringing_back(self):
+        if self.back is None:
+            self.back = self.host.clone()
+
+    def bring_back(self):
+        self.start_bringing_back()
+        back, self.back = self.back, None
+        return back
+
+
+class PinnedHostCopy(HostCopy):
+    """A GPU tensor copied to pinned host memory on a side stream, and back on it.
+
+    Out: the side stream waits for the compute stream (t is computed), and t.record_stream tells
+    the allocator that t's memory is read there, so it is not given to another tensor before the
+    copy has read it. Back: the device tensor is allocated on the compute stream, which the side
+    stream first waits for (the memory may have been freed by work still queued there); the
+    compute stream waits for the copy's event before using it."""
+
+    def __init__(self, t, stream):
+        self.stream, self.back, self.device = stream, None, t.device
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t.detach(), non_blocking=True)
+        t.record_stream(stream)
+
+    def start_bringing_back(self):
+        if self.back is not None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.back = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            self.back.copy_(self.host, non_blocking=True)
+        self.back.record_stream(self.stream)  # should it be dropped unused, its memory waits for the copy
+        self.ready = self.stream.record_event()
+
+    def bring_back(self):
+        self.start_bringing_back()
+        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        back, self.back = self.back, None
+        return back

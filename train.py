@@ -120,6 +120,8 @@ def optimisation_flags(p):
     g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--gradient_checkpointing", type=str2bool, default=True, help="recompute each layer in backward instead of storing it")
+    g.add_argument("--activation_cpu_offload", type=str2bool, default=None,
+                   help="keep each layer's checkpointed input in host memory (default: on a GPU for long rows)")
     g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
 
 
@@ -175,6 +177,9 @@ def check_args(a):
         raise UsageError(problem)
     if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
+    problem = speed.offload_problem(a, cli.pick_device(a.device))
+    if problem:
+        raise UsageError(problem)
     for spec in a.dataset + a.val_dataset:
         path, _ = data.parse_source(spec)
         if path.endswith((".json", ".jsonl")) and not Path(path).exists():
@@ -599,7 +604,8 @@ def train(a) -> int:
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
     plan = speed.plan_training(a, device, [len(r["input_ids"]) for r in train_rows],
-                               total_steps * a.gradient_accumulation_steps)
+                               total_steps * a.gradient_accumulation_steps,
+                               modeling.Config.from_json(model_dir / "config.json"))
     log0(rank, plan.message)
     plan.prepare(device)
     quantize = quant.settings(a)  # None without --quant_bits

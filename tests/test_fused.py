@@ -46,6 +46,18 @@ def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, monkeypatch):
         assert (got - want).norm() / want.norm() < 1e-5, name
 
 
+
+def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_dir):
+    """Long rows on a GPU run fused layers with their checkpointed inputs in host memory
+    (speed.offloaded_layers around them): still the plain gradients, dropout included."""
+    m = fresh_model(tiny_dir, 0.2)
+    batch = batches()["packed"]
+    loss, grads = loss_and_grads(m, batch, None)
+    got_loss, got = loss_and_grads(m, batch, speed.offloaded_layers(speed.fused_layers(m)))
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in grads])
+    assert (got - want).norm() / want.norm() < 1e-5
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 

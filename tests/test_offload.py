@@ -1,0 +1,197 @@
+"""Offloaded checkpoints (speed.offloaded_layers): each layer's checkpointed input waits in host
+memory from its forward to its backward, and the gradients are the plain checkpointed path's.
+
+On the CPU there is no host/device split, so speed.HostCopy fakes one: the "host" copy is a
+tensor of its own and backward gets a new copy of it. The GPU tests run the real one (pinned
+memory, a side stream) and are skipped without CUDA."""
+
+import argparse
+
+import pytest
+import torch
+
+import data
+import lora
+import model as modeling
+import speed
+import train
+from conftest import lora_for_training
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to host memory needs a GPU: run on the GPU machine")
+
+
+def dropout_model(tiny_dir, device="cpu"):
+    """The tiny model in float32 with LoRA dropout 0.3 and B drawn (so the loss sees the masks)."""
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device=device)
+    torch.manual_seed(0)  # A's init
+    return lora_for_training(m, lora.LoraConfig(lora_dropout=0.3), 0.02, seed=0)
+
+
+def random_rows(n_rows: int, length: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_rows):
+        ids = torch.randint(10, 900, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 3) + ids[length // 3:]})
+    return rows
+
+
+def gradients(m, batch, layers, seed: int):
+    """(loss, gradient of every LoRA parameter) of one micro-batch, dropout drawn from `seed`."""
+    torch.manual_seed(seed)
+    loss = train.CausalLMLoss(m, layers=layers)(**batch)
+    return loss.detach(), torch.autograd.grad(loss, lora.lora_parameters(m))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one row", "packed rows"])
+def test_offloaded_layers_give_the_checkpointed_gradients(tiny_dir, packed):
+    """With dropout: the recomputation from the host copy draws the forward's masks."""
+    m = dropout_model(tiny_dir)
+    rows = random_rows(3, 40)
+    batch = train.make_batch([data.concat_rows(rows)] if packed else rows[:1], 0, "cpu")
+    assert ("cu_seqlens" in batch) == packed
+    loss, plain = gradients(m, batch, None, seed=7)
+    offloaded_loss, offloaded = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=7)
+    assert torch.equal(offloaded_loss, loss)
+    for g, ref in zip(offloaded, plain):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
+    _, other_masks = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=8)
+    assert not all(torch.equal(g, ref) for g, ref in zip(other_masks, plain))  # the masks do matter
+
+
+def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch):
+    """One host copy a layer, holding no memory of the layer input it copies; backward brings each
+    back once, the one before already on its way (prefetched) from the second on; and what it
+    brings back is what the gradient is computed from (change a copy and the gradient changes)."""
+    m = dropout_model(tiny_dir)
+    batch = train.make_batch(random_rows(1, 50), 0, "cpu")
+    copies, brought = [], []
+    make, bring_back = speed.HostCopy.__init__, speed.HostCopy.bring_back
+
+    def spy_make(self, t):
+        make(self, t)
+        copies.append(self)
+        assert self.host.data_ptr() != t.data_ptr()
+
+    def spy_bring_back(self):
+        brought.append((copies.index(self), self.back is not None))
+        return bring_back(self)
+
+    monkeypatch.setattr(speed.HostCopy, "__init__", spy_make)
+    monkeypatch.setattr(speed.HostCopy, "bring_back", spy_bring_back)
+    n = m.config.num_hidden_layers
+    _, plain = gradients(m, batch, None, seed=3)
+    _, offloaded = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=3)
+    assert len(copies) == n and brought == [(n - 1, False)] + [(i, True) for i in reversed(range(n - 1))]
+    assert all(torch.equal(g, ref) for g, ref in zip(offloaded, plain))
+
+    copies.clear()
+    torch.manual_seed(3)
+    loss = train.CausalLMLoss(m, layers=speed.offloaded_layers(m.model.layers))(**batch)
+    copies[1].host.mul_(1.5)  # the second layer's input, as backward will see it
+    changed = torch.autograd.grad(loss, lora.lora_parameters(m))
+    in_layer1 = {id(p) for p in m.model.layers[1].parameters()}
+    layer1 = [i for i, p in enumerate(lora.lora_parameters(m)) if id(p) in in_layer1]
+    assert layer1 and not any(torch.allclose(changed[i], plain[i]) for i in layer1)
+
+
+def test_a_short_training_loop_with_offloading_ends_with_the_plain_adapter(tiny_dir):
+    """Three AdamW steps of train.micro_batch over packed and single rows, dropout on: the adapter
+    ends where the plain checkpointed loop's does."""
+    rows = random_rows(4, 30, seed=1)
+    batches = [train.make_batch([data.concat_rows(rows[:3])], 0, "cpu"), train.make_batch(rows[3:], 0, "cpu")]
+    adapters = []
+    for offload in (False, True):
+        m = dropout_model(tiny_dir)
+        params = lora.lora_parameters(m)
+        loss_fn = train.CausalLMLoss(m, layers=speed.offloaded_layers(m.model.layers) if offload else None)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        for step in range(3):
+            torch.manual_seed(step)
+            for batch in batches:
+                train.micro_batch(loss_fn, batch, 0.01)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        adapters.append(torch.cat([p.detach().flatten() for p in params]))
+    torch.testing.assert_close(adapters[1], adapters[0], rtol=1e-5, atol=1e-7)
+
+
+SEVEN_B = modeling.Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4)
+
+
+def plan_flags(tokens: int, **flags):
+    return argparse.Namespace(**dict(dict(
+        torch_compile=None, cuda_graph=None, max_length=tokens, max_tokens_per_pass=tokens, padding_free=True,
+        packing=False, per_device_train_batch_size=1, torch_dtype=None, gradient_checkpointing=True,
+        activation_cpu_offload=None), **flags))
+
+
+def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir):
+    """On a GPU by default from 2 GiB of saved inputs a pass (28 x 32,768 x 3,584 x 2 bytes on the
+    7B shape is 6.1 GiB; 2,048 tokens are 0.4), without CUDA graphs then; the flag decides when given."""
+    gpu = torch.device("cuda")
+    plan = speed.plan_training(plan_flags(32768), gpu, [500], 100, SEVEN_B)
+    assert plan.offload and not plan.graphs and not plan.compiled and plan.pad_to == 1
+    assert "offloaded checkpoints: each layer's saved input (28 layers x 32,768 tokens x 3,584 x 2 bytes = 6.1 GiB a pass, over 2 GiB)" in plan.message
+    assert "CUDA graphs:" not in plan.message and "--activation_cpu_offload false" in plan.message
+    plan = speed.plan_training(plan_flags(2048), gpu, [500], 100, SEVEN_B)
+    assert not plan.offload and plan.graphs and "offloaded" not in plan.message
+    # one row longer than the budget runs alone; without packing a micro-batch is its rows padded to the longest
+    assert speed.plan_training(plan_flags(2048), gpu, [12000], 100, SEVEN_B).offload
+    assert speed.plan_training(plan_flags(2048, padding_free=False, per_device_train_batch_size=8), gpu, [2000], 100, SEVEN_B).offload
+    assert not speed.plan_training(plan_flags(32768, activation_cpu_offload=False), gpu, [500], 100, SEVEN_B).offload
+    assert not speed.plan_training(plan_flags(32768, cuda_graph=True), gpu, [500], 100, SEVEN_B).offload
+    assert not speed.plan_training(plan_flags(32768), torch.device("cpu"), [500], 100, SEVEN_B).offload
+    forced = speed.plan_training(plan_flags(2048, activation_cpu_offload=True), gpu, [500], 100, SEVEN_B)
+    assert forced.offload and not forced.graphs and "over 2 GiB" not in forced.message
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    layers = forced.training_layers(m)  # offloading around the fused layers a GPU runs
+    assert [layer.layer.layer for layer in layers] == list(m.model.layers)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ([], "this run is on the CPU: drop the flag or pass --device cuda"),
+    (["--device", "cuda", "--gradient_checkpointing", "false"], "it needs --gradient_checkpointing true"),
+    (["--device", "cuda", "--cuda_graph", "true"], "--activation_cpu_offload true and --cuda_graph true exclude each other"),
+])
+def test_offloading_where_it_cannot_run_stops_before_training(tmp_path, capsys, monkeypatch, flags, needle):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda passes the device checks
+    argv = ["--model", "tiny", "--dataset", str(tmp_path / "none.json"), "--activation_cpu_offload", "true", *flags]
+    if not flags:
+        argv += ["--device", "cpu"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+@cuda_only
+def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
+    """Pinned host memory and a side stream: the checkpointed path's gradients (float32, dropout
+    on), and a lower peak for a row of 8,192 tokens, whose 16 saved inputs are 128 MiB."""
+    cfg = modeling.Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=16,
+                          num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = modeling.Qwen2ForCausalLM(cfg)
+    lora_for_training(m, lora.LoraConfig(lora_dropout=0.1), 0.02, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
+    batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
+    saved = cfg.num_hidden_layers * 8192 * cfg.hidden_size * 4
+
+    def run(layers):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, grads = gradients(m, batch, layers, seed=5)
+        torch.cuda.synchronize()
+        return loss, torch.cat([g.flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
+
+    offloaded = speed.offloaded_layers(m.model.layers)
+    run(offloaded)  # the first pass allocates the pinned host buffers
+    loss, plain, plain_peak = run(None)
+    offloaded_loss, grads, offloaded_peak = run(offloaded)
+    torch.testing.assert_close(offloaded_loss, loss, rtol=1e-5, atol=0)
+    assert (grads - plain).norm() <= 1e-5 * plain.norm()
+    assert offloaded_peak < plain_peak - saved // 2, (offloaded_peak, plain_peak, saved)
