@@ -491,7 +491,7 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
     "graphs_plain": speed.TrainingPlan(graphs=True),  # the default before fused layers
     "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True),
     "compiled_nographs": speed.TrainingPlan(compiled=True),  # --cuda_graph false: the least memory
-    "offload": speed.TrainingPlan(offload=True),  # long rows: each layer's saved input in host memory
+    "offload": speed.TrainingPlan(fused=True, offload=True),  # long rows on a GPU: saved inputs in host memory
 }
 
 
@@ -746,14 +746,14 @@ def longest_jobs(a) -> list:
     return jobs + long_row_jobs()
 
 
-OFFLOADED = "ours (eager, offloaded checkpoints)"
+OFFLOADED = "ours (fused layers, offloaded checkpoints)"
 LONG_ROWS = (16384, 32768)
 
 
 def long_row_jobs() -> list:
-    """Training speed on rows of LONG_ROWS tokens with offloaded checkpoints, and eagerly without them
+    """Training speed on rows of LONG_ROWS tokens with offloaded checkpoints, and the same layers without them
     (what offloading costs; no memory cap here, so the peak says what each needs)."""
-    names = {OFFLOADED: "offload", "ours (eager)": "eager"}
+    names = {OFFLOADED: "offload", "ours (fused layers)": "fused"}
     return [(f"train{seq} {name}", f"train, {seq} tokens", name, ["ours_train", "--seq", seq, "--plan", plan])
             for seq in LONG_ROWS for name, plan in names.items()]
 
@@ -820,10 +820,10 @@ def print_long_rows(results: dict, limit_gib: float):
         print(f"long rows, {OFFLOADED}: longest in {limit_gib:g} GiB {longest:,} tokens (target >= 32,768): "
               + ("OK" if longest >= 32768 else "SHORT"))
     for seq in LONG_ROWS:
-        off, on = (results.get(f"train{seq} {name}", {}) for name in (OFFLOADED, "ours (eager)"))
+        off, on = (results.get(f"train{seq} {name}", {}) for name in (OFFLOADED, "ours (fused layers)"))
         if "tok_s" in off and "tok_s" in on:
-            print(f"long rows, {seq} tokens: offloading runs at {off['tok_s'] / on['tok_s']:.2f}x the speed of eager "
-                  f"layers without it, peak {off['peak_allocated_gib']:.2f} against {on['peak_allocated_gib']:.2f} GiB")
+            print(f"long rows, {seq} tokens: offloading runs at {off['tok_s'] / on['tok_s']:.2f}x the speed of the "
+                  f"same layers without it, peak {off['peak_allocated_gib']:.2f} against {on['peak_allocated_gib']:.2f} GiB")
 
 
 def print_greedy_agreement(results: dict):
