@@ -700,7 +700,10 @@ class OffloadedLayer:
     def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
         if not checkpoint:  # evaluation, or no checkpointing: no input is kept for a backward
             return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False)
-        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, h, i), self.offloader.unpack):
+        # The hooks are told where h lies, not h itself: autograd keeps the pack hook as long as
+        # what it packed, and a hook holding h would keep h on the device, offloaded or not.
+        where = (h.data_ptr(), h.shape)
+        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, where, i), self.offloader.unpack):
             return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True)
 
 
@@ -715,8 +718,8 @@ class Offloader:
         self.streams = {}  # device -> the side stream of its copies
         self.last = None  # the latest layer's HostCopy (a weak reference): the one before the next
 
-    def pack(self, h, i: int, t):
-        if t.data_ptr() != h.data_ptr() or t.shape != h.shape:
+    def pack(self, where: tuple, i: int, t):
+        if (t.data_ptr(), t.shape) != where:  # not the layer's input h
             return t
         if t.device.type == "cuda":
             if t.device not in self.streams:

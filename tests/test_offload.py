@@ -95,6 +95,24 @@ def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch
     assert layer1 and not any(torch.allclose(changed[i], plain[i]) for i in layer1)
 
 
+def test_nothing_but_the_host_copy_keeps_a_layer_input_alive(tiny_dir):
+    """Offloading saves memory only if the device tensor is freed once copied. Autograd keeps the
+    pack hook as long as what it packed, so a hook holding the input would keep it (as the first
+    version's did: on the GPU its peak was no lower than without offloading)."""
+    import gc
+    import weakref
+    m = dropout_model(tiny_dir)
+    layer = speed.offloaded_layers(m.model.layers)[1]
+    h = torch.randn(1, 16, m.config.hidden_size, requires_grad=True) * 2  # (1, T, hidden), not a leaf
+    alive = weakref.ref(h)
+    position_ids, mask, is_causal = modeling.attention_inputs(torch.zeros(1, 16, dtype=torch.long))
+    cos, sin = modeling.rope_cos_sin(position_ids, m.config.head_dim, m.config.rope_theta, h.dtype)
+    out = layer(h, cos, sin, mask, is_causal, None, 1, checkpoint=True)
+    del h
+    gc.collect()
+    assert alive() is None and out.grad_fn is not None  # gone, while the graph that needs it lives
+    out.sum().backward()  # recomputed from the host copy
+
 def test_a_short_training_loop_with_offloading_ends_with_the_plain_adapter(tiny_dir):
     """Three AdamW steps of train.micro_batch over packed and single rows, dropout on: the adapter
     ends where the plain checkpointed loop's does."""
