@@ -81,7 +81,10 @@ class TrainingPlan:
     def training_layers(self, model):
         """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own;
         offloaded ones around whichever with offload."""
-        layers = compiled_layers(model, self.layer_graphs) if self.compiled else fused_layers(model) if self.fused else None
+        if self.compiled:
+            layers = compiled_layers(model, self.layer_graphs)
+        else:
+            layers = fused_layers(model, split_long_rows=self.offload) if self.fused else None
         return offloaded_layers(layers or model.model.layers) if self.offload else layers
 
     def prepare(self, device):
@@ -310,38 +313,52 @@ class FusedLayer:
     up stay apart: halves of one fused output would be strided, and SiLU and the product over
     strided halves took 2.6x as long as over whole tensors (an H200 profile)."""
 
-    def __init__(self, layer):
-        self.layer = layer
-        attn, mlp = layer.self_attn, layer.mlp
+    def __init__(self, layer, split_long_rows: bool = False):
+        self.layer, self.split_long_rows = layer, split_long_rows
+        attn = layer.self_attn
         self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         with torch.no_grad():
             self.qkv_weight, self.qkv_bias = _fuse(self.qkv)
 
     def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
-        if checkpoint:
+        if not checkpoint:
+            return self.forward(h, cos, sin, mask, is_causal)
+        chunk = self.layer.mlp.chunk
+        if not self.split_long_rows or h.shape[1] <= chunk:
             return torch.utils.checkpoint.checkpoint(self.forward, h, cos, sin, mask, is_causal, use_reentrant=False)
-        return self.forward(h, cos, sin, mask, is_causal)
+        # split_long_rows (with offloaded checkpoints): the attention half and each MLP piece are
+        # checkpointed apart, so that backward recomputes and holds one piece at a time. A whole
+        # layer's recomputation holds every MLP piece's activations at once, about 430 MB a piece
+        # of 2,048 tokens on the 7B shape (6.9 GB at 32,768 tokens); the pieces' inputs are
+        # checkpoints like the layer's input, which offloading keeps in host memory too.
+        h = torch.utils.checkpoint.checkpoint(self.attention, h, cos, sin, mask, is_causal, use_reentrant=False)
+        return torch.cat([torch.utils.checkpoint.checkpoint(self.mlp_piece, piece, use_reentrant=False)
+                          for piece in h.split(chunk, dim=1)], dim=1)
 
     def forward(self, h, cos, sin, mask, is_causal):  # h (B, T, hidden)
+        h = self.attention(h, cos, sin, mask, is_causal)
+        # As model.MLP: a long sequence goes through the MLP mlp.chunk positions at a time.
+        pieces = [self.mlp_piece(piece) for piece in h.split(self.layer.mlp.chunk, dim=1)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def attention(self, h, cos, sin, mask, is_causal):  # (B, T, hidden) -> h + attention(norm(h))
         B, T, D = h.shape
-        attn, mlp, layer = self.layer.self_attn, self.layer.mlp, self.layer
+        attn = self.layer.self_attn
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
-        x = rms_norm(layer.input_layernorm, h).view(B * T, D)
+        x = rms_norm(self.layer.input_layernorm, h).view(B * T, D)
         qkv = project(self.qkv, x, self.qkv_weight, self.qkv_bias).view(B, T, nh + 2 * nkv, hd)
         qk = rope_heads(qkv[:, :, :nh + nkv], cos, sin)  # (B, T, nh + nkv, hd)
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
         y = modeling.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal)  # (B, nh, T, hd)
-        h = project([attn.o_proj], y.transpose(1, 2).reshape(B * T, nh * hd), attn.o_proj.weight, residual=h.view(B * T, D))
-        x = rms_norm(layer.post_attention_layernorm, h).view(B, T, D)
-        # As model.MLP: a long sequence goes through the MLP mlp.chunk positions at a time.
-        pieces = [self.mlp(x_.reshape(-1, D), h_.reshape(-1, D)).view(B, -1, D)
-                  for x_, h_ in zip(x.split(mlp.chunk, dim=1), h.view(B, T, D).split(mlp.chunk, dim=1))]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        y = y.transpose(1, 2).reshape(B * T, nh * hd)
+        return project([attn.o_proj], y, attn.o_proj.weight, residual=h.view(B * T, D)).view(B, T, D)
 
-    def mlp(self, x, h):  # (n, hidden) each -> (n, hidden): h + down(silu(gate(x)) * up(x))
+    def mlp_piece(self, h):  # (B, n, hidden) -> h + down(silu(gate(x)) * up(x)), x = norm(h)
+        B, n, D = h.shape
         mlp = self.layer.mlp
-        gate, up = (project([lin], x, lin.weight) for lin in (mlp.gate_proj, mlp.up_proj))  # 2 x (n, intermediate)
-        return project([mlp.down_proj], F.silu(gate) * up, mlp.down_proj.weight, residual=h)
+        x = rms_norm(self.layer.post_attention_layernorm, h).reshape(B * n, D)
+        gate, up = (project([lin], x, lin.weight) for lin in (mlp.gate_proj, mlp.up_proj))  # 2 x (B*n, intermediate)
+        return project([mlp.down_proj], F.silu(gate) * up, mlp.down_proj.weight, residual=h.reshape(B * n, D)).view(B, n, D)
 
 
 def project(linears, x, weight, bias=None, residual=None):
@@ -364,12 +381,12 @@ def rope_heads(x, cos, sin):
     return torch.addcmul(x * cos[:, :, None], swapped, signed_sin)
 
 
-def fused_layers(model) -> list | None:
+def fused_layers(model, split_long_rows: bool = False) -> list | None:
     """FusedLayer for every decoder layer, or None where they do not apply: a 4-bit base (its
     weights are not matrices to fuse)."""
     if any(getattr(m, "base_layer", None) is not None for m in model.modules()):
         return None
-    return [FusedLayer(layer) for layer in model.model.layers]
+    return [FusedLayer(layer, split_long_rows) for layer in model.model.layers]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,8 +706,9 @@ def offloaded_layers(layers) -> list:
 
 class OffloadedLayer:
     """A layer that checkpoints as it does (its recomputation in backward, dropout's masks drawn
-    again from the saved random state: torch.utils.checkpoint), with one change: the input that
-    the checkpoint keeps for backward is handed to the Offloader, which keeps it in host memory.
+    again from the saved random state: torch.utils.checkpoint), with one change: the inputs that
+    its checkpoints keep for backward (the layer's input; with FusedLayer's split_long_rows, each
+    MLP piece's input too) are handed to the Offloader, which keeps them in host memory.
     What a checkpoint saves goes through the saved-tensor hooks around it; what the layer saves
     inside is the checkpoint's own business (its hooks come later and win)."""
 
@@ -700,10 +718,12 @@ class OffloadedLayer:
     def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
         if not checkpoint:  # evaluation, or no checkpointing: no input is kept for a backward
             return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False)
-        # The hooks are told where h lies, not h itself: autograd keeps the pack hook as long as
-        # what it packed, and a hook holding h would keep h on the device, offloaded or not.
-        where = (h.data_ptr(), h.shape)
-        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, where, i), self.offloader.unpack):
+        # The hook is told where cos, sin and the mask lie, not given them: autograd keeps a pack
+        # hook as long as what it packed, and a hook holding a tensor keeps it on the device.
+        shared = {t.data_ptr() for t in (cos, sin, mask) if isinstance(t, torch.Tensor)}
+        if i == 0:
+            self.offloader.last = None  # a new pass: layer 0's first copy has none before it
+        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, shared), self.offloader.unpack):
             return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True)
 
 
@@ -718,8 +738,8 @@ class Offloader:
         self.streams = {}  # device -> the side stream of its copies
         self.last = None  # the latest layer's HostCopy (a weak reference): the one before the next
 
-    def pack(self, where: tuple, i: int, t):
-        if (t.data_ptr(), t.shape) != where:  # not the layer's input h
+    def pack(self, shared: set, t):
+        if t.data_ptr() in shared:  # cos, sin or the mask: the same for every layer
             return t
         if t.device.type == "cuda":
             if t.device not in self.streams:
@@ -727,7 +747,7 @@ class Offloader:
             copy = PinnedHostCopy(t, self.streams[t.device])
         else:
             copy = HostCopy(t)
-        copy.previous = self.last if i > 0 else None
+        copy.previous = self.last
         self.last = weakref.ref(copy)
         return copy
 

@@ -32,11 +32,13 @@ def batches():
     return {"padded": padded, "packed": packed, "long": train.make_batch(random_rows([70], seed=2), 0, "cpu")}
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, monkeypatch):
+@pytest.mark.parametrize("dropout,split", [(0.0, False), (0.1, False), (0.1, True)])
+def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, split, monkeypatch):
+    """split: rows longer than the MLP's chunk checkpoint the attention half and each MLP piece apart
+    (split_long_rows, as with offloaded checkpoints)."""
     monkeypatch.setattr(modeling.MLP, "chunk", 16)
     m = fresh_model(tiny_dir, dropout)
-    fused = speed.fused_layers(m)
+    fused = speed.fused_layers(m, split_long_rows=split)
     for name, batch in batches().items():
         loss, grads = loss_and_grads(m, batch, None)
         fused_loss, fused_grads = loss_and_grads(m, batch, fused)
@@ -47,16 +49,29 @@ def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, monkeypatch):
 
 
 
-def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_dir):
+def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_dir, monkeypatch):
     """Long rows on a GPU run fused layers with their checkpointed inputs in host memory
-    (speed.offloaded_layers around them): still the plain gradients, dropout included."""
+    (speed.offloaded_layers around them), the attention half and each MLP piece checkpointed
+    apart: every piece's input goes to host memory too, and the gradients stay the plain ones."""
+    monkeypatch.setattr(modeling.MLP, "chunk", 16)
+    copies = []
+    make = speed.HostCopy.__init__
+
+    def spy(self, t):
+        make(self, t)
+        copies.append(tuple(t.shape))
+    monkeypatch.setattr(speed.HostCopy, "__init__", spy)
     m = fresh_model(tiny_dir, 0.2)
-    batch = batches()["packed"]
+    batch = batches()["packed"]  # 62 tokens: MLP pieces of 16, 16, 16 and 14
     loss, grads = loss_and_grads(m, batch, None)
-    got_loss, got = loss_and_grads(m, batch, speed.offloaded_layers(speed.fused_layers(m)))
+    got_loss, got = loss_and_grads(m, batch, speed.offloaded_layers(speed.fused_layers(m, split_long_rows=True)))
     assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in grads])
     assert (got - want).norm() / want.norm() < 1e-5
+    D = m.config.hidden_size
+    one_layer = [(1, 62, D), (1, 16, D), (1, 16, D), (1, 16, D), (1, 14, D)]
+    assert copies == one_layer * m.config.num_hidden_layers
+
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
