@@ -739,7 +739,7 @@ class Offloader:
         self.last = None  # the latest layer's HostCopy (a weak reference): the one before the next
 
     def pack(self, shared: set, t):
-        if t.data_ptr() in shared:  # cos, sin or the mask: the same for every layer
+        if t.data_ptr() in shared or t.numel() == 0:  # cos, sin, the mask; or torch 2.11's checkpoint's empty marker
             return t
         if t.device.type == "cuda":
             if t.device not in self.streams:
