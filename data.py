@@ -142,10 +142,11 @@ class Tokenizer:
         with self.plain_text() as tok:
             return tok.encode(text, add_special_tokens=False).ids
 
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """encode_text of many texts in one call, which `tokenizers` runs on every core."""
+    def encode_texts(self, texts: list[str]) -> list:
+        """encode_text of many texts in one call, which `tokenizers` runs on every core while letting go of
+        Python: their Encodings (e.ids; character offsets, which we never use, are not computed)."""
         with self.plain_text() as tok:
-            return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            return tok.encode_batch_fast(texts, add_special_tokens=False)
 
     @contextlib.contextmanager
     def plain_text(self):
@@ -719,23 +720,70 @@ BATCH_ROWS = 1000  # conversations tokenized in one call
 
 
 def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | None = None) -> list[Row]:
-    """encode_chat for many conversations at once, as Rows: the turns of all of them are tokenized in
-    one call (Tokenizer.encode_texts, on every core), then laid out by chat_pieces as encode_chat does."""
-    conversations = [with_system(messages, system) for messages in conversations]
-    texts = [turn_text(m) for messages in conversations for m in messages]
-    unique = list(dict.fromkeys(texts))  # a text many rows share (a system prompt) is tokenized once
-    ids_of = dict(zip(unique, tok.encode_texts(unique)))
-    texts = iter(texts)
-    ids, lengths, trained, ends = [], [], [], []  # of the batch: its ids, then per piece, then per row
-    for messages in conversations:
-        for piece, is_trained in chat_pieces(tok, messages, [ids_of[next(texts)] for _ in messages]):
-            ids += piece
-            lengths.append(len(piece))
-            trained.append(is_trained)
-        ends.append(len(ids))
-    # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
-    ids, trained = np.array(ids, dtype=np.int32), np.repeat(trained, lengths)
-    return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
+    """encode_chat for many conversations at once, as Rows (see ChatBatch)."""
+    batch = ChatBatch(conversations, system)
+    return batch.rows(tok, tok.encode_texts(batch.texts))
+
+
+class ChatBatch:
+    """Conversations encoded together: the texts of all their turns, each distinct text once, are
+    tokenized in one call (Tokenizer.encode_texts, which may run on another thread meanwhile), then
+    rows() lays them out as encode_chat does, with numpy over the whole batch instead of Python
+    lists per token. test_batched_encoding_gives_the_ids_and_labels_of_per_row_encoding proves it."""
+
+    def __init__(self, conversations: list[list[dict]], system: str | None = None):
+        conversations = [with_system(messages, system) for messages in conversations]
+        number = {}  # text -> its place in self.texts: a text many rows share (a system prompt) is tokenized once
+        self.text_of_turn = [number.setdefault(turn_text(m), len(number)) for messages in conversations for m in messages]
+        self.texts = list(number)
+        self.role_of_turn = [ROLE_NAMES.index(m["role"]) for messages in conversations for m in messages]
+        self.turns_per_row = [len(messages) for messages in conversations]
+
+    def rows(self, tok: Tokenizer, encodings) -> list[Row]:
+        """The conversations as Rows, given the Encodings of self.texts."""
+        text_len = np.array([len(e) for e in encodings], dtype=np.int64)
+        text_ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, text_len.sum())
+        # One source array holds every piece of every row: each role's ids before its text and after it
+        # (turn_layout), then all the texts. A turn is three slices of it: before, text, after.
+        layouts = [turn_layout(tok, role) for role in ROLE_NAMES]
+        fixed = [part for before, _, after in layouts for part in (before, after)]  # (ids, trained) of each
+        source = np.concatenate([ids for ids, _ in fixed] + [text_ids])
+        source_trained = np.concatenate([trained for _, trained in fixed] + [np.ones(len(text_ids), bool)])
+        fixed_len = np.array([len(ids) for ids, _ in fixed])
+        fixed_start = np.cumsum(fixed_len) - fixed_len
+        text_start = fixed_len.sum() + np.cumsum(text_len) - text_len
+        role, text = np.array(self.role_of_turn), np.array(self.text_of_turn)  # (turns,)
+        before, after = 2 * role, 2 * role + 1  # their places in `fixed`
+        starts = np.stack([fixed_start[before], text_start[text], fixed_start[after]], 1)  # (turns, 3)
+        lengths = np.stack([fixed_len[before], text_len[text], fixed_len[after]], 1)  # (turns, 3)
+        text_trained = np.array([trained for _, trained, _ in layouts])[role]  # (turns,): is the text trained
+        keep = np.stack([np.ones_like(text_trained), text_trained, np.ones_like(text_trained)], 1)  # (turns, 3)
+        index = slices(starts.ravel(), lengths.ravel())  # (tokens of the batch,): where each comes from in source
+        ids = source[index]
+        trained = source_trained[index] & np.repeat(keep.ravel(), lengths.ravel())
+        # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
+        ends = np.cumsum(lengths.sum(1))[np.cumsum(self.turns_per_row) - 1]
+        return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
+
+
+ROLE_NAMES = ("system", "user", "assistant")  # the roles of a conversation's turns (ROLES' values)
+TEXT = -1  # stands for a turn's text in turn_layout
+
+
+def turn_layout(tok: Tokenizer, role: str):
+    """A turn of this role as chat_pieces lays it out around its text: ((ids before the text, which of
+    them are trained), whether the text is trained, (ids after the text, which of them are trained))."""
+    pieces = chat_pieces(tok, [{"role": role}], [[TEXT]])
+    ids = np.array([i for piece, _ in pieces for i in piece], dtype=np.int32)
+    trained = np.array([t for piece, t in pieces for _ in piece], dtype=bool)
+    k = int(np.flatnonzero(ids == TEXT)[0])
+    return (ids[:k], trained[:k]), bool(trained[k]), (ids[k + 1:], trained[k + 1:])
+
+
+def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices arange(starts[0], starts[0] + lengths[0]), then those of the next slice, ..., in one array."""
+    offsets = np.cumsum(lengths) - lengths  # where each slice starts in the result
+    return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
 
 
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
@@ -748,16 +796,20 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
     rows, spelled, pending = [], [], collections.deque()
 
     def encode(conversations):
-        # The tokenizer lets go of Python while it works: the next batch is read in the meantime.
-        pending.append(pool.submit(encode_chats, tok, conversations, system))
+        # The tokenizer works on its own thread and lets go of Python meanwhile, so while it tokenizes this
+        # batch, this thread lays out the batch before and reads the next: both cores stay busy. Only the
+        # tokenizing runs there, so it starts on the next batch as soon as it is done with one.
+        batch = ChatBatch(conversations, system)
+        pending.append((batch, pool.submit(tok.encode_texts, batch.texts)))
         spelled.extend(control_token_text(tok, messages) for messages in conversations)
         if len(pending) > 1:
-            rows.extend(pending.popleft().result())
+            batch, job = pending.popleft()
+            rows.extend(batch.rows(tok, job.result()))
 
     progress = functools.partial(Progress, over=progress_over, every=progress_every)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         order = read_sources(specs, encode, seed, model_name, model_author, progress)
-        rows.extend(row for job in pending for row in job.result())
+        rows.extend(row for batch, job in pending for row in batch.rows(tok, job.result()))
     note_control_token_text([spelled[i] for i in order])
     return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays
 
