@@ -394,7 +394,7 @@ def read_json_lines(path: Path, progress: "Progress") -> Iterator[tuple[str, obj
             line = read_utf8(path, raw, start).rstrip("\r\n")
             start += len(raw)
             progress.read(len(raw))
-            if not line.strip():
+            if not line or line.isspace():  # (not line.strip(), without copying the line)
                 continue
             where = f"{path}, line {lineno}"
             try:
@@ -625,7 +625,7 @@ def conversations_of(files: list[Path], values: dict, no_answer: list, progress:
     for path in files:
         for where, row in read_file(path, progress):
             messages = row_to_messages(row, where)
-            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            if any(m["role"] == "assistant" and (not m["content"] or m["content"].isspace()) for m in messages):
                 no_answer.append(where)
             if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
                 tag = row.get("tag")
@@ -801,7 +801,7 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
         # tokenizing runs there, so it starts on the next batch as soon as it is done with one.
         batch = ChatBatch(conversations, system)
         pending.append((batch, pool.submit(tok.encode_texts, batch.texts)))
-        spelled.extend(control_token_text(tok, messages) for messages in conversations)
+        spelled.extend(control_token_texts(tok, conversations))
         if len(pending) > 1:
             batch, job = pending.popleft()
             rows.extend(batch.rows(tok, job.result()))
@@ -820,7 +820,7 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
     conversations = list(conversations)
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
-    note_control_token_text([control_token_text(tok, messages) for messages in conversations])
+    note_control_token_text(control_token_texts(tok, conversations))
     rows = [row for batch in batches(conversations, BATCH_ROWS) for row in encode_chats(tok, batch, system)]
     return fit_rows(rows, max_length, truncation_strategy)
 
@@ -841,7 +841,7 @@ def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str) -> list
             keep = slice(-max_length, None) if truncation_strategy == "left" else slice(max_length)
             row = Row(row.ids[keep], row.trained[keep])
         # labels[0] is never a target (nothing comes before it), so a row needs one after it.
-        if not row.trained[1:].any():
+        if not np.count_nonzero(row.trained[1:]):  # (.any(), at a third of the cost)
             untrained += 1
             continue
         kept.append(row)
@@ -870,6 +870,14 @@ def control_token_text(tok: Tokenizer, messages: list[dict]) -> str | None:
     """The first spelling of a control token (such as "<|im_end|>") in the conversation's text, if any."""
     found = tok.special_spelling and tok.special_spelling.search("\n".join(m["content"] for m in messages))
     return found.group() if found else None
+
+
+def control_token_texts(tok: Tokenizer, conversations: list[list[dict]]) -> list[str | None]:
+    """control_token_text of each conversation. Almost no dataset has any: one search of the whole
+    batch's text says so, rather than one search a row."""
+    if control_token_text(tok, [m for messages in conversations for m in messages]):
+        return [control_token_text(tok, messages) for messages in conversations]
+    return [None] * len(conversations)
 
 
 def note_control_token_text(found: list[str | None]):
