@@ -741,28 +741,26 @@ class ChatBatch:
 
     def rows(self, tok: Tokenizer, encodings) -> list[Row]:
         """The conversations as Rows, given the Encodings of self.texts."""
-        text_len = np.array([len(e) for e in encodings], dtype=np.int64)
+        text_len = np.array([len(e) for e in encodings], dtype=np.int32)
         text_ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, text_len.sum())
-        # One source array holds every piece of every row: each role's ids before its text and after it
-        # (turn_layout), then all the texts. A turn is three slices of it: before, text, after.
-        layouts = [turn_layout(tok, role) for role in ROLE_NAMES]
-        fixed = [part for before, _, after in layouts for part in (before, after)]  # (ids, trained) of each
-        source = np.concatenate([ids for ids, _ in fixed] + [text_ids])
-        source_trained = np.concatenate([trained for _, trained in fixed] + [np.ones(len(text_ids), bool)])
-        fixed_len = np.array([len(ids) for ids, _ in fixed])
-        fixed_start = np.cumsum(fixed_len) - fixed_len
-        text_start = fixed_len.sum() + np.cumsum(text_len) - text_len
+        # Every turn is three slices of one source array: its role's fixed ids before the text
+        # (turn_layout), the text, its role's fixed ids after the text. The source holds each role's
+        # fixed ids, then all the texts.
+        layouts = [turn_layout(tok, role) for role in ROLE_NAMES]  # [(before, after, trained), ...] by role
+        fixed = [ids for before, after, _ in layouts for ids in (before, after)]
+        source = np.concatenate(fixed + [text_ids])
+        fixed_len = np.array([len(ids) for ids in fixed], dtype=np.int32)
+        fixed_start = np.cumsum(fixed_len, dtype=np.int32) - fixed_len
+        text_start = fixed_len.sum() + np.cumsum(text_len, dtype=np.int32) - text_len
         role, text = np.array(self.role_of_turn), np.array(self.text_of_turn)  # (turns,)
         before, after = 2 * role, 2 * role + 1  # their places in `fixed`
-        starts = np.stack([fixed_start[before], text_start[text], fixed_start[after]], 1)  # (turns, 3)
-        lengths = np.stack([fixed_len[before], text_len[text], fixed_len[after]], 1)  # (turns, 3)
-        text_trained = np.array([trained for _, trained, _ in layouts])[role]  # (turns,): is the text trained
-        keep = np.stack([np.ones_like(text_trained), text_trained, np.ones_like(text_trained)], 1)  # (turns, 3)
-        index = slices(starts.ravel(), lengths.ravel())  # (tokens of the batch,): where each comes from in source
-        ids = source[index]
-        trained = source_trained[index] & np.repeat(keep.ravel(), lengths.ravel())
+        starts = np.stack([fixed_start[before], text_start[text], fixed_start[after]], 1).ravel()  # (turns * 3,)
+        lengths = np.stack([fixed_len[before], text_len[text], fixed_len[after]], 1).ravel()  # (turns * 3,)
+        trained = np.array([trained for _, _, trained in layouts])[role].ravel()  # (turns * 3,)
+        ids = source[slices(starts, lengths)]  # (tokens of the batch,)
+        trained = np.repeat(trained, lengths)  # (tokens of the batch,)
         # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
-        ends = np.cumsum(lengths.sum(1))[np.cumsum(self.turns_per_row) - 1]
+        ends = np.cumsum(lengths.reshape(-1, 3).sum(1))[np.cumsum(self.turns_per_row) - 1]
         return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
 
 
@@ -770,20 +768,23 @@ ROLE_NAMES = ("system", "user", "assistant")  # the roles of a conversation's tu
 TEXT = -1  # stands for a turn's text in turn_layout
 
 
-def turn_layout(tok: Tokenizer, role: str):
-    """A turn of this role as chat_pieces lays it out around its text: ((ids before the text, which of
-    them are trained), whether the text is trained, (ids after the text, which of them are trained))."""
+def turn_layout(tok: Tokenizer, role: str) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool, bool]]:
+    """A turn of this role as chat_pieces lays it out around its text: (the ids before the text, the
+    ids after it, whether (those before, the text, those after) are trained)."""
     pieces = chat_pieces(tok, [{"role": role}], [[TEXT]])
     ids = np.array([i for piece, _ in pieces for i in piece], dtype=np.int32)
     trained = np.array([t for piece, t in pieces for _ in piece], dtype=bool)
     k = int(np.flatnonzero(ids == TEXT)[0])
-    return (ids[:k], trained[:k]), bool(trained[k]), (ids[k + 1:], trained[k + 1:])
+    before, after = trained[:k], trained[k + 1:]
+    # chat_pieces trains a piece whole or not at all, and a turn's pieces around its text are alike.
+    assert (before.all() or not before.any()) and (after.all() or not after.any()), (role, trained)
+    return ids[:k], ids[k + 1:], (bool(before.any()), bool(trained[k]), bool(after.any()))
 
 
 def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The indices arange(starts[0], starts[0] + lengths[0]), then those of the next slice, ..., in one array."""
-    offsets = np.cumsum(lengths) - lengths  # where each slice starts in the result
-    return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
+    offsets = np.cumsum(lengths, dtype=starts.dtype) - lengths  # where each slice starts in the result
+    return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum(), dtype=starts.dtype)
 
 
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
