@@ -26,9 +26,9 @@ The path from `--dataset` to a batch:
     collate             rows -> right-padded (B, T) tensors with an attention mask
 
 train.py calls load_dataset, which is the first two steps for datasets of any size: a source is
-read a line at a time and tokenized in batches of a thousand conversations on every core, so the
-text and the conversations are never all in memory; a Row keeps 5 bytes a token; a large source
-prints how far it has got.
+read a line at a time and tokenized in batches of a thousand conversations on every core (on a
+thread of its own, while the next batch is read), so the text and the conversations are never all
+in memory; a Row keeps 5 bytes a token; a large source prints how far it has got.
 
 Row formats (a file may mix them; each row is recognised by its keys):
 
@@ -733,10 +733,11 @@ class ChatBatch:
 
     def __init__(self, conversations: list[list[dict]], system: str | None = None):
         conversations = [with_system(messages, system) for messages in conversations]
+        turns = [m for messages in conversations for m in messages]
         number = {}  # text -> its place in self.texts: a text many rows share (a system prompt) is tokenized once
-        self.text_of_turn = [number.setdefault(turn_text(m), len(number)) for messages in conversations for m in messages]
+        self.text_of_turn = [number.setdefault(turn_text(m), len(number)) for m in turns]
         self.texts = list(number)
-        self.role_of_turn = [ROLE_NAMES.index(m["role"]) for messages in conversations for m in messages]
+        self.role_of_turn = [ROLE_NAMES.index(m["role"]) for m in turns]
         self.turns_per_row = [len(messages) for messages in conversations]
 
     def rows(self, tok: Tokenizer, encodings) -> list[Row]:
