@@ -757,9 +757,9 @@ class ChatBatch:
         before, after = 2 * role, 2 * role + 1  # their places in `fixed`
         starts = np.stack([fixed_start[before], text_start[text], fixed_start[after]], 1).ravel()  # (turns * 3,)
         lengths = np.stack([fixed_len[before], text_len[text], fixed_len[after]], 1).ravel()  # (turns * 3,)
-        trained = np.array([trained for _, _, trained in layouts])[role].ravel()  # (turns * 3,)
+        flags = np.array([flags for _, _, flags in layouts])[role].ravel()  # (turns * 3,): is the slice trained
         ids = source[slices(starts, lengths)]  # (tokens of the batch,)
-        trained = np.repeat(trained, lengths)  # (tokens of the batch,)
+        trained = np.repeat(flags, lengths)  # (tokens of the batch,)
         # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
         ends = np.cumsum(lengths.reshape(-1, 3).sum(1))[np.cumsum(self.turns_per_row) - 1]
         return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
