@@ -26,9 +26,9 @@ The path from `--dataset` to a batch:
     collate             rows -> right-padded (B, T) tensors with an attention mask
 
 train.py calls load_dataset, which is the first two steps for datasets of any size: a source is
-read a line at a time and tokenized in batches of a thousand conversations on every core, so the
-text and the conversations are never all in memory; a Row keeps 5 bytes a token; a large source
-prints how far it has got.
+read a line at a time and tokenized in batches of a thousand conversations on every core (on a
+thread of its own, while the next batch is read), so the text and the conversations are never all
+in memory; a Row keeps 5 bytes a token; a large source prints how far it has got.
 
 Row formats (a file may mix them; each row is recognised by its keys):
 
@@ -142,10 +142,11 @@ class Tokenizer:
         with self.plain_text() as tok:
             return tok.encode(text, add_special_tokens=False).ids
 
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """encode_text of many texts in one call, which `tokenizers` runs on every core."""
+    def encode_texts(self, texts: list[str]) -> list:
+        """encode_text of many texts in one call, which `tokenizers` runs on every core while letting go of
+        Python: their Encodings (e.ids; character offsets, which we never use, are not computed)."""
         with self.plain_text() as tok:
-            return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            return tok.encode_batch_fast(texts, add_special_tokens=False)
 
     @contextlib.contextmanager
     def plain_text(self):
@@ -393,7 +394,7 @@ def read_json_lines(path: Path, progress: "Progress") -> Iterator[tuple[str, obj
             line = read_utf8(path, raw, start).rstrip("\r\n")
             start += len(raw)
             progress.read(len(raw))
-            if not line.strip():
+            if not line or line.isspace():  # (not line.strip(), without copying the line)
                 continue
             where = f"{path}, line {lineno}"
             try:
@@ -624,7 +625,7 @@ def conversations_of(files: list[Path], values: dict, no_answer: list, progress:
     for path in files:
         for where, row in read_file(path, progress):
             messages = row_to_messages(row, where)
-            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+            if any(m["role"] == "assistant" and (not m["content"] or m["content"].isspace()) for m in messages):
                 no_answer.append(where)
             if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
                 tag = row.get("tag")
@@ -719,23 +720,72 @@ BATCH_ROWS = 1000  # conversations tokenized in one call
 
 
 def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | None = None) -> list[Row]:
-    """encode_chat for many conversations at once, as Rows: the turns of all of them are tokenized in
-    one call (Tokenizer.encode_texts, on every core), then laid out by chat_pieces as encode_chat does."""
-    conversations = [with_system(messages, system) for messages in conversations]
-    texts = [turn_text(m) for messages in conversations for m in messages]
-    unique = list(dict.fromkeys(texts))  # a text many rows share (a system prompt) is tokenized once
-    ids_of = dict(zip(unique, tok.encode_texts(unique)))
-    texts = iter(texts)
-    ids, lengths, trained, ends = [], [], [], []  # of the batch: its ids, then per piece, then per row
-    for messages in conversations:
-        for piece, is_trained in chat_pieces(tok, messages, [ids_of[next(texts)] for _ in messages]):
-            ids += piece
-            lengths.append(len(piece))
-            trained.append(is_trained)
-        ends.append(len(ids))
-    # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
-    ids, trained = np.array(ids, dtype=np.int32), np.repeat(trained, lengths)
-    return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
+    """encode_chat for many conversations at once, as Rows (see ChatBatch)."""
+    batch = ChatBatch(conversations, system)
+    return batch.rows(tok, tok.encode_texts(batch.texts))
+
+
+class ChatBatch:
+    """Conversations encoded together: the texts of all their turns, each distinct text once, are
+    tokenized in one call (Tokenizer.encode_texts, which may run on another thread meanwhile), then
+    rows() lays them out as encode_chat does, with numpy over the whole batch instead of Python
+    lists per token. test_batched_encoding_gives_the_ids_and_labels_of_per_row_encoding proves it."""
+
+    def __init__(self, conversations: list[list[dict]], system: str | None = None):
+        conversations = [with_system(messages, system) for messages in conversations]
+        turns = [m for messages in conversations for m in messages]
+        number = {}  # text -> its place in self.texts: a text many rows share (a system prompt) is tokenized once
+        self.text_of_turn = [number.setdefault(turn_text(m), len(number)) for m in turns]
+        self.texts = list(number)
+        self.role_of_turn = [ROLE_NAMES.index(m["role"]) for m in turns]
+        self.turns_per_row = [len(messages) for messages in conversations]
+
+    def rows(self, tok: Tokenizer, encodings) -> list[Row]:
+        """The conversations as Rows, given the Encodings of self.texts."""
+        text_len = np.array([len(e) for e in encodings], dtype=np.int32)
+        text_ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, text_len.sum())
+        # Every turn is three slices of one source array: its role's fixed ids before the text
+        # (turn_layout), the text, its role's fixed ids after the text. The source holds each role's
+        # fixed ids, then all the texts.
+        layouts = [turn_layout(tok, role) for role in ROLE_NAMES]  # [(before, after, trained), ...] by role
+        fixed = [ids for before, after, _ in layouts for ids in (before, after)]
+        source = np.concatenate(fixed + [text_ids])
+        fixed_len = np.array([len(ids) for ids in fixed], dtype=np.int32)
+        fixed_start = np.cumsum(fixed_len, dtype=np.int32) - fixed_len
+        text_start = fixed_len.sum() + np.cumsum(text_len, dtype=np.int32) - text_len
+        role, text = np.array(self.role_of_turn), np.array(self.text_of_turn)  # (turns,)
+        before, after = 2 * role, 2 * role + 1  # their places in `fixed`
+        starts = np.stack([fixed_start[before], text_start[text], fixed_start[after]], 1).ravel()  # (turns * 3,)
+        lengths = np.stack([fixed_len[before], text_len[text], fixed_len[after]], 1).ravel()  # (turns * 3,)
+        flags = np.array([flags for _, _, flags in layouts])[role].ravel()  # (turns * 3,): is the slice trained
+        ids = source[slices(starts, lengths)]  # (tokens of the batch,)
+        trained = np.repeat(flags, lengths)  # (tokens of the batch,)
+        # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
+        ends = np.cumsum(lengths.reshape(-1, 3).sum(1))[np.cumsum(self.turns_per_row) - 1]
+        return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
+
+
+ROLE_NAMES = ("system", "user", "assistant")  # the roles of a conversation's turns (ROLES' values)
+TEXT = -1  # stands for a turn's text in turn_layout
+
+
+def turn_layout(tok: Tokenizer, role: str) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool, bool]]:
+    """A turn of this role as chat_pieces lays it out around its text: (the ids before the text, the
+    ids after it, whether (those before, the text, those after) are trained)."""
+    pieces = chat_pieces(tok, [{"role": role}], [[TEXT]])
+    ids = np.array([i for piece, _ in pieces for i in piece], dtype=np.int32)
+    trained = np.array([t for piece, t in pieces for _ in piece], dtype=bool)
+    k = int(np.flatnonzero(ids == TEXT)[0])
+    before, after = trained[:k], trained[k + 1:]
+    # chat_pieces trains a piece whole or not at all, and a turn's pieces around its text are alike.
+    assert (before.all() or not before.any()) and (after.all() or not after.any()), (role, trained)
+    return ids[:k], ids[k + 1:], (bool(before.any()), bool(trained[k]), bool(after.any()))
+
+
+def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices arange(starts[0], starts[0] + lengths[0]), then those of the next slice, ..., in one array."""
+    offsets = np.cumsum(lengths, dtype=starts.dtype) - lengths  # where each slice starts in the result
+    return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum(), dtype=starts.dtype)
 
 
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
@@ -748,16 +798,20 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
     rows, spelled, pending = [], [], collections.deque()
 
     def encode(conversations):
-        # The tokenizer lets go of Python while it works: the next batch is read in the meantime.
-        pending.append(pool.submit(encode_chats, tok, conversations, system))
-        spelled.extend(control_token_text(tok, messages) for messages in conversations)
+        # The tokenizer works on its own thread and lets go of Python meanwhile, so while it tokenizes this
+        # batch, this thread lays out the batch before and reads the next: both cores stay busy. Only the
+        # tokenizing runs there, so it starts on the next batch as soon as it is done with one.
+        batch = ChatBatch(conversations, system)
+        pending.append((batch, pool.submit(tok.encode_texts, batch.texts)))
+        spelled.extend(control_token_texts(tok, conversations))
         if len(pending) > 1:
-            rows.extend(pending.popleft().result())
+            batch, job = pending.popleft()
+            rows.extend(batch.rows(tok, job.result()))
 
     progress = functools.partial(Progress, over=progress_over, every=progress_every)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         order = read_sources(specs, encode, seed, model_name, model_author, progress)
-        rows.extend(row for job in pending for row in job.result())
+        rows.extend(row for batch, job in pending for row in batch.rows(tok, job.result()))
     note_control_token_text([spelled[i] for i in order])
     return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays
 
@@ -768,7 +822,7 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
     conversations = list(conversations)
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
-    note_control_token_text([control_token_text(tok, messages) for messages in conversations])
+    note_control_token_text(control_token_texts(tok, conversations))
     rows = [row for batch in batches(conversations, BATCH_ROWS) for row in encode_chats(tok, batch, system)]
     return fit_rows(rows, max_length, truncation_strategy)
 
@@ -789,7 +843,7 @@ def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str) -> list
             keep = slice(-max_length, None) if truncation_strategy == "left" else slice(max_length)
             row = Row(row.ids[keep], row.trained[keep])
         # labels[0] is never a target (nothing comes before it), so a row needs one after it.
-        if not row.trained[1:].any():
+        if not np.count_nonzero(row.trained[1:]):  # (.any(), at a third of the cost)
             untrained += 1
             continue
         kept.append(row)
@@ -818,6 +872,14 @@ def control_token_text(tok: Tokenizer, messages: list[dict]) -> str | None:
     """The first spelling of a control token (such as "<|im_end|>") in the conversation's text, if any."""
     found = tok.special_spelling and tok.special_spelling.search("\n".join(m["content"] for m in messages))
     return found.group() if found else None
+
+
+def control_token_texts(tok: Tokenizer, conversations: list[list[dict]]) -> list[str | None]:
+    """control_token_text of each conversation. Almost no dataset has any: one search of the whole
+    batch's text says so, rather than one search a row."""
+    if control_token_text(tok, [m for messages in conversations for m in messages]):
+        return [control_token_text(tok, messages) for messages in conversations]
+    return [None] * len(conversations)
 
 
 def note_control_token_text(found: list[str | None]):

@@ -120,6 +120,26 @@ def test_batched_encoding_gives_the_ids_and_labels_of_per_row_encoding(tok, syst
         assert (row["input_ids"].tolist(), row["labels"].tolist()) == data.encode_chat(tok, messages, system=system)
 
 
+def test_a_text_tokenized_once_for_a_question_and_an_answer_is_trained_only_as_the_answer(tok):
+    """ChatBatch tokenizes each distinct turn text once: a question's text "user\nhi" (its role's
+    name is tokenized with it) and an answer "user\nhi" share one tokenization, yet only the answer
+    is trained, in this row and in the next."""
+    conversations = [turns("hi", "user\nhi"), turns("user\nhi", "hi", "hi", "user\nhi")]
+    batch = data.ChatBatch(conversations)
+    assert batch.texts.count("user\nhi") == 1
+    rows = batch.rows(tok, tok.encode_texts(batch.texts))
+    for messages, row in zip(conversations, rows):
+        assert (row["input_ids"].tolist(), row["labels"].tolist()) == encode_chat_before_17(tok, messages)
+
+
+def test_control_token_texts_names_each_rows_first_spelling_or_none(tok):
+    """One search of the whole batch finds that no row spells a control token; when one does, each row
+    gets its own first spelling, as control_token_text gives it."""
+    plain, spelled = turns("q", "a"), turns("say <|endoftext|>", "no: <|im_end|>")
+    assert data.control_token_texts(tok, [plain] * 3) == [None] * 3
+    assert data.control_token_texts(tok, [plain, spelled, plain]) == [None, "<|endoftext|>", None]
+
+
 def test_the_streamed_dataset_equals_encoding_the_loaded_conversations(tok, big, tmp_path, capsys, small_batches):
     """load_dataset (read, tokenize in batches, sample, mix) gives the rows, in the order, that
     encode_dataset(load_conversations(...)) gives: sampling, mixing and truncation unchanged."""
