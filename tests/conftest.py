@@ -20,6 +20,20 @@ def _isolated_home(tmp_path_factory):
     yield home
 
 
+@pytest.fixture(autouse=True)
+def _process_wide_cuda_settings():
+    """train.main and infer.main run in-process in many tests, and on a GPU a run changes settings
+    of the whole process, as a command may (speed.TrainingPlan.prepare: a side stream for all
+    work, TF32 float32 matmuls). Each test gets them back as a new process has them. On the GPU
+    machine three infer tests failed after others in one process, and passed alone."""
+    import torch
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_stream(torch.cuda.default_stream())
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(_isolated_home):
     """The built-in tiny model (config, sharded safetensors, tokenizer), as `--model tiny` sees it."""
