@@ -598,11 +598,12 @@ def build_parser():
                    help="only write random weights of SHAPE (7b, 14b, 32b, 72b) to DIR, in the official layout")
     p.add_argument("--write_tokenizer", nargs=2, metavar=("RANKS", "DIR"), default=None,
                    help="only write Qwen2.5's tokenizer.json rebuilt from Qwen's BPE ranks (qwen.tiktoken) into DIR")
+    p.add_argument("--profile", action="store_true", help="only profile one training step of --plan at --seq tokens")
     p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--plan", default="eager", choices=list(PLANS), help=argparse.SUPPRESS)
-    p.add_argument("--seq", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--plan", default="eager", choices=list(PLANS), help="--profile: how our layers run (speed.TrainingPlan)")
+    p.add_argument("--seq", type=int, default=2048, help="--profile: tokens of the step")
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--merged", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
@@ -691,6 +692,39 @@ def bpe_last_merge(ranks: dict, token: bytes, rank: int) -> tuple:
     return tuple(parts)
 
 
+def profile_main(a):
+    """--profile: one training step of --plan at --seq tokens on the 7B shape under torch.profiler,
+    after three: the GPU time of the step, and of its kernels by name (where BENCHMARKS.md's
+    profiles come from). Profile an eager plan: a replayed graph hides its kernels' names."""
+    from collections import defaultdict
+    from torch.profiler import ProfilerActivity, profile
+    device, shape = torch.device(a.device), SMALL if a.small else SHAPES[a.shape]
+    micro_batch, params, opt = ours_train_setup(shape, device, PLANS[a.plan])
+    run, x = mean_loss_of(micro_batch), tokens(a.seq, shape["vocab_size"], device)
+
+    def step():
+        run(x)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    print(f"{a.plan}, {a.seq} tokens: {timed_steps(step, 2, 3, device) * 1000:.1f} ms a step")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    by_name = defaultdict(lambda: [0.0, 0])
+    if device.type == "cuda":  # each kernel's time
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by_name[e.name][0] += e.time_range.elapsed_us() / 1000
+                by_name[e.name][1] += 1
+    else:  # --small on the CPU: each operator's own time
+        for e in prof.key_averages():
+            by_name[e.key] = [e.self_cpu_time_total / 1000, e.count]
+    what = "GPU work" if device.type == "cuda" else "CPU work"
+    print(f"{what}: {sum(t for t, _ in by_name.values()):.1f} ms in {sum(n for _, n in by_name.values()):,} calls")
+    for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]:
+        print(f"{ms:9.2f} ms {n:6d}x  {name[:140]}")
+
+
 def main():
     a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
@@ -698,6 +732,8 @@ def main():
         return write_checkpoint(*a.write_checkpoint)
     if a.write_tokenizer:
         return write_tokenizer(*a.write_tokenizer)
+    if a.profile:
+        return profile_main(a)
     if a.worker:  # a process of run_worker's: its result as a RESULT line (from rank 0 under torchrun)
         r = worker(a)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -55,3 +55,12 @@ def test_write_tokenizer_rebuilds_byte_pair_merges_from_ranks(tmp_path):
     assert tok.encode_text("abc") == [257] and tok.encode_text("abd") == [256, ord("d")]
     assert tok.encode_text("x 你") == [ord("x"), 260] and tok.decode([ord("x"), 260]) == "x 你"
     assert (tok.im_start_id, tok.im_end_id, tok.endoftext_id) == (262, 263, 261)  # after the ranks, in Qwen2.5's order
+
+
+def test_profile_prints_the_step_and_its_heaviest_operations():
+    """--profile (how BENCHMARKS.md's profiles are taken): on the CPU with --small, the operators by time."""
+    r = subprocess.run([sys.executable, "bench.py", "--profile", "--small", "--seq", "64", "--plan", "fused"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fused, 64 tokens:" in r.stdout and "ms a step" in r.stdout and "CPU work:" in r.stdout
+    assert "aten::mm" in r.stdout  # the matmuls are among the heaviest
