@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Qwen2 checkpoints in the official layout, made by the tests themselves."""
 
+import contextlib
 import os
 import shutil
 import sys
@@ -32,6 +33,27 @@ def _process_wide_cuda_settings():
     torch.backends.cuda.matmul.allow_tf32 = tf32
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.set_stream(torch.cuda.default_stream())
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """torch on one thread, then as before. Tiny matmuls run fastest on one, a busy machine can make
+    several a hundred times slower, and one thread sums floats as a subprocess with
+    OMP_NUM_THREADS=1 does, bit for bit."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """single_torch_thread for a whole test module (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,9 @@ import model as modeling
 import speed
 import train
 from conftest import lora_for_training
-from test_packing import one_thread, random_rows  # noqa: F401 (one_thread: a fixture)
+from test_packing import random_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fresh_model(tiny_dir, dropout):

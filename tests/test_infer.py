@@ -102,14 +102,7 @@ def make_scripted_model(out_dir, tiny_dir, text, loop=False):
 
 # Tiny models run fastest on one thread, and in-process expectations then match subprocesses exactly.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(*args, stdin=""):

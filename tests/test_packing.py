@@ -18,6 +18,8 @@ import speed
 import train
 from conftest import lora_for_training
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = [5, 40, 17, 60, 9, 33]  # mixed, in the order of the step's micro-batches
 
@@ -30,15 +32,6 @@ def random_rows(lengths, seed=0):
         ids = torch.randint(10, 900, (n,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
     return rows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and on a busy machine several can be a hundred times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import runs
 import speed
 import train
-from conftest import lora_for_training
+from conftest import lora_for_training, single_torch_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,11 +125,9 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
 @pytest.fixture
 def one_thread():
     """Bit-for-bit comparisons across processes need one thread: with several, a busy machine can
-    change how a float32 sum is split between threads, and so its last bit."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield dict(os.environ, OMP_NUM_THREADS="1")
-    torch.set_num_threads(n)
+    change how a float32 sum is split between threads, and so its last bit. Yields the subprocess's env."""
+    with single_torch_thread():
+        yield dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir, one_thread):
