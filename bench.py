@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from functools import partial
 
 import torch
 
@@ -189,19 +190,26 @@ def backward_of(mean_loss):
     return micro_batch
 
 
+def train_step(micro_batch, params, opt, x, world=1):
+    """One training step on x as train.py ends an optimizer step: micro_batch(x) (forward and
+    backward, returning the mean loss), the gradients summed over ranks, clipped, AdamW. The loss."""
+    import train
+    loss = micro_batch(x)
+    train.sum_over_ranks([p.grad for p in params], world)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    return loss
+
+
 def measure_train(micro_batch, params, opt, shape, seq, steps, device, world=1):
     """Time training steps on one random sequence: tokens/s, peak memory, the first step's loss.
     micro_batch(x) runs forward and backward and returns the mean loss."""
-    import train
     x = tokens(seq, shape["vocab_size"], device)
     first = {}
 
     def step():
-        loss = micro_batch(x)
-        train.sum_over_ranks([p.grad for p in params], world)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
+        loss = train_step(micro_batch, params, opt, x, world)
         if not first:
             first["loss"] = loss.item()
 
@@ -657,10 +665,13 @@ def write_tokenizer(ranks_file, out):
     from pathlib import Path
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in Path(ranks_file).read_text().splitlines())}
-    as_text = byte_level_alphabet()
-    vocab = {"".join(as_text[b] for b in token): rank for token, rank in ranks.items()}
+    alphabet = byte_level_alphabet()
+
+    def as_text(token: bytes) -> str:  # a token as byte-level BPE files write it
+        return "".join(alphabet[b] for b in token)
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
     merges = sorted((rank, bpe_last_merge(ranks, token, rank)) for token, rank in ranks.items() if len(token) > 1)
-    tok = Tokenizer(models.BPE(vocab, [("".join(as_text[b] for b in x), "".join(as_text[b] for b in y)) for _, (x, y) in merges]))
+    tok = Tokenizer(models.BPE(vocab, [(as_text(x), as_text(y)) for _, (x, y) in merges]))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN25_SPLIT), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -700,12 +711,7 @@ def profile_main(a):
     from torch.profiler import ProfilerActivity, profile
     device, shape = torch.device(a.device), SMALL if a.small else SHAPES[a.shape]
     micro_batch, params, opt = ours_train_setup(shape, device, PLANS[a.plan])
-    run, x = mean_loss_of(micro_batch), tokens(a.seq, shape["vocab_size"], device)
-
-    def step():
-        run(x)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
+    step = partial(train_step, mean_loss_of(micro_batch), params, opt, tokens(a.seq, shape["vocab_size"], device))
     print(f"{a.plan}, {a.seq} tokens: {timed_steps(step, 2, 3, device) * 1000:.1f} ms a step")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
