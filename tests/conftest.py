@@ -115,3 +115,25 @@ def lora_for_training(m, cfg, b_std: float, seed: int | None = None):
     m.train()
     m.model.gradient_checkpointing = True
     return m
+
+
+def random_rows(lengths, seed=0):
+    """Rows of random tokens, one of each length, whose first third is an unlabelled prompt."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(10, 900, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    return rows
+
+
+def loss_and_gradients(m, batch, layers, seed: int):
+    """(loss, gradient of every LoRA parameter) of one micro-batch through train.CausalLMLoss with
+    these layers (None: the model's own), dropout drawn from `seed` so that paths can be compared."""
+    import torch
+    import lora
+    import train
+    torch.manual_seed(seed)
+    loss = train.CausalLMLoss(m, layers=layers)(**batch)
+    return loss.detach(), torch.autograd.grad(loss, lora.lora_parameters(m))

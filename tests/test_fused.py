@@ -8,8 +8,7 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import lora_for_training
-from test_packing import random_rows
+from conftest import loss_and_gradients, lora_for_training, random_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -17,13 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def fresh_model(tiny_dir, dropout):
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     return lora_for_training(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout), 0.05, seed=0)
-
-
-def loss_and_grads(m, batch, layers, seed=7):
-    params = lora.lora_parameters(m)
-    torch.manual_seed(seed)  # the same dropout masks in both paths
-    loss = train.CausalLMLoss(m, layers=layers)(**batch)
-    return loss.detach(), torch.autograd.grad(loss, params)
 
 
 def batches():
@@ -42,8 +34,8 @@ def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, split, monkeyp
     m = fresh_model(tiny_dir, dropout)
     fused = speed.fused_layers(m, split_long_rows=split)
     for name, batch in batches().items():
-        loss, grads = loss_and_grads(m, batch, None)
-        fused_loss, fused_grads = loss_and_grads(m, batch, fused)
+        loss, grads = loss_and_gradients(m, batch, None, seed=7)
+        fused_loss, fused_grads = loss_and_gradients(m, batch, fused, seed=7)
         assert fused_loss.item() == pytest.approx(loss.item(), rel=1e-6), name
         got, want = torch.cat([g.flatten() for g in fused_grads]), torch.cat([g.flatten() for g in grads])
         assert want.abs().sum() > 0
@@ -80,8 +72,9 @@ def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_d
     monkeypatch.setattr(speed.HostCopy, "__init__", spy)
     m = fresh_model(tiny_dir, 0.2)
     batch = batches()["packed"]  # 62 tokens: MLP pieces of 16, 16, 16 and 14
-    loss, grads = loss_and_grads(m, batch, None)
-    got_loss, got = loss_and_grads(m, batch, speed.offloaded_layers(speed.fused_layers(m, split_long_rows=True)))
+    loss, grads = loss_and_gradients(m, batch, None, seed=7)
+    offloaded = speed.offloaded_layers(speed.fused_layers(m, split_long_rows=True))
+    got_loss, got = loss_and_gradients(m, batch, offloaded, seed=7)
     assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in grads])
     assert (got - want).norm() / want.norm() < 1e-5

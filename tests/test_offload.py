@@ -15,7 +15,7 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import lora_for_training
+from conftest import lora_for_training, loss_and_gradients, random_rows
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to host memory needs a GPU: run on the GPU machine")
 
@@ -27,35 +27,19 @@ def dropout_model(tiny_dir, device="cpu"):
     return lora_for_training(m, lora.LoraConfig(lora_dropout=0.3), 0.02, seed=0)
 
 
-def random_rows(n_rows: int, length: int, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n_rows):
-        ids = torch.randint(10, 900, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (length // 3) + ids[length // 3:]})
-    return rows
-
-
-def gradients(m, batch, layers, seed: int):
-    """(loss, gradient of every LoRA parameter) of one micro-batch, dropout drawn from `seed`."""
-    torch.manual_seed(seed)
-    loss = train.CausalLMLoss(m, layers=layers)(**batch)
-    return loss.detach(), torch.autograd.grad(loss, lora.lora_parameters(m))
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["one row", "packed rows"])
 def test_offloaded_layers_give_the_checkpointed_gradients(tiny_dir, packed):
     """With dropout: the recomputation from the host copy draws the forward's masks."""
     m = dropout_model(tiny_dir)
-    rows = random_rows(3, 40)
+    rows = random_rows([40] * 3)
     batch = train.make_batch([data.concat_rows(rows)] if packed else rows[:1], 0, "cpu")
     assert ("cu_seqlens" in batch) == packed
-    loss, plain = gradients(m, batch, None, seed=7)
-    offloaded_loss, offloaded = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=7)
+    loss, plain = loss_and_gradients(m, batch, None, seed=7)
+    offloaded_loss, offloaded = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=7)
     assert torch.equal(offloaded_loss, loss)
     for g, ref in zip(offloaded, plain):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
-    _, other_masks = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=8)
+    _, other_masks = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=8)
     assert not all(torch.equal(g, ref) for g, ref in zip(other_masks, plain))  # the masks do matter
 
 
@@ -64,7 +48,7 @@ def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch
     back once, the one before already on its way (prefetched) from the second on; and what it
     brings back is what the gradient is computed from (change a copy and the gradient changes)."""
     m = dropout_model(tiny_dir)
-    batch = train.make_batch(random_rows(1, 50), 0, "cpu")
+    batch = train.make_batch(random_rows([50]), 0, "cpu")
     copies, brought = [], []
     make, bring_back = speed.HostCopy.__init__, speed.HostCopy.bring_back
 
@@ -80,8 +64,8 @@ def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch
     monkeypatch.setattr(speed.HostCopy, "__init__", spy_make)
     monkeypatch.setattr(speed.HostCopy, "bring_back", spy_bring_back)
     n = m.config.num_hidden_layers
-    _, plain = gradients(m, batch, None, seed=3)
-    _, offloaded = gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=3)
+    _, plain = loss_and_gradients(m, batch, None, seed=3)
+    _, offloaded = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=3)
     assert len(copies) == n and brought == [(n - 1, False)] + [(i, True) for i in reversed(range(n - 1))]
     assert all(torch.equal(g, ref) for g, ref in zip(offloaded, plain))
 
@@ -116,7 +100,7 @@ def test_nothing_but_the_host_copy_keeps_a_layer_input_alive(tiny_dir):
 def test_a_short_training_loop_with_offloading_ends_with_the_plain_adapter(tiny_dir):
     """Three AdamW steps of train.micro_batch over packed and single rows, dropout on: the adapter
     ends where the plain checkpointed loop's does."""
-    rows = random_rows(4, 30, seed=1)
+    rows = random_rows([30] * 4, seed=1)
     batches = [train.make_batch([data.concat_rows(rows[:3])], 0, "cpu"), train.make_batch(rows[3:], 0, "cpu")]
     adapters = []
     for offload in (False, True):
@@ -202,7 +186,7 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss, grads = gradients(m, batch, layers, seed=5)
+        loss, grads = loss_and_gradients(m, batch, layers, seed=5)
         torch.cuda.synchronize()
         return loss, torch.cat([g.flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
 

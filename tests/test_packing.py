@@ -16,22 +16,12 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import lora_for_training
+from conftest import lora_for_training, random_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = [5, 40, 17, 60, 9, 33]  # mixed, in the order of the step's micro-batches
-
-
-def random_rows(lengths, seed=0):
-    """Rows of random tokens whose first third is an unlabelled prompt."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for n in lengths:
-        ids = torch.randint(10, 900, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
-    return rows
 
 
 @pytest.fixture(scope="module")
