@@ -361,7 +361,8 @@ def tutorial_setup(a, device):
     import cli
     import data
     import train
-    flags = train.build_parser().parse_args(TUTORIAL_FLAGS + ["--device", str(device)])
+    unpacked = ["--padding_free", "false"] if a.one_by_one else []  # a pass per row, as before packing
+    flags = train.build_parser().parse_args(TUTORIAL_FLAGS + unpacked + ["--device", str(device)])
     train.set_derived_defaults(flags)
     tok = data.Tokenizer(a.tokenizer or cli.tiny_dir())
     convs = data.load_conversations([flags.dataset[0]], seed=flags.seed, model_name=flags.model_name,
@@ -620,6 +621,7 @@ def build_parser():
     p.add_argument("--shape", default="7b", choices=list(SHAPES), help=argparse.SUPPRESS)
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--one_by_one", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -828,7 +830,7 @@ def decode_jobs(a) -> list:
 
 
 def tutorial_jobs(a) -> list:
-    variants = [("ours (default path)", ["ours_tutorial"])]
+    variants = [("ours (default path)", ["ours_tutorial"]), ("ours, rows one by one", ["ours_tutorial", "--one_by_one"])]
     variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_tutorial"])]
     return [(f"tutorial {name}", "tutorial: self-cognition, batch 1 x 16", name, args) for name, args in variants]
 
