@@ -145,15 +145,16 @@ def ours_model_4bit(shape, device, quant_type: str, dequantized=False):
 
 
 def ours_train_setup(shape, device, plan, quant_type=None, dequantized=False):
-    """train.py's setup: the model in training mode, gradients allocated once, AdamW, and the
-    micro-batch function that `plan` (a speed.TrainingPlan) gives the loop."""
+    """train.py's setup: the model in training mode, gradients allocated once, AdamW, the
+    micro-batch function that `plan` (a speed.TrainingPlan) gives the loop, and its embed."""
     plan.prepare(device)
     return training_setup(ours_model(shape, device, quant_type=quant_type, dequantized=dequantized), plan, device)
 
 
 def training_setup(m, plan, device):
-    """m in training mode, checkpointed, its LoRA gradients allocated once, AdamW, and the
-    micro-batch function of `plan`: (micro_batch, params, optimizer)."""
+    """m in training mode, checkpointed, its LoRA gradients allocated once, AdamW, the micro-batch
+    function of `plan`, and train.make_batch's embed when the plan keeps the embedding in host
+    memory (else None): (micro_batch, params, optimizer, embed)."""
     import lora
     import train
     m.train()
@@ -163,22 +164,25 @@ def training_setup(m, plan, device):
         p.grad = torch.zeros_like(p)
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     loss_fn = train.CausalLMLoss(m, layers=plan.training_layers(m), packed_mask=plan.packed_mask)
-    return plan.micro_batch_fn(loss_fn, params, train.micro_batch), params, opt
+    return plan.micro_batch_fn(loss_fn, params, train.micro_batch), params, opt, plan.embedding(m)
 
 
-def mean_loss_of(micro_batch):
+def mean_loss_of(micro_batch, embed=None):
     """A micro-batch of train.py on a random sequence x (1, T), its loss as a mean per token.
-    Every next token has a label: positions 0 .. T-2, given as make_batch gives them."""
+    Every next token has a label: positions 0 .. T-2, given as make_batch gives them, with x's
+    embeddings where embed (training_setup's) says make_batch would bring them."""
     def run(x):
         n = x.shape[1] - 1
         batch = {"input_ids": x, "labels": x, "label_positions": torch.arange(n, device=x.device)}
+        if embed is not None:
+            batch["inputs_embeds"] = embed(x.cpu()).to(x.device, non_blocking=True)
         return micro_batch(batch, 1 / n) / n
     return run
 
 
 def ours_train(shape, seq, steps, device, plan, quant_type=None, dequantized=False):
-    micro_batch, params, opt = ours_train_setup(shape, device, plan, quant_type, dequantized)
-    return measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device)
+    micro_batch, params, opt, embed = ours_train_setup(shape, device, plan, quant_type, dequantized)
+    return measure_train(mean_loss_of(micro_batch, embed), params, opt, shape, seq, steps, device)
 
 
 def backward_of(mean_loss):
@@ -257,8 +261,8 @@ def ours_train_ddp(shape, seq, steps, plan):
     torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl")
-    micro_batch, params, opt = ours_train_setup(shape, device, plan)
-    r = measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device, world)
+    micro_batch, params, opt, embed = ours_train_setup(shape, device, plan)
+    r = measure_train(mean_loss_of(micro_batch, embed), params, opt, shape, seq, steps, device, world)
     if world > 1:
         dist.destroy_process_group()
     return {"tok_s": world * r["tok_s"], "s_per_step": r["s_per_step"], "gpus": world}
@@ -275,7 +279,7 @@ def ours_train_fsdp(shape, seq, steps, device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     speed.fast_float32_matmul(device)
-    micro_batch, params, opt = training_setup(ours_sharded_model(shape, device), speed.TrainingPlan(), device)
+    micro_batch, params, opt, _ = training_setup(ours_sharded_model(shape, device), speed.TrainingPlan(), device)
     # world=1: FSDP itself reduce-scatters the gradients in backward
     r = measure_train(mean_loss_of(micro_batch), params, opt, shape, seq, steps, device, world=1)
     dist.destroy_process_group()
@@ -376,15 +380,16 @@ def tutorial_setup(a, device):
 def ours_tutorial(shape, device, a):
     """train.py's optimizer steps on the tutorial's run, on the path train.py chooses by default;
     all its steps (--small: --steps), each timed. A step's loss is per label token, as logged."""
+    import model as modeling
     import train
     flags, rows, pad_id, steps = tutorial_setup(a, device)
     steps = steps[:a.steps] if a.small else steps
     plan = speed.plan_training(flags, device, [len(r["input_ids"]) for r in rows],
-                               len(steps) * flags.gradient_accumulation_steps)
-    micro_batch, params, opt = ours_train_setup(shape, device, plan)
+                               len(steps) * flags.gradient_accumulation_steps, modeling.Config(**shape))
+    micro_batch, params, opt, embed = ours_train_setup(shape, device, plan)
     budget = flags.max_tokens_per_pass if flags.padding_free else None
     s = train.Step(rows, pad_id, device, plan.pad_to, micro_batch, budget, params, opt, train.LossScale(False),
-                   flags.max_grad_norm, train.DataParallel())
+                   flags.max_grad_norm, train.DataParallel(), embed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -494,13 +499,13 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 
 WORKLOADS = ["train", "decode", "longest", "tutorial", "quant", "fit"]
 PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
-    "eager": speed.TrainingPlan(),
-    "fused": speed.TrainingPlan(fused=True),  # --cuda_graph false
-    "graphs": speed.TrainingPlan(graphs=True, fused=True),  # the default on one GPU
+    "eager": speed.TrainingPlan(),  # the plain path
+    "fused": speed.TrainingPlan(fused=True, host_embedding=True),  # --cuda_graph false
+    "graphs": speed.TrainingPlan(graphs=True, fused=True, host_embedding=True),  # the default on one GPU
     "graphs_plain": speed.TrainingPlan(graphs=True),  # the default before fused layers
-    "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True),
-    "compiled_nographs": speed.TrainingPlan(compiled=True),  # --cuda_graph false: the least memory
-    "offload": speed.TrainingPlan(fused=True, offload=True),  # long rows on a GPU: saved inputs in host memory
+    "compiled": speed.TrainingPlan(compiled=True, layer_graphs=True, host_embedding=True),
+    "compiled_nographs": speed.TrainingPlan(compiled=True, host_embedding=True),  # --cuda_graph false: the least memory
+    "offload": speed.TrainingPlan(fused=True, offload=True, host_embedding=True),  # long rows: saved inputs in host memory
 }
 
 
@@ -554,8 +559,8 @@ def roofline_note(r: dict, shape, seq: int, peak: dict) -> str:
 
 
 def ours_longest(shape, device, plan, a):
-    micro_batch, _, opt = ours_train_setup(shape, device, plan)
-    return longest(longest_run(mean_loss_of(micro_batch), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
+    micro_batch, _, opt, embed = ours_train_setup(shape, device, plan)
+    return longest(longest_run(mean_loss_of(micro_batch, embed), opt, shape, device), device, a.limit_gib, a.seq, step=a.seq_step)
 
 
 def hf_longest(shape, device, a):
@@ -712,8 +717,8 @@ def profile_main(a):
     from collections import defaultdict
     from torch.profiler import ProfilerActivity, profile
     device, shape = torch.device(a.device), SMALL if a.small else SHAPES[a.shape]
-    micro_batch, params, opt = ours_train_setup(shape, device, PLANS[a.plan])
-    step = partial(train_step, mean_loss_of(micro_batch), params, opt, tokens(a.seq, shape["vocab_size"], device))
+    micro_batch, params, opt, embed = ours_train_setup(shape, device, PLANS[a.plan])
+    step = partial(train_step, mean_loss_of(micro_batch, embed), params, opt, tokens(a.seq, shape["vocab_size"], device))
     print(f"{a.plan}, {a.seq} tokens: {timed_steps(step, 2, 3, device) * 1000:.1f} ms a step")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()

@@ -353,7 +353,7 @@ class Qwen2Model(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, layers=None,
-                cu_seqlens=None, packed_mask=None):
+                cu_seqlens=None, packed_mask=None, inputs_embeds=None):
         """input_ids (B, T) -> final hidden states (B, T, hidden).
 
         attention_mask (B, T): 1 for tokens, 0 for padding, or segment ids 1, 2, ... for packed rows.
@@ -364,13 +364,15 @@ class Qwen2Model(nn.Module):
         cu_seqlens (N + 1,): rows packed into one sequence (B = 1) start at these offsets; with
         position_ids restarting at 0 for each. packed_mask: how attention keeps them apart
         (attention_inputs).
+        inputs_embeds (B, T, hidden): input_ids' embeddings, looked up already (a training batch
+        whose embedding table is in host memory: speed.HostEmbedding).
         """
         if cache is not None:
             position_ids, mask, is_causal = cache.attention_inputs(input_ids, attention_mask, position_ids)
         else:
             position_ids, mask, is_causal = attention_inputs(input_ids, attention_mask, position_ids, cu_seqlens,
                                                              packed_mask)
-        h = self.embed_tokens(input_ids)  # (B, T, hidden)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers if layers is None else layers):

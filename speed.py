@@ -67,7 +67,10 @@ class TrainingPlan:
     model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention.
 
     offload: each layer's checkpointed input waits in host memory from its forward to its backward
-    (offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move."""
+    (offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move.
+
+    host_embedding: the input embedding table lives in pinned host memory (HostEmbedding), and
+    batches carry their rows of it (train.make_batch's embed): the GPU keeps 1 GiB less on the 7B."""
 
     graphs: bool = False
     compiled: bool = False
@@ -77,6 +80,7 @@ class TrainingPlan:
     packed_mask: object = None
     fused: bool = False  # eager layers as FusedLayer: fewer kernels (the default on a GPU)
     offload: bool = False
+    host_embedding: bool = False
 
     def training_layers(self, model):
         """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own;
@@ -86,6 +90,14 @@ class TrainingPlan:
         else:
             layers = fused_layers(model, split_long_rows=self.offload) if self.fused else None
         return offloaded_layers(layers or model.model.layers) if self.offload else layers
+
+    def embedding(self, model):
+        """With host_embedding, model's input embedding moved to host memory, and the function
+        that looks rows up there for train.make_batch (HostEmbedding.lookup); else None."""
+        if not self.host_embedding:
+            return None
+        model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight)
+        return model.model.embed_tokens.lookup
 
     def prepare(self, device):
         """What this plan needs set before the model loads: TF32 for float32 matmuls on GPUs, and
@@ -135,9 +147,50 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int, config=
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
         message = f"eager{' fused' if fused else ''} layers{why}" if why or fused else ""
-    message = "\n".join(m for m in (message, offloading, how) if m)
+    host, hosting = use_host_embedding(device, config)
+    message = "\n".join(m for m in (message, offloading, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
-                        fused=fused, offload=offload)
+                        fused=fused, offload=offload, host_embedding=host)
+
+
+def use_host_embedding(device, config) -> tuple[bool, str]:
+    """Whether to keep the input embedding in host memory, and what to print. On a GPU, for a model
+    whose lm_head is a matrix of its own: a tied one (Qwen2.5 0.5B to 3B) is lm_head too, which
+    the loss multiplies on the GPU. Not under --fsdp (plan_training returns before this)."""
+    if device.type != "cuda" or config is None or config.tie_word_embeddings:
+        return False, ""
+    gib = config.vocab_size * config.hidden_size * 2 / 2**30
+    return True, (f"the input embedding ({config.vocab_size:,} x {config.hidden_size:,}, {gib:.2f} GiB in bf16) stays "
+                  "in host memory: each batch looks its rows up there and brings them along")
+
+
+# ----------------------------------------------------------------------------------------------
+# The input embedding in host memory. Replaces: model.Qwen2Model.embed_tokens's lookup on the GPU.
+# Proved equal by: tests/test_train.py::test_host_embedding_trains_like_the_embedding_on_the_gpu
+
+
+class HostEmbedding(nn.Module):
+    """nn.Embedding whose table is in pinned host memory. The embedding does not train (LoRA
+    adapts linear layers only) and a step reads a few thousand of its 152,064 rows, so the GPU need
+    not hold it: training batches get their rows from lookup() on the CPU, where the token ids are
+    made, and the copy to the GPU is (T, hidden) instead of T ids (14 MB at 2,048 tokens of the 7B).
+    Called with ids on the GPU (evaluation, sample answers), it copies them to the host first,
+    which makes the CPU wait for the GPU: fine there, not in a training step."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.pinned = torch.cuda.is_available()  # pinned memory needs CUDA; the CPU tests run without
+        host = weight.detach().cpu()
+        self.weight = nn.Parameter(host.pin_memory() if self.pinned else host, requires_grad=False)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids on the CPU (B, T) -> their rows (B, T, hidden), in pinned host memory."""
+        out = torch.empty((*ids.shape, self.weight.shape[1]), dtype=self.weight.dtype, pin_memory=self.pinned)
+        torch.index_select(self.weight, 0, ids.flatten(), out=out.view(-1, self.weight.shape[1]))
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lookup(ids.cpu()).to(ids.device, non_blocking=True)
 
 
 def varlen_available(device, dtype) -> bool:

@@ -243,12 +243,14 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model, self.chunk, self.layers, self.packed_mask = model, chunk, layers, packed_mask
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None, cu_seqlens=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None, cu_seqlens=None,
+                inputs_embeds=None):
         """label_positions (N,): the flat positions b * T + t whose next token t + 1 has a label.
         make_batch finds them on the CPU; finding them here would make the CPU wait for the GPU.
-        cu_seqlens: rows packed into one sequence start at these offsets (make_batch)."""
+        cu_seqlens: rows packed into one sequence start at these offsets (make_batch).
+        inputs_embeds: input_ids' embeddings, when make_batch looked them up (its embed)."""
         h = self.model.model(input_ids, attention_mask, position_ids, layers=self.layers, cu_seqlens=cu_seqlens,
-                             packed_mask=self.packed_mask)  # (B, T, hidden)
+                             packed_mask=self.packed_mask, inputs_embeds=inputs_embeds)  # (B, T, hidden)
         if label_positions is None:
             label_positions = label_positions_of(labels)
         h = h.flatten(0, 1).index_select(0, label_positions)  # (N, hidden): position t predicts t + 1
@@ -275,19 +277,23 @@ def label_positions_of(labels):
     return has_next.flatten().nonzero().squeeze(1)  # (N,)
 
 
-def make_batch(rows, pad_id: int, device, pad_to: int = 1) -> dict:
+def make_batch(rows, pad_id: int, device, pad_to: int = 1, embed=None) -> dict:
     """Rows -> a micro-batch on the device, right-padded to a multiple of pad_to tokens.
 
     Padding comes after each row's tokens, so causal attention alone already keeps every token from
     seeing it, and padding carries no labels: the attention mask is needed only to keep packed
     samples apart. Without one, attention runs as plain causal, its fastest kernel. One row of
-    packed samples says where each starts (cu_seqlens) instead: no (B, T) mask."""
+    packed samples says where each starts (cu_seqlens) instead: no (B, T) mask.
+    embed: token ids on the CPU -> their embeddings, when the embedding table is kept in host
+    memory (speed.TrainingPlan.embedding): the batch brings them along as inputs_embeds."""
     batch = data.collate(rows, pad_id, pad_to)
     if len(rows) == 1 and "segment_ids" in rows[0]:
         batch["cu_seqlens"] = row_offsets(rows[0]["segment_ids"], batch["input_ids"].shape[1])
     if "cu_seqlens" in batch or not any("segment_ids" in r for r in rows):
         del batch["attention_mask"]
     batch["label_positions"] = label_positions_of(batch["labels"])
+    if embed is not None:
+        batch["inputs_embeds"] = embed(batch["input_ids"])
     if torch.device(device).type == "cuda":
         # From pinned memory the copy is queued behind the GPU work already there and the CPU goes
         # on to the next micro-batch; from ordinary memory the CPU would wait for it.
@@ -378,6 +384,7 @@ class Step:
     loss_scale: "LossScale"
     max_grad_norm: float
     ranks: "DataParallel"  # how the ranks share the step: DataParallel below, or shard.FullyShard
+    embed: object = None  # make_batch's embed: the plan's host-memory embedding lookup, or None
 
 
 def optimizer_step(s: Step, micro: list[list[int]], lr: float):
@@ -391,7 +398,7 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     loss_sum = torch.zeros(1, device=s.device, dtype=torch.float64)
     passes = lambda share: step_passes([[s.rows[i] for i in mb] for mb in share], s.budget)
     for rows, weight in s.ranks.share(micro, passes):  # weight 0: a repeat that only keeps sharded ranks in step
-        loss_sum += weight * s.micro_batch(make_batch(rows, s.pad_id, s.device, s.pad_to), weight * scale)
+        loss_sum += weight * s.micro_batch(make_batch(rows, s.pad_id, s.device, s.pad_to, s.embed), weight * scale)
     s.ranks.reduce(loss_sum, s.params)
     s.loss_scale.unscale(s.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
@@ -614,11 +621,13 @@ def train(a) -> int:
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
     loss_fn = CausalLMLoss(model, layers=plan.training_layers(model), packed_mask=plan.packed_mask)
+    embed = plan.embedding(model)  # None, or the lookup of an embedding moved to host memory
     run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world, ranks.states)
     loss_scale = LossScale(enabled=dtype == torch.float16)
     loss_scale.value = run.state.get("loss_scale", loss_scale.value)
     s = Step(train_rows, tok.endoftext_id, device, plan.pad_to, plan.micro_batch_fn(loss_fn, params, micro_batch),
-             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm, ranks)
+             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm, ranks,
+             embed)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
     answers = lambda: answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids, ranks.new_decoder)  # on every rank
     if a.eval_prompts:

@@ -292,6 +292,47 @@ def test_the_plan_says_how_the_layers_run():
     assert not plan.graphs and not plan.compiled and plan.pad_to == 1 and plan.message == ""
 
 
+def test_the_plan_keeps_an_untied_embedding_in_host_memory_on_a_gpu():
+    """speed.use_host_embedding: on a GPU, for a model with an lm_head of its own (Qwen2.5-7B and up);
+    not for a tied one (0.5B to 3B: the loss multiplies by it on the GPU), nor on the CPU."""
+    import dataclasses
+    import model as modeling
+    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=False, packing=False,
+                           activation_cpu_offload=False)
+    seven = modeling.Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4)
+    plan = speed.plan_training(a, torch.device("cuda"), [40, 100], 192, seven)
+    assert plan.host_embedding and "input embedding (152,064 x 3,584, 1.02 GiB in bf16) stays in host memory" in plan.message
+    tied = dataclasses.replace(seven, tie_word_embeddings=True)
+    assert not speed.plan_training(a, torch.device("cuda"), [40, 100], 192, tied).host_embedding
+    assert not speed.plan_training(a, torch.device("cpu"), [40, 100], 192, seven).host_embedding
+
+
+def test_host_embedding_trains_like_the_embedding_on_the_gpu(tiny_dir):
+    """speed.HostEmbedding: batches bring their rows of a table kept in host memory (make_batch's
+    embed), and the loss and LoRA gradients are the plain path's, dropout included; a call with ids
+    where the model runs (evaluation, sample answers) gives the same rows."""
+    import lora
+    import model as modeling
+    from conftest import loss_and_gradients, random_rows
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.detach().clone())  # untied, as the 7B
+    lora_for_training(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), b_std=0.02, seed=1)
+    rows = random_rows([30, 17, 45])
+    plain = train.make_batch(rows, 0, "cpu")
+    want_loss, want = loss_and_gradients(m, plain, None, seed=3)
+    lookup = speed.TrainingPlan(host_embedding=True).embedding(m)
+    assert isinstance(m.model.embed_tokens, speed.HostEmbedding)
+    hosted = train.make_batch(rows, 0, "cpu", embed=lookup)
+    assert hosted["inputs_embeds"].shape == (3, 45, m.config.hidden_size)
+    assert torch.equal(m.model.embed_tokens(plain["input_ids"]), hosted["inputs_embeds"])
+    m.model.embed_tokens.forward = lambda ids: pytest.fail("a training batch looked its rows up again")
+    loss, got = loss_and_gradients(m, hosted, None, seed=3)
+    assert torch.equal(loss, want_loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=0)
+
+
 def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
     """For CUDA graphs the loss reads every position (speed.every_position); the unlabelled ones
     add nothing, so the loss is that of the labelled positions alone."""
