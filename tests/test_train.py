@@ -642,3 +642,27 @@ def test_float16_training_scales_the_loss(tmp_path, tiny_dir, capsys, monkeypatc
     assert "[2/2] float16 gradients overflowed: step skipped, loss scale now 2.74878e+11" in out
     b = {k: v for k, v in adapter(run_dir_of(tmp_path / "huge") / "checkpoint-2").items() if "lora_B" in k}
     assert b and all(not v.any() for v in b.values())  # B starts at zero and no step changed it
+
+
+def test_train_py_with_the_embedding_in_host_memory_runs_as_without(tmp_path, hf_checkpoint, monkeypatch):
+    """train.py end to end with speed.use_host_embedding forced on (it is chosen on GPUs only): the
+    same training and evaluation losses and the same adapter as with the embedding where the model
+    runs; sample answers (--eval_prompts) and evaluation call the host table with the device's ids."""
+    folder, _ = hf_checkpoint()  # an lm_head of its own, as the 7B has
+    data_file = write_qa(tmp_path / "qa.json")
+    run = lambda out: train.main(base_args(data_file, tmp_path / out, "--model", folder, "--max_steps", 3,
+                                           "--split_dataset_ratio", 0.25, "--eval_steps", 2, "--lora_dropout", 0.1,
+                                           "--eval_prompts", "Who are you?"))
+    assert run("plain") == 0
+    looked_up = []
+    lookup = speed.HostEmbedding.lookup
+    monkeypatch.setattr(speed.HostEmbedding, "lookup", lambda self, ids: looked_up.append(ids.shape) or lookup(self, ids))
+    monkeypatch.setattr(speed, "use_host_embedding", lambda device, config: (True, "embedding in host memory"))
+    assert run("hosted") == 0
+    assert len(looked_up) >= 3  # the training batches at least
+    logs = [[json.loads(line) for line in (run_dir_of(tmp_path / out) / "logging.jsonl").read_text().splitlines()]
+            for out in ("plain", "hosted")]
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("elapsed", "remaining", "tokens_per_s")} for e in log]
+    assert strip(logs[0]) == strip(logs[1]) and any("eval_loss" in e for e in logs[0])
+    last = lambda out: sorted(run_dir_of(tmp_path / out).glob("checkpoint-*"))[-1]
+    assert all(torch.equal(a, b) for a, b in zip(adapter(last("plain")).values(), adapter(last("hosted")).values()))
