@@ -7,8 +7,9 @@ function it replaces and the test that proves they agree, and is chosen in one p
 
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
                     layers, compiled layers, or eager; each layer's checkpointed input kept in host
-                    memory for long rows) and how packed rows attend (VarlenAttention on a GPU),
-                    printed at start-up with the reason
+                    memory for long rows), how packed rows attend (VarlenAttention on a GPU) and
+                    where the input embedding lives (HostEmbedding), printed at start-up with the
+                    reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
@@ -506,7 +507,8 @@ class CUDAGraphMicroBatches:
 
     A replay repeats fixed work on fixed memory, so: every shape depends only on the micro-batch's
     (B, T) (the loss reads every position: the unlabelled ones are -100 and add nothing); inputs are
-    copied into the graph's own tensors; gradients are added into .grad tensors that never move
+    copied into tensors at fixed addresses (views into one buffer per input that all the graphs
+    share: only one runs at a time); gradients are added into .grad tensors that never move
     (allocated before the first step and zeroed in place); and the training runs on a side stream
     (TrainingPlan.prepare).
     """
@@ -515,6 +517,7 @@ class CUDAGraphMicroBatches:
         self.loss_fn, self.params = loss_fn, params
         self.graphs = {}  # shapes of the inputs -> (graph, its input tensors, its loss)
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for all: only one runs at a time
+        self.buffers = {}  # input name -> the flat tensor that every graph's input of that name views
 
     def __call__(self, batch: dict, scale: float) -> torch.Tensor:
         """Add the gradient of scale * loss to each parameter's .grad; return the summed loss (a
@@ -533,7 +536,7 @@ class CUDAGraphMicroBatches:
     def _record(self, key, batch: dict, scale: float) -> torch.Tensor:
         inputs = dict(batch, scale=torch.full((), scale, device=batch["labels"].device))
         loss = self._run(inputs)  # a real micro-batch, and the warm-up that recording needs
-        graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs.items()}
+        graph, static = torch.cuda.CUDAGraph(), {k: self._fixed(k, v) for k, v in inputs.items()}
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.current_stream()):
                 static_loss = self._run(static)  # recorded, not run
@@ -544,6 +547,17 @@ class CUDAGraphMicroBatches:
                              "checkpoints already saved are untouched.") from None
         self.graphs[key] = graph, static, static_loss
         return loss
+
+    def _fixed(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """A copy of value at a fixed address: the front of the buffer for `name`. An input larger
+        than the buffer gets a new one, at least twice the size; graphs recorded before keep the
+        old one, so all of them together hold at most about twice the largest input (with the
+        embedding in host memory, inputs_embeds is T x hidden: 14 MB at 2,048 tokens of the 7B)."""
+        old = self.buffers.get(name)
+        if old is None or old.numel() < value.numel():
+            size = max(value.numel(), 2 * old.numel() if old is not None else 0)
+            self.buffers[name] = torch.empty(size, dtype=value.dtype, device=value.device)
+        return self.buffers[name][:value.numel()].view(value.shape).copy_(value)
 
     def _run(self, inputs: dict) -> torch.Tensor:
         inputs = dict(inputs)

@@ -518,6 +518,9 @@ def test_cuda_graph_micro_batches_give_the_eager_gradients(tiny_dir):
             assert torch.equal(loss, ref_loss.detach()), (k, loss, ref_loss)
             assert all(torch.equal(p.grad, r) for p, r in zip(params, ref)), k
         assert sorted(dict(key)["input_ids"] for key in graphed.graphs) == [(1, 64), (1, 128)]  # one graph a shape
+        inputs = {dict(key)["input_ids"]: g[1] for key, g in graphed.graphs.items()}
+        # The later, larger shape's inputs sit at the front of the shared buffers (the 64-token one keeps the old ones).
+        assert inputs[(1, 128)]["input_ids"].data_ptr() == graphed.buffers["input_ids"].data_ptr()
         # Without reseeding, each replay draws fresh masks.
         grads = []
         for _ in range(2):
