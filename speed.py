@@ -93,12 +93,12 @@ class TrainingPlan:
         return offloaded_layers(layers or model.model.layers) if self.offload else layers
 
     def embedding(self, model):
-        """With host_embedding, model's input embedding moved to host memory, and the function
-        that looks rows up there for train.make_batch (HostEmbedding.lookup); else None."""
+        """With host_embedding, model's input embedding moved to host memory (a HostEmbedding,
+        which is also train.make_batch's embed); else None."""
         if not self.host_embedding:
             return None
         model.model.embed_tokens = HostEmbedding(model.model.embed_tokens.weight)
-        return model.model.embed_tokens.lookup
+        return model.model.embed_tokens
 
     def prepare(self, device):
         """What this plan needs set before the model loads: TF32 for float32 matmuls on GPUs, and
@@ -173,10 +173,10 @@ def use_host_embedding(device, config) -> tuple[bool, str]:
 class HostEmbedding(nn.Module):
     """nn.Embedding whose table is in pinned host memory. The embedding does not train (LoRA
     adapts linear layers only) and a step reads a few thousand of its 152,064 rows, so the GPU need
-    not hold it: training batches get their rows from lookup() on the CPU, where the token ids are
-    made, and the copy to the GPU is (T, hidden) instead of T ids (14 MB at 2,048 tokens of the 7B).
-    Called with ids on the GPU (evaluation, sample answers), it copies them to the host first,
-    which makes the CPU wait for the GPU: fine there, not in a training step."""
+    not hold it: train.make_batch calls it with a batch's ids on the CPU, where they are made, and
+    gets the rows there, so the copy to the GPU is (T, hidden) instead of T ids (14 MB at 2,048
+    tokens of the 7B). Called with ids on the GPU (evaluation, sample answers), it copies them to the
+    host first, which makes the CPU wait for the GPU: fine there, not in a training step."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -190,7 +190,7 @@ class HostEmbedding(nn.Module):
         torch.index_select(self.weight, 0, ids.flatten(), out=out.view(-1, self.weight.shape[1]))
         return out
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids on the CPU: lookup's rows as they are
         return self.lookup(ids.cpu()).to(ids.device, non_blocking=True)
 
 

@@ -384,7 +384,7 @@ class Step:
     loss_scale: "LossScale"
     max_grad_norm: float
     ranks: "DataParallel"  # how the ranks share the step: DataParallel below, or shard.FullyShard
-    embed: object = None  # make_batch's embed: the plan's host-memory embedding lookup, or None
+    embed: object = None  # make_batch's embed: the plan's embedding in host memory, or None
 
 
 def optimizer_step(s: Step, micro: list[list[int]], lr: float):
@@ -621,7 +621,7 @@ def train(a) -> int:
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
     loss_fn = CausalLMLoss(model, layers=plan.training_layers(model), packed_mask=plan.packed_mask)
-    embed = plan.embedding(model)  # None, or the lookup of an embedding moved to host memory
+    embed = plan.embedding(model)  # None, or the embedding moved to host memory (it looks up make_batch's rows)
     run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world, ranks.states)
     loss_scale = LossScale(enabled=dtype == torch.float16)
     loss_scale.value = run.state.get("loss_scale", loss_scale.value)

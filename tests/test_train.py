@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import runs
 import speed
 import train
-from conftest import lora_for_training, single_torch_thread
+from conftest import lora_for_training, loss_and_gradients, random_rows, single_torch_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -314,16 +314,15 @@ def test_host_embedding_trains_like_the_embedding_on_the_gpu(tiny_dir):
     where the model runs (evaluation, sample answers) gives the same rows."""
     import lora
     import model as modeling
-    from conftest import loss_and_gradients, random_rows
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
     m.lm_head.weight = torch.nn.Parameter(m.model.embed_tokens.weight.detach().clone())  # untied, as the 7B
     lora_for_training(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1), b_std=0.02, seed=1)
     rows = random_rows([30, 17, 45])
     plain = train.make_batch(rows, 0, "cpu")
     want_loss, want = loss_and_gradients(m, plain, None, seed=3)
-    lookup = speed.TrainingPlan(host_embedding=True).embedding(m)
-    assert isinstance(m.model.embed_tokens, speed.HostEmbedding)
-    hosted = train.make_batch(rows, 0, "cpu", embed=lookup)
+    embed = speed.TrainingPlan(host_embedding=True).embedding(m)
+    assert isinstance(embed, speed.HostEmbedding) and m.model.embed_tokens is embed
+    hosted = train.make_batch(rows, 0, "cpu", embed=embed)
     assert hosted["inputs_embeds"].shape == (3, 45, m.config.hidden_size)
     assert torch.equal(m.model.embed_tokens(plain["input_ids"]), hosted["inputs_embeds"])
     m.model.embed_tokens.forward = lambda ids: pytest.fail("a training batch looked its rows up again")
