@@ -25,8 +25,7 @@ def _isolated_home(tmp_path_factory):
 def _process_wide_cuda_settings():
     """train.main and infer.main run in-process in many tests, and on a GPU a run changes settings
     of the whole process, as a command may (speed.TrainingPlan.prepare: a side stream for all
-    work, TF32 float32 matmuls). Each test gets them back as a new process has them. On the GPU
-    machine three infer tests failed after others in one process, and passed alone."""
+    work, TF32 float32 matmuls). Each test gets them back as a new process has them."""
     import torch
     tf32 = torch.backends.cuda.matmul.allow_tf32
     yield
