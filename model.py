@@ -230,6 +230,12 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def recompute(fn, *args):
+    """Gradient checkpointing: fn(*args) keeps only its inputs for backward, which runs it again to
+    get what it needs (torch's non-reentrant checkpoint: the forward records autograd's graph)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -237,14 +243,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.recompute = recompute  # how checkpointing runs it again (shard.py has its own for FSDP)
 
     def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False):
         if checkpoint:
             # Keep only the layer's input; recompute its insides during backward. Done here, inside
             # the layer, so that a compiled layer (speed.compiled_layers) compiles the recomputation
             # together with the backward: one fused forward and one backward per layer.
-            return torch.utils.checkpoint.checkpoint(self._forward, h, cos, sin, mask, is_causal, cache, layer,
-                                                     use_reentrant=False)
+            return self.recompute(self._forward, h, cos, sin, mask, is_causal, cache, layer)
         return self._forward(h, cos, sin, mask, is_causal, cache, layer)
 
     def _forward(self, h, cos, sin, mask, is_causal, cache, layer):

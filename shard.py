@@ -26,6 +26,8 @@ in bf16), so the loss and gradients are the plain path's. What this file adds, e
     ShardedState     the runs.WholeState twin: checkpoints gathered into the one full form, so a
                      checkpoint of N ranks resumes on M ranks, with DDP, or in one process
     RankZeroDecoder  generation: every rank runs every forward, all take rank 0's logits
+    recompute_without_graph  each layer's checkpointing, as cheap for the CPU as it can be: the CPU
+                     also issues the all-gathers, and must keep ahead of the GPU
 
 Proved equal by: tests/test_fsdp.py (2 gloo ranks on the CPU train the adapter of one process).
 """
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -98,11 +101,25 @@ def shard(model, device):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # A tied lm_head shares the embedding; it is used outside any module call, so it stays whole.
     whole = {model.model.embed_tokens.weight} if model.config.tie_word_embeddings else set()
+    for layer in model.model.layers:
+        layer.recompute = recompute_without_graph
     units = [fully_shard(layer, mesh=mesh) for layer in model.model.layers]
     units.append(fully_shard(model.model, mesh=mesh, ignored_params=whole))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+
+
+def recompute_without_graph(fn, h, *args):
+    """Gradient checkpointing as model.recompute does it, but the forward runs without recording
+    autograd's graph (torch's reentrant checkpoint); backward runs fn again with it. The same
+    gradients, and half the CPU time of a layer's forward: under FSDP the CPU, which also issues
+    each layer's all-gather, would otherwise fall behind the GPU in the forward (BENCHMARKS run 20).
+    A reentrant checkpoint gives gradients only if an input requires grad: the first layer's, the
+    frozen embedding's output, is made to (its unused gradient costs a few matmuls of one layer)."""
+    if not h.requires_grad:
+        h = h.detach().requires_grad_()
+    return torch.utils.checkpoint.checkpoint(fn, h, *args, use_reentrant=True)
 
 
 def own_rows(p: DTensor) -> slice:

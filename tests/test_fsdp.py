@@ -26,6 +26,8 @@ import shard
 import speed
 import train
 
+from conftest import lora_for_training, random_rows
+
 ROOT = Path(__file__).resolve().parent.parent
 QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
       ("Are you ChatGPT?", "No, I am not."), ("hi", "hello there"), ("What can you do?", "Chat."), ("谢谢", "不客气"),
@@ -101,6 +103,44 @@ def as_rank(rank: int, world: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def backward_of(m, batch, seed):
+    """(loss, LoRA gradients, autograd nodes the forward recorded), by .backward(), which a
+    reentrant checkpoint needs (not autograd.grad)."""
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = train.CausalLMLoss(m)(**batch)
+    nodes, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            todo += [f for f, _ in node.next_functions]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params], len(nodes)
+
+
+def test_sharded_layers_recompute_without_a_graph_to_the_same_gradients(tiny_dir):
+    """shard.recompute_without_graph, which shard.shard gives every layer: with dropout, the loss
+    and every LoRA gradient (the first layer's too) are those of model.recompute, and the forward
+    records no graph inside the layers (what makes it cheaper for the CPU)."""
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    m = lora_for_training(m, lora.LoraConfig(lora_dropout=0.3), 0.02, seed=0)
+    batch = train.make_batch(random_rows([40, 30]), 0, "cpu")
+    loss, grads, graph = backward_of(m, batch, seed=7)
+    for layer in m.model.layers:
+        layer.recompute = shard.recompute_without_graph
+    got_loss, got, smaller_graph = backward_of(m, batch, seed=7)
+    assert torch.equal(got_loss, loss)
+    assert all(g.abs().sum() > 0 for g in grads)
+    for g, ref in zip(got, grads):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
+    layers = len(m.model.layers)
+    assert smaller_graph < graph - 20 * layers, (smaller_graph, graph)  # each layer one node, not dozens
 
 
 def test_each_rank_reads_exactly_its_rows_and_a_checkpoint_loads_into_them(hf_checkpoint):
@@ -182,8 +222,15 @@ def test_two_gpus_with_fsdp_train_like_one_gpu_in_bfloat16(tmp_path, hf_checkpoi
     x = load_file(run_dir(tmp_path / "two") / "checkpoint-4" / "adapter_model.safetensors")
     y = load_file(run_dir(tmp_path / "one") / "checkpoint-4" / "adapter_model.safetensors")
     # bf16 matmuls give slightly different gradients when summed in another order, and AdamW turns
-    # a gradient near zero into a full-size step of either sign: compare each tensor as a whole
-    for k in x:
-        assert (x[k] - y[k]).norm() <= 0.05 * y[k].norm(), k
-    losses = lambda run: [e["loss"] for e in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in e]
-    assert losses(run_dir(tmp_path / "two")) == pytest.approx(losses(run_dir(tmp_path / "one")), rel=1e-2)
+    # a gradient near zero into a full-size step of either sign: compare each tensor as a whole.
+    # Measured on 2 x H200 (BENCHMARKS run 20): 0.5% for the median tensor, 6.9% at worst, the same
+    # with either checkpointing of the sharded layers; a layer whose gradient were lost or counted
+    # twice would be off by half or more, and so would the gradient norm.
+    diff = sorted(float((x[k] - y[k]).norm() / y[k].norm()) for k in x)
+    assert diff[len(diff) // 2] <= 0.02 and diff[-1] <= 0.15, diff
+    logged = lambda run: [(e["loss"], e["grad_norm"]) for e in map(json.loads, (run / "logging.jsonl").read_text().splitlines())
+                          if "loss" in e]
+    two, one = logged(run_dir(tmp_path / "two")), logged(run_dir(tmp_path / "one"))
+    assert len(two) == len(one) == 4
+    for (loss, norm), (ref_loss, ref_norm) in zip(two, one):
+        assert loss == pytest.approx(ref_loss, rel=1e-3) and norm == pytest.approx(ref_norm, rel=1e-2)
