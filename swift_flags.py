@@ -120,7 +120,7 @@ FLAGS = {
     "optim": SwiftFlag("adamw_torch", TRAIN, "the optimizer is torch's AdamW (fused on a GPU)",
                        only=("adamw_torch", "adamw_torch_fused")),
     "gradient_checkpointing": SwiftFlag("true", TRAIN),
-    "gradient_checkpointing_kwargs": SwiftFlag("""'{"use_reentrant":false}'""", TRAIN, "checkpointing is non-reentrant here",
+    "gradient_checkpointing_kwargs": SwiftFlag("""'{"use_reentrant":false}'""", TRAIN, "checkpointing is non-reentrant here (reentrant under --fsdp: the same gradients)",
                                                ignored=True),
     "use_liger_kernel": SwiftFlag("true", TRAIN, "no Liger kernels; the loss never holds all logits at once anyway",
                                   ignored=True),
