@@ -95,9 +95,10 @@ def load_lora_model(model_dir: Path, cfg: lora.LoraConfig, seed: int, dtype, dev
 
 
 def shard(model, device):
-    """Each decoder layer its own FSDP unit, the rest of Qwen2Model the root unit. Gradients are
-    summed over the ranks, not averaged: the loss is already divided by the label tokens of the
-    whole step on all ranks (train.optimizer_step), as DDP's sum does."""
+    """Each decoder layer its own FSDP unit, checkpointed by recompute_without_graph, the rest of
+    Qwen2Model the root unit. Gradients are summed over the ranks, not averaged: the loss is
+    already divided by the label tokens of the whole step on all ranks (train.optimizer_step), as
+    DDP's sum does."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # A tied lm_head shares the embedding; it is used outside any module call, so it stays whole.
     whole = {model.model.embed_tokens.weight} if model.config.tie_word_embeddings else set()
