@@ -199,7 +199,7 @@ def varlen_available(device, dtype) -> bool:
     where each row starts): on a GPU, in bfloat16 or float16, with torch >= 2.9. Elsewhere packed
     rows need SDPA with a T x T block mask, which on the CPU made the demo 1.7x slower than
     padded micro-batches: so --padding_free is on by default only where this holds."""
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and varlen_attn is not None
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and find_varlen() is not None
 
 
 def packed_attention(a, device) -> tuple[object, str]:
@@ -213,7 +213,7 @@ def packed_attention(a, device) -> tuple[object, str]:
                if a.padding_free else "--packing true rows")
     if varlen_available(device, cli.pick_dtype(a.torch_dtype, device)):
         return VarlenAttention, f"{packing}; rows attend through torch's varlen_attn (no T x T mask)"
-    need = "bfloat16 or float16" + ("" if varlen_attn is not None else " and torch >= 2.9")
+    need = "bfloat16 or float16" + ("" if find_varlen() is not None else " and torch >= 2.9")
     return None, f"{packing}; rows attend through SDPA with a T x T block mask (varlen_attn needs {need})"
 
 
@@ -447,24 +447,28 @@ def fused_layers(model, split_long_rows: bool = False) -> list | None:
 # Packed rows through flash attention. Replaces: model.block_mask and SDPA over it.
 # Proved equal by: tests/test_packing.py::test_varlen_attention_equals_the_block_mask_path (GPU)
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.9
-    varlen_attn = None
+varlen_attn, VARLEN_KEYWORDS = None, {}  # torch's varlen_attn and its keywords, set by find_varlen
+_looked_for_varlen = False
 
 
-def varlen_keywords() -> dict:
-    """varlen_attn's keywords for causal attention within each row, from its signature: causal is
+def find_varlen():
+    """torch's varlen_attn (torch >= 2.9), or None, imported at the first call rather than with
+    this file: the import brings torch._dynamo with it, 1.5 s that every start of train.py and
+    infer.py would pay. Its keywords for causal attention within each row are read from its
+    signature, once (torch.compile cannot trace inspect.signature): causal is
     `window_size=(-1, 0)` in torch 2.11 (the GPU machine) and 2.13, `is_causal=True` in 2.9; 2.13
     takes grouped-query K/V with `enable_gqa=True`, 2.11 without a word."""
-    if varlen_attn is None:
-        return {}
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return causal | ({"enable_gqa": True} if "enable_gqa" in params else {})
-
-
-VARLEN_KEYWORDS = varlen_keywords()  # read once: torch.compile cannot trace inspect.signature
+    global varlen_attn, VARLEN_KEYWORDS, _looked_for_varlen
+    if not _looked_for_varlen:
+        _looked_for_varlen = True
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:  # torch < 2.9
+            return None
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        VARLEN_KEYWORDS = causal | ({"enable_gqa": True} if "enable_gqa" in params else {})
+    return varlen_attn
 
 
 class VarlenAttention:

@@ -115,6 +115,7 @@ def test_varlen_attention_reads_q_k_v_and_row_offsets_as_the_kernel_expects(lora
                 *heads, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
         return out
 
+    speed.find_varlen()  # the keywords torch's varlen_attn takes for causal rows, read from its signature
     monkeypatch.setattr(speed, "varlen_attn", kernel)
     (batch,) = [train.make_batch(r, 0, "cpu", 64) for r in train.step_passes([random_rows([7, 30, 1, 12, 20])], 2048)]
     inputs = dict(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
@@ -146,7 +147,7 @@ def test_padding_free_is_on_by_default_where_varlen_attention_runs(tmp_path, tin
     train.set_derived_defaults(a)
     assert a.max_tokens_per_pass == a.max_length == 2048
     assert a.padding_free is False  # on the CPU packed rows need a T x T mask: micro-batches are faster
-    assert speed.varlen_available(torch.device("cuda"), torch.bfloat16) == (speed.varlen_attn is not None)
+    assert speed.varlen_available(torch.device("cuda"), torch.bfloat16) == (speed.find_varlen() is not None)
     assert not speed.varlen_available(torch.device("cuda"), torch.float32)
     a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--padding_free", "true"])
     a.gradient_accumulation_steps = 1
@@ -155,7 +156,7 @@ def test_padding_free_is_on_by_default_where_varlen_attention_runs(tmp_path, tin
     gpu = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=True,
                              max_tokens_per_pass=1024, packing=False, torch_dtype="bfloat16")
     plan = speed.plan_training(gpu, torch.device("cuda"), [40, 100, 70], 192)
-    if speed.varlen_attn is not None:
+    if speed.find_varlen() is not None:
         assert plan.packed_mask is speed.VarlenAttention and "varlen_attn (no T x T mask)" in plan.message
     assert "at most 1024 tokens" in plan.message and "here at most 16 lengths (64, 128," in plan.message
     plan = speed.plan_training(argparse.Namespace(**dict(vars(gpu), torch_dtype="float32")), torch.device("cuda"),
