@@ -44,7 +44,6 @@ import lora
 import model as modeling
 import quant
 import runs
-import shard
 import speed
 from cli import UsageError, str2bool
 from data import DataError
@@ -171,7 +170,10 @@ def check_args(a):
         if getattr(a, name) and len(getattr(a, name)) > 2:
             raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
     cli.pick_dtype(a.torch_dtype, torch.device("cpu"))  # a bad name fails here
-    shard.check_flags(a)
+    if a.fsdp:  # shard.py checks it, imported only when named: torch's FSDP takes a second to import
+        import shard
+        shard.check_flags(a)
+    a.fsdp = bool(a.fsdp)
     problem = quant.flag_problem(a, cli.pick_dtype(a.torch_dtype, cli.pick_device(a.device)))
     if problem:
         raise UsageError(problem)
@@ -412,6 +414,15 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     return loss_sum.item() / max(1, n_tokens), grad_norm, tokens
 
 
+def step_sharing(a, rank: int, world: int, quantize) -> "DataParallel":
+    """How the ranks share each optimizer step: shard.FullyShard under --fsdp true on several
+    ranks, else DataParallel below (shard.py imported only then: see check_args)."""
+    if not (a.fsdp and world > 1):
+        return DataParallel(rank, world, quantize)
+    import shard
+    return shard.FullyShard(rank, world)
+
+
 class DataParallel:
     """How the ranks of a torchrun share an optimizer step (one process: rank 0 of 1). Each holds
     the whole model and runs every world-th micro-batch; then the loss and the LoRA gradients are
@@ -616,7 +627,7 @@ def train(a) -> int:
     log0(rank, plan.message)
     plan.prepare(device)
     quantize = quant.settings(a)  # None without --quant_bits
-    ranks = shard.FullyShard(rank, world) if a.fsdp and world > 1 else DataParallel(rank, world, quantize)
+    ranks = step_sharing(a, rank, world, quantize)
     model, params = load_lora_model(a, model_dir, dtype, device, ranks)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
