@@ -3,6 +3,7 @@
 import contextlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def _isolated_home(tmp_path_factory):
     os.environ["QWEN_LORA_HOME"] = str(home)
     os.environ["HF_HUB_OFFLINE"] = "1"
     yield home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_the_commands():
+    """The Ctrl-C tests need SIGINT to reach train.py, infer.py and merge.py as it does at a
+    terminal. A job a script starts in the background (`cmd &`) begins with SIGINT ignored, and
+    every process it starts inherits that: Python then never raises KeyboardInterrupt. Handling it
+    here gives the commands under test the default back (a handler is reset to it at exec)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
