@@ -44,6 +44,17 @@ def _process_wide_cuda_settings():
         torch.cuda.set_stream(torch.cuda.default_stream())
 
 
+@pytest.fixture
+def without_inductor(monkeypatch):
+    """torch.compile's tracing (dynamo, AOT autograd, a checkpoint inside) without inductor's C++
+    code, which a clean machine compiles with gcc for a minute and more on 2 cores: for the tests
+    of what is compiled, how often, and what the run around it does.
+    tests/test_model.py::test_compiled_checkpointed_layers_give_the_eager_gradients runs inductor."""
+    import functools
+    import torch
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
 @contextlib.contextmanager
 def single_torch_thread():
     """torch on one thread, then as before. Tiny matmuls run fastest on one, a busy machine can make

@@ -140,17 +140,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
-    """speed.compiled_layers, checkpointed from outside (no graphs) and from inside the compiled layer
-    (as with CUDA graphs, which bench.py runs on a GPU); CPU inductor here. Two lengths: one static
-    compile each."""
+def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, monkeypatch):
+    """speed.compiled_layers, checkpointed from outside (no graphs; traced without inductor's code,
+    as conftest.without_inductor says) and from inside the compiled layer (as with CUDA graphs,
+    which bench.py runs on a GPU; CPU inductor here). Two lengths: one static compile each."""
+    import functools
     folder, _ = hf_checkpoint(num_hidden_layers=2)
     grads = []
     for compiled, inside in ((False, False), (True, False), (True, True)):
         m, _ = load_model(str(folder), dtype=torch.float32)
         m.train()
         m.model.gradient_checkpointing = True
-        layers = compiled_layers(m, inside) if compiled else None
+        with monkeypatch.context() as patch:
+            if not inside:
+                patch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+            layers = compiled_layers(m, inside) if compiled else None
         for length in (16, 8):
             m.lm_head(m.model(tokens(length=length), layers=layers)).logsumexp(-1).mean().backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
@@ -162,9 +166,10 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint):
         torch.testing.assert_close(inside, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_lora_layers_compile_once_per_length(hf_checkpoint):
+def test_compiled_lora_layers_compile_once_per_length(hf_checkpoint, without_inductor):
     """With frozen embeddings, the first layer's input would not require grad and the later ones'
-    would: two compiles of every length. The model makes them one (CPU inductor here)."""
+    would: two compiles of every length. The model makes them one (counted by dynamo, whatever
+    the backend)."""
     import lora
     from torch._dynamo.utils import counters
     folder, _ = hf_checkpoint(num_hidden_layers=2)
@@ -181,7 +186,7 @@ def test_compiled_lora_layers_compile_once_per_length(hf_checkpoint):
     assert m.model.embed_tokens.weight.grad is None
 
 
-def test_long_sequences_go_through_the_mlp_in_pieces_with_the_same_result(hf_checkpoint, monkeypatch):
+def test_long_sequences_go_through_the_mlp_in_pieces_with_the_same_result(hf_checkpoint, monkeypatch, without_inductor):
     """MLP.chunk tokens at a time (2,048 for real; 5 here, so 16 tokens are 5 + 5 + 5 + 1):
     transformers' logits, and the unchunked gradients, eager and compiled with the checkpoint inside."""
     folder, hf = hf_checkpoint(num_hidden_layers=2)

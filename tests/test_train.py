@@ -348,9 +348,10 @@ def test_fixed_shape_batches_give_the_same_loss(tiny_dir):
         torch.testing.assert_close(loss_fn(**fixed), loss_fn(**exact))
 
 
-def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys):
-    """--torch_compile true (on a GPU the default for long runs; here CPU inductor): batches padded to a multiple of 64
-    tokens, one compile per length, announced at the start; the adapter matches eager training. The steps run
+def test_compiled_layers_train_padded_batches_like_the_eager_ones(tmp_path, tiny_dir, capsys, without_inductor):
+    """--torch_compile true (on a GPU the default for long runs; here traced, without inductor's C++ code):
+    batches padded to a multiple of 64 tokens, one compile per length, announced at the start; the
+    adapter matches eager training. The steps run
     packed (--padding_free true, the default on a GPU), so packed rows train through compiled layers too."""
     data = write_qa(tmp_path / "qa.json", QA + [("讲一个很长的故事" * 12, "从前有座山，山里有座庙。" * 12)])
     adapters = []
