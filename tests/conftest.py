@@ -44,8 +44,7 @@ def _process_wide_cuda_settings():
         torch.cuda.set_stream(torch.cuda.default_stream())
 
 
-@pytest.fixture
-def without_inductor(monkeypatch):
+def compile_without_inductor(monkeypatch):
     """torch.compile's tracing (dynamo, AOT autograd, a checkpoint inside) without inductor's C++
     code, which a clean machine compiles with gcc for a minute and more on 2 cores: for the tests
     of what is compiled, how often, and what the run around it does.
@@ -53,6 +52,11 @@ def without_inductor(monkeypatch):
     import functools
     import torch
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+
+
+@pytest.fixture
+def without_inductor(monkeypatch):
+    compile_without_inductor(monkeypatch)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import torch
 
 import model
 import speed
-from conftest import make_hf_checkpoint
+from conftest import compile_without_inductor, make_hf_checkpoint
 from model import Config, ModelError, load_model
 
 
@@ -141,10 +141,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
 
 
 def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, monkeypatch):
-    """speed.compiled_layers, checkpointed from outside (no graphs; traced without inductor's code,
-    as conftest.without_inductor says) and from inside the compiled layer (as with CUDA graphs,
+    """speed.compiled_layers, checkpointed from outside (no graphs; traced without inductor's code:
+    conftest.compile_without_inductor) and from inside the compiled layer (as with CUDA graphs,
     which bench.py runs on a GPU; CPU inductor here). Two lengths: one static compile each."""
-    import functools
     folder, _ = hf_checkpoint(num_hidden_layers=2)
     grads = []
     for compiled, inside in ((False, False), (True, False), (True, True)):
@@ -153,7 +152,7 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, mo
         m.model.gradient_checkpointing = True
         with monkeypatch.context() as patch:
             if not inside:
-                patch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+                compile_without_inductor(patch)
             layers = compiled_layers(m, inside) if compiled else None
         for length in (16, 8):
             m.lm_head(m.model(tokens(length=length), layers=layers)).logsumexp(-1).mean().backward()
