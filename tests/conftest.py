@@ -154,10 +154,19 @@ def random_rows(lengths, seed=0):
 
 def loss_and_gradients(m, batch, layers, seed: int):
     """(loss, gradient of every LoRA parameter) of one micro-batch through train.CausalLMLoss with
-    these layers (None: the model's own), dropout drawn from `seed` so that paths can be compared."""
+    these layers (None: the model's own), dropout drawn from `seed` so that paths can be compared.
+    By .backward(), as train.micro_batch runs it (a reentrant checkpoint, shard.py's, cannot run
+    under torch.autograd.grad)."""
     import torch
     import lora
     import train
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = None
     torch.manual_seed(seed)
     loss = train.CausalLMLoss(m, layers=layers)(**batch)
-    return loss.detach(), torch.autograd.grad(loss, lora.lora_parameters(m))
+    loss.backward()
+    grads = tuple(p.grad for p in params)
+    for p in params:
+        p.grad = None
+    return loss.detach(), grads

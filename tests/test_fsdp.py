@@ -26,7 +26,7 @@ import shard
 import speed
 import train
 
-from conftest import lora_for_training, random_rows
+from conftest import lora_for_training, loss_and_gradients, random_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
@@ -105,22 +105,15 @@ def as_rank(rank: int, world: int):
         dist.destroy_process_group()
 
 
-def backward_of(m, batch, seed):
-    """(loss, LoRA gradients, autograd nodes the forward recorded), by .backward(), which a
-    reentrant checkpoint needs (not autograd.grad)."""
-    params = lora.lora_parameters(m)
-    for p in params:
-        p.grad = None
-    torch.manual_seed(seed)
-    loss = train.CausalLMLoss(m)(**batch)
+def graph_nodes(loss) -> int:
+    """How many autograd nodes the forward that gave `loss` recorded."""
     nodes, todo = set(), [loss.grad_fn]
     while todo:
         node = todo.pop()
         if node is not None and node not in nodes:
             nodes.add(node)
             todo += [f for f, _ in node.next_functions]
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in params], len(nodes)
+    return len(nodes)
 
 
 def test_sharded_layers_recompute_without_a_graph_to_the_same_gradients(tiny_dir):
@@ -131,10 +124,12 @@ def test_sharded_layers_recompute_without_a_graph_to_the_same_gradients(tiny_dir
     torch.manual_seed(0)
     m = lora_for_training(m, lora.LoraConfig(lora_dropout=0.3), 0.02, seed=0)
     batch = train.make_batch(random_rows([40, 30]), 0, "cpu")
-    loss, grads, graph = backward_of(m, batch, seed=7)
+    loss, grads = loss_and_gradients(m, batch, None, seed=7)
+    graph = graph_nodes(train.CausalLMLoss(m)(**batch))
     for layer in m.model.layers:
         layer.recompute = shard.recompute_without_graph
-    got_loss, got, smaller_graph = backward_of(m, batch, seed=7)
+    got_loss, got = loss_and_gradients(m, batch, None, seed=7)
+    smaller_graph = graph_nodes(train.CausalLMLoss(m)(**batch))
     assert torch.equal(got_loss, loss)
     assert all(g.abs().sum() > 0 for g in grads)
     for g, ref in zip(got, grads):

@@ -42,7 +42,6 @@ def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, split, monkeyp
         assert (got - want).norm() / want.norm() < 1e-5, name
 
 
-
 def test_fused_layers_evaluate_and_see_a_merged_adapter_like_the_plain_ones(tiny_dir):
     """Validation runs the same loss function in eval mode without gradients (no dropout), and a
     merge writes W0 + (alpha/r) B A into q/k/v, which the fused matrix sees: its rows are their views."""
@@ -57,6 +56,7 @@ def test_fused_layers_evaluate_and_see_a_merged_adapter_like_the_plain_ones(tiny
         assert m.model.layers[0].self_attn.q_proj.weight.data_ptr() == fused[0].qkv_weight.data_ptr()
         assert train.CausalLMLoss(m, layers=fused)(**batch).item() == pytest.approx(
             train.CausalLMLoss(m)(**batch).item(), rel=1e-6)
+
 
 def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_dir, monkeypatch):
     """Long rows on a GPU run fused layers with their checkpointed inputs in host memory
