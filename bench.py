@@ -115,7 +115,7 @@ def ours_model(shape, device, fp32=False, quant_type=None, dequantized=False):
     else:
         torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
         with device:
-            m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+            m = modeling.QwenForCausalLM(modeling.Config(**shape))
         torch.set_default_dtype(torch.float32)
         fill_random(m)
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
@@ -131,7 +131,7 @@ def ours_model_4bit(shape, device, quant_type: str, dequantized=False):
     import quant
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device("meta"):
-        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+        m = modeling.QwenForCausalLM(modeling.Config(**shape))
     params = sorted((name, p.shape) for name, p in m.named_parameters())
     quant.quantize_decoder(m, quant.QuantConfig(quant_type), dtype)
     for i, (name, size) in enumerate(params):
@@ -139,7 +139,7 @@ def ours_model_4bit(shape, device, quant_type: str, dequantized=False):
     if dequantized:
         weights = quant.dequantized_state_dict(m)
         with torch.device("meta"):
-            m = modeling.Qwen2ForCausalLM(modeling.Config(**shape))
+            m = modeling.QwenForCausalLM(modeling.Config(**shape))
         m.load_state_dict(weights, strict=True, assign=True)
     return m
 
@@ -296,7 +296,7 @@ def ours_sharded_model(shape, device):
     import shard
     with torch.device("meta"):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as ours_model
-        m = modeling.Qwen2ForCausalLM(modeling.Config(**shape)).to(dtype)
+        m = modeling.QwenForCausalLM(modeling.Config(**shape)).to(dtype)
     base = sorted((name, p.shape) for name, p in m.named_parameters())  # fill_random's order, before LoRA
     lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05))
     shard.shard(m, device)
@@ -646,7 +646,7 @@ def write_checkpoint(shape_name: str, out):
     config = {**json.loads((tiny / "config.json").read_text()), **SHAPES[shape_name], "torch_dtype": "bfloat16"}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in modeling.Qwen2ForCausalLM(modeling.Config.from_dict(config)).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in modeling.QwenForCausalLM(modeling.Config.from_dict(config)).state_dict().items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = {k: random_value(k, shape, i, device).to(torch.bfloat16).cpu() for i, (k, shape) in enumerate(shapes.items())}
     modeling.save_safetensors_sharded(weights, out)

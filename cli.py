@@ -25,6 +25,7 @@ from data import DataError
 from lora import LoraError
 from model import ModelError
 from runs import RunError
+from template import TemplateError
 
 
 class UsageError(Exception):
@@ -155,18 +156,18 @@ def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
 
 
 def model_dir(name: str) -> Path:
-    """--model: `tiny` (the built-in demo model, written on first use), a local folder, or a hub
-    id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the Hugging Face cache)."""
-    return tiny_dir() if name == "tiny" else modeling.resolve_model_dir(name)
+    """--model: `tiny` or `tiny-qwen3` (the built-in demo models, written on first use), a local
+    folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the Hugging Face cache)."""
+    return tiny_dir(name) if name in tiny.BUILT_IN else modeling.resolve_model_dir(name)
 
 
-def tiny_dir() -> Path:
-    """The tiny model's folder, written on first use; a damaged copy is named, with what to do."""
+def tiny_dir(name: str = "tiny") -> Path:
+    """A built-in tiny model's folder, written on first use; a damaged copy is named, with what to do."""
     try:
-        folder = tiny.tiny_model_dir()
+        folder = tiny.tiny_model_dir(name)
     except OSError as e:
         raise ModelError(f"the built-in tiny model could not be written ({e}). Set QWEN_LORA_HOME to a folder "
-                         "you can write to (it goes to QWEN_LORA_HOME/tiny-v3).") from None
+                         f"you can write to (it goes to QWEN_LORA_HOME/{tiny.TINY_VERSION[tiny.BUILT_IN[name]]}).") from None
     try:
         for f in modeling.checkpoint_files(folder):
             modeling.shard_shapes(f)
@@ -180,7 +181,7 @@ def tiny_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 # The error exit
 
-ERRORS = (UsageError, DataError, ModelError, LoraError, RunError, FloatingPointError, OSError)
+ERRORS = (UsageError, DataError, ModelError, LoraError, RunError, TemplateError, FloatingPointError, OSError)
 
 
 def run_main(body, interrupted: str = "") -> int:
@@ -191,7 +192,7 @@ def run_main(body, interrupted: str = "") -> int:
     try:
         return body()
     except ERRORS as e:
-        quiet = isinstance(e, (UsageError, DataError, RunError)) and int(os.environ.get("RANK", "0")) > 0
+        quiet = isinstance(e, (UsageError, DataError, RunError, TemplateError)) and int(os.environ.get("RANK", "0")) > 0
         if not quiet:
             hint = " Check the path and its permissions, and that the disk has room." if isinstance(e, OSError) else ""
             print(f"error: {e}{hint}", file=sys.stderr)

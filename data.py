@@ -76,15 +76,16 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from template import TEMPLATES, Template, with_reasoning_in_content
 from util import round_up
 
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 IGNORE_INDEX = -100
 
 
@@ -161,60 +162,82 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
-    """The conversation with its system prompt in front: its own, else `system`, else Qwen's default.
-
-    system="" (--system '') means no system turn at all, as ms-swift renders it; an empty system
-    turn would be a prompt the model was never trained or released with."""
-    if (messages and messages[0]["role"] == "system") or system == "":
-        return list(messages)
-    return [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}] + list(messages)
+def chat_template(system: str | None = None, template: Template | None = None) -> Template:
+    """The template to render with (Qwen2.5's unless given), with --system's value if given."""
+    template = template or TEMPLATES["qwen2_5"]
+    return template if system is None else replace(template, system=system)
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False, system: str | None = None) -> str:
-    """The text Qwen2.5-Instruct's chat template produces for these messages (with system="", the
-    same without a system turn, where the template would write its default one)."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in with_system(messages, system))
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+def render_chat(messages: list[dict], add_generation_prompt: bool = False, system: str | None = None,
+                template: Template | None = None) -> str:
+    """The text the checkpoint's Jinja chat template produces for these messages (template.py's
+    prompt_turns; with system="", the same without a system turn, where Qwen2.5's would write its default)."""
+    template = chat_template(system, template)
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in template.prompt_turns(messages))
+    return text + (f"<|im_start|>assistant\n{template.generation_prompt()}" if add_generation_prompt else "")
 
 
 def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool = False,
-                system: str | None = None) -> tuple[list[int], list[int]]:
+                system: str | None = None, template: Template | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, and labels: -100 except assistant content + <|im_end|> + "\\n".
 
+    With add_generation_prompt (inference) the turns are the Jinja template's, then the prompt for the
+    answer; without, the turns as ms-swift trains on them (template.py: the two differ for thinking
+    models, and an empty think block may carry no loss).
     <|im_start|> and <|im_end|> are placed by id; the text between them is tokenized as plain text
     (Tokenizer.encode_text), so a message that contains "<|im_end|>" cannot break the turns. Each
     answer is tokenized on its own, as the model generates it after `<|im_start|>assistant\\n`
     (ms-swift does the same). The ids therefore equal tokenizing the whole rendered text, except
     when an answer starts with a newline (the whole-text tokenizer would merge that newline into
     the header's, which generation never does) or a message holds a special token's spelling."""
-    messages = with_system(messages, system)
-    texts = [tok.encode_text(turn_text(m)) for m in messages]
+    template = chat_template(system, template)
+    turns = layout_turns(template.prompt_turns(messages) if add_generation_prompt else template.training_turns(messages))
+    texts = [tok.encode_text(turn_text(m)) for m in turns]
+    prompt = template.generation_prompt() if add_generation_prompt else None
     ids, labels = [], []
-    for piece, trained in chat_pieces(tok, messages, texts, add_generation_prompt):
+    for piece, trained in chat_pieces(tok, turns, texts, prompt):
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+def layout_turns(turns: list[dict]) -> list[dict]:
+    """The turns as chat_pieces lays them out: an answer whose first characters carry no loss (an
+    empty think block) becomes a "think" turn (the header and those characters, untrained) and an
+    "answer" turn (the rest and the end, trained); each is tokenized on its own, as ms-swift does."""
+    out = []
+    for m in turns:
+        n = m.get("untrained", 0)
+        if m["role"] == "assistant" and n:
+            out += [{"role": "think", "content": m["content"][:n]}, {"role": "answer", "content": m["content"][n:]}]
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def turn_text(message: dict) -> str:
     """The text of a turn that is tokenized in one piece: an answer alone (its header is fixed ids);
     a question with its header, as transformers tokenizes a rendered prompt (a question that starts
     with a newline merges with the header's)."""
-    return message["content"] if message["role"] == "assistant" else f"{message['role']}\n{message['content']}"
+    return f"{message['role']}\n{message['content']}" if message["role"] in ("system", "user") else message["content"]
 
 
-def chat_pieces(tok: Tokenizer, messages: list[dict], texts: list[list[int]], add_generation_prompt: bool = False):
-    """The conversation's tokens in order, as (ids, trained) pieces; texts[i] are the ids of turn_text(messages[i])."""
+def chat_pieces(tok: Tokenizer, turns: list[dict], texts: list[list[int]], generation_prompt: str | None = None):
+    """The conversation's tokens in order, as (ids, trained) pieces; texts[i] are the ids of
+    turn_text(turns[i]) (see layout_turns for the roles); then the prompt for an answer, if any."""
     end = [tok.im_end_id] + tok.newline_ids
     pieces = []
-    for m, text in zip(messages, texts):
+    for m, text in zip(turns, texts):
         if m["role"] == "assistant":
             pieces += [(tok.assistant_header, False), (text + end, True)]  # "\n" trained, as in ms-swift
+        elif m["role"] == "think":
+            pieces.append((tok.assistant_header + text, False))
+        elif m["role"] == "answer":
+            pieces.append((text + end, True))
         else:
             pieces.append(([tok.im_start_id] + text + end, False))
-    if add_generation_prompt:
-        pieces.append((tok.assistant_header, False))
+    if generation_prompt is not None:
+        pieces.append((tok.assistant_header + tok.encode_text(generation_prompt), False))
     return pieces
 
 
@@ -443,6 +466,14 @@ def _messages(value, where: str, key: str, role_key: str, content_key: str) -> l
         if not isinstance(content, str):
             raise DataError(f'{where}: message {i} has a "{content_key}" of type {type(content).__name__}; '
                             f"it must be a string.")
+        reasoning = m.get("reasoning_content")
+        if ROLES[role] == "assistant" and isinstance(reasoning, str) and reasoning.strip():
+            # OpenAI's and ms-swift's field for a thinking model's reasoning, written into the content as
+            # Qwen3's template writes it (ms-swift drops the field; the same row with the reasoning in its
+            # content keeps it). A reasoning_content of another type is refused.
+            content = with_reasoning_in_content({"role": "assistant", "content": content, "reasoning_content": reasoning})["content"]
+        elif reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f'{where}: message {i} has a "reasoning_content" of type {type(reasoning).__name__}; it must be a string.')
         out.append({"role": ROLES[role], "content": content})
     return out
 
@@ -719,9 +750,10 @@ class Row:
 BATCH_ROWS = 1000  # conversations tokenized in one call
 
 
-def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | None = None) -> list[Row]:
+def encode_chats(tok: Tokenizer, conversations: list[list[dict]], system: str | None = None,
+                 template: Template | None = None) -> list[Row]:
     """encode_chat for many conversations at once, as Rows (see ChatBatch)."""
-    batch = ChatBatch(conversations, system)
+    batch = ChatBatch(conversations, system, template)
     return batch.rows(tok, tok.encode_texts(batch.texts))
 
 
@@ -731,8 +763,9 @@ class ChatBatch:
     rows() lays them out as encode_chat does, with numpy over the whole batch instead of Python
     lists per token. test_batched_encoding_gives_the_ids_and_labels_of_per_row_encoding proves it."""
 
-    def __init__(self, conversations: list[list[dict]], system: str | None = None):
-        conversations = [with_system(messages, system) for messages in conversations]
+    def __init__(self, conversations: list[list[dict]], system: str | None = None, template: Template | None = None):
+        template = chat_template(system, template)
+        conversations = [layout_turns(template.training_turns(messages)) for messages in conversations]
         turns = [m for messages in conversations for m in messages]
         number = {}  # text -> its place in self.texts: a text many rows share (a system prompt) is tokenized once
         self.text_of_turn = [number.setdefault(turn_text(m), len(number)) for m in turns]
@@ -765,14 +798,14 @@ class ChatBatch:
         return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
 
 
-ROLE_NAMES = ("system", "user", "assistant")  # the roles of a conversation's turns (ROLES' values)
+ROLE_NAMES = ("system", "user", "assistant", "think", "answer")  # the roles of layout_turns' turns
 TEXT = -1  # stands for a turn's text in turn_layout
 
 
 def turn_layout(tok: Tokenizer, role: str) -> tuple[np.ndarray, np.ndarray, tuple[bool, bool, bool]]:
     """A turn of this role as chat_pieces lays it out around its text: (the ids before the text, the
     ids after it, whether (those before, the text, those after) are trained)."""
-    pieces = chat_pieces(tok, [{"role": role}], [[TEXT]])
+    pieces = chat_pieces(tok, [{"role": role, "content": ""}], [[TEXT]])
     ids = np.array([i for piece, _ in pieces for i in piece], dtype=np.int32)
     trained = np.array([t for piece, t in pieces for _ in piece], dtype=bool)
     k = int(np.flatnonzero(ids == TEXT)[0])
@@ -791,7 +824,7 @@ def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
                  system: str | None = None, seed: int = 42, model_name: list[str] | None = None,
                  model_author: list[str] | None = None, progress_over: int = PROGRESS_OVER,
-                 progress_every: float = PROGRESS_EVERY) -> list[Row]:
+                 progress_every: float = PROGRESS_EVERY, template: Template | None = None) -> list[Row]:
     """encode_dataset(load_conversations(...)) for a dataset of any size: each source is tokenized in
     batches while it is read, so only the compact rows are ever all in memory, not the text or the
     conversations; a source of progress_over bytes or more prints its progress every progress_every s."""
@@ -801,7 +834,7 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
         # The tokenizer works on its own thread and lets go of Python meanwhile, so while it tokenizes this
         # batch, this thread lays out the batch before and reads the next: both cores stay busy. Only the
         # tokenizing runs there, so it starts on the next batch as soon as it is done with one.
-        batch = ChatBatch(conversations, system)
+        batch = ChatBatch(conversations, system, template)
         pending.append((batch, pool.submit(tok.encode_texts, batch.texts)))
         spelled.extend(control_token_texts(tok, conversations))
         if len(pending) > 1:
@@ -817,13 +850,13 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
 
 
 def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_strategy: str = "delete",
-                   system: str | None = None) -> list[Row]:
+                   system: str | None = None, template: Template | None = None) -> list[Row]:
     """Conversations -> Rows (token ids and labels), each at most max_length tokens (see fit_rows)."""
     conversations = list(conversations)
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
     note_control_token_text(control_token_texts(tok, conversations))
-    rows = [row for batch in batches(conversations, BATCH_ROWS) for row in encode_chats(tok, batch, system)]
+    rows = [row for batch in batches(conversations, BATCH_ROWS) for row in encode_chats(tok, batch, system, template)]
     return fit_rows(rows, max_length, truncation_strategy)
 
 

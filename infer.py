@@ -33,7 +33,7 @@ import argparse
 import io
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ import speed
 from cli import UsageError, str2bool
 from lora import LoraError
 from model import ModelError
+from template import TEMPLATES, Template, TemplateError, choose_template
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +144,85 @@ def reusable_prefix(cached: list[int] | None, input_ids: list[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Printing an answer: a thinking model's reasoning apart from its answer
+
+# An answer's length when --max_new_tokens is not given: Qwen's advice for Qwen3 (room for the
+# reasoning of a thinking model). It also sizes the KV cache: a 2507 model's 262,144-position
+# context would take 38 GB of cache for the 4B.
+DEFAULT_MAX_NEW_TOKENS = 32768
+
+
+@dataclass
+class Reply:
+    text: str  # the answer
+    reasoning: str | None = None  # what a thinking model wrote between <think> and </think>
+
+
+class ThinkingStream:
+    """Generated tokens -> text on `out`, a thinking model's reasoning apart from its answer.
+
+    The reasoning is what the model writes between <think> and </think> (Thinking-2507's prompt has
+    opened the block already, `thinking`). With show_thinking it is printed before the answer: dim on a
+    terminal, elsewhere between <think> and </think> lines; without, only the answer is printed. The
+    newlines the template puts around both are not. Only whole UTF-8 characters are printed (StreamDecoder)."""
+
+    DIM, NORMAL = "\033[2m", "\033[0m"
+
+    def __init__(self, tok: data.Tokenizer, out, stream: bool, show_thinking: bool, thinking: bool = False):
+        self.out, self.stream, self.show = out, stream, show_thinking
+        self.open_id, self.close_id = tok.tok.token_to_id("<think>"), tok.tok.token_to_id("</think>")
+        self.utf8 = data.StreamDecoder(tok)
+        self.parts = {"reasoning": [], "answer": []}
+        self.where = "reasoning" if thinking else "answer"
+        self.thought = thinking
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        if thinking:
+            self.emit(self.DIM if self.tty else "<think>\n", "reasoning")
+
+    def push(self, token_id: int):
+        if token_id == self.open_id and self.where == "answer" and not "".join(self.parts["answer"]).strip():
+            self.where, self.thought = "reasoning", True
+            self.emit(self.DIM if self.tty else "<think>\n", "reasoning")
+        elif token_id == self.close_id and self.where == "reasoning":
+            self.add(self.utf8.flush())
+            self.emit(self.NORMAL if self.tty else "\n</think>\n", "reasoning")
+            self.where = "answer"
+        else:
+            self.add(self.utf8.push(token_id))
+
+    def add(self, text: str):
+        so_far = "".join(self.parts[self.where])
+        if not so_far.strip("\n"):  # the newlines after <think> and after </think> are the template's
+            text = (so_far + text).lstrip("\n")
+            self.parts[self.where] = []
+        self.parts[self.where].append(text)
+        if self.stream:
+            self.emit(text, self.where)
+
+    def emit(self, text: str, part: str):
+        if text and (part == "answer" or self.show):
+            print(text, end="", file=self.out, flush=True)
+
+    def close(self):
+        """The end of the answer, or of what was printed of it (Ctrl-C): the colour back, a newline."""
+        self.add(self.utf8.flush())
+        if self.where == "reasoning" and self.tty:
+            self.emit(self.NORMAL, "reasoning")
+        if not self.stream:
+            if self.thought and self.show:
+                print(("<think>\n" + self.reasoning_text() + "\n</think>\n") if not self.tty else
+                      self.DIM + self.reasoning_text() + self.NORMAL, file=self.out)
+            print("".join(self.parts["answer"]), end="", file=self.out)
+        print(file=self.out, flush=True)
+
+    def reasoning_text(self) -> str:
+        return "".join(self.parts["reasoning"]).strip("\n")
+
+    def result(self) -> Reply:
+        return Reply("".join(self.parts["answer"]), self.reasoning_text() if self.thought else None)
+
+
+# ----------------------------------------------------------------------------------------------
 # A loaded model, its adapters and decoding settings: answers one conversation at a time
 
 
@@ -161,7 +241,9 @@ class Chat:
     sampling: dict  # temperature, top_p, top_k, repetition_penalty: generate()'s keywords
     max_new_tokens: int | None  # None: until the context is full
     generator: torch.Generator
-    adapter_systems: dict  # adapter name -> the system prompt it was trained with (None: Qwen's default)
+    adapter_systems: dict  # adapter name -> the system prompt it was trained with (None: the template's default)
+    template: Template = TEMPLATES["qwen2_5"]  # the chat format, with whether a hybrid model thinks (template.py)
+    show_thinking: bool = True  # print a thinking model's reasoning (dim on a terminal) before its answer
     base_system: str | None = None  # a model merged by merge.py: the system prompt it was trained with
     adapter: str | None = None  # the active adapter; None is the plain base model
     merged: bool = False  # the active adapter was merged into the weights (--merge_lora true)
@@ -184,8 +266,16 @@ class Chat:
         return self.base_system if self.adapter is None else self.adapter_systems.get(self.adapter)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        ids, _ = data.encode_chat(self.tok, messages, add_generation_prompt=True, system=self.current_system())
+        ids, _ = data.encode_chat(self.tok, messages, add_generation_prompt=True, system=self.current_system(),
+                                  template=self.template)
         return ids
+
+    def set_thinking(self, on: bool):
+        """A hybrid model thinks before answering, or answers straight away (enable_thinking)."""
+        if self.template.thinks != "hybrid":
+            raise TemplateError(f"the {self.template.name} template " + ("always thinks" if self.template.thinks == "always"
+                                else "never thinks") + ": only a hybrid Qwen3 model (template qwen3) switches.")
+        self.template = replace(self.template, enable_thinking=on)
 
     def use_adapter(self, name: str | None):
         """Switch to a loaded adapter, or to the base (None); nothing is reloaded."""
@@ -211,35 +301,37 @@ class Chat:
             self.kv_key = key
         return self.decoder
 
-    def answer(self, ids: list[int], out) -> str:
-        """Generate the answer to the prompt `ids`, printing it to `out`; return its text."""
+    def answer(self, ids: list[int], out) -> Reply:
+        """Generate the answer to the prompt `ids`, printing it to `out` (a thinking model's reasoning
+        first, set apart, if show_thinking); return it."""
         if self.show_prompt:
             note(self.tok.decode(ids))
         room = self.context - len(ids)
-        limit = room if self.max_new_tokens is None else min(self.max_new_tokens, room)
-        utf8 = data.StreamDecoder(self.tok)  # prints only whole UTF-8 characters
-        pieces, n, token = [], 0, None
+        limit = min(room, DEFAULT_MAX_NEW_TOKENS if self.max_new_tokens is None else self.max_new_tokens)
+        # Thinking-2507's prompt opens the think block itself: the first tokens are reasoning.
+        reply = ThinkingStream(self.tok, out, self.stream, self.show_thinking,
+                               thinking=self.template.generation_prompt() == "<think>\n")
+        n, token = 0, None
         decoder = self.decoder_for(len(ids) + limit)
-        for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, decoder=decoder,
-                              cached=self.cached_ids, **self.sampling):
-            n += 1
-            pieces.append(utf8.push(token))
-            if self.stream and pieces[-1]:
-                print(pieces[-1], end="", file=out, flush=True)
-        pieces.append(utf8.flush())
-        text = "".join(pieces)
-        print(pieces[-1] if self.stream else text, file=out, flush=True)
-        if n == room and token not in self.stop_ids:
-            note(f"(the answer was cut off at the model's context of {self.context} tokens)")
-        return text
+        try:
+            for token in generate(self.model, ids, limit, self.stop_ids, generator=self.generator, decoder=decoder,
+                                  cached=self.cached_ids, **self.sampling):
+                n += 1
+                reply.push(token)
+        finally:
+            reply.close()
+        if n == limit and token not in self.stop_ids and (limit == room or self.max_new_tokens is None):
+            why = f"the model's context of {self.context} tokens" if limit == room else f"{limit} new tokens (--max_new_tokens)"
+            note(f"(the answer was cut off at {why})")
+        return reply.result()
 
 
 # ----------------------------------------------------------------------------------------------
 # The REPL, one-shot and piped use
 
 HELP = ("commands: clear (forget the conversation), /system TEXT (set the system prompt; /system alone shows it), "
-        "/adapter NAME or /adapter base (switch), /adapters (list), exit or quit. "
-        "Ctrl-C stops an answer, Ctrl-D exits.")
+        "/adapter NAME or /adapter base (switch), /adapters (list), /think on|off (a hybrid Qwen3 model: reason "
+        "first, or answer straight away), exit or quit. Ctrl-C stops an answer, Ctrl-D exits.")
 
 
 def run_command(chat: Chat, line: str):
@@ -249,7 +341,11 @@ def run_command(chat: Chat, line: str):
         if arg:
             chat.system = arg
         system = chat.current_system()
-        note(f"system prompt: {data.DEFAULT_SYSTEM if system is None else system or '(none)'}")
+        system = chat.template.default_system if system is None else system
+        note(f"system prompt: {system or '(none)'}")
+    elif cmd == "/think" and arg in ("on", "off"):
+        chat.set_thinking(arg == "on")
+        note(f"thinking {arg}" + (" (the model answers after an empty think block)" if arg == "off" else ""))
     elif cmd == "/adapter" and arg:
         chat.use_adapter(None if arg == "base" else arg)
         note(f"now answering with {'the base model' if chat.adapter is None else 'adapter ' + arg}")
@@ -293,7 +389,7 @@ def repl(chat: Chat):
         if line.startswith("/"):
             try:
                 run_command(chat, line)
-            except LoraError as e:
+            except (LoraError, TemplateError) as e:
                 note(f"error: {e}")
             continue
         messages = history + [{"role": "user", "content": line}]
@@ -308,7 +404,8 @@ def repl(chat: Chat):
             print(flush=True)
             note("(stopped; this question and the partial answer are left out of the conversation)")
             continue
-        history = messages + [{"role": "assistant", "content": reply}]
+        # The reasoning goes into the history as the template keeps it: dropped from turns before the last question.
+        history = messages + [{"role": "assistant", "content": reply.text, "reasoning_content": reply.reasoning}]
 
 
 def answer_lines(chat: Chat, lines) -> int:
@@ -335,7 +432,9 @@ def answer_line(chat: Chat, line: str, number: int) -> dict:
     if len(ids) >= chat.context:
         note(f"error: input line {number} is {len(ids)} tokens, more than the model's context of {chat.context}; skipped it.")
         return {"query": line, "error": f"{len(ids)} tokens do not fit the model's context of {chat.context}"}
-    return {"query": line, "response": chat.answer(ids, io.StringIO())}
+    reply = chat.answer(ids, io.StringIO())
+    shown = {"reasoning": reply.reasoning} if chat.show_thinking and reply.reasoning is not None else {}
+    return {"query": line, **shown, "response": reply.text}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,11 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top_p", type=float, default=None, help="sample only from the most likely tokens whose probabilities add up to this")
     g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (0 = all)")
     g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
-    g.add_argument("--max_new_tokens", type=int, default=None, help="longest answer in tokens (default: until the context is full)")
+    g.add_argument("--max_new_tokens", type=int, default=None, help=f"longest answer in tokens, reasoning included (default: {DEFAULT_MAX_NEW_TOKENS:,})")
     g.add_argument("--seed", type=int, default=42, help="seed for sampling")
 
     g = p.add_argument_group("conversation")
-    g.add_argument("--system", default=None, help="system prompt (default: the adapter's training system prompt, else Qwen's own)")
+    g.add_argument("--system", default=None, help="system prompt (default: the adapter's training one, else the template's; Qwen3: none)")
+    g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
+    g.add_argument("--enable_thinking", type=str2bool, default=None, help="hybrid Qwen3: reason before answering (default: true, as the model's template)")
+    g.add_argument("--show_thinking", type=str2bool, default=None, help="print the reasoning before the answer (default: in the REPL only; piped: a 'reasoning' field)")
     g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")
     g.add_argument("--show_prompt", type=str2bool, default=False, help="print the whole rendered prompt (system prompt, history) to stderr before each answer")
@@ -462,14 +564,8 @@ def load_chat(args) -> Chat:
     model, model_dir = load_base(model_name, None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir")),
                                  cli.pick_dtype(args.torch_dtype, device), device, quant.settings(args))
     tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
-    systems = {}
-    for (name, path), ck in zip(adapters, ckpt_args):
-        lora.load_adapter(model, path, name, base_model_name_or_path=model_name)
-        systems[name] = ck["system"]
-        note(f"adapter {name}: {path}" + (f" (trained with system prompt {ck['system']!r})" if ck["system"] is not None else ""))
-        if ck.get("quant_bits") and not args.quant_bits:
-            note(f"(adapter {name} was trained on a 4-bit base and runs on this unquantised one too; "
-                 "--quant_bits 4 loads the base as it was trained, in less memory)")
+    template = chat_template(args, model_dir, model.config, ckpt_args)
+    systems = load_adapters(model, adapters, ckpt_args, model_name, args.quant_bits)
     active = adapters[0][0] if adapters else None
     lora.set_active_adapter(model, active)
     if args.merge_lora:
@@ -481,13 +577,41 @@ def load_chat(args) -> Chat:
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
                          f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k {sampling['top_k']}")
          + f", repetition_penalty {sampling['repetition_penalty']}, seed {args.seed}, max_new_tokens "
-         + (str(args.max_new_tokens) if args.max_new_tokens else "until the context is full"))
+         + str(args.max_new_tokens or f"{DEFAULT_MAX_NEW_TOKENS} (or the rest of the context)"))
+    interactive = args.prompt is None and sys.stdin.isatty()
     return Chat(model=model, tok=tok, stop_ids=modeling.stop_ids(gen_config, model.config, tok.im_end_id),
                 sampling=sampling, max_new_tokens=args.max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
+                template=template, show_thinking=interactive if args.show_thinking is None else args.show_thinking,
                 base_system=merged_system(model_dir),
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
                 show_prompt=args.show_prompt, decoding=speed.plan_decoding(args.cuda_graph, args.torch_compile, device))
+
+
+def load_adapters(model, adapters: list, ckpt_args: list, model_name: str, quant_bits) -> dict:
+    """Load each (name, path) adapter; {name: the system prompt it was trained with}."""
+    systems = {}
+    for (name, path), ck in zip(adapters, ckpt_args):
+        lora.load_adapter(model, path, name, base_model_name_or_path=model_name)
+        systems[name] = ck["system"]
+        note(f"adapter {name}: {path}" + (f" (trained with system prompt {ck['system']!r})" if ck["system"] is not None else ""))
+        if ck.get("quant_bits") and not quant_bits:
+            note(f"(adapter {name} was trained on a 4-bit base and runs on this unquantised one too; "
+                 "--quant_bits 4 loads the base as it was trained, in less memory)")
+    return systems
+
+
+def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
+    """--template, else the one the (first) adapter or the merged model was trained in (args.json),
+    else the checkpoint's own; with --enable_thinking."""
+    trained = [ck.get("template") for ck in ckpt_args] or (
+        [lora.checkpoint_args(model_dir).get("template")] if (Path(model_dir) / "args.json").exists() else [])
+    name = args.template or next((t for t in trained if t in TEMPLATES), None)
+    template = choose_template(model_dir, config.model_type, name, enable_thinking=args.enable_thinking)
+    thinking = {"never": "", "always": ", thinks first",
+                "hybrid": ", thinks first" if template.enable_thinking else ", thinking off"}[template.thinks]
+    note(f"chat template: {template.name}{thinking}" + ("" if args.template or not name else " (the one it was trained with)"))
+    return template
 
 
 def merged_system(model_dir) -> str | None:
@@ -526,7 +650,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         chat = load_chat(args)
         if args.prompt is not None:
-            chat.answer(chat.prompt_ids([{"role": "user", "content": args.prompt}]), sys.stdout)
+            chat.answer(chat.prompt_ids([{"role": "user", "content": args.prompt}]), sys.stdout)  # prints it
             return 0
         if not sys.stdin.isatty():  # read as UTF-8 whatever the locale; a bad byte spoils only its line
             return answer_lines(chat, io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))

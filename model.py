@@ -1,10 +1,17 @@
-"""model.py: the Qwen2 / Qwen2.5 decoder in plain PyTorch, and loading of official checkpoints.
+"""model.py: the Qwen2 / Qwen2.5 / Qwen3 decoder in plain PyTorch, and loading of official checkpoints.
 
 The network is a stack of pre-norm decoder layers:
 
     h = h + attn(input_layernorm(h))          # grouped-query attention with RoPE
     h = h + mlp(post_attention_layernorm(h))  # down(silu(gate(x)) * up(x))
     logits = lm_head(norm(h))
+
+The families differ only inside attention, and config.json says how (Config.FAMILIES):
+
+    Qwen2 / Qwen2.5 (model_type qwen2)  q, k, v projections with a bias; head_dim = hidden / heads
+    Qwen3 (model_type qwen3)            no bias (unless attention_bias); head_dim from config.json
+                                        (128, not hidden / heads); q_norm and k_norm, an RMSNorm
+                                        over head_dim, applied to each head of q and k before RoPE
 
 Modules are named exactly as the checkpoint's tensors (`model.layers.3.self_attn.q_proj.weight`),
 so loading is a strict state-dict load with no renaming table. Weights are read shard by shard
@@ -35,7 +42,10 @@ class ModelError(Exception):
 
 @dataclass
 class Config:
-    """The fields of a Qwen2 config.json that change the computation."""
+    """The fields of a Qwen2 or Qwen3 config.json that change the computation."""
+
+    # model_type -> the architecture transformers names it with. Everything else is refused.
+    FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
     vocab_size: int
     hidden_size: int
@@ -50,34 +60,43 @@ class Config:
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    model_type: str = "qwen2"
+    head_dim: int | None = None  # Qwen3 sets it; Qwen2 computes it: hidden_size // num_attention_heads
+    attention_bias: bool = False  # Qwen3's switch for biases on q, k, v and o (off in every release)
     extra: dict = field(default_factory=dict, repr=False)  # every other key, written back unchanged
 
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def qkv_bias(self) -> bool:  # Qwen2 always has biases on q, k and v
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "qwen3" and self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:  # Qwen3 normalises each head of q and k
+        return self.model_type == "qwen3"
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
         d = dict(d)
         where = source
-        model_type = d.get("model_type")
-        archs = d.get("architectures") or []
-        if model_type != "qwen2" and "Qwen2ForCausalLM" not in archs:
+        d["model_type"] = cls.family(d, where)
+        sliding = d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or [])
+        if sliding:
             raise ModelError(
-                f"{where} describes model_type={model_type!r} (architectures {archs}), but this "
-                "toolkit implements only Qwen2 / Qwen2.5 decoders (model_type 'qwen2'). Point "
-                "--model at a Qwen2 or Qwen2.5 checkpoint such as Qwen/Qwen2.5-7B-Instruct."
-            )
-        if d.get("use_sliding_window"):
-            raise ModelError(
-                f"{where} sets use_sliding_window=true. Every released Qwen2.5 model uses full "
+                f"{where} turns on sliding-window attention. Every released Qwen2.5 and Qwen3 model uses full "
                 "attention and this decoder implements only that, so it refuses to run an "
                 "approximation. Set use_sliding_window to false if the checkpoint was trained "
                 "without it."
             )
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ModelError(f"{where} sets hidden_act={act!r}; Qwen2 uses 'silu' and nothing else is implemented.")
+            raise ModelError(f"{where} sets hidden_act={act!r}; Qwen uses 'silu' and nothing else is implemented.")
         # Newer transformers write RoPE settings under rope_parameters; older ones at the top level.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -97,22 +116,34 @@ class Config:
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in d]
         if missing:
-            raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen2 config has.")
+            raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen config has.")
         for f in fields(cls):
             want = {int: int, float: (int, float)}.get(f.type if isinstance(f.type, type) else None)
             if want and f.name in d and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
                 raise ModelError(f"{where}: {f.name} is {d[f.name]!r}, not a number; fix it (e.g. 128, not \"128\").")
         cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
                   extra={k: v for k, v in d.items() if k not in names})
-        if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+        if cfg.num_attention_heads % cfg.num_key_value_heads or "head_dim" not in d and cfg.hidden_size % cfg.num_attention_heads:
             raise ModelError(
                 f"{where}: hidden_size {cfg.hidden_size}, num_attention_heads {cfg.num_attention_heads} "
                 f"and num_key_value_heads {cfg.num_key_value_heads} do not divide evenly."
             )
-        head_dim = d.get("head_dim")
-        if head_dim is not None and head_dim != cfg.head_dim:
-            raise ModelError(f"{where} sets head_dim={head_dim}, but Qwen2 computes hidden_size / heads = {cfg.head_dim}.")
         return cfg
+
+    @classmethod
+    def family(cls, d: dict, where: str) -> str:
+        """config.json's model_type, if this decoder implements it; else a ModelError naming what it does."""
+        model_type, archs = d.get("model_type"), d.get("architectures") or []
+        known = [t for t, arch in cls.FAMILIES.items() if t == model_type or model_type is None and arch in archs]
+        if known:
+            return known[0]
+        kind = " (a mixture-of-experts model)" if "moe" in str(model_type).lower() else ""
+        raise ModelError(
+            f"{where} describes model_type={model_type!r}{kind} (architectures {archs}), but this toolkit "
+            "implements the dense Qwen decoders only: Qwen2 / Qwen2.5 (model_type 'qwen2') and Qwen3 "
+            "(model_type 'qwen3': 0.6B to 32B and the 2507 Instruct / Thinking models). Point --model at "
+            "one of those, such as Qwen/Qwen3-4B-Instruct-2507 or Qwen/Qwen2.5-7B-Instruct."
+        )
 
     @classmethod
     def from_json(cls, path) -> "Config":
@@ -121,12 +152,16 @@ class Config:
         return cls.from_dict(read_json(path, ModelError), source=str(path))
 
     def to_dict(self) -> dict:
-        """config.json as transformers writes it for Qwen2ForCausalLM."""
-        d = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        """config.json as transformers writes it for Qwen2ForCausalLM or Qwen3ForCausalLM."""
+        d = {"architectures": [self.FAMILIES[self.model_type]], "hidden_act": "silu",
              "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": 0.02,
              "use_cache": True}
         d.update(self.extra)
         d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        if self.model_type == "qwen2":  # keys a Qwen2 config.json does not have, at their Qwen2 values
+            for key, default in (("head_dim", self.hidden_size // self.num_attention_heads), ("attention_bias", False)):
+                if d[key] == default:
+                    del d[key]
         d.pop("rope_parameters", None)
         d.pop("rope_scaling", None)
         d.pop("dtype", None)
@@ -171,10 +206,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3 normalises each head of q and k (over head_dim) before RoPE; Qwen2 does not.
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix, for decoding: speed.fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
@@ -184,8 +222,8 @@ class Attention(nn.Module):
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)  # (B, T, nh*hd), 2 x (B, T, nkv*hd)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -349,7 +387,7 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class Qwen2Model(nn.Module):
+class QwenModel(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
@@ -386,11 +424,11 @@ class Qwen2Model(nn.Module):
         return self.norm(h)
 
 
-class Qwen2ForCausalLM(nn.Module):
+class QwenForCausalLM(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.config = cfg
-        self.model = Qwen2Model(cfg)
+        self.model = QwenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -416,7 +454,7 @@ class Decoder:
 
     speed.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
 
-    def __init__(self, model: Qwen2ForCausalLM, max_len: int):
+    def __init__(self, model: QwenForCausalLM, max_len: int):
         self.model, self.max_len = model, max_len
         self.cache = model.new_cache(1, max_len)
 
@@ -526,7 +564,7 @@ def shard_shapes(path: Path) -> dict:
     return shapes
 
 
-def check_weights(model: Qwen2ForCausalLM, model_dir: Path) -> tuple[list[Path], dict]:
+def check_weights(model: QwenForCausalLM, model_dir: Path) -> tuple[list[Path], dict]:
     """Check, from the shard headers only, that the checkpoint holds every tensor the model needs
     in the right shape. Returns (the shard files, {name: shape} of the tensors to load)."""
     files = checkpoint_files(model_dir)
@@ -557,7 +595,7 @@ def check_weights(model: Qwen2ForCausalLM, model_dir: Path) -> tuple[list[Path],
     return files, expected
 
 
-def load_weights(model: Qwen2ForCausalLM, model_dir: Path, dtype, device):
+def load_weights(model: QwenForCausalLM, model_dir: Path, dtype, device):
     """Read every tensor straight into `dtype` on `device`, replacing the model's (meta) parameters,
     one shard at a time."""
     from safetensors import safe_open
@@ -580,7 +618,7 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu"):
     model_dir = resolve_model_dir(name_or_path)
     cfg = Config.from_json(model_dir / "config.json")
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(cfg)
+        model = QwenForCausalLM(cfg)
     load_weights(model, model_dir, dtype, device)
     return model.eval(), model_dir
 

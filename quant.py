@@ -321,7 +321,7 @@ def load_quantized(name_or_path: str, config: QuantConfig, dtype=torch.bfloat16,
     model_dir = modeling.resolve_model_dir(name_or_path)
     cfg = modeling.Config.from_json(Path(model_dir) / "config.json")
     with torch.device("meta"):
-        model = modeling.Qwen2ForCausalLM(cfg)
+        model = modeling.QwenForCausalLM(cfg)
     files, expected = modeling.check_weights(model, model_dir)  # by the checkpoint's names, before the swap
     quantize_decoder(model, config, dtype)
     for f in files:

@@ -270,7 +270,9 @@ class Run:
 RESUME_MUST_MATCH = ("model", "dataset", "val_dataset", "split_dataset_ratio", "max_length", "truncation_strategy",
                      "packing", "system", "model_name", "model_author", "lora_rank", "lora_alpha", "lora_dropout",
                      "use_rslora", "target_modules", "per_device_train_batch_size", "seed", "quant_bits",
-                     "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")
+                     "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "template", "loss_scale",
+                     "add_non_thinking_prefix")
+UNSET_MEANS_SAVED = ("template", "loss_scale")  # unset, they are the model's own: the checkpoint's, as recorded
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
 
 
@@ -303,7 +305,7 @@ def check_resume(a, world: int) -> Path | None:
     now = dict(vars(a), accumulation_x_ranks=a.gradient_accumulation_steps * world)
     saved["accumulation_x_ranks"] = saved.get("gradient_accumulation_steps", 1) * saved.get("world_size", 1)
     changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH + ("accumulation_x_ranks",)
-               if k in saved and saved[k] != now[k]]
+               if k in saved and saved[k] != now[k] and not (k in UNSET_MEANS_SAVED and now[k] is None)]
     if changed:
         raise RunError(f"{ckpt} was trained with other flags ({'; '.join(changed)}; accumulation_x_ranks is "
                        "--gradient_accumulation_steps times the number of ranks). Resuming would train something "
@@ -319,6 +321,11 @@ def check_writable(folder: Path, flag: str):
         raise RunError(f"{flag} {folder}: {existing} is a file, not a folder; choose another folder.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"{flag} {folder}: you cannot write in {existing}; choose a folder you can write to.")
+
+
+def swift_model_type(template: str) -> str:
+    """ms-swift's model_type for a model of this template (its registry pairs them so)."""
+    return "qwen2" if template == "qwen2_5" else template
 
 
 def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1,
@@ -346,8 +353,8 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
         run_dir = Path(holder[0])
     # model_type and template as ms-swift reads them from a checkpoint's args.json: `swift infer
     # --adapters CKPT` on a local base then needs no --model_type / --template of its own.
-    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=a.model_type or "qwen2",
-                     template=getattr(a, "template", None) or "qwen2_5")
+    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=swift_model_type(a.template),
+                     template=a.template)
     if rank == 0:
         (run_dir / "images").mkdir(exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")

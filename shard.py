@@ -10,7 +10,7 @@ rank holds 1/N of every weight instead, as PyTorch's own engine does it,
     (in backward, again: the checkpointed layer is recomputed with the gathered weights)
     LoRA's A and B are split the same way, and so are their gradients (each rank receives the
     sum of its rows only: a reduce-scatter, once per optimizer step) and AdamW's state
-    the embedding and the final norm make the root unit (Qwen2Model), gathered once per step;
+    the embedding and the final norm make the root unit (QwenModel), gathered once per step;
     lm_head stays whole on every rank, as does a tied embedding, which is lm_head too
     (CausalLMLoss reads lm_head's weight directly, outside any module call FSDP could hook)
 
@@ -82,7 +82,7 @@ def load_lora_model(model_dir: Path, cfg: lora.LoraConfig, seed: int, dtype, dev
     values that lora.add_adapter gives them in one process seeded with `seed`."""
     config = modeling.Config.from_json(Path(model_dir) / "config.json")
     with torch.device("meta"):  # shapes and dtypes only: nothing is allocated
-        model = modeling.Qwen2ForCausalLM(config).to(dtype)
+        model = modeling.QwenForCausalLM(config).to(dtype)
     files, expected = modeling.check_weights(model, Path(model_dir))  # before LoRA adds its own names
     lora.add_adapter(model, cfg)  # A and B in float32, on meta too
     shard(model, device)
@@ -96,7 +96,7 @@ def load_lora_model(model_dir: Path, cfg: lora.LoraConfig, seed: int, dtype, dev
 
 def shard(model, device):
     """Each decoder layer its own FSDP unit, checkpointed by recompute_without_graph, the rest of
-    Qwen2Model the root unit. Gradients are summed over the ranks, not averaged: the loss is
+    QwenModel the root unit. Gradients are summed over the ranks, not averaged: the loss is
     already divided by the label tokens of the whole step on all ranks (train.optimizer_step), as
     DDP's sum does."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -287,7 +287,7 @@ def meta_twin(model):
     """The model rebuilt on the meta device with the same adapter (shapes, names, LoRA config):
     what lora.save_adapter and lora.load_lora_state_dict need, without its sharded tensors."""
     with torch.device("meta"):
-        twin = modeling.Qwen2ForCausalLM(model.config)
+        twin = modeling.QwenForCausalLM(model.config)
     for name, cfg in model.lora_configs.items():
         lora.add_adapter(twin, cfg, name)
     return twin

@@ -166,7 +166,7 @@ def use_host_embedding(device, config) -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The input embedding in host memory. Replaces: model.Qwen2Model.embed_tokens's lookup on the GPU.
+# The input embedding in host memory. Replaces: model.QwenModel.embed_tokens's lookup on the GPU.
 # Proved equal by: tests/test_train.py::test_host_embedding_trains_like_the_embedding_on_the_gpu
 
 
@@ -240,12 +240,12 @@ def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, st
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled layers. Replaces: model.Qwen2Model's own layers in training steps.
+# Compiled layers. Replaces: model.QwenModel's own layers in training steps.
 # Proved equal by: tests/test_train.py::test_compiled_layers_train_padded_batches_like_the_eager_ones
 
 
 def compiled_layers(model, cuda_graphs: bool = False) -> list:
-    """Each decoder layer compiled with torch.compile, as callables for Qwen2Model(layers=...).
+    """Each decoder layer compiled with torch.compile, as callables for QwenModel(layers=...).
 
     A compiled layer fuses the norms, RoPE, SiLU and LoRA's element-wise work into a few kernels.
     With cuda_graphs, each layer is compiled together with its checkpointing (one forward, and one
@@ -360,7 +360,8 @@ class FusedLayer:
     - q, k and v in one matmul over a fused matrix, LoRA inside every matmul (LoRAProjection)
     - the residual additions inside the o and down matmuls
     - RMSNorm as torch's one fused kernel (F.rms_norm), which rounds once where Qwen2's rounds twice
-    - RoPE on q and k together, before their heads are transposed
+    - RoPE on q and k together, before their heads are transposed (after Qwen3's q_norm and
+      k_norm, as F.rms_norm over each head)
 
     The weights are those of the layer: q, k, v become views into their fused matrix
     (fuse_projections' _fuse), so nothing is stored twice and nothing is copied per step. Gate and
@@ -401,11 +402,14 @@ class FusedLayer:
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
         x = rms_norm(self.layer.input_layernorm, h).view(B * T, D)
         qkv = project(self.qkv, x, self.qkv_weight, self.qkv_bias).view(B, T, nh + 2 * nkv, hd)
-        qk = rope_heads(qkv[:, :, :nh + nkv], cos, sin)  # (B, T, nh + nkv, hd)
+        qk = qkv[:, :, :nh + nkv]
+        if isinstance(attn.q_norm, modeling.RMSNorm):  # Qwen3: each head of q and of k normalised first
+            qk = torch.cat([rms_norm(attn.q_norm, qk[:, :, :nh]), rms_norm(attn.k_norm, qk[:, :, nh:])], dim=2)
+        qk = rope_heads(qk, cos, sin)  # (B, T, nh + nkv, hd)
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
         y = modeling.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B * T, nh * hd)
-        return project([attn.o_proj], y, attn.o_proj.weight, residual=h.view(B * T, D)).view(B, T, D)
+        return project([attn.o_proj], y, attn.o_proj.weight, attn.o_proj.bias, residual=h.view(B * T, D)).view(B, T, D)
 
     def mlp_piece(self, h):  # (B, n, hidden) -> h + down(silu(gate(x)) * up(x)), x = norm(h)
         B, n, D = h.shape
@@ -770,7 +774,7 @@ def offload_problem(a, device) -> str | None:
 
 def offloaded_layers(layers) -> list:
     """Decoder layer callables (the model's own, compiled_layers, or any with their arguments) whose
-    checkpointed input is kept in host memory between forward and backward, for Qwen2Model(layers=...)."""
+    checkpointed input is kept in host memory between forward and backward, for QwenModel(layers=...)."""
     offloader = Offloader()
     return [OffloadedLayer(layer, offloader) for layer in layers]
 

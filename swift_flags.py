@@ -45,9 +45,13 @@ NO_UPLOAD = "upload the merged folder yourself: `huggingface-cli upload REPO FOL
 
 FLAGS = {
     # Model
-    "model": SwiftFlag("Qwen/Qwen2.5-7B-Instruct", ALL, "Qwen2 / Qwen2.5 only"),
+    "model": SwiftFlag("Qwen/Qwen3-4B-Instruct-2507", ALL, "dense Qwen2 / Qwen2.5 / Qwen3 (0.6B-32B, 2507 Instruct and Thinking)"),
     "model_type": SwiftFlag("qwen2", TRAIN_INFER, "config.json says the architecture", ignored=True),
-    "template": SwiftFlag("qwen2_5", TRAIN_INFER, "Qwen2.5's chat template is the one template here", only=("qwen2_5",)),
+    "template": SwiftFlag("qwen3", TRAIN_INFER, "qwen2_5, qwen3, qwen3_nothinking or qwen3_thinking; unset: the checkpoint's own "
+                          "(tokenizer_config.json's chat_template), then the adapter's args.json"),
+    "enable_thinking": SwiftFlag("false", TRAIN_INFER, "hybrid Qwen3: think before answering (default true, as the model's "
+                                 "template); train.py: for --eval_prompts only, the rows train as written"),
+    "add_non_thinking_prefix": SwiftFlag("true", TRAIN, "hybrid Qwen3: an empty think block before each answer without one"),
     "train_type": SwiftFlag("lora", TRAIN, "lora only"),
     "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),
     "tuner_backend": SwiftFlag("peft", TRAIN, "LoRA is lora.py here, saved in PEFT's format", only=("peft",)),
@@ -85,7 +89,8 @@ FLAGS = {
     "model_author": SwiftFlag("魔搭 ModelScope", TRAIN, "replaces {{AUTHOR}} in every dataset"),
     "columns": refused("""'{"question":"query"}'""", "write the rows in a format read here: messages, conversations, "
                                                "instruction/input/output or query/response"),
-    "loss_scale": SwiftFlag("default", TRAIN, "the loss is on every assistant turn", only=("default",)),
+    "loss_scale": SwiftFlag("ignore_empty_think", TRAIN, "default or ignore_empty_think (no loss on an empty think block; "
+                            "always on for hybrid Qwen3, as in ms-swift >= 4.3.1); the loss is on every assistant turn"),
     "dataloader_num_workers": SwiftFlag("4", TRAIN, "the data are tokenized before training starts", ignored=True),
     "dataset_num_proc": SwiftFlag("4", TRAIN, "tokenizing runs in one process", ignored=True),
     "load_from_cache_file": SwiftFlag("true", TRAIN, "nothing is cached; the data are tokenized at each start",

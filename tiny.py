@@ -1,10 +1,12 @@
-"""tiny.py: the built-in tiny Qwen2 model, for the demo and the tests.
+"""tiny.py: the built-in tiny models, for the demo and the tests.
 
-`--model tiny` anywhere means this model. It is written once, on first use, to
-~/.cache/qwen-lora/tiny-v3 (or $QWEN_LORA_HOME/tiny-v3) in exactly the layout of an official
-download: config.json, generation_config.json, model.safetensors(.index.json), tokenizer.json,
-vocab.json, merges.txt, tokenizer_config.json. Every script then loads it through the same code
-it uses for Qwen/Qwen2.5-7B-Instruct, so the demo exercises the real path end to end.
+`--model tiny` anywhere means a tiny Qwen2.5-Instruct; `--model tiny-qwen3` a tiny hybrid-thinking
+Qwen3 (q_norm / k_norm, head_dim 48 where hidden / heads is 32, Qwen3's <think> tokens and chat
+template). Each is written once, on first use, to ~/.cache/qwen-lora/NAME-vN (or under
+$QWEN_LORA_HOME) in exactly the layout of an official download: config.json,
+generation_config.json, model.safetensors(.index.json), tokenizer.json, vocab.json, merges.txt,
+tokenizer_config.json. Every script then loads it through the same code it uses for
+Qwen/Qwen2.5-7B-Instruct or Qwen/Qwen3-8B, so the demo exercises the real path end to end.
 
 The tokenizer is a real byte-level BPE with Qwen's pre-tokenizer, decoder and special tokens,
 trained on a small built-in English and Chinese text; the weights are random from a fixed seed.
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from model import Config, Qwen2ForCausalLM, save_safetensors_sharded
+from model import Config, QwenForCausalLM, save_safetensors_sharded
 from util import atomic_folder, round_up
 
-TINY_VERSION = "tiny-v3"
+BUILT_IN = {"tiny": "qwen2", "tiny-qwen3": "qwen3"}  # --model NAME -> its model_type
+TINY_VERSION = {"qwen2": "tiny-v3", "qwen3": "tiny-qwen3-v1"}  # the folder each is written to
 
 # Qwen2's pre-tokenizer regex, from its tokenizer.json.
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -32,6 +35,9 @@ QWEN_SPECIAL_TOKENS = [
     "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
     "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]
+
+# Qwen3 adds these after Qwen2.5's, as tokens that are not special (ids 151665-151668 in the real vocabulary).
+QWEN3_ADDED_TOKENS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 # Qwen2.5-Instruct's chat template (tokenizer_config.json), so that transformers renders the tiny
 # model's conversations exactly as it renders the real model's.
@@ -69,6 +75,98 @@ QWEN25_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
 )
 
+# Qwen3's chat template (Qwen/Qwen3-8B's tokenizer_config.json, the same for 0.6B to 32B): reasoning in
+# <think> blocks, enable_thinking, and the reasoning of earlier turns dropped (template.py says how).
+QWEN3_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
 # Text the tiny tokenizer learns its merges from: the kind of text the demo trains on.
 CORPUS = """\
 Hello! I am an AI assistant. I am a large language model developed by my author.
@@ -93,14 +191,15 @@ What is the capital of France? Paris is the capital of France. One, two, three, 
 """
 
 
-def tiny_config(vocab_size: int, im_end: int, endoftext: int) -> Config:
+def tiny_config(vocab_size: int, im_end: int, endoftext: int, family: str = "qwen2") -> Config:
+    qwen3 = {"head_dim": 48, "attention_bias": False} if family == "qwen3" else {}
     return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32",
-                  bos_token_id=endoftext, eos_token_id=im_end)
+                  bos_token_id=endoftext, eos_token_id=im_end, model_type=family, **qwen3)
 
 
-def build_tokenizer(bpe_vocab_size: int = 2000):
+def build_tokenizer(bpe_vocab_size: int = 2000, family: str = "qwen2"):
     """A byte-level BPE with Qwen2's normalizer, pre-tokenizer, decoder and special tokens."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -116,27 +215,47 @@ def build_tokenizer(bpe_vocab_size: int = 2000):
                                   show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    if family == "qwen3":
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
     return tok
 
 
-def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
-    """Write the tiny model in the official layout to out_dir."""
+def make_tiny_checkpoint(out_dir, seed: int = 0, family: str = "qwen2") -> Path:
+    """Write the tiny model of this family in the official layout to out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer(family=family)
     tok.save(str(out_dir / "tokenizer.json"))
     tok.model.save(str(out_dir))  # vocab.json and merges.txt, as in the official download
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     n = tok.get_vocab_size(with_added_tokens=True)
-    cfg = tiny_config(vocab_size=round_up(n, 64), im_end=im_end, endoftext=eot)  # padded, like Qwen's
+    cfg = tiny_config(vocab_size=round_up(n, 64), im_end=im_end, endoftext=eot, family=family)  # padded, like Qwen's
+    state = tiny_weights(cfg, seed)
+    # Several shards with an index, like the multi-gigabyte official checkpoints.
+    save_safetensors_sharded(state, out_dir, max_shard_bytes=sum(t.numel() * 4 for t in state.values()) // 2 + 1)
 
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    # Each family's published sampling defaults (Qwen2.5-7B-Instruct's; Qwen3-8B's, for thinking).
+    sampling = ({"temperature": 0.6, "top_p": 0.95, "top_k": 20} if family == "qwen3" else
+                {"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
+    gen = {"bos_token_id": eot, "pad_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], **sampling}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    tok_cfg = tokenizer_config(tok, QWEN3_CHAT_TEMPLATE if family == "qwen3" else QWEN25_CHAT_TEMPLATE)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    return out_dir
+
+
+def tiny_weights(cfg: Config, seed: int) -> dict:
+    """Random weights from a fixed seed, scaled so that the tiny model can learn the demo."""
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg)
+    model = QwenForCausalLM(cfg)
     state = {}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        if name.endswith("norm.weight"):
+        if name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's trained ones are far from 1
+            state[name] = 1 + torch.randn_like(p) * 0.1
+        elif name.endswith("norm.weight"):
             state[name] = torch.ones_like(p)
         elif name.endswith(".bias"):
             state[name] = torch.zeros_like(p)
@@ -146,35 +265,37 @@ def make_tiny_checkpoint(out_dir, seed: int = 0) -> Path:
             state[name] = torch.randn_like(p) * 0.1
         else:
             state[name] = torch.randn_like(p) * 0.02
-    # Several shards with an index, like the multi-gigabyte official checkpoints.
-    save_safetensors_sharded(state, out_dir, max_shard_bytes=sum(t.numel() * 4 for t in state.values()) // 2 + 1)
+    return state
 
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    gen = {"bos_token_id": eot, "pad_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot],
-           "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+def tokenizer_config(tok, chat_template: str) -> dict:
+    """tokenizer_config.json as Qwen ships it: the added tokens (special or not) and the chat template."""
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in QWEN_SPECIAL_TOKENS}
-    tok_cfg = {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
-               "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
-               "chat_template": QWEN25_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
-               "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
-               "pad_token": "<|endoftext|>", "split_special_tokens": False,
-               "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-    return out_dir
+                                       "single_word": False, "special": t in QWEN_SPECIAL_TOKENS}
+             for t in QWEN_SPECIAL_TOKENS + QWEN3_ADDED_TOKENS if tok.token_to_id(t) is not None}
+    return {"add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
+            "chat_template": chat_template, "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 131072,
+            "pad_token": "<|endoftext|>", "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
 
 
-def tiny_model_dir() -> Path:
-    """The tiny model's folder, created on first use (atomically, so concurrent runs are safe)."""
-    home = Path(os.environ.get("QWEN_LORA_HOME", Path.home() / ".cache" / "qwen-lora"))
-    target = home / TINY_VERSION
+def tiny_model_dir(name: str = "tiny") -> Path:
+    """The folder of the built-in model `name` (see BUILT_IN), created on first use (atomically, so
+    concurrent runs are safe)."""
+    family = BUILT_IN[name]
+    target = tiny_home() / TINY_VERSION[family]
     if (target / "config.json").exists():
         return target
     try:
         with atomic_folder(target) as tmp:
-            make_tiny_checkpoint(tmp)
+            make_tiny_checkpoint(tmp, family=family)
     except OSError:
         if not (target / "config.json").exists():  # not just another process finishing first
             raise
     return target
+
+
+def tiny_home() -> Path:
+    return Path(os.environ.get("QWEN_LORA_HOME", Path.home() / ".cache" / "qwen-lora"))

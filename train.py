@@ -48,6 +48,7 @@ import speed
 from cli import UsageError, str2bool
 from data import DataError
 from infer import generate
+from template import LOSS_SCALES, TEMPLATES, Template, choose_template
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_flags(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen2.5-7B-Instruct) or 'tiny' (built-in demo)")
+    g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen3-4B-Instruct-2507) or 'tiny' / 'tiny-qwen3' (built-in demos)")
     g.add_argument("--train_type", "--tuner_type", default="lora", help="only 'lora' (--tuner_type: ms-swift 4.x's name)")
     g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
@@ -89,7 +90,14 @@ def data_flags(p):
                    help="run each step's rows packed together, same gradient (default: true on a GPU in bf16)")
     g.add_argument("--max_tokens_per_pass", type=int, default=None,
                    help="most tokens in one packed forward/backward (default: --max_length)")
-    g.add_argument("--system", default=None, help="system prompt for rows without one (default: Qwen2.5's own)")
+    g.add_argument("--system", default=None, help="system prompt for rows without one (default: the template's; Qwen3: none)")
+    g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the checkpoint's own, from tokenizer_config.json)")
+    g.add_argument("--loss_scale", default=None, choices=LOSS_SCALES,
+                   help="ignore_empty_think: no loss on an empty think block (default for hybrid Qwen3, as ms-swift)")
+    g.add_argument("--enable_thinking", type=str2bool, default=None,
+                   help="hybrid Qwen3: think before the --eval_prompts answers (rows train as written)")
+    g.add_argument("--add_non_thinking_prefix", type=str2bool, default=True,
+                   help="hybrid Qwen3: an empty think block before each answer without one, as ms-swift")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
 
@@ -521,14 +529,14 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
 
 
 @torch.no_grad()
-def answer_prompts(model, tok, prompts, system, stop_ids, new_decoder=modeling.Decoder,
+def answer_prompts(model, tok, prompts, template, stop_ids, new_decoder=modeling.Decoder,
                    max_new_tokens=64) -> list[str]:
     """Greedy answers. new_decoder(model, max_len): a model.Decoder, or a twin for a sharded model."""
     was_training = model.training
     model.eval()
     answers = []
     for q in prompts:
-        ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True, system=system)
+        ids, _ = data.encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True, template=template)
         decoder = new_decoder(model, len(ids) + max_new_tokens)
         out = [t for t in generate(model, ids, max_new_tokens, stop_ids, decoder=decoder) if t not in stop_ids]
         answers.append(tok.decode(out))
@@ -560,14 +568,23 @@ def setup_distributed(device_flag):
     return rank, world, device
 
 
-def load_data(a, tok) -> tuple[list, list]:
-    """Read, substitute, sample, tokenize and split: (training rows, validation rows)."""
+def chat_template(a, model_dir, config) -> Template:
+    """The checkpoint's chat template (or --template) with this run's settings; a.template is set
+    to its name, so that args.json records it for inference (ours and ms-swift's)."""
+    template = choose_template(model_dir, config.model_type, a.template, a.system, a.enable_thinking, a.loss_scale,
+                               a.add_non_thinking_prefix)
+    a.template, a.loss_scale = template.name, template.loss_scale
+    return template
+
+
+def load_data(a, tok, template) -> tuple[list, list]:
+    """Read, substitute, sample, tokenize (in the chat template) and split: (training rows, validation rows)."""
     quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
 
     def rows_of(specs):
-        return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, system=a.system, seed=a.seed,
+        return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.seed,
                                  model_name=a.model_name, model_author=a.model_author,
-                                 progress_over=math.inf if quiet else data.PROGRESS_OVER)
+                                 progress_over=math.inf if quiet else data.PROGRESS_OVER, template=template)
 
     train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []
@@ -616,14 +633,15 @@ def train(a) -> int:
     torch.manual_seed(a.seed)
     random.seed(a.seed)
     model_dir = cli.model_dir(a.model)
-    tok = data.Tokenizer(model_dir)
-    train_rows, val_rows = load_data(a, tok)
+    config = modeling.Config.from_json(model_dir / "config.json")
+    tok, template = data.Tokenizer(model_dir), chat_template(a, model_dir, config)
+    log0(rank, f"chat template: {template.name}" + (f" (loss_scale {template.loss_scale})" if template.thinks != "never" else ""))
+    train_rows, val_rows = load_data(a, tok, template)
     steps_per_epoch, total_steps, warmup = schedule(a, len(train_rows), world)
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
     plan = speed.plan_training(a, device, [len(r["input_ids"]) for r in train_rows],
-                               total_steps * a.gradient_accumulation_steps,
-                               modeling.Config.from_json(model_dir / "config.json"))
+                               total_steps * a.gradient_accumulation_steps, config)
     log0(rank, plan.message)
     plan.prepare(device)
     quantize = quant.settings(a)  # None without --quant_bits
@@ -640,7 +658,7 @@ def train(a) -> int:
              a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm, ranks,
              embed)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
-    answers = lambda: answer_prompts(model, tok, a.eval_prompts, a.system, stop_ids, ranks.new_decoder)  # on every rank
+    answers = lambda: answer_prompts(model, tok, a.eval_prompts, template, stop_ids, ranks.new_decoder)  # on every rank
     if a.eval_prompts:
         show_answers("before training", a.eval_prompts, answers(), rank)
 

@@ -81,18 +81,26 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(_isolated_home):
-    """The built-in tiny model (config, sharded safetensors, tokenizer), as `--model tiny` sees it."""
+def tiny_dir(_isolated_home, request):
+    """The built-in tiny model (config, sharded safetensors, tokenizer), as `--model tiny` sees it;
+    a test marked @both_families runs on it and on `--model tiny-qwen3`."""
     import tiny
-    return tiny.tiny_model_dir()
+    return tiny.tiny_model_dir(getattr(request, "param", "tiny"))
 
 
-def make_hf_checkpoint(out_dir, tiny_dir, seed=0, **config):
-    """Save a random transformers Qwen2ForCausalLM with the tiny tokenizer, in small shards.
+# The same test on the tiny Qwen2.5 and the tiny Qwen3 (q_norm / k_norm, head_dim not hidden / heads).
+both_families = pytest.mark.parametrize("tiny_dir", ["tiny", "tiny-qwen3"], indirect=True)
+# The same test on transformers' Qwen2ForCausalLM and Qwen3ForCausalLM (hf_checkpoint(family=...)).
+hf_families = pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+
+
+def make_hf_checkpoint(out_dir, tiny_dir, seed=0, family="qwen2", **config):
+    """Save a random transformers Qwen2ForCausalLM (or, with family="qwen3", Qwen3ForCausalLM: its
+    head_dim 24, not hidden / heads = 16) with the tiny tokenizer, in small shards.
 
     Returns the transformers model (float32, eval mode) so tests can compare against it."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     import data
     tok = data.Tokenizer(tiny_dir)
@@ -100,10 +108,14 @@ def make_hf_checkpoint(out_dir, tiny_dir, seed=0, **config):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                 bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id)
+    if family == "qwen3":
+        base.update(head_dim=24, attention_bias=False)
     base.update(config)
+    Model, Config = {"qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+                     "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)}[family]
     torch.manual_seed(seed)
-    hf = Qwen2ForCausalLM(Qwen2Config(**base)).float().eval()
-    with torch.no_grad():  # the default init leaves biases at zero; make them matter
+    hf = Model(Config(**base)).float().eval()
+    with torch.no_grad():  # the default init leaves biases at zero and norms at one; make them matter
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
@@ -117,9 +129,9 @@ def make_hf_checkpoint(out_dir, tiny_dir, seed=0, **config):
 @pytest.fixture
 def hf_checkpoint(tmp_path, tiny_dir):
     """Factory: hf_checkpoint(name, **config) -> (folder, transformers model)."""
-    def make(name="hf", seed=0, **config):
+    def make(name="hf", seed=0, family="qwen2", **config):
         folder = tmp_path / name
-        return folder, make_hf_checkpoint(folder, tiny_dir, seed=seed, **config)
+        return folder, make_hf_checkpoint(folder, tiny_dir, seed=seed, family=family, **config)
     return make
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import template
 import lora
 from data import IGNORE_INDEX, DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
 
@@ -125,10 +126,10 @@ def test_system_prompt_priority_row_then_flag_then_default(tok):
     [row] = data.encode_dataset(tok, [plain], 4096, system="Other.")
     assert tok.decode(row["input_ids"]).startswith("<|im_start|>system\nOther.<|im_end|>\n")
     [row] = data.encode_dataset(tok, [plain], 4096)
-    assert tok.decode(row["input_ids"]).startswith(f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n")
+    assert tok.decode(row["input_ids"]).startswith(f"<|im_start|>system\n{template.QWEN25_SYSTEM}<|im_end|>\n")
 
 
-@pytest.mark.parametrize("system, system_turn", [(None, f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n"),
+@pytest.mark.parametrize("system, system_turn", [(None, f"<|im_start|>system\n{template.QWEN25_SYSTEM}<|im_end|>\n"),
                                                   ("", ""),  # no system turn at all, as ms-swift writes it
                                                   ("Be brief.", "<|im_start|>system\nBe brief.<|im_end|>\n")])
 def test_system_flag_unset_empty_or_text_is_the_same_in_training_and_inference(tok, tmp_path, system, system_turn):

@@ -81,7 +81,7 @@ def encode_chat_before_17(tok, messages, system=None):
     """encode_chat as it was before batching (#17), one tokenizer call per turn: the oracle."""
     ids, labels = [], []
     header = [tok.im_start_id] + tok.encode_text("assistant\n")
-    for m in data.with_system(messages, system):
+    for m in data.chat_template(system).with_system(messages):
         if m["role"] == "assistant":
             answer = tok.encode_text(m["content"]) + [tok.im_end_id] + tok.newline_ids
             ids += header + answer

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from conftest import both_families
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
@@ -35,6 +36,7 @@ def only_checkpoint(out, step):
     return run_dir, load_file(run_dir / f"checkpoint-{step}" / "adapter_model.safetensors")
 
 
+@both_families
 def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(tmp_path, tiny_dir):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
@@ -52,6 +54,7 @@ def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(t
     assert (run_dir / "checkpoint-6" / "adapter_model.safetensors").exists()
 
 
+@both_families
 def test_two_gpus_replay_micro_batches_and_train_the_same_adapter(tmp_path, tiny_dir):
     """torchrun on two GPUs: micro-batches replayed as CUDA graphs by default (the gradient sum runs
     after them, outside the graphs), the same adapter as one GPU with double accumulation."""

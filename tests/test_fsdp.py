@@ -26,7 +26,7 @@ import shard
 import speed
 import train
 
-from conftest import lora_for_training, loss_and_gradients, random_rows
+from conftest import lora_for_training, loss_and_gradients, random_rows, hf_families
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
@@ -74,9 +74,10 @@ def eval_losses(run: Path) -> list:
     return [e["eval_loss"] for e in lines if "eval_loss" in e]
 
 
-def test_two_ranks_with_fsdp_train_like_one_process_and_their_checkpoint_resumes_in_one(tmp_path, hf_checkpoint):
+@hf_families
+def test_two_ranks_with_fsdp_train_like_one_process_and_their_checkpoint_resumes_in_one(tmp_path, hf_checkpoint, family):
     """An untied checkpoint in several files: the embedding is split (the root unit), lm_head whole."""
-    folder, _ = hf_checkpoint("untied")
+    folder, _ = hf_checkpoint("untied", family=family)
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
     two = two_ranks(common(folder, data, tmp_path / "two", 2, "--fsdp", "full_shard auto_wrap", "--eval_prompts", "hi"))
@@ -205,9 +206,10 @@ def test_fsdp_spellings_and_the_plan_under_it():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: run on the GPU machine (nvidia-h200-x2)")
-def test_two_gpus_with_fsdp_train_like_one_gpu_in_bfloat16(tmp_path, hf_checkpoint):
+@hf_families
+def test_two_gpus_with_fsdp_train_like_one_gpu_in_bfloat16(tmp_path, hf_checkpoint, family):
     """NCCL, bf16 base weights and float32 A and B in one unit, fused AdamW on DTensors."""
-    folder, _ = hf_checkpoint("untied")
+    folder, _ = hf_checkpoint("untied", family=family)
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
     gpu = lambda args: [x if x not in ("cpu", "float32") else {"cpu": "cuda", "float32": "bfloat16"}[x] for x in args]

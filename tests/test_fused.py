@@ -8,7 +8,7 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import loss_and_gradients, lora_for_training, random_rows
+from conftest import loss_and_gradients, lora_for_training, random_rows, both_families
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,6 +27,7 @@ def batches():
 
 
 @pytest.mark.parametrize("dropout,split", [(0.0, False), (0.1, False), (0.1, True)])
+@both_families
 def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, split, monkeypatch):
     """split: rows longer than the MLP's chunk checkpoint the attention half and each MLP piece apart
     (split_long_rows, as with offloaded checkpoints)."""
@@ -42,6 +43,7 @@ def test_fused_layers_give_the_plain_gradients(tiny_dir, dropout, split, monkeyp
         assert (got - want).norm() / want.norm() < 1e-5, name
 
 
+@both_families
 def test_fused_layers_evaluate_and_see_a_merged_adapter_like_the_plain_ones(tiny_dir):
     """Validation runs the same loss function in eval mode without gradients (no dropout), and a
     merge writes W0 + (alpha/r) B A into q/k/v, which the fused matrix sees: its rows are their views."""
@@ -87,6 +89,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GP
 
 
 @cuda_only
+@both_families
 def test_fused_layers_replayed_as_cuda_graphs_give_the_plain_gradients_on_the_gpu(tiny_dir):
     """In bfloat16 on a GPU, with dropout, recorded and replayed (train.py's default there): the
     plain layers' loss and gradients, up to bf16 rounding."""

@@ -19,6 +19,7 @@ import infer
 import lora
 import model as modeling
 import speed
+from conftest import both_families, hf_families
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Who are you?"
@@ -82,7 +83,7 @@ def make_scripted_model(out_dir, tiny_dir, text, loop=False):
     cfg = modeling.Config(vocab_size=960, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                           torch_dtype="float32", eos_token_id=tok.im_end_id)
-    state = {k: torch.zeros_like(v) for k, v in modeling.Qwen2ForCausalLM(cfg).state_dict().items()}
+    state = {k: torch.zeros_like(v) for k, v in modeling.QwenForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g), dim=-1)
     state["model.embed_tokens.weight"] = emb
@@ -139,8 +140,9 @@ def two_adapters(chatty, tmp_path_factory):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_tokens_match_transformers_generate(hf_checkpoint, penalty):
-    folder, hf = hf_checkpoint()
+@hf_families
+def test_greedy_tokens_match_transformers_generate(hf_checkpoint, penalty, family):
+    folder, hf = hf_checkpoint(family=family)
     tok = data.Tokenizer(folder)
     ids = prompt_ids(tok, QUESTION)
     stop = [tok.im_end_id, tok.endoftext_id]
@@ -151,10 +153,11 @@ def test_greedy_tokens_match_transformers_generate(hf_checkpoint, penalty):
     assert len(ours) == 30  # no early stop: every step was compared
 
 
-def test_greedy_tokens_with_adapter_match_peft(hf_checkpoint, tmp_path):
+@hf_families
+def test_greedy_tokens_with_adapter_match_peft(hf_checkpoint, tmp_path, family):
     from peft import PeftModel
 
-    folder, hf = hf_checkpoint()
+    folder, hf = hf_checkpoint(family=family)
     adapter = make_adapter(folder, tmp_path / "adapter", seed=3)
     tok = data.Tokenizer(folder)
     ids = prompt_ids(tok, QUESTION)
@@ -555,6 +558,7 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
+@both_families
 def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
     """speed.CUDAGraphDecoder replays model.Decoder.decode_one: the same logits at every step,
     after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""

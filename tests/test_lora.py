@@ -11,6 +11,7 @@ from torch.testing import assert_close
 import lora
 import model as M
 from lora import LoraConfig, LoraError
+from conftest import both_families, hf_families
 
 
 def tiny_model(tiny_dir, dtype=torch.float32):
@@ -39,6 +40,7 @@ def logits(m, x):
 # The layer, parameters, merge
 
 
+@both_families
 def test_fresh_adapter_leaves_logits_unchanged(tiny_dir):
     m = tiny_model(tiny_dir)
     x = ids()
@@ -106,7 +108,7 @@ def test_count_parameters(tiny_dir, capsys):
     m = tiny_model(tiny_dir)
     _, base_total = lora.count_parameters(m)
     c = m.config
-    assert base_total == sum(t.numel() for t in M.Qwen2ForCausalLM(c).state_dict().values()) - c.vocab_size * c.hidden_size  # tied once
+    assert base_total == sum(t.numel() for t in M.QwenForCausalLM(c).state_dict().values()) - c.vocab_size * c.hidden_size  # tied once
     lora.add_adapter(m, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     q = 4 * (c.hidden_size + c.hidden_size)
     down = 4 * (c.intermediate_size + c.hidden_size)
@@ -121,12 +123,13 @@ def test_qwen25_7b_shape_has_20185088_lora_parameters_at_r8():
     cfg = M.Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                    num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
     with torch.device("meta"):
-        m = M.Qwen2ForCausalLM(cfg)
+        m = M.QwenForCausalLM(cfg)
     assert lora.count_parameters(m) == (7_615_616_512, 7_615_616_512)  # nothing frozen yet: all trainable
     lora.add_adapter(m, LoraConfig(r=8, target_modules="all-linear"))
     assert lora.count_parameters(m) == (20_185_088, 7_635_801_600)
 
 
+@both_families
 def test_merged_model_matches_unmerged_and_merging_twice_is_a_no_op(tiny_dir):
     m = tiny_model(tiny_dir)
     lora.add_adapter(m, LoraConfig(r=8, lora_alpha=16))
@@ -222,9 +225,10 @@ def peft_model(hf, r, alpha, targets, rslora=False):
 
 
 @pytest.mark.parametrize("targets, r, alpha, rslora", [("all-linear", 8, 32, False), (["q_proj", "v_proj", "down_proj"], 4, 12, True)])
-def test_logits_equal_peft_for_the_same_a_and_b(hf_checkpoint, targets, r, alpha, rslora):
+@hf_families
+def test_logits_equal_peft_for_the_same_a_and_b(hf_checkpoint, targets, r, alpha, rslora, family):
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    folder, hf = hf_checkpoint()
+    folder, hf = hf_checkpoint(family=family)
     ours = M.load_model(str(folder), dtype=torch.float32)[0]
     x = ids(hf.config.vocab_size)
     lora.add_adapter(ours, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora))
@@ -244,9 +248,10 @@ def test_logits_equal_peft_for_the_same_a_and_b(hf_checkpoint, targets, r, alpha
         assert_close(logits(ours, x), theirs(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_our_saved_adapter_loads_in_peft_with_the_same_logits(hf_checkpoint, tmp_path):
+@hf_families
+def test_our_saved_adapter_loads_in_peft_with_the_same_logits(hf_checkpoint, tmp_path, family):
     from peft import PeftModel
-    folder, hf = hf_checkpoint()
+    folder, hf = hf_checkpoint(family=family)
     ours = M.load_model(str(folder), dtype=torch.float32)[0]
     lora.add_adapter(ours, LoraConfig(r=4, lora_alpha=12, target_modules=["k_proj", "o_proj", "up_proj"], use_rslora=True))
     randomize(ours)
@@ -263,8 +268,9 @@ def test_our_saved_adapter_loads_in_peft_with_the_same_logits(hf_checkpoint, tmp
         assert_close(logits(ours, x), theirs(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_peft_saved_adapter_loads_here_with_the_same_logits(hf_checkpoint, tmp_path):
-    folder, hf = hf_checkpoint()
+@hf_families
+def test_peft_saved_adapter_loads_here_with_the_same_logits(hf_checkpoint, tmp_path, family):
+    folder, hf = hf_checkpoint(family=family)
     theirs = peft_model(hf, 6, 20, ["gate_proj", "v_proj"], rslora=True)
     with torch.no_grad():
         for n, p in theirs.named_parameters():

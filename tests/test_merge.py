@@ -17,6 +17,7 @@ import lora
 import merge
 import model as M
 from lora import LoraConfig
+from conftest import hf_families
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +50,9 @@ def hf_logits(folder, x):
         return hf(x).logits
 
 
-def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(hf_checkpoint, tmp_path):
-    base_dir, _ = hf_checkpoint()
+@hf_families
+def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(hf_checkpoint, tmp_path, family):
+    base_dir, _ = hf_checkpoint(family=family)
     ckpt = tmp_path / "output" / "v0" / "checkpoint-3"
     ref = make_checkpoint(base_dir, ckpt, str(base_dir))
     r = run_merge("--adapters", ckpt, "--device", "cpu")  # base model from args.json

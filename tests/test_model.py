@@ -1,4 +1,4 @@
-"""model.py against transformers' Qwen2ForCausalLM, and every loading error."""
+"""model.py against transformers' Qwen2ForCausalLM and Qwen3ForCausalLM, and every loading error."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import torch
 
 import model
 import speed
-from conftest import compile_without_inductor, make_hf_checkpoint
+from conftest import compile_without_inductor, make_hf_checkpoint, both_families, hf_families
 from model import Config, ModelError, load_model
 
 
@@ -22,9 +22,10 @@ def tokens(batch=2, length=13, seed=0, vocab=900):
     return torch.randint(0, vocab, (batch, length), generator=g)
 
 
-@pytest.mark.parametrize("tied,kv_heads", [(False, 2), (True, 2), (False, 4), (True, 1)])
-def test_logits_match_transformers_float32(hf_checkpoint, tied, kv_heads):
-    folder, hf = hf_checkpoint(tie_word_embeddings=tied, num_key_value_heads=kv_heads, num_hidden_layers=3)
+@pytest.mark.parametrize("family,tied,kv_heads", [("qwen2", False, 2), ("qwen2", True, 2), ("qwen2", False, 4),
+                                                  ("qwen2", True, 1), ("qwen3", False, 2), ("qwen3", True, 1)])
+def test_logits_match_transformers_float32(hf_checkpoint, family, tied, kv_heads):
+    folder, hf = hf_checkpoint(family=family, tie_word_embeddings=tied, num_key_value_heads=kv_heads, num_hidden_layers=3)
     assert (folder / "model.safetensors.index.json").exists()  # the sharded path is exercised
     ours, _ = load_model(str(folder), dtype=torch.float32)
     x = tokens()
@@ -140,11 +141,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, monkeypatch):
+@hf_families
+def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, monkeypatch, family):
     """speed.compiled_layers, checkpointed from outside (no graphs; traced without inductor's code:
     conftest.compile_without_inductor) and from inside the compiled layer (as with CUDA graphs,
     which bench.py runs on a GPU; CPU inductor here). Two lengths: one static compile each."""
-    folder, _ = hf_checkpoint(num_hidden_layers=2)
+    folder, _ = hf_checkpoint(family=family, num_hidden_layers=2)
     grads = []
     for compiled, inside in ((False, False), (True, False), (True, True)):
         m, _ = load_model(str(folder), dtype=torch.float32)
@@ -221,9 +223,10 @@ def run_eager_layers(m, x):
     return h
 
 
-def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint):
+@hf_families
+def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint, family):
     import lora
-    folder, _ = hf_checkpoint(num_key_value_heads=2)
+    folder, _ = hf_checkpoint(family=family, num_key_value_heads=2)
     m, _ = load_model(str(folder), dtype=torch.float32)
     lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
@@ -271,16 +274,18 @@ def test_config_reads_the_7b_config_and_rope_parameters():
 
 def test_7b_shape_has_the_published_parameter_count():
     with torch.device("meta"):
-        m = model.Qwen2ForCausalLM(Config.from_dict(qwen_config()))
+        m = model.QwenForCausalLM(Config.from_dict(qwen_config()))
     assert sum(p.numel() for p in m.parameters()) == 7_615_616_512
 
 
 @pytest.mark.parametrize("over,needle", [
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type='llama'"),
-    ({"use_sliding_window": True}, "use_sliding_window=true"),
+    ({"use_sliding_window": True}, "sliding-window attention"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "RoPE scaling of type 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"head_dim": 64}, "head_dim=64"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+    ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "'qwen3_moe' (a mixture-of-experts model)"),
+    ({"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"]}, "dense Qwen decoders only"),
 ])
 def test_config_refuses_what_it_cannot_reproduce(over, needle):
     with pytest.raises(ModelError, match=__import__("re").escape(needle)):
@@ -386,6 +391,7 @@ def test_kv_cache_overflow_is_an_error(tiny_dir):
         m(tokens(1, 5), cache=cache)
 
 
+@both_families
 def test_static_cache_decoding_equals_full_forward(tiny_dir):
     """The fixed-shape cache behind CUDA-graph decoding computes the same logits as the eager path."""
     m, _ = load_model(str(tiny_dir), dtype=torch.float32)
@@ -439,7 +445,7 @@ def test_a_damaged_tiny_model_says_to_delete_it(tmp_path, monkeypatch):
     import tiny
     monkeypatch.setenv("QWEN_LORA_HOME", str(tmp_path))
     folder = cli.model_dir("tiny")
-    assert folder == tmp_path / tiny.TINY_VERSION
+    assert folder == tmp_path / tiny.TINY_VERSION["qwen2"]
     shard = sorted(folder.glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(ModelError, match=f"the built-in tiny model in {folder} is damaged .* Delete that folder"):

@@ -15,7 +15,7 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import lora_for_training, loss_and_gradients, random_rows
+from conftest import lora_for_training, loss_and_gradients, random_rows, both_families
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to host memory needs a GPU: run on the GPU machine")
 
@@ -28,6 +28,7 @@ def dropout_model(tiny_dir, device="cpu"):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["one row", "packed rows"])
+@both_families
 def test_offloaded_layers_give_the_checkpointed_gradients(tiny_dir, packed):
     """With dropout: the recomputation from the host copy draws the forward's masks."""
     m = dropout_model(tiny_dir)
@@ -175,7 +176,7 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
                           num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        m = modeling.Qwen2ForCausalLM(cfg)
+        m = modeling.QwenForCausalLM(cfg)
     lora_for_training(m, lora.LoraConfig(lora_dropout=0.1), 0.02, seed=0)
     ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}

@@ -16,7 +16,7 @@ import lora
 import model as modeling
 import speed
 import train
-from conftest import lora_for_training, random_rows
+from conftest import lora_for_training, random_rows, both_families
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,6 +65,7 @@ def step_gradient(m, rows, micro, budget):
     (1, 64, 3),  # a budget that splits the step: 60, 40 + 17 + 5, 33 + 9 (best fit, longest first)
     (2, 48, 4),  # the row of 60 tokens, longer than the budget, runs alone
 ])
+@both_families
 def test_a_packed_step_gives_the_gradient_of_one_by_one_accumulation(lora_model, batch_size, budget, passes):
     rows = random_rows(LENGTHS)
     micro = [list(range(i, min(i + batch_size, len(rows)))) for i in range(0, len(rows), batch_size)]
@@ -80,6 +81,7 @@ def test_a_packed_step_gives_the_gradient_of_one_by_one_accumulation(lora_model,
     assert all(b["input_ids"].shape[1] <= budget or b["cu_seqlens"][1] > budget for b in batches)
 
 
+@both_families
 def test_a_packed_sequence_gives_each_row_its_own_logits(lora_model):
     """Rows packed into one sequence (padded, with empty rows at the end of cu_seqlens) give each
     row the logits it has alone: positions restart per row and no row sees another."""
@@ -197,6 +199,7 @@ def test_varlen_attention_equals_the_block_mask_path():
 
 
 @cuda_only
+@both_families
 def test_packed_micro_batches_replayed_as_cuda_graphs_give_the_eager_gradients(tiny_dir):
     """Packed batches of a few shapes (length and cu_seqlens) replayed: the eager loss and gradients,
     through varlen_attn in bfloat16."""

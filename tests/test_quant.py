@@ -18,6 +18,7 @@ import lora
 import model as M
 import quant
 import train
+from conftest import both_families, hf_families
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the GPU machine")
 
@@ -125,6 +126,7 @@ def test_the_dequantized_weight_is_not_kept_for_backward():
     assert torch.equal(y, plain) and torch.equal(x.grad, x2.grad)
 
 
+@both_families
 def test_a_4bit_model_gives_the_logits_of_the_model_built_from_its_dequantized_weights(tiny_dir):
     m4, _ = quant.load_quantized(str(tiny_dir), quant.QuantConfig(), torch.float32, "cpu")
     linears = [m for m in m4.modules() if isinstance(m, quant.Linear4bit)]
@@ -133,7 +135,7 @@ def test_a_4bit_model_gives_the_logits_of_the_model_built_from_its_dequantized_w
     # Quantised while loading, tensor by tensor: the codes of quantising the loaded weight.
     assert torch.equal(m4.model.layers[1].mlp.down_proj.codes, quant.quantize(plain.model.layers[1].mlp.down_proj.weight)["codes"])
     with torch.device("meta"):
-        dequantized = M.Qwen2ForCausalLM(m4.config)
+        dequantized = M.QwenForCausalLM(m4.config)
     dequantized.load_state_dict(quant.dequantized_state_dict(m4), strict=True, assign=True)
     x = torch.randint(0, m4.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -156,10 +158,11 @@ def test_merging_into_4bit_weights_and_bad_quant_flags_are_clear_errors(tiny_dir
     assert "set --torch_dtype bfloat16 instead" in capsys.readouterr().err
 
 
-def test_qlora_training_learns_and_its_adapter_loads_in_peft_on_the_dequantized_model(tmp_path, hf_checkpoint, capsys):
+@hf_families
+def test_qlora_training_learns_and_its_adapter_loads_in_peft_on_the_dequantized_model(tmp_path, hf_checkpoint, capsys, family):
     from peft import PeftModel
     from transformers import Qwen2ForCausalLM
-    folder, hf = hf_checkpoint()
+    folder, hf = hf_checkpoint(family=family)
     rows = [{"query": f"question {i}?", "response": f"answer number {i}."} for i in range(4)]
     (tmp_path / "qa.json").write_text(json.dumps(rows))
     argv = ["--model", str(folder), "--dataset", str(tmp_path / "qa.json"), "--output_dir", str(tmp_path / "out"),

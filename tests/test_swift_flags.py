@@ -85,9 +85,12 @@ def test_ignored_flags_are_noted_and_limited_ones_take_only_their_values(capsys)
     assert err == ["note: --dataloader_num_workers 4 changes nothing here: the data are tokenized before training starts.",
                    "note: --report_to tensorboard wandb changes nothing here: logs go to logging.jsonl and "
                    "images/loss.svg in the run folder."]
-    with pytest.raises(UsageError, match=r"argument --template: 'qwen3' is not supported here, only qwen2_5 "
-                                         r"\(Qwen2.5's chat template is the one template here\)"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen3"])
+    with pytest.raises(UsageError, match=r"argument --bnb_4bit_quant_storage: 'bfloat16' is not supported here, only uint8 "
+                                         r"\(two 4-bit codes a byte\)"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--bnb_4bit_quant_storage", "bfloat16"])
+    with pytest.raises(UsageError, match=r"argument --template: invalid choice: 'qwen4' \(choose from 'qwen2_5', 'qwen3', "
+                                         r"'qwen3_nothinking', 'qwen3_thinking'\)"):
+        train.build_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen4"])
 
 
 def test_tuner_type_is_ms_swift_4s_name_for_train_type(tmp_path, capsys):

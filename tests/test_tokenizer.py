@@ -5,6 +5,7 @@ import json
 import pytest
 
 import data
+import template
 from data import DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
 
 TEXTS = ["Hello! Who are you?", "你好，我是由 swift 开发的大语言模型。", "  spaces\n\nand\ttabs 123456 ",
@@ -65,7 +66,7 @@ def test_piecewise_ids_equal_encoding_the_rendered_text(tok, name):
 
 def test_default_system_prompt_and_override():
     msgs = CONVERSATIONS["single turn"]
-    assert render_chat(msgs).startswith(f"<|im_start|>system\n{data.DEFAULT_SYSTEM}<|im_end|>\n")
+    assert render_chat(msgs).startswith(f"<|im_start|>system\n{template.QWEN25_SYSTEM}<|im_end|>\n")
     assert render_chat(msgs, system="Be terse.").startswith("<|im_start|>system\nBe terse.<|im_end|>\n")
     own = CONVERSATIONS["with system"]
     assert render_chat(own, system="ignored") == render_chat(own)

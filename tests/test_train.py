@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import runs
 import speed
 import train
-from conftest import lora_for_training, loss_and_gradients, random_rows, single_torch_thread
+from conftest import lora_for_training, loss_and_gradients, random_rows, single_torch_thread, both_families
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +106,7 @@ def train_args(data_file, out, steps=6, save_steps=3, *extra):
                      "--warmup_ratio", 0.2, *extra)
 
 
+@both_families
 def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
     """Each step's rows run packed (--padding_free true, the default on a GPU): a resume packs the same rows."""
     data_file = write_qa(tmp_path / "qa.json", QA + QA[:1])  # 5 rows, 3 steps per epoch
@@ -487,6 +488,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph
 
 
 @cuda_only
+@both_families
 def test_cuda_graph_micro_batches_give_the_eager_gradients(tiny_dir):
     """Replayed micro-batches give eager's loss and gradients bit for bit, with dropout and gradient
     checkpointing: the same seed draws the same masks, and the recomputation draws the forward's."""

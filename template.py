@@ -1,0 +1,206 @@
+"""template.py: the chat formats of the Qwen families, one small class each (as ms-swift keeps its
+templates), and the choice of one from a checkpoint's own files.
+
+Every Qwen chat is ChatML: each turn is `<|im_start|>ROLE\\n` + its text + `<|im_end|>\\n`, and an
+answer is generated after `<|im_start|>assistant\\n`. The families differ in the system prompt written
+when a conversation has none, and in thinking:
+
+    --template         models                            system prompt   thinks
+    qwen2_5            Qwen2.5-*-Instruct                Qwen's default  never
+    qwen3              Qwen3-0.6B ... Qwen3-32B (hybrid) none            unless enable_thinking is false
+    qwen3_nothinking   Qwen3-*-Instruct-2507             none            never
+    qwen3_thinking     Qwen3-*-Thinking-2507             none            always
+
+A thinking model writes its reasoning before the answer, `<think>\\nREASONING\\n</think>\\n\\nANSWER`;
+a hybrid model told not to think gets the empty block `<think>\\n\\n</think>\\n\\n` written for it
+after `<|im_start|>assistant\\n`. An assistant message may carry its reasoning that way in its content,
+or in a `reasoning_content` field (OpenAI's and ms-swift's name), which wins, as in Qwen's template.
+
+Each template renders a conversation two ways:
+
+    prompt_turns     what the checkpoint's own Jinja chat template writes (transformers'
+                     apply_chat_template), for inference: the reasoning of every assistant turn
+                     before the last user message is dropped, so a chat's history holds answers only.
+    training_turns   what ms-swift trains on, so that the same rows give the same loss: every
+                     assistant turn keeps its reasoning (the Jinja template would drop it from all but
+                     the last); the hybrid template writes the empty block before an answer that has
+                     none (--add_non_thinking_prefix true), and --loss_scale ignore_empty_think (its
+                     default there) leaves an empty block out of the loss.
+
+The template comes from tokenizer_config.json's chat_template (choose_template), else from
+config.json's model_type, and --template NAME overrides both.
+"""
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from util import read_json
+
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what a hybrid model reads when it is told not to think
+EMPTY_THINK_RE = re.compile(r"<think>\s*</think>\s*")  # an empty block, as ms-swift's ignore_empty_think finds it
+LOSS_SCALES = ("default", "ignore_empty_think")
+
+
+class TemplateError(Exception):
+    """A --template, --enable_thinking or --loss_scale that the model cannot take."""
+
+
+def think_block(reasoning: str) -> str:
+    return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n"
+
+
+def split_reasoning(message: dict) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message, read as Qwen3's template reads them: its
+    reasoning_content field, else what stands between <think> and </think> in its content."""
+    content = message["content"]
+    if isinstance(message.get("reasoning_content"), str):
+        return message["reasoning_content"], content
+    if "</think>" in content:
+        before, _, _ = content.partition("</think>")
+        return before.rstrip("\n").split("<think>")[-1].lstrip("\n"), content.split("</think>")[-1].lstrip("\n")
+    return "", content
+
+
+def with_reasoning_in_content(message: dict) -> dict:
+    """An assistant message whose reasoning_content is written into its content as the template
+    writes it (ms-swift drops that field; the same row with the reasoning in its content keeps it)."""
+    if not isinstance(message.get("reasoning_content"), str):
+        return message
+    reasoning, answer = split_reasoning(message)
+    return {"role": "assistant", "content": think_block(reasoning) + answer.lstrip("\n")}
+
+
+def last_query(messages: list[dict]) -> int:
+    """The index of the last user message that is not a tool's response (Qwen3's last_query_index)."""
+    for i in range(len(messages) - 1, -1, -1):
+        text = messages[i]["content"]
+        if messages[i]["role"] == "user" and not (text.startswith("<tool_response>") and text.endswith("</tool_response>")):
+            return i
+    return len(messages) - 1
+
+
+@dataclass(frozen=True)
+class Template:
+    """ChatML without thinking (Qwen2.5-Instruct, Qwen3-Instruct-2507), with the settings of a run."""
+
+    name: str
+    default_system: str | None = None  # written when a conversation has no system turn of its own
+    thinks: str = "never"  # "never", "hybrid" (enable_thinking) or "always"
+    system: str | None = None  # --system: "" writes no system turn, None the template's default
+    enable_thinking: bool = True  # a hybrid model: think before answering
+    loss_scale: str = "default"  # "ignore_empty_think": an empty think block carries no loss
+    add_non_thinking_prefix: bool = True  # a hybrid model: write the empty block before an answer that has none
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """The conversation with its system prompt in front: its own, else --system, else the
+        template's default. system="" (--system '') writes none, as ms-swift renders it."""
+        if (messages and messages[0]["role"] == "system") or self.system == "":
+            return list(messages)
+        system = self.default_system if self.system is None else self.system
+        return ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
+
+    def prompt_turns(self, messages: list[dict]) -> list[dict]:
+        """The turns as the checkpoint's Jinja template writes them: {"role", "content"} each."""
+        return [{"role": m["role"], "content": m["content"]} for m in self.with_system(messages)]
+
+    def generation_prompt(self) -> str:
+        """What the template writes after `<|im_start|>assistant\\n` for the model to answer."""
+        return ""
+
+    def training_turns(self, messages: list[dict]) -> list[dict]:
+        """The turns as ms-swift trains on them: {"role", "content"}, and for an assistant turn
+        "untrained", how many characters at the start of its content carry no loss (an empty think block)."""
+        turns = []
+        for m in self.with_system([with_reasoning_in_content(m) for m in messages]):
+            is_answer = m["role"] == "assistant"
+            turns.append(self.training_answer(m["content"]) if is_answer else {"role": m["role"], "content": m["content"]})
+        return turns
+
+    def training_answer(self, content: str) -> dict:
+        empty = EMPTY_THINK_RE.match(content) if self.loss_scale == "ignore_empty_think" else None
+        return {"role": "assistant", "content": content, "untrained": empty.end() if empty else 0}
+
+
+@dataclass(frozen=True)
+class ThinkingTemplate(Template):
+    """Qwen3 (hybrid) and Qwen3-Thinking-2507: reasoning in think blocks."""
+
+    def prompt_turns(self, messages: list[dict]) -> list[dict]:
+        messages = self.with_system(messages)
+        query, turns = last_query(messages), []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                turns.append({"role": m["role"], "content": m["content"]})
+                continue
+            reasoning, answer = split_reasoning(m)
+            # Only the turns after the last question keep their reasoning (the last always gets a block).
+            keep = i > query and (i == len(messages) - 1 or reasoning)
+            turns.append({"role": "assistant", "content": think_block(reasoning) + answer.lstrip("\n") if keep else answer})
+        return turns
+
+    def generation_prompt(self) -> str:
+        if self.thinks == "always":
+            return "<think>\n"  # Thinking-2507's prompt opens the block itself
+        return "" if self.enable_thinking else EMPTY_THINK
+
+    def training_answer(self, content: str) -> dict:
+        """An answer as ms-swift trains on it (its ThinkingTemplate): a hybrid model's answer without
+        a think block gets the empty one, so that it learns to answer so when told not to think."""
+        if self.thinks == "hybrid" and self.add_non_thinking_prefix and not content.startswith("<think>"):
+            content = EMPTY_THINK + content
+        return super().training_answer(content)
+
+
+TEMPLATES = {
+    "qwen2_5": Template("qwen2_5", default_system=QWEN25_SYSTEM),
+    "qwen3": ThinkingTemplate("qwen3", thinks="hybrid", loss_scale="ignore_empty_think"),
+    "qwen3_nothinking": Template("qwen3_nothinking"),
+    "qwen3_thinking": ThinkingTemplate("qwen3_thinking", thinks="always"),
+}
+
+
+def template_name_of(model_dir, model_type: str) -> str:
+    """The template of a checkpoint: recognised in tokenizer_config.json's chat_template, else the
+    one of its model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    jinja = read_json(path, TemplateError).get("chat_template") if path.exists() else None
+    jinja = jinja if isinstance(jinja, str) else ""
+    if "enable_thinking" in jinja:
+        return "qwen3"
+    if "<|im_start|>assistant\\n<think>\\n" in jinja:  # the generation prompt opens the think block
+        return "qwen3_thinking"
+    if "You are Qwen, created by Alibaba Cloud" in jinja:
+        return "qwen2_5"
+    if model_type == "qwen3" and "<|im_start|>" in jinja:  # ChatML that never thinks: Instruct-2507
+        return "qwen3_nothinking"
+    return "qwen3" if model_type == "qwen3" else "qwen2_5"
+
+
+def choose_template(model_dir, model_type: str, name: str | None = None, system: str | None = None,
+                    enable_thinking: bool | None = None, loss_scale: str | None = None,
+                    add_non_thinking_prefix: bool = True) -> Template:
+    """The template for this checkpoint (or --template `name`) with the run's settings; a setting
+    the template cannot take is a TemplateError that says why."""
+    detected = template_name_of(model_dir, model_type)
+    name = name or detected
+    if name not in TEMPLATES:
+        raise TemplateError(f"--template {name}: no such template. The templates here are {', '.join(TEMPLATES)} "
+                            f"(ms-swift's names); this checkpoint's own is {detected}. Leave --template out to use it.")
+    t = TEMPLATES[name]
+    if enable_thinking is not None and enable_thinking != (t.thinks != "never"):
+        if t.thinks == "never" and enable_thinking:
+            raise TemplateError(f"--enable_thinking true: the {name} template never thinks (a Qwen2.5 or Qwen3-*-Instruct-2507 "
+                                "model cannot reason in <think> blocks). Leave the flag out, or use a Qwen3 hybrid "
+                                "(Qwen/Qwen3-8B) or Thinking-2507 model.")
+        if t.thinks == "always":
+            raise TemplateError(f"--enable_thinking false: the {name} template (Qwen3-*-Thinking-2507) always thinks: its "
+                                "prompt opens the <think> block. Leave the flag out, or use Qwen3-*-Instruct-2507 "
+                                "for answers without reasoning.")
+    if loss_scale is not None and loss_scale not in LOSS_SCALES:
+        raise TemplateError(f"--loss_scale {loss_scale}: the loss scales here are {', '.join(LOSS_SCALES)}.")
+    if t.thinks == "hybrid" and loss_scale == "default":
+        loss_scale = "ignore_empty_think"  # ms-swift >= 4.3.1 adds it for hybrid models whatever is given
+    return replace(t, system=system, enable_thinking=t.enable_thinking if enable_thinking is None else enable_thinking,
+                   loss_scale=loss_scale or t.loss_scale, add_non_thinking_prefix=add_non_thinking_prefix)

@@ -1,0 +1,254 @@
+"""Qwen3: the official configs against transformers, the chat templates against the checkpoints' own
+Jinja templates (rendered by transformers) and against ms-swift's training rows, thinking at
+inference, and the refusals. The decoder paths themselves (peft, merge, resume, packing, fused
+layers, offload, 4-bit, DDP, FSDP, CUDA graphs) run on Qwen3 in their own test files
+(@both_families, @hf_families)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import infer
+import model as modeling
+import template as T
+import train
+from data import IGNORE_INDEX, encode_chat, render_chat
+
+HERE = Path(__file__).resolve().parent / "qwen3"  # official files: config.json of each size, 2507 chat templates
+DENSE = ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-4B-Instruct-2507"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(_isolated_home):
+    import tiny
+    return tiny.tiny_model_dir("tiny-qwen3")
+
+
+@pytest.fixture(scope="module")
+def tok(qwen3_dir):
+    return data.Tokenizer(qwen3_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(qwen3_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(qwen3_dir)
+
+
+def jinja(name: str) -> str:
+    """The chat template of a checkpoint: the hybrid one is the tiny Qwen3's own (Qwen3-8B's)."""
+    import tiny
+    return tiny.QWEN3_CHAT_TEMPLATE if name == "qwen3" else (HERE / {
+        "qwen3_nothinking": "Qwen3-4B-Instruct-2507.jinja", "qwen3_thinking": "Qwen3-4B-Thinking-2507.jinja"}[name]).read_text()
+
+
+def with_template(src: Path, dst: Path, chat_template) -> Path:
+    """A copy of a model folder whose tokenizer_config.json holds another chat template (None: none)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: every official dense config builds transformers' tensors
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_official_configs_give_transformers_tensor_names_and_shapes(name):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    d = json.loads((HERE / f"{name}.config.json").read_text())
+    cfg = modeling.Config.from_dict(d)
+    assert cfg.model_type == "qwen3" and cfg.head_dim == 128 and not cfg.qkv_bias and cfg.qk_norm
+    with torch.device("meta"):
+        ours = modeling.QwenForCausalLM(cfg)
+        theirs = Qwen3ForCausalLM(Qwen3Config(**d))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    q = ours.model.layers[0].self_attn.q_proj
+    assert q.out_features == cfg.num_attention_heads * 128  # 0.6B: 1024 -> 2048, not hidden / heads
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == (name in ("Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B",
+                                                                            "Qwen3-4B-Instruct-2507"))
+    assert cfg.to_dict()["architectures"] == ["Qwen3ForCausalLM"] and cfg.to_dict()["head_dim"] == 128
+
+
+def test_qwen3_moe_is_refused_naming_what_is_supported():
+    d = json.loads((HERE / "Qwen3-30B-A3B-Instruct-2507.config.json").read_text())
+    with pytest.raises(modeling.ModelError) as e:
+        modeling.Config.from_dict(d, "Qwen3-30B-A3B/config.json")
+    assert "model_type='qwen3_moe' (a mixture-of-experts model)" in str(e.value)
+    assert "Qwen2 / Qwen2.5 (model_type 'qwen2') and Qwen3 (model_type 'qwen3'" in str(e.value)
+
+
+def test_tiny_qwen3_is_a_qwen3_transformers_loads(qwen3_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).eval()
+    ours, _ = modeling.load_model(str(qwen3_dir), dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and ours.config.head_dim == 48 != 128 // 4
+    assert not torch.equal(ours.model.layers[0].self_attn.q_norm.weight, torch.ones(48))
+    x = torch.randint(0, 900, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: byte for byte what the checkpoint's Jinja template renders
+
+R1 = "<think>\nFirst I think.\n</think>\n\nAnswer one."
+PROMPTS = {
+    "one question": [{"role": "user", "content": "你是谁？"}],
+    "system": [{"role": "system", "content": "You are a bot."}, {"role": "user", "content": "hi"}],
+    "history without reasoning": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A1"},
+                                  {"role": "user", "content": "b"}],
+    "history with reasoning in the content": [{"role": "user", "content": "a"}, {"role": "assistant", "content": R1},
+                                              {"role": "user", "content": "b"}],
+    "history with reasoning_content": [{"role": "user", "content": "a"},
+                                       {"role": "assistant", "content": "Answer one.", "reasoning_content": "Hmm."},
+                                       {"role": "user", "content": "b"}],
+}
+FULL = {  # whole conversations, as the template renders them without a generation prompt
+    "answer with reasoning": [{"role": "user", "content": "a"}, {"role": "assistant", "content": R1}],
+    "answer without": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}],
+    "reasoning_content, two turns": [{"role": "user", "content": "a"}, {"role": "assistant", "content": R1},
+                                     {"role": "user", "content": "b"},
+                                     {"role": "assistant", "content": "\nB", "reasoning_content": "\nWhy.\n"}],
+}
+SETTINGS = [("qwen3", None), ("qwen3", True), ("qwen3", False), ("qwen3_nothinking", None), ("qwen3_thinking", None)]
+
+
+@pytest.mark.parametrize("name,thinking", SETTINGS)
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_prompts_equal_the_checkpoints_jinja_template(tok, hf_tok, name, thinking, case):
+    messages = PROMPTS[case]
+    kwargs = {} if thinking is None else {"enable_thinking": thinking}
+    text = hf_tok.apply_chat_template(messages, chat_template=jinja(name), tokenize=False, add_generation_prompt=True,
+                                      **kwargs)
+    template = T.choose_template("nowhere", "qwen3", name, enable_thinking=thinking)
+    assert render_chat(messages, add_generation_prompt=True, template=template) == text
+    ids, _ = encode_chat(tok, messages, add_generation_prompt=True, template=template)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_nothinking", "qwen3_thinking"])
+@pytest.mark.parametrize("case", list(FULL))
+def test_whole_conversations_render_as_the_jinja_template(hf_tok, name, case):
+    text = hf_tok.apply_chat_template(FULL[case], chat_template=jinja(name), tokenize=False)
+    assert render_chat(FULL[case], template=T.TEMPLATES[name]) == text
+
+
+def test_think_tokens_are_single_tokens_and_kept_when_decoding(tok):
+    ids = tok.encode_text("<think>\n\n</think>\n\n")
+    think, end = tok.tok.token_to_id("<think>"), tok.tok.token_to_id("</think>")
+    assert ids[0] == think and ids.count(think) == ids.count(end) == 1 and tok.decode(ids[1:ids.index(end)]) == "\n\n"
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>\n\n</think>\n\n"  # not special, as in Qwen3
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the template from the checkpoint's files
+
+
+def test_the_template_comes_from_the_checkpoints_chat_template(qwen3_dir, tiny_dir, tmp_path):
+    assert T.template_name_of(qwen3_dir, "qwen3") == "qwen3"
+    assert T.template_name_of(tiny_dir, "qwen2") == "qwen2_5"
+    for name, text in (("qwen3_nothinking", jinja("qwen3_nothinking")), ("qwen3_thinking", jinja("qwen3_thinking")),
+                       ("qwen3_nothinking", (HERE / "Qwen3-4B-Instruct-2507.2025-07.jinja").read_text()),
+                       ("qwen3", None)):  # no chat template: the model_type's
+        folder = with_template(qwen3_dir, tmp_path / f"{name}-{text is None}-{len(text or '')}", text)
+        assert T.template_name_of(folder, "qwen3") == name
+    assert T.choose_template(tiny_dir, "qwen2", "qwen3").name == "qwen3"  # --template wins
+
+
+@pytest.mark.parametrize("name,flags,needle", [
+    ("qwen2_5", {"enable_thinking": True}, "--enable_thinking true: the qwen2_5 template never thinks"),
+    ("qwen3_nothinking", {"enable_thinking": True}, "the qwen3_nothinking template never thinks"),
+    ("qwen3_thinking", {"enable_thinking": False}, "(Qwen3-*-Thinking-2507) always thinks"),
+    ("qwen4", {}, "--template qwen4: no such template. The templates here are qwen2_5, qwen3, qwen3_nothinking, "
+                  "qwen3_thinking"),
+    ("qwen3", {"loss_scale": "last_round"}, "--loss_scale last_round: the loss scales here are default, ignore_empty_think"),
+])
+def test_settings_a_template_cannot_take_are_refused(name, flags, needle):
+    with pytest.raises(T.TemplateError) as e:
+        T.choose_template("nowhere", "qwen3", name, **flags)
+    assert needle in str(e.value)
+
+
+def test_hybrid_qwen3_ignores_the_empty_think_block_whatever_loss_scale_says():
+    """ms-swift >= 4.3.1 adds ignore_empty_think to the loss scale of hybrid-thinking models."""
+    for given in (None, "default", "ignore_empty_think"):
+        assert T.choose_template("nowhere", "qwen3", "qwen3", loss_scale=given).loss_scale == "ignore_empty_think"
+    assert T.choose_template("nowhere", "qwen3", "qwen3_thinking").loss_scale == "default"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training rows: as ms-swift 4.6.0 trains them (its swift_encode of the same rows, text with the
+# trained spans in ⟦ ⟧, on a real-vocabulary Qwen3 tokenizer; CPU, float32)
+
+ROWS = [
+    [{"role": "user", "content": "你是谁?"}, {"role": "assistant", "content": "我是小黄,由魔搭开发的大语言模型。"}],
+    [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\nOne plus one.\n</think>\n\n2"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+     {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nA2"}],
+    [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": "One plus one."}],
+    [{"role": "system", "content": "You are a bot."}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+]
+U, A, E = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"
+EMPTY = "<think>\n\n</think>\n\n"
+MS_SWIFT = {  # template, flags -> the rows as ms-swift trains them
+    ("qwen3", ()): [
+        f"{U}你是谁?{E}{A}{EMPTY}⟦我是小黄,由魔搭开发的大语言模型。{E}⟧",
+        f"{U}1+1?{E}{A}⟦<think>\nOne plus one.\n</think>\n\n2{E}⟧",
+        f"{U}hi{E}{A}{EMPTY}⟦Hello!{E}⟧",
+        f"{U}a{E}{A}⟦<think>\nr1\n</think>\n\nA1{E}⟧{U}b{E}{A}⟦<think>\nr2\n</think>\n\nA2{E}⟧",
+        f"{U}1+1?{E}{A}{EMPTY}⟦2{E}⟧",
+        f"<|im_start|>system\nYou are a bot.{E}{U}x{E}{A}{EMPTY}⟦y{E}⟧"],
+    ("qwen3", (("add_non_thinking_prefix", False),)): [
+        f"{U}你是谁?{E}{A}⟦我是小黄,由魔搭开发的大语言模型。{E}⟧",
+        f"{U}1+1?{E}{A}⟦<think>\nOne plus one.\n</think>\n\n2{E}⟧",
+        f"{U}hi{E}{A}{EMPTY}⟦Hello!{E}⟧",
+        f"{U}a{E}{A}⟦<think>\nr1\n</think>\n\nA1{E}⟧{U}b{E}{A}⟦<think>\nr2\n</think>\n\nA2{E}⟧",
+        f"{U}1+1?{E}{A}⟦2{E}⟧",
+        f"<|im_start|>system\nYou are a bot.{E}{U}x{E}{A}⟦y{E}⟧"],
+    ("qwen3_nothinking", ()): [
+        f"{U}你是谁?{E}{A}⟦我是小黄,由魔搭开发的大语言模型。{E}⟧",
+        f"{U}1+1?{E}{A}⟦<think>\nOne plus one.\n</think>\n\n2{E}⟧",
+        f"{U}hi{E}{A}⟦{EMPTY}Hello!{E}⟧",
+        f"{U}a{E}{A}⟦<think>\nr1\n</think>\n\nA1{E}⟧{U}b{E}{A}⟦<think>\nr2\n</think>\n\nA2{E}⟧",
+        f"{U}1+1?{E}{A}⟦2{E}⟧",
+        f"<|im_start|>system\nYou are a bot.{E}{U}x{E}{A}⟦y{E}⟧"],
+}
+MS_SWIFT[("qwen3_thinking", ())] = MS_SWIFT[("qwen3_nothinking", ())]  # the same rows, as written
+MS_SWIFT[("qwen3", (("enable_thinking", False),))] = MS_SWIFT[("qwen3", ())]  # training rows do not change
+
+
+def marked(tok, ids, labels) -> str:
+    """The row's text with its trained spans in ⟦ ⟧, as the ms-swift oracle wrote its rows."""
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and (labels[j] != IGNORE_INDEX) == (labels[i] != IGNORE_INDEX):
+            j += 1
+        text = tok.decode(ids[i:j])
+        out.append(f"⟦{text}⟧" if labels[i] != IGNORE_INDEX else text)
+        i = j
+    return "".join(out)
+
+
+@pytest.mark.parametrize("name,flags", list(MS_SWIFT))
+def test_training_rows_are_ms_swifts(tok, name, flags):
+    template = T.choose_template("nowhere", "qwen3", name, **dict(flags))
+    conversations = [data.row_to_messages({"messages": row}, "row") for row in ROWS]  # as read from a file
+    ours = [marked(tok, *encode_chat(tok, messages, template=template)) for messages in conversations]
+    expected = list(MS_SWIFT[(name, flags)])
+    # Where we differ on purpose: ms-swift drops reasoning_content (its row 5 trains "2" alone); we write
+    # it into the content, so row 5 trains as ms-swift trains row 2, the same row with the reasoning there.
+    expected[4] = expected[1]
+    assert ours == expected
+    batched = data.encode_chats(tok, conversations, template=template)  # the batched encoder lays them out alike
+    assert [marked(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
