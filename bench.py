@@ -5,6 +5,7 @@
     python bench.py --small    # a tiny shape on the CPU in seconds (CI runs it so it cannot rot)
     python bench.py --workloads quant   # 4-bit base (QLoRA): 7B, 14B and 32B shapes on one GPU
     python bench.py --workloads fit     # which model trains on which card, computed (no GPU)
+    python bench.py --shape qwen3-4b   # the same on another shape (qwen3-4b, qwen3-8b, qwen3-32b, 14b, ...)
 
 Every workload runs in its own process (clean peak-memory counters), ours and the reference
 alike, on the same card in the same run; the table gives each ratio. Weights are random (speed
@@ -12,8 +13,8 @@ and memory do not depend on their values) but identical in both implementations,
 from a fixed seed, so the loss of the first training step must agree: it is checked.
 
 Setup as the tutorial trains: LoRA r=8, alpha=32, dropout 0.05 on all-linear, batch 1, gradient
-checkpointing, AdamW. The reference is transformers' Qwen2ForCausalLM (SDPA attention, gradient
-checkpointing) wrapped by peft.
+checkpointing, AdamW. The reference is transformers' Qwen2ForCausalLM (Qwen3ForCausalLM for the
+Qwen3 shapes; SDPA attention, gradient checkpointing) wrapped by peft.
 
 The `tutorial` workload is the tutorial's whole configuration: the shipped self-cognition rows
 (placeholders filled, --system 'You are a helpful assistant.'), batch 1, accumulation 16, 10
@@ -36,6 +37,7 @@ import torch
 
 import speed
 from lora import ALL_LINEAR
+from template import TEMPLATES
 
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
@@ -48,7 +50,22 @@ QWEN25_14B = dict(QWEN25_7B, hidden_size=5120, intermediate_size=13824, num_hidd
                   num_key_value_heads=8)
 QWEN25_32B = dict(QWEN25_14B, intermediate_size=27648, num_hidden_layers=64)
 QWEN25_72B = dict(QWEN25_14B, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64)
-SHAPES = {"7b": QWEN25_7B, "14b": QWEN25_14B, "32b": QWEN25_32B, "72b": QWEN25_72B}
+# Qwen3 (their config.json files): head_dim 128 whatever hidden / heads, q_norm and k_norm, no bias.
+QWEN3 = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+             model_type="qwen3", head_dim=128, attention_bias=False)
+QWEN3_4B = dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=True)
+QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+QWEN3_32B = dict(QWEN3_8B, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64)
+SHAPES = {"7b": QWEN25_7B, "14b": QWEN25_14B, "32b": QWEN25_32B, "72b": QWEN25_72B,
+          "qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
+
+
+def shape_of(a) -> dict:
+    """--shape, or with --small a tiny shape of the same family (Qwen3's: head_dim 24, not 64 / 4)."""
+    if not a.small:
+        return SHAPES[a.shape]
+    return dict(SMALL, model_type="qwen3", head_dim=24, attention_bias=False) if a.shape.startswith("qwen3") else SMALL
 
 
 
@@ -366,12 +383,16 @@ def tutorial_setup(a, device):
     import data
     import train
     unpacked = ["--padding_free", "false"] if a.one_by_one else []  # a pass per row, as before packing
-    flags = train.build_parser().parse_args(TUTORIAL_FLAGS + unpacked + ["--device", str(device)])
+    qwen3, tutorial = shape_of(a).get("model_type") == "qwen3", list(TUTORIAL_FLAGS)
+    if qwen3:  # as Qwen3-4B-Instruct-2507's quick start: no --system, the model's own template
+        del tutorial[tutorial.index("--system"):tutorial.index("--system") + 2]
+    flags = train.build_parser().parse_args(tutorial + unpacked + ["--device", str(device)])
     train.set_derived_defaults(flags)
-    tok = data.Tokenizer(a.tokenizer or cli.tiny_dir())
+    tok = data.Tokenizer(a.tokenizer or cli.tiny_dir("tiny-qwen3" if qwen3 else "tiny"))
     convs = data.load_conversations([flags.dataset[0]], seed=flags.seed, model_name=flags.model_name,
                                     model_author=flags.model_author)
-    rows = data.encode_dataset(tok, convs, flags.max_length, flags.truncation_strategy, system=flags.system)
+    template = TEMPLATES["qwen3_nothinking" if qwen3 else "qwen2_5"]
+    rows = data.encode_dataset(tok, convs, flags.max_length, flags.truncation_strategy, system=flags.system, template=template)
     steps = [w for epoch in range(math.ceil(flags.num_train_epochs))
              for w in train.epoch_windows(len(rows), 1, flags.gradient_accumulation_steps, epoch, flags.seed)]
     return flags, rows, tok.endoftext_id, steps
@@ -446,11 +467,14 @@ def hf_tutorial(shape, device, a):
 
 def hf_model(shape, device, fp32=False):
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = Qwen2Config(**shape, attn_implementation="sdpa", use_cache=False)
+    import transformers
+    qwen3 = shape.get("model_type") == "qwen3"
+    Config, Model = ((transformers.Qwen3Config, transformers.Qwen3ForCausalLM) if qwen3 else
+                     (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    cfg = Config(**{k: v for k, v in shape.items() if k != "model_type"}, attn_implementation="sdpa", use_cache=False)
     torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
     with device:
-        m = Qwen2ForCausalLM(cfg)
+        m = Model(cfg)
     torch.set_default_dtype(torch.float32)
     fill_random(m)
     return get_peft_model(m, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=list(ALL_LINEAR),
@@ -512,7 +536,7 @@ PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py choose
 def worker(a):
     """One workload in this process; its result (a dict)."""
     torch.manual_seed(0)
-    device, shape, plan = torch.device(a.device), SMALL if a.small else SHAPES[a.shape], PLANS[a.plan]
+    device, shape, plan = torch.device(a.device), shape_of(a), PLANS[a.plan]
     workloads = {
         "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan, a.quant, a.dequantized),
         "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
@@ -525,6 +549,7 @@ def worker(a):
         "ours_tutorial": lambda: ours_tutorial(shape, device, a),
         "hf_tutorial": lambda: hf_tutorial(shape, device, a),
         "peak_matmul": lambda: peak_matmul(device),
+        "peak_copy": lambda: peak_copy(device),
     }
     return workloads[a.worker]()
 
@@ -538,14 +563,38 @@ def peak_matmul(device, repeats=20):
     return {"tflops": 2 * n**3 / s / 1e12}
 
 
+def peak_copy(device, repeats=20):
+    """The card's memory bandwidth as a 2 GiB device-to-device copy reaches it (bytes read plus
+    written per second): the bound a batch-1 decode step, which reads every weight once, runs against."""
+    n = 2**30 if device.type == "cuda" else 2**24
+    x = torch.empty(n, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    s = timed_steps(lambda: y.copy_(x), 3, repeats, device)
+    return {"gb_s": 2 * x.numel() * x.element_size() / s / 1e9}
+
+
+def decode_bytes_per_token(shape) -> int:
+    """Bytes of bf16 weights a batch-1 decode step reads: every layer, the final norm and lm_head (the
+    input embedding gives one row; a tied lm_head is the embedding, read whole). The KV cache of a
+    short answer is small beside them and is left out."""
+    D, I, L, hd = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], head_dim_of(shape)
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    layer = 2 * D * q + 2 * D * kv + 3 * D * I + 2 * D + (2 * hd if shape.get("model_type") == "qwen3" else q + 2 * kv)
+    return 2 * (L * layer + D + D * shape["vocab_size"])
+
+
+def head_dim_of(shape) -> int:
+    return shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+
+
 def train_flops_per_token(shape, seq: int) -> float:
     """FLOPs of one trained token: every matmul of the layers and lm_head three times (forward,
     its recomputation under checkpointing, and the gradient of its input: the frozen base weights
     get none, LoRA's few are left out), and causal attention over seq tokens 4.5 times its forward
     (forward, recomputation, and a backward of 2.5 forwards, as flash attention's)."""
     D, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
-    q = shape["num_attention_heads"] * (D // shape["num_attention_heads"])
-    kv = shape["num_key_value_heads"] * (D // shape["num_attention_heads"])
+    q = shape["num_attention_heads"] * head_dim_of(shape)
+    kv = shape["num_key_value_heads"] * head_dim_of(shape)
     matmul_params = L * (2 * D * q + 2 * D * kv + 3 * D * I) + D * shape["vocab_size"]
     attention_forward = L * 2 * seq * q  # QK^T and PV, each query over seq / 2 keys on average
     return 6 * matmul_params + 4.5 * attention_forward
@@ -623,7 +672,7 @@ def build_parser():
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--shape", default="7b", choices=list(SHAPES), help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="7b", choices=list(SHAPES), help="the model shape (random weights of its exact sizes)")
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one_by_one", action="store_true", help=argparse.SUPPRESS)
@@ -716,7 +765,7 @@ def profile_main(a):
     profiles come from). Profile an eager plan: a replayed graph hides its kernels' names."""
     from collections import defaultdict
     from torch.profiler import ProfilerActivity, profile
-    device, shape = torch.device(a.device), SMALL if a.small else SHAPES[a.shape]
+    device, shape = torch.device(a.device), shape_of(a)
     micro_batch, params, opt, embed = ours_train_setup(shape, device, PLANS[a.plan])
     step = partial(train_step, mean_loss_of(micro_batch, embed), params, opt, tokens(a.seq, shape["vocab_size"], device))
     print(f"{a.plan}, {a.seq} tokens: {timed_steps(step, 2, 3, device) * 1000:.1f} ms a step")
@@ -763,9 +812,11 @@ def main():
     if "fit" in a.workloads:
         return print(fit_table())
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
-              "--seq_step", a.seq_step] + (["--small"] if a.small else []) + (["--tokenizer", a.tokenizer] if a.tokenizer else [])
+              "--seq_step", a.seq_step, "--shape", a.shape] + (["--small"] if a.small else []) + (
+                 ["--tokenizer", a.tokenizer] if a.tokenizer else [])
     seqs = (256,) if a.small else tuple(a.train_seqs)  # --small: each worker process costs seconds in CI
     peak = [("peak", "peak matmul rate", "one large square product", ["peak_matmul"])] if "train" in a.workloads else []
+    peak += [("copy", "memory bandwidth", "a 2 GiB copy on the device", ["peak_copy"])] if "decode" in a.workloads else []
     jobs = peak + [job for name, jobs_of in (("train", lambda: train_jobs(a, seqs)), ("decode", lambda: decode_jobs(a)),
                                       ("longest", lambda: longest_jobs(a)), ("tutorial", lambda: tutorial_jobs(a)))
             if name in a.workloads for job in jobs_of()]
@@ -774,12 +825,12 @@ def main():
     for key, workload, name, args in jobs:  # each result is printed (and saved) as soon as it exists
         t = time.time()
         r = results[key] = run_worker(args, common)
-        rows.append((workload, name, *row_of(key, r, results.get("peak", {}), SMALL if a.small else QWEN25_7B)))
+        rows.append((workload, name, *row_of(key, r, results, shape_of(a))))
         print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"card": card, "date": str(date.today()), "results": results}, f, indent=1)
-    print(f"\n{card}, {date.today()}, torch {torch.__version__}: python bench.py {' '.join(sys.argv[1:])}\n")
+    print(f"\n{card}, {date.today()}, torch {torch.__version__}, shape {a.shape}: python bench.py {' '.join(sys.argv[1:])}\n")
     print("| workload | implementation | speed | peak allocated / reserved | first-step loss |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -865,19 +916,25 @@ def long_row_jobs() -> list:
             for seq in LONG_ROWS for name, plan in names.items()]
 
 
-def row_of(key: str, r: dict, peak: dict, shape: dict) -> tuple:
+def row_of(key: str, r: dict, results: dict, shape: dict) -> tuple:
+    """(speed, memory, first-step loss) of one result; results: the run's so far (the peak rates)."""
+    peak, copy = results.get("peak", {}), results.get("copy", {})
     if key.startswith("tutorial"):
         total = f"; {r['steps']} steps in {r['total_s']:.1f} s" if "total_s" in r else ""
         return (fmt(r, "s_per_step", ".3f") + " s/step" + total, fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
     if key == "peak":
         return (fmt(r, "tflops", ",.1f") + " TFLOP/s", "", "")
+    if key == "copy":
+        return (fmt(r, "gb_s", ",.0f") + " GB/s", "", "")
     if key.startswith("train"):
         seq = int(key.split()[0].removeprefix("train"))
         return (fmt(r, "tok_s", ",.0f") + " tok/s" + roofline_note(r, shape, seq, peak), fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
     if key.startswith("decode"):
-        return (fmt(r, "tok_s", ",.1f") + " tok/s", "", "")
+        bound = copy["gb_s"] * 1e9 / decode_bytes_per_token(shape) if "gb_s" in copy else None
+        share = f" ({100 * r['tok_s'] / bound:.0f}% of the bandwidth bound, {bound:,.0f})" if bound and "tok_s" in r else ""
+        return (fmt(r, "tok_s", ",.1f") + " tok/s" + share, "", "")
     return (fmt(r, "longest", ",d") + " tokens", "", "")
 
 
@@ -1016,8 +1073,10 @@ QUANT_JOBS = [  # (name, shape, tokens, worker flags); QUANT stands for --quant_
     ("14B 4-bit", "14b", 2048, ["--quant", "QUANT"]),
     ("32B 4-bit", "32b", 1024, ["--quant", "QUANT"]),
     ("32B 4-bit", "32b", 2048, ["--quant", "QUANT"]),
+    ("Qwen3-32B 4-bit", "qwen3-32b", 1024, ["--quant", "QUANT"]),
 ]
-QUANT_TARGETS_GIB = {("7B 4-bit", 2048): 8, ("14B 4-bit", 2048): 14, ("32B 4-bit", 1024): 22}  # issue #20
+QUANT_TARGETS_GIB = {("7B 4-bit", 2048): 8, ("14B 4-bit", 2048): 14, ("32B 4-bit", 1024): 22,  # issue #20
+                     ("Qwen3-32B 4-bit", 1024): 22}  # issue #28
 
 
 def quant_main(a):
@@ -1037,7 +1096,7 @@ def quant_main(a):
         args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]
         r = results[(name, tokens)] = run_worker(args, common)
         shown = name.replace("4-bit", f"4-bit {a.quant_type}") + (" (small shape)" if a.small else "")
-        rows.append((f"train, {tokens} tokens", shown, *row_of("train", r)))
+        rows.append((f"train, {tokens} tokens", shown, *row_of(f"train{tokens}", r, {}, SHAPES[shape])))
         print(f"[{time.time() - t:.0f} s] " + " | ".join(rows[-1]), flush=True)
         if a.json:
             with open(a.json, "w") as f:

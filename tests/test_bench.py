@@ -28,6 +28,17 @@ def test_bench_small_runs_and_matches_the_reference_loss():
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 16/16 identical" in out
 
 
+def test_bench_small_runs_the_qwen3_shape_against_transformers_qwen3():
+    r = subprocess.run([sys.executable, "bench.py", "--small", "--shape", "qwen3-8b", "--steps", "2", "--new_tokens", "8",
+                        "--workloads", "train", "decode"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shape qwen3-8b" in r.stdout and "| memory bandwidth | a 2 GiB copy on the device |" in r.stdout
+    assert r.stdout.count(": OK") == 1 and "MISMATCH" not in r.stdout  # Qwen3ForCausalLM's first-step loss
+    assert "transformers + peft, adapter unmerged vs ours unmerged eager: 8/8 identical" in r.stdout
+    assert "% of the bandwidth bound" in r.stdout
+
+
 def test_write_checkpoint_gives_a_folder_train_py_loads(tmp_path, monkeypatch):
     """bench.py --write_checkpoint: random weights of a shape in the official layout (how run 17 ran
     the tutorial's train.py line on the 7B shape); here the small shape, on the CPU."""

@@ -161,7 +161,6 @@ def test_merging_into_4bit_weights_and_bad_quant_flags_are_clear_errors(tiny_dir
 @hf_families
 def test_qlora_training_learns_and_its_adapter_loads_in_peft_on_the_dequantized_model(tmp_path, hf_checkpoint, capsys, family):
     from peft import PeftModel
-    from transformers import Qwen2ForCausalLM
     folder, hf = hf_checkpoint(family=family)
     rows = [{"query": f"question {i}?", "response": f"answer number {i}."} for i in range(4)]
     (tmp_path / "qa.json").write_text(json.dumps(rows))
@@ -180,7 +179,7 @@ def test_qlora_training_learns_and_its_adapter_loads_in_peft_on_the_dequantized_
 
     ours, _ = quant.load_quantized(str(folder), quant.QuantConfig(), torch.float32, "cpu")
     lora.load_adapter(ours, ckpt)
-    dequantized = Qwen2ForCausalLM(hf.config).eval()
+    dequantized = type(hf)(hf.config).eval()  # transformers' Qwen2ForCausalLM or Qwen3ForCausalLM
     dequantized.load_state_dict(quant.dequantized_state_dict(ours), strict=True)
     theirs = PeftModel.from_pretrained(dequantized, ckpt).eval()
     x = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
