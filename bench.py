@@ -651,7 +651,7 @@ def build_parser():
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
     p.add_argument("--workloads", nargs="+", default=["train", "decode", "longest"], choices=WORKLOADS,
                    help="what to measure (tutorial: batch 1 x 16 self-cognition rows; quant: 4-bit 7B/14B/32B; fit: a table)")
-    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled (quant: 7b 14b 32b)")
+    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled (quant: 7b 14b 32b qwen3-32b)")
     p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
     p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
@@ -687,7 +687,7 @@ def write_checkpoint(shape_name: str, out):
     from pathlib import Path
     import cli
     import model as modeling
-    out, tiny = Path(out), cli.tiny_dir()
+    out, tiny = Path(out), cli.tiny_dir("tiny-qwen3" if SHAPES[shape_name].get("model_type") == "qwen3" else "tiny")
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (tiny / name).exists():
@@ -878,8 +878,8 @@ def decode_jobs(a) -> list:
     if "decode" in a.skip:
         return []
     cuda = a.device == "cuda"
-    names = [n for n, flags in OURS_DECODE.items()
-             if ("--graph" in flags) <= cuda and not ("eager" in a.skip and "--compile" not in flags)]
+    names = [n for n, flags in OURS_DECODE.items() if ("--graph" in flags) <= cuda
+             and not ("eager" in a.skip and "--graph" not in flags) and not ("compiled" in a.skip and "--compile" in flags)]
     variants = [(n, ["ours_decode", *OURS_DECODE[n]]) for n in names]
     variants += [] if "hf" in a.skip else [(HF_DECODE, ["hf_decode"])]
     return [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
