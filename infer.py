@@ -177,27 +177,32 @@ class ThinkingStream:
         self.thought = thinking
         self.tty = hasattr(out, "isatty") and out.isatty()
         if thinking:
-            self.emit(self.DIM if self.tty else "<think>\n", "reasoning")
+            self.mark_reasoning(True)
 
     def push(self, token_id: int):
         if token_id == self.open_id and self.where == "answer" and not "".join(self.parts["answer"]).strip():
             self.where, self.thought = "reasoning", True
-            self.emit(self.DIM if self.tty else "<think>\n", "reasoning")
+            self.mark_reasoning(True)
         elif token_id == self.close_id and self.where == "reasoning":
             self.add(self.utf8.flush())
-            self.emit(self.NORMAL if self.tty else "\n</think>\n", "reasoning")
+            self.mark_reasoning(False)
             self.where = "answer"
         else:
             self.add(self.utf8.push(token_id))
 
     def add(self, text: str):
         so_far = "".join(self.parts[self.where])
-        if not so_far.strip("\n"):  # the newlines after <think> and after </think> are the template's
+        if self.thought and not so_far.strip("\n"):  # the newlines after <think> and after </think> are the template's
             text = (so_far + text).lstrip("\n")
             self.parts[self.where] = []
         self.parts[self.where].append(text)
         if self.stream:
             self.emit(text, self.where)
+
+    def mark_reasoning(self, start: bool):
+        """Where streamed reasoning starts or ends: dim on a terminal, else the model's own tags."""
+        if self.stream:
+            self.emit((self.DIM if start else self.NORMAL) if self.tty else ("<think>\n" if start else "</think>\n"), "reasoning")
 
     def emit(self, text: str, part: str):
         if text and (part == "answer" or self.show):
@@ -207,11 +212,11 @@ class ThinkingStream:
         """The end of the answer, or of what was printed of it (Ctrl-C): the colour back, a newline."""
         self.add(self.utf8.flush())
         if self.where == "reasoning" and self.tty:
-            self.emit(self.NORMAL, "reasoning")
+            self.mark_reasoning(False)
         if not self.stream:
             if self.thought and self.show:
-                print(("<think>\n" + self.reasoning_text() + "\n</think>\n") if not self.tty else
-                      self.DIM + self.reasoning_text() + self.NORMAL, file=self.out)
+                print(self.DIM + self.reasoning_text() + self.NORMAL if self.tty else
+                      f"<think>\n{self.reasoning_text()}\n</think>", file=self.out)
             print("".join(self.parts["answer"]), end="", file=self.out)
         print(file=self.out, flush=True)
 
@@ -561,10 +566,12 @@ def load_chat(args) -> Chat:
     if model_name is None:
         raise UsageError(f"{adapters[0][1]} does not say which base model it was trained on (no \"model\" in "
                          "args.json, no base_model_name_or_path in adapter_config.json); pass --model.")
-    model, model_dir = load_base(model_name, None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir")),
-                                 cli.pick_dtype(args.torch_dtype, device), device, quant.settings(args))
+    named_in = None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir"))
+    model_dir = base_folder(model_name, named_in)
+    template = chat_template(args, model_dir, modeling.Config.from_json(model_dir / "config.json"), ckpt_args)
+    model = load_base(model_dir, model_name, named_in, cli.pick_dtype(args.torch_dtype, device), device,
+                      quant.settings(args))
     tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
-    template = chat_template(args, model_dir, model.config, ckpt_args)
     systems = load_adapters(model, adapters, ckpt_args, model_name, args.quant_bits)
     active = adapters[0][0] if adapters else None
     lora.set_active_adapter(model, active)
@@ -620,29 +627,31 @@ def merged_system(model_dir) -> str | None:
     return lora.checkpoint_args(model_dir)["system"] if (Path(model_dir) / "args.json").exists() else None
 
 
-def load_base(model_name: str, named_in: tuple | None, dtype, device, quantized: quant.QuantConfig | None = None):
-    """(model, its folder). named_in: (the adapter whose args.json named the base, the folder
-    its training loaded the base from), for a base the hub cannot give (one that ms-swift
-    downloaded from ModelScope is in args.json's model_dir) and for the error. quantized: load
-    the decoder's linear layers in 4 bits (quant.py)."""
-    def load(folder):
-        if quantized:
-            return quant.load_quantized(folder, quantized, dtype, device)
-        return modeling.load_model(folder, dtype, device)
-
-    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device}"
-         + (f", decoder layers in 4-bit {quantized.quant_type})" if quantized else ")")
-         + (f", the base model named in {named_in[0]}" if named_in else ""))
+def base_folder(model_name: str, named_in: tuple | None) -> Path:
+    """The base model's folder. named_in: (the adapter whose args.json named the base, the folder its
+    training loaded the base from), for a base the hub cannot give (one that ms-swift downloaded from
+    ModelScope is in args.json's model_dir) and for the error."""
     try:
-        return load(str(cli.model_dir(model_name)))
+        return cli.model_dir(model_name)
     except ModelError as e:
         if not named_in:
             raise
         if named_in[1] and Path(named_in[1]).is_dir():
             note(f"({model_name} is not here; loading {named_in[1]}, where its training found it)")
-            return load(named_in[1])
+            return Path(named_in[1])
         raise ModelError(f"{e} (The base model comes from {named_in[0]}'s args.json or adapter_config.json; "
                          "pass --model to load it from elsewhere.)") from None
+
+
+def load_base(folder: Path, model_name: str, named_in: tuple | None, dtype, device,
+              quantized: quant.QuantConfig | None = None):
+    """The model in `folder`; quantized: the decoder's linear layers in 4 bits (quant.py)."""
+    note(f"loading {model_name} ({str(dtype).removeprefix('torch.')} on {device}"
+         + (f", decoder layers in 4-bit {quantized.quant_type})" if quantized else ")")
+         + (f", the base model named in {named_in[0]}" if named_in else ""))
+    if quantized:
+        return quant.load_quantized(str(folder), quantized, dtype, device)[0]
+    return modeling.load_model(str(folder), dtype, device)[0]
 
 
 def main(argv=None) -> int:

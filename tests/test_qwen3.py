@@ -252,3 +252,151 @@ def test_training_rows_are_ms_swifts(tok, name, flags):
     assert ours == expected
     batched = data.encode_chats(tok, conversations, template=template)  # the batched encoder lays them out alike
     assert [marked(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Thinking at inference: the reasoning apart from the answer
+
+REPLY = "<think>\nLet me see.\n</think>\n\nI am a bot."
+
+
+class Out:
+    """A stream that says whether it is a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("tty,show,stream,printed", [
+    (True, True, True, "\033[2mLet me see.\n\033[0mI am a bot.\n"),
+    (False, True, True, "<think>\nLet me see.\n</think>\nI am a bot.\n"),
+    (False, False, True, "I am a bot.\n"),
+    (True, False, True, "I am a bot.\n"),
+    (False, True, False, "<think>\nLet me see.\n</think>\nI am a bot.\n"),
+    (True, True, False, "\033[2mLet me see.\033[0m\nI am a bot.\n"),
+])
+def test_reasoning_is_printed_apart_from_the_answer_or_not_at_all(tok, tty, show, stream, printed):
+    out = Out(tty)
+    s = infer.ThinkingStream(tok, out, stream, show)
+    for t in tok.encode(REPLY):
+        s.push(t)
+    s.close()
+    assert out.text == printed
+    assert s.result() == infer.Reply("I am a bot.", "Let me see.")
+
+
+def test_thinking_2507_reasoning_starts_without_a_think_token_and_plain_answers_are_kept_whole(tok):
+    out = Out(False)
+    s = infer.ThinkingStream(tok, out, True, False, thinking=True)  # its prompt opened the block
+    for t in tok.encode("Hmm.\n</think>\n\nYes."):
+        s.push(t)
+    s.close()
+    assert s.result() == infer.Reply("Yes.", "Hmm.") and out.text == "Yes.\n"
+    s = infer.ThinkingStream(tok, Out(False), True, True)
+    for t in tok.encode("\nno think block"):  # a model that does not think: its answer exactly as written
+        s.push(t)
+    s.close()
+    assert s.result() == infer.Reply("\nno think block", None)
+
+
+@pytest.fixture
+def thinking_model(monkeypatch, tok):
+    """infer.generate stands in for a model that thinks, then answers REPLY."""
+    def generate(model, ids, max_new_tokens, stop_ids, **kwargs):
+        yield from tok.encode(REPLY) + [tok.im_end_id]
+    monkeypatch.setattr(infer, "generate", generate)
+
+
+def test_prompt_and_piped_answers_carry_the_answer_and_the_reasoning_behind_a_flag(qwen3_dir, thinking_model, capsys):
+    base = ["--model", str(qwen3_dir), "--device", "cpu", "--temperature", "0"]
+    assert infer.main(base + ["--prompt", "你是谁？"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "I am a bot.\n" and "chat template: qwen3, thinks first" in err
+    assert infer.main(base + ["--prompt", "你是谁？", "--show_thinking", "true"]) == 0
+    assert capsys.readouterr().out == "<think>\nLet me see.\n</think>\nI am a bot.\n"
+    for show, fields in (("false", {}), ("true", {"reasoning": "Let me see."})):
+        chat = infer.load_chat(infer.build_parser().parse_args(base + ["--show_thinking", show]))
+        assert infer.answer_lines(chat, ["hi\n"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"line": 1, "query": "hi", **fields, "response": "I am a bot."}
+
+
+def test_the_repl_switches_thinking_and_keeps_only_answers_in_the_history(qwen3_dir, tiny_dir, tok):
+    chat = infer.load_chat(infer.build_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu"]))
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A1", "reasoning_content": "r1"},
+               {"role": "user", "content": "b"}]
+    assert chat.prompt_ids(history) == tok.encode(f"{U}a{E}{A}A1{E}{U}b{E}{A}")  # reasoning of earlier turns dropped
+    infer.run_command(chat, "/think off")
+    assert chat.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}{EMPTY}")
+    infer.run_command(chat, "/think on")
+    assert chat.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}")
+    plain = infer.load_chat(infer.build_parser().parse_args(["--model", str(tiny_dir), "--device", "cpu"]))
+    with pytest.raises(T.TemplateError, match="the qwen2_5 template never thinks"):
+        infer.run_command(plain, "/think on")
+    off = infer.load_chat(infer.build_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu",
+                                                           "--enable_thinking", "false"]))
+    assert off.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}{EMPTY}")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py and infer.py on Qwen3: what a run records, what is refused
+
+
+def qa_file(tmp_path) -> str:
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in
+            (("你是谁?", "我是小黄。"), ("1+1?", "<think>\nOne plus one.\n</think>\n\n2"))]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(tmp_path / "qa.jsonl")
+
+
+def test_a_qwen3_run_records_its_template_and_infer_uses_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", "tiny-qwen3", "--dataset", qa_file(tmp_path), "--device", "cpu", "--max_steps", "1",
+            "--output_dir", str(out), "--template", "qwen3_nothinking"]
+    assert train.main(argv) == 0
+    assert "chat template: qwen3_nothinking" in capsys.readouterr().out
+    (ckpt,) = out.glob("v*/checkpoint-1")
+    args = json.loads((ckpt / "args.json").read_text())
+    assert (args["template"], args["model_type"], args["model"]) == ("qwen3_nothinking", "qwen3_nothinking", "tiny-qwen3")
+    assert infer.main(["--adapters", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
+    assert "chat template: qwen3_nothinking (the one it was trained with)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,flags,needle", [
+    ("train", ["--model", "tiny", "--enable_thinking", "true"], "--enable_thinking true: the qwen2_5 template never thinks"),
+    ("train", ["--model", "tiny-qwen3", "--template", "qwen3_thinking", "--enable_thinking", "false"],
+     "--enable_thinking false: the qwen3_thinking template (Qwen3-*-Thinking-2507) always thinks"),
+    ("infer", ["--model", "tiny", "--enable_thinking", "true"], "--enable_thinking true: the qwen2_5 template never thinks"),
+])
+def test_thinking_a_model_cannot_do_is_one_paragraph_and_exit_2_with_nothing_written(tmp_path, capsys, script, flags, needle):
+    if script == "train":
+        code = train.main(flags + ["--dataset", qa_file(tmp_path), "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+    else:
+        code = infer.main(flags + ["--device", "cpu", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen3_checkpoint_without_its_q_norm_is_named_and_nothing_is_written(qwen3_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "broken"
+    shutil.copytree(qwen3_dir, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.layers.2.self_attn.q_norm.weight"
+    shard = folder / index.pop("weight_map")[name] if False else folder / index["weight_map"].pop(name)
+    save_file({k: v for k, v in load_file(shard).items() if k != name}, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    code = train.main(["--model", str(folder), "--dataset", qa_file(tmp_path), "--device", "cpu",
+                       "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"missing tensors: {name}" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
