@@ -323,11 +323,6 @@ def check_writable(folder: Path, flag: str):
         raise RunError(f"{flag} {folder}: you cannot write in {existing}; choose a folder you can write to.")
 
 
-def swift_model_type(template: str) -> str:
-    """ms-swift's model_type for a model of this template (its registry pairs them so)."""
-    return "qwen2" if template == "qwen2_5" else template
-
-
 def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int = 0, world: int = 1,
              states=None) -> Run:
     """A new run folder, or, with --resume_from_checkpoint, the run of that checkpoint with the
@@ -352,8 +347,9 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
         dist.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
     # model_type and template as ms-swift reads them from a checkpoint's args.json: `swift infer
-    # --adapters CKPT` on a local base then needs no --model_type / --template of its own.
-    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=swift_model_type(a.template),
+    # --adapters CKPT` on a local base then needs no --model_type / --template of its own (ms-swift
+    # 4.x names every Qwen3 dense model qwen3, the hybrid, Instruct-2507 and Thinking-2507 alike).
+    args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=model.config.model_type,
                      template=a.template)
     if rank == 0:
         (run_dir / "images").mkdir(exist_ok=True)

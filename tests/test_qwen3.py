@@ -365,7 +365,7 @@ def test_a_qwen3_run_records_its_template_and_infer_uses_it(tmp_path, capsys):
     assert "chat template: qwen3_nothinking" in capsys.readouterr().out
     (ckpt,) = out.glob("v*/checkpoint-1")
     args = json.loads((ckpt / "args.json").read_text())
-    assert (args["template"], args["model_type"], args["model"]) == ("qwen3_nothinking", "qwen3_nothinking", "tiny-qwen3")
+    assert (args["template"], args["model_type"], args["model"]) == ("qwen3_nothinking", "qwen3", "tiny-qwen3")
     assert infer.main(["--adapters", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
     assert "chat template: qwen3_nothinking (the one it was trained with)" in capsys.readouterr().err
 
@@ -400,3 +400,28 @@ def test_a_qwen3_checkpoint_without_its_q_norm_is_named_and_nothing_is_written(q
     err = capsys.readouterr().err
     assert code == 2 and f"missing tensors: {name}" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+# ms-swift 4.6.0's first logged loss (`swift sft` on the CPU in float32, LoRA all-linear, dropout 0,
+# batch 1, accumulation over all six ROWS: one optimizer step) on the tiny Qwen3 of this suite,
+# with row 5's reasoning written in its content (ms-swift drops the field; we keep it).
+MS_SWIFT_FIRST_LOSS = {
+    ("qwen3", ()): 10.747187614440918,
+    ("qwen3", ("--add_non_thinking_prefix", "false")): 10.784554481506348,
+    ("qwen3_nothinking", ()): 10.567492485046387,
+    ("qwen3_thinking", ()): 10.567492485046387,
+}
+
+
+@pytest.mark.parametrize("name,flags", list(MS_SWIFT_FIRST_LOSS))
+def test_the_first_step_loss_equals_ms_swifts(tmp_path, name, flags):
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps({"messages": r}, ensure_ascii=False) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    assert train.main(["--model", "tiny-qwen3", "--dataset", str(data_file), "--template", name, *flags,
+                       "--device", "cpu", "--torch_dtype", "float32", "--lora_dropout", "0",
+                       "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "6", "--max_steps", "1",
+                       "--padding_free", "false", "--output_dir", str(out)]) == 0
+    (log,) = out.glob("v*/logging.jsonl")
+    loss = next(e["loss"] for e in map(json.loads, log.read_text().splitlines()) if "loss" in e)
+    assert loss == pytest.approx(MS_SWIFT_FIRST_LOSS[(name, flags)], rel=1e-5)
