@@ -1,15 +1,16 @@
-"""data.py: the tokenizer, Qwen2.5's chat format, and turning datasets into training rows.
+"""data.py: the tokenizer, the chat format as tokens, and turning datasets into training rows.
 
-A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Qwen2.5
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Every Qwen
 renders it as ChatML:
 
     <|im_start|>system\\n{system}<|im_end|>\\n
     <|im_start|>user\\n{query}<|im_end|>\\n
     <|im_start|>assistant\\n{answer}<|im_end|>\\n
 
-with Qwen's default system prompt when the conversation has none and --system is not given
-(--system '' leaves the system turn out). For training, every token is masked out of the loss
-(label -100) except, in each assistant turn, its content, the <|im_end|> that closes it and the
+and the model's template (template.py: Qwen2.5's, Qwen3's) says what else: the system prompt
+when the conversation has none and --system is not given (--system '' leaves the system turn
+out), and how a thinking model's reasoning is written. For training, every token is masked out
+of the loss (label -100) except, in each assistant turn, its content, the <|im_end|> that closes it and the
 "\\n" after that: the model learns to answer and to stop, not to write questions. ms-swift (since
 3.10.3) trains on that "\\n" too; we follow it, so the same rows give the same loss.
 
@@ -51,6 +52,8 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
   files are read; when some file names contain "train", only those, so a test split is not
   trained on. Anything else is an error that says how to convert it.
 - An empty "system" field in an alpaca or query row means "no system prompt of its own".
+- An assistant message's "reasoning_content" (a thinking model's reasoning) is written into its
+  content as Qwen3's template writes it, <think>...</think> first; ms-swift drops the field.
 - The text of a message is plain text: "<|im_end|>" written in a row (or typed at infer.py's
   prompt) is those ten characters, never the control token, so data cannot end a turn or open
   one (ms-swift reads it as the control token). Rows holding such text are counted in a note.
@@ -59,7 +62,7 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
 Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
 whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
 order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
-system prompt is the row's own, else --system, else Qwen's default; --system '' writes no system turn.
+system prompt is the row's own, else --system, else the template's default; --system '' writes no system turn.
 """
 
 import ast
@@ -123,7 +126,7 @@ class Tokenizer:
     def special_id(self, name: str) -> int:
         i = self.tok.token_to_id(name)
         if i is None:
-            raise DataError(f"{self.path} has no {name} token; it is not a Qwen2 / Qwen2.5 tokenizer.")
+            raise DataError(f"{self.path} has no {name} token; it is not a Qwen tokenizer.")
         return i
 
     @property

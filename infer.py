@@ -1,6 +1,6 @@
-"""infer.py: chat with a Qwen2.5 model and its LoRA adapters: a streaming REPL, one-shot, or piped.
+"""infer.py: chat with a Qwen2.5 or Qwen3 model and its LoRA adapters: a streaming REPL, one-shot, or piped.
 
-    python infer.py --model Qwen2.5-7B-Instruct --stream true --temperature 0 --max_new_tokens 2048
+    python infer.py --model Qwen/Qwen3-4B-Instruct-2507 --stream true --temperature 0 --max_new_tokens 2048
     python infer.py --adapters output/vN-.../checkpoint-N --stream true --temperature 0 --max_new_tokens 2048
 
 takes the flags of ms-swift's `swift infer`. With --adapters alone, the base model and the system
@@ -447,7 +447,7 @@ def answer_line(chat: Chat, line: str, number: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.FlagParser(description="Chat with a Qwen2 / Qwen2.5 model and its LoRA adapters (flags as in `swift infer`).")
+    p = cli.FlagParser(description="Chat with a Qwen2 / Qwen2.5 / Qwen3 model and its LoRA adapters (flags as in `swift infer`).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local folder, hub id or 'tiny' (default: the base the adapter was trained on)")
     g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s); NAME=PATH names one for /adapter; the first is active")
@@ -623,7 +623,7 @@ def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
 
 def merged_system(model_dir) -> str | None:
     """A model merged by merge.py keeps its checkpoint's args.json: the system prompt it was
-    trained with (None: none was given, Qwen's default)."""
+    trained with (None: none was given, the template's default)."""
     return lora.checkpoint_args(model_dir)["system"] if (Path(model_dir) / "args.json").exists() else None
 
 

@@ -443,7 +443,7 @@ def checkpoint_args(path) -> dict:
 
     "model" is args.json's model (older ms-swift: model_id_or_path), else adapter_config.json's
     base_model_name_or_path, else None; "system" is the training system prompt: None when none was
-    given (Qwen's default), "" when training wrote no system turn (--system '')."""
+    given (the template's default), "" when training wrote no system turn (--system '')."""
     path = Path(path)
     if not path.is_dir():
         raise LoraError(f"checkpoint folder {path} {'is a file' if path.exists() else 'does not exist'}. Pass the "

@@ -169,6 +169,7 @@ FLAGS = {
     "max_batch_size": refused("8", NO_DATASET_INFER),
     "result_path": refused("result.jsonl", NO_DATASET_INFER),
     "vllm_gpu_memory_utilization": refused("0.9", NO_VLLM),
+    "vllm_max_model_len": refused("8192", NO_VLLM),
     "gpu_memory_utilization": refused("0.9", NO_VLLM),
     # Export
     "exist_ok": SwiftFlag("", MERGE, "takes no value here (ms-swift: --exist_ok true)"),

@@ -1,11 +1,12 @@
-"""train.py: LoRA fine-tuning of a Qwen2 / Qwen2.5 model, one visible loop from top to bottom.
+"""train.py: LoRA fine-tuning of a Qwen2 / Qwen2.5 / Qwen3 model, one visible loop from top to bottom.
 
-    python train.py --model Qwen/Qwen2.5-7B-Instruct --dataset self_cognition.json \\
+    python train.py --model Qwen/Qwen3-4B-Instruct-2507 --dataset data/self_cognition.json \\
         --model_name swift-robot --model_author swift --num_train_epochs 10
 
 takes the flags of ms-swift's `swift sft --train_type lora` with the same meaning. What happens:
 
-1. Read and tokenize the datasets (data.py): only assistant answers carry labels.
+1. Read and tokenize the datasets in the model's chat template (data.py, template.py): only
+   assistant answers carry labels.
 2. Load the base model in bf16 (model.py; with --quant_bits 4 its decoder layers in 4 bits,
    quant.py), wrap its linear layers with LoRA (lora.py): the base stays frozen, only the float32
    LoRA matrices A and B train (their matmuls run in bf16).
@@ -56,7 +57,7 @@ from util import round_up
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 (flags as in `swift sft`).")
+    p = cli.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 / Qwen3 (flags as in `swift sft`).")
     model_flags(p)
     data_flags(p)
     lora_flags(p)
