@@ -425,3 +425,43 @@ def test_the_first_step_loss_equals_ms_swifts(tmp_path, name, flags):
     (log,) = out.glob("v*/logging.jsonl")
     loss = next(e["loss"] for e in map(json.loads, log.read_text().splitlines()) if "loss" in e)
     assert loss == pytest.approx(MS_SWIFT_FIRST_LOSS[(name, flags)], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ms-swift's quick start (README, since March 2026), verbatim after swapping the program name
+
+QUICK_START_TRAIN = """
+    --model Qwen/Qwen3-4B-Instruct-2507
+    --tuner_type lora
+    --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#500'
+              'AI-ModelScope/alpaca-gpt4-data-en#500'
+              'swift/self-cognition#500'
+    --torch_dtype bfloat16 --num_train_epochs 1 --per_device_train_batch_size 1 --per_device_eval_batch_size 1
+    --learning_rate 1e-4 --lora_rank 8 --lora_alpha 32 --target_modules all-linear --gradient_accumulation_steps 16
+    --eval_steps 50 --save_steps 50 --save_total_limit 2 --logging_steps 5 --max_length 2048 --output_dir output
+    --warmup_ratio 0.05 --dataloader_num_workers 4 --model_author swift --model_name swift-robot"""
+QUICK_START_INFER = "--adapters output/vx-xxx/checkpoint-xxx --stream true --temperature 0 --max_new_tokens 2048"
+
+
+def test_ms_swift_quick_start_lines_run_as_written(tmp_path, monkeypatch, capsys):
+    import shlex
+    import subprocess
+    import sys
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(QUICK_START_TRAIN)
+    assert train.main(argv) == 2  # offline: the model cannot be fetched, and nothing is written
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: --model Qwen/Qwen3-4B-Instruct-2507: not a local folder, and fetching") and not Path("output").exists()
+    local = lambda flag, value: [value if i and argv[i - 1] == flag else a for i, a in enumerate(argv)]
+    assert train.main(local("--model", "tiny-qwen3")) == 2  # the model here: the ModelScope data are named
+    assert "The AI-ModelScope/ ids of the ms-swift tutorial are ModelScope datasets" in capsys.readouterr().err
+    argv = local("--model", "tiny-qwen3")
+    start = argv.index("--dataset")
+    argv[start + 1:start + 4] = [str(Path(__file__).parent.parent / "data" / "self_cognition.json") + "#500"]  # a local copy
+    assert train.main(argv + ["--device", "cpu", "--max_steps", "2"]) == 0
+    (ckpt,) = Path("output").glob("v0-*/checkpoint-2")
+    infer_argv = shlex.split(QUICK_START_INFER.replace("output/vx-xxx/checkpoint-xxx", str(ckpt)))
+    r = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "infer.py"), *infer_argv, "--device", "cpu"],
+                       input="你是谁？\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["query"] == "你是谁？" and "chat template: qwen3" in r.stderr
