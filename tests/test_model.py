@@ -145,7 +145,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
 def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, monkeypatch, family):
     """speed.compiled_layers, checkpointed from outside (no graphs; traced without inductor's code:
     conftest.compile_without_inductor) and from inside the compiled layer (as with CUDA graphs,
-    which bench.py runs on a GPU; CPU inductor here). Two lengths: one static compile each."""
+    which bench.py runs on a GPU; CPU inductor here, for Qwen2: a clean machine's gcc compiles it for
+    a minute, and Qwen3's q/k norms change what is traced, not what inductor does with it). Two
+    lengths: one static compile each."""
     folder, _ = hf_checkpoint(family=family, num_hidden_layers=2)
     grads = []
     for compiled, inside in ((False, False), (True, False), (True, True)):
@@ -153,7 +155,7 @@ def test_compiled_checkpointed_layers_give_the_eager_gradients(hf_checkpoint, mo
         m.train()
         m.model.gradient_checkpointing = True
         with monkeypatch.context() as patch:
-            if not inside:
+            if not inside or family == "qwen3":
                 compile_without_inductor(patch)
             layers = compiled_layers(m, inside) if compiled else None
         for length in (16, 8):
