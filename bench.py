@@ -1142,10 +1142,10 @@ def weight_gib(shape) -> dict:
     4.127 bits a weight), and the LoRA state (r=8 all-linear: float32 A, B, their gradients and
     two AdamW moments), in GiB."""
     h, inter, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
-    rest = layers * (h + 2 * kv + 2 * h) + h + vocab * h * (1 if shape["tie_word_embeddings"] else 2)
-    lora = layers * 8 * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter))
+    q, kv = head_dim_of(shape) * shape["num_attention_heads"], head_dim_of(shape) * shape["num_key_value_heads"]
+    linear = layers * (2 * h * q + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
+    rest = layers * (q + 2 * kv + 2 * h) + h + vocab * h * (1 if shape["tie_word_embeddings"] else 2)  # biases or q/k norms
+    lora = layers * 8 * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inter))
     return {"bf16": 2 * (linear + rest) / 2**30, "4-bit": (linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * rest) / 2**30,
             "lora": 16 * lora / 2**30}
 

@@ -47,7 +47,7 @@ import speed
 from cli import UsageError, str2bool
 from lora import LoraError
 from model import ModelError
-from template import TEMPLATES, Template, TemplateError, choose_template
+from template import TEMPLATES, Template, TemplateError, choose_template, with_trained_thinking
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -611,13 +611,14 @@ def load_adapters(model, adapters: list, ckpt_args: list, model_name: str, quant
 def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
     """--template, else the one the (first) adapter or the merged model was trained in (args.json),
     else the checkpoint's own; with --enable_thinking."""
-    trained = [ck.get("template") for ck in ckpt_args] or (
-        [lora.checkpoint_args(model_dir).get("template")] if (Path(model_dir) / "args.json").exists() else [])
-    name = args.template or next((t for t in trained if t in TEMPLATES), None)
+    trained = ckpt_args or ([lora.checkpoint_args(model_dir)] if (Path(model_dir) / "args.json").exists() else [])
+    name = args.template or next((ck.get("template") for ck in trained if ck.get("template") in TEMPLATES), None)
     template = choose_template(model_dir, config.model_type, name, enable_thinking=args.enable_thinking)
-    thinking = {"never": "", "always": ", thinks first",
-                "hybrid": ", thinks first" if template.enable_thinking else ", thinking off"}[template.thinks]
-    note(f"chat template: {template.name}{thinking}" + ("" if args.template or not name else " (the one it was trained with)"))
+    if args.enable_thinking is None and trained:  # as the (first) adapter was trained to answer
+        template = with_trained_thinking(template, trained[0])
+    thinking = {"never": "", "always": ", thinks first", "hybrid": ", thinks first" if template.enable_thinking else
+                ", thinking off (/think on or --enable_thinking true lets it reason first)"}[template.thinks]
+    note(f"chat template: {template.name}{thinking}" + ("" if args.template or not name else " (as it was trained)"))
     return template
 
 

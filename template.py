@@ -204,3 +204,18 @@ def choose_template(model_dir, model_type: str, name: str | None = None, system:
         loss_scale = "ignore_empty_think"  # ms-swift >= 4.3.1 adds it for hybrid models whatever is given
     return replace(t, system=system, enable_thinking=t.enable_thinking if enable_thinking is None else enable_thinking,
                    loss_scale=loss_scale or t.loss_scale, add_non_thinking_prefix=add_non_thinking_prefix)
+
+
+def with_trained_thinking(template: Template, args: dict) -> Template:
+    """The template thinking, or not, as a model trained with these args.json settings (ours or
+    ms-swift's) was trained to answer: its recorded enable_thinking; else, in the hybrid template,
+    not thinking when its rows had the empty think block written before each answer without
+    reasoning (--add_non_thinking_prefix, on unless turned off). Such a model learned its answers
+    after that block: asked to think first, it reasons as its base did and may answer as the base
+    did too. (ms-swift's infer answers without thinking in the hybrid template, for this reason.)"""
+    if template.thinks != "hybrid":
+        return template
+    recorded = args.get("enable_thinking")
+    if not isinstance(recorded, bool) and args.get("template") == "qwen3":
+        recorded = not args.get("add_non_thinking_prefix", True)
+    return replace(template, enable_thinking=recorded) if isinstance(recorded, bool) else template

@@ -49,7 +49,7 @@ import speed
 from cli import UsageError, str2bool
 from data import DataError
 from infer import generate
-from template import LOSS_SCALES, TEMPLATES, Template, choose_template
+from template import LOSS_SCALES, TEMPLATES, Template, choose_template, with_trained_thinking
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +574,10 @@ def chat_template(a, model_dir, config) -> Template:
     to its name, so that args.json records it for inference (ours and ms-swift's)."""
     template = choose_template(model_dir, config.model_type, a.template, a.system, a.enable_thinking, a.loss_scale,
                                a.add_non_thinking_prefix)
+    # --eval_prompts are asked as the rows train (unless --enable_thinking says otherwise); args.json records it.
+    template = with_trained_thinking(template, dict(vars(a), template=template.name))
     a.template, a.loss_scale = template.name, template.loss_scale
+    a.enable_thinking = template.enable_thinking if template.thinks == "hybrid" else a.enable_thinking
     return template
 
 

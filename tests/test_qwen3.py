@@ -367,7 +367,7 @@ def test_a_qwen3_run_records_its_template_and_infer_uses_it(tmp_path, capsys):
     args = json.loads((ckpt / "args.json").read_text())
     assert (args["template"], args["model_type"], args["model"]) == ("qwen3_nothinking", "qwen3", "tiny-qwen3")
     assert infer.main(["--adapters", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
-    assert "chat template: qwen3_nothinking (the one it was trained with)" in capsys.readouterr().err
+    assert "chat template: qwen3_nothinking (as it was trained)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script,flags,needle", [
@@ -465,3 +465,22 @@ def test_ms_swift_quick_start_lines_run_as_written(tmp_path, monkeypatch, capsys
                        input="你是谁？\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["query"] == "你是谁？" and "chat template: qwen3" in r.stderr
+
+
+@pytest.mark.parametrize("prefix,recorded", [("true", False), ("false", True)])
+def test_an_adapter_is_asked_as_it_was_trained_thinking_or_not(tmp_path, tok, capsys, prefix, recorded):
+    """A hybrid model's rows trained with the empty think block before each answer (ms-swift's default)
+    teach answers after that block: train.py's --eval_prompts and infer.py ask so unless told otherwise."""
+    out = tmp_path / "out"
+    assert train.main(["--model", "tiny-qwen3", "--dataset", qa_file(tmp_path), "--device", "cpu", "--max_steps", "1",
+                       "--output_dir", str(out), "--add_non_thinking_prefix", prefix]) == 0
+    (ckpt,) = out.glob("v*/checkpoint-1")
+    assert json.loads((ckpt / "args.json").read_text())["enable_thinking"] is recorded
+    question = [{"role": "user", "content": "hi"}]
+    for flags, thinks in (([], recorded), (["--enable_thinking", "true"], True), (["--enable_thinking", "false"], False)):
+        chat = infer.load_chat(infer.build_parser().parse_args(["--adapters", str(ckpt), "--device", "cpu", *flags]))
+        assert chat.prompt_ids(question) == tok.encode(f"{U}hi{E}{A}" + ("" if thinks else EMPTY))
+    assert "thinking off (/think on or --enable_thinking true lets it reason first)" in capsys.readouterr().err
+    swift_args = {"template": "qwen3", "model": "tiny-qwen3"}  # ms-swift's args.json records neither flag
+    assert not T.with_trained_thinking(T.TEMPLATES["qwen3"], swift_args).enable_thinking
+    assert T.TEMPLATES["qwen3"].enable_thinking  # the base model thinks, as its template says
