@@ -617,8 +617,8 @@ def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
     if args.enable_thinking is None and trained:  # as the (first) adapter was trained to answer
         template = with_trained_thinking(template, trained[0])
     thinking = {"never": "", "always": ", thinks first", "hybrid": ", thinks first" if template.enable_thinking else
-                ", thinking off (/think on or --enable_thinking true lets it reason first)"}[template.thinks]
-    note(f"chat template: {template.name}{thinking}" + ("" if args.template or not name else " (as it was trained)"))
+                ", thinking off: /think on or --enable_thinking true lets it reason first"}[template.thinks]
+    note(f"chat template: {template.name}" + ("" if args.template or not name else " (as trained)") + thinking)
     return template
 
 

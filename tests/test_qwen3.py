@@ -367,7 +367,7 @@ def test_a_qwen3_run_records_its_template_and_infer_uses_it(tmp_path, capsys):
     args = json.loads((ckpt / "args.json").read_text())
     assert (args["template"], args["model_type"], args["model"]) == ("qwen3_nothinking", "qwen3", "tiny-qwen3")
     assert infer.main(["--adapters", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max_new_tokens", "2"]) == 0
-    assert "chat template: qwen3_nothinking (as it was trained)" in capsys.readouterr().err
+    assert "chat template: qwen3_nothinking (as trained)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script,flags,needle", [
@@ -480,7 +480,7 @@ def test_an_adapter_is_asked_as_it_was_trained_thinking_or_not(tmp_path, tok, ca
     for flags, thinks in (([], recorded), (["--enable_thinking", "true"], True), (["--enable_thinking", "false"], False)):
         chat = infer.load_chat(infer.build_parser().parse_args(["--adapters", str(ckpt), "--device", "cpu", *flags]))
         assert chat.prompt_ids(question) == tok.encode(f"{U}hi{E}{A}" + ("" if thinks else EMPTY))
-    assert "thinking off (/think on or --enable_thinking true lets it reason first)" in capsys.readouterr().err
+    assert "thinking off: /think on or --enable_thinking true lets it reason first" in capsys.readouterr().err
     swift_args = {"template": "qwen3", "model": "tiny-qwen3"}  # ms-swift's args.json records neither flag
     assert not T.with_trained_thinking(T.TEMPLATES["qwen3"], swift_args).enable_thinking
     assert T.TEMPLATES["qwen3"].enable_thinking  # the base model thinks, as its template says
