@@ -651,7 +651,8 @@ def build_parser():
     p.add_argument("--seq_step", type=int, default=1024, help="step of the longest-sequence search")
     p.add_argument("--workloads", nargs="+", default=["train", "decode", "longest"], choices=WORKLOADS,
                    help="what to measure (tutorial: batch 1 x 16 self-cognition rows; quant: 4-bit 7B/14B/32B; fit: a table)")
-    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled (quant: 7b 14b 32b qwen3-32b)")
+    p.add_argument("--skip", nargs="*", default=[], help="skip: train2048 train512 decode longest hf eager compiled plain "
+                   "compiled_decode unmerged one_by_one (quant: 7b 14b 32b qwen3-32b)")
     p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
     p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
@@ -863,7 +864,8 @@ def train_jobs(a, seqs) -> list:
         if f"train{seq}" in a.skip:
             continue
         names = [] if "eager" in a.skip else ["ours (eager)"] + (["ours (fused layers)"] if cuda else [])
-        names += ["ours (default: fused layers, CUDA graphs)", "ours (plain layers, CUDA graphs)"] if cuda else []
+        names += ["ours (default: fused layers, CUDA graphs)"] if cuda else []
+        names += ["ours (plain layers, CUDA graphs)"] if cuda and "plain" not in a.skip else []
         if cuda and "compiled" not in a.skip:
             names.append("ours (compiled, CUDA graphs)")
             if seq == seqs[0] or "eager" not in a.skip:
@@ -879,14 +881,16 @@ def decode_jobs(a) -> list:
         return []
     cuda = a.device == "cuda"
     names = [n for n, flags in OURS_DECODE.items() if ("--graph" in flags) <= cuda
-             and not ("eager" in a.skip and "--graph" not in flags) and not ("compiled" in a.skip and "--compile" in flags)]
+             and not ("eager" in a.skip and "--graph" not in flags) and not ("compiled_decode" in a.skip and "--compile" in flags)
+             and not ("unmerged" in a.skip and "--merged" not in flags)]
     variants = [(n, ["ours_decode", *OURS_DECODE[n]]) for n in names]
     variants += [] if "hf" in a.skip else [(HF_DECODE, ["hf_decode"])]
     return [(f"decode {name}", "decode, batch 1", name, args) for name, args in variants]
 
 
 def tutorial_jobs(a) -> list:
-    variants = [("ours (default path)", ["ours_tutorial"]), ("ours, rows one by one", ["ours_tutorial", "--one_by_one"])]
+    variants = [("ours (default path)", ["ours_tutorial"])]
+    variants += [] if "one_by_one" in a.skip else [("ours, rows one by one", ["ours_tutorial", "--one_by_one"])]
     variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_tutorial"])]
     return [(f"tutorial {name}", "tutorial: self-cognition, batch 1 x 16", name, args) for name, args in variants]
 
