@@ -118,8 +118,8 @@ class Config:
         if missing:
             raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen config has.")
         for f in fields(cls):
-            want = {int: int, float: (int, float)}.get(f.type if isinstance(f.type, type) else None)
-            if want and f.name in d and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
+            want = {int: int, float: (int, float)}.get(int if f.name == "head_dim" else f.type if isinstance(f.type, type) else None)
+            if want and d.get(f.name) is not None and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
                 raise ModelError(f"{where}: {f.name} is {d[f.name]!r}, not a number; fix it (e.g. 128, not \"128\").")
         cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
                   extra={k: v for k, v in d.items() if k not in names})

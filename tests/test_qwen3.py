@@ -78,6 +78,12 @@ def test_official_configs_give_transformers_tensor_names_and_shapes(name):
     assert cfg.to_dict()["architectures"] == ["Qwen3ForCausalLM"] and cfg.to_dict()["head_dim"] == 128
 
 
+def test_a_head_dim_that_is_not_a_number_is_named():
+    d = json.loads((HERE / "Qwen3-8B.config.json").read_text())
+    with pytest.raises(modeling.ModelError, match='head_dim is \'128\', not a number'):
+        modeling.Config.from_dict(dict(d, head_dim="128"))
+
+
 def test_qwen3_moe_is_refused_naming_what_is_supported():
     d = json.loads((HERE / "Qwen3-30B-A3B-Instruct-2507.config.json").read_text())
     with pytest.raises(modeling.ModelError) as e:
