@@ -490,3 +490,16 @@ def test_an_adapter_is_asked_as_it_was_trained_thinking_or_not(tmp_path, tok, ca
     swift_args = {"template": "qwen3", "model": "tiny-qwen3"}  # ms-swift's args.json records neither flag
     assert not T.with_trained_thinking(T.TEMPLATES["qwen3"], swift_args).enable_thinking
     assert T.TEMPLATES["qwen3"].enable_thinking  # the base model thinks, as its template says
+
+
+def test_a_resume_keeps_the_template_the_run_was_trained_in(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", "tiny-qwen3", "--dataset", qa_file(tmp_path), "--device", "cpu", "--output_dir", str(out),
+            "--max_steps", "2", "--save_steps", "1"]
+    assert train.main(argv + ["--template", "qwen3_nothinking"]) == 0
+    (run,) = out.glob("v*")
+    capsys.readouterr()
+    assert train.main(argv + ["--resume_from_checkpoint", str(run / "checkpoint-1")]) == 0  # no --template
+    assert "chat template: qwen3_nothinking" in capsys.readouterr().out
+    assert train.main(argv + ["--resume_from_checkpoint", str(run / "checkpoint-1"), "--template", "qwen3"]) == 2
+    assert "--template 'qwen3_nothinking' -> 'qwen3'" in capsys.readouterr().err
