@@ -39,6 +39,15 @@ def test_bench_small_runs_the_qwen3_shape_against_transformers_qwen3():
     assert "% of the bandwidth bound" in r.stdout
 
 
+def test_bench_small_runs_the_4bit_workloads_to_the_end():
+    """--workloads quant crashed after its first row on an H100 (row_of's signature): on the CPU, every row."""
+    r = subprocess.run([sys.executable, "bench.py", "--small", "--workloads", "quant", "--steps", "1", "--skip", "14b", "32b"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| train, 128 tokens | Qwen3-32B 4-bit nf4 (small shape) |" in r.stdout
+    assert "loss check, 7B 4-bit vs the bf16 model built from its dequantised weights" in r.stdout and ": OK" in r.stdout
+
+
 def test_write_checkpoint_gives_a_folder_train_py_loads(tmp_path, monkeypatch):
     """bench.py --write_checkpoint: random weights of a shape in the official layout (how run 17 ran
     the tutorial's train.py line on the 7B shape); here the small shape, on the CPU."""
