@@ -327,7 +327,7 @@ def ours_sharded_model(shape, device):
 
 @torch.no_grad()
 def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp32=False):
-    import infer
+    import decode
     import lora
     m = ours_model(shape, device, fp32=fp32).eval()
     random_lora(m)
@@ -339,7 +339,7 @@ def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp
     decoder = speed.DecodePlan(cuda_graph=graph, compile=compile_step).new_decoder(m, 32 + new_tokens)
 
     def run():
-        return list(infer.generate(m, prompt, new_tokens, set(), decoder=decoder))
+        return list(decode.generate(m, prompt, new_tokens, set(), decoder=decoder))
 
     out = run()  # warm-up
     sync(device)

@@ -7,20 +7,16 @@ takes the flags of ms-swift's `swift infer`. With --adapters alone, the base mod
 prompt the adapter was trained with come from the checkpoint's args.json (ours or ms-swift's) or
 adapter_config.json; --model and --system override them.
 
-Decoding is the autoregressive loop in its plainest form (as in gpt-fast), over model.Decoder:
-
-    prefill:    run the whole prompt once, filling the KV cache; logits of its last position
-    decode_one: run only the token just chosen, attending to the cache; logits of the next one
-
-(on a GPU decode_one is replayed as one CUDA graph: speed.CUDAGraphDecoder, the same step)
-and between the two, pick a token from the logits: the most likely one (temperature 0, greedy),
-or a sample after transformers' repetition penalty, temperature, top-k and top-p, in that order.
+Decoding (decode.py) is the autoregressive loop in its plainest form: prefill the prompt, then one
+token at a time against a KV cache (on a GPU each step replayed as one CUDA graph:
+speed.CUDAGraphDecoder), each token chosen greedily or sampled. This file is the chat program
+around it: which model and adapters, which template, and printing the answer.
 
 Where ms-swift's behaviour is not obvious, this file chooses:
 - A sampling flag that is not given takes its value from the model's generation_config.json, as
   ms-swift does (Qwen2.5-Instruct: temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05;
   the penalty applies to greedy decoding too). --temperature 0 is greedy.
-- --max_new_tokens not given: answer until a stop token or until the context is full.
+- --max_new_tokens not given: at most 32,768 tokens (Qwen's advice for Qwen3), or the rest of the context.
 - Piped stdin (not a terminal): every non-empty line is a separate one-turn conversation; stdout
   gets one JSON object per such line, {"line", "query", "response"} or {"line", "error"}, which no
   newline in an answer can shift. Everything else goes to stderr.
@@ -46,102 +42,10 @@ import quant
 import speed
 from cli import UsageError, str2bool
 from lora import LoraError
+from decode import Decoder, generate
 from model import ModelError
 from template import TEMPLATES, Template, TemplateError, choose_template, with_trained_thinking
 from util import round_up
-
-# ----------------------------------------------------------------------------------------------
-# Decoding
-
-
-def apply_repetition_penalty(logits, seen, penalty: float):
-    """transformers' rule: a token already in the text has its logit divided by the penalty if
-    positive, multiplied if negative, so it becomes less likely either way. seen: (vocab,) bool."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator):
-    """Choose the next token (a 0-d tensor) from one position's logits (vocab,)."""
-    logits = logits.float()
-    if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if temperature == 0:
-        return logits.argmax()
-    probs = sampling_probs(logits, temperature, top_p, top_k)
-    return torch.multinomial(probs, 1, generator=generator)[0]
-
-
-def sampling_probs(logits, temperature, top_p, top_k):
-    """Probabilities to sample from: logits (vocab,) / temperature, cut to top-k, then to top-p."""
-    logits = logits / temperature
-    if top_k > 0:  # keep the k most likely tokens
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:  # keep the most likely tokens whose probabilities add up to top_p
-        sorted_logits, order = torch.sort(logits)  # ascending
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[-1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
-@torch.no_grad()
-def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int], temperature=0.0,
-             top_p=1.0, top_k=0, repetition_penalty=1.0, generator=None, decoder=None,
-             cached: list[int] | None = None):
-    """Yield new token ids one at a time; a stop id is yielded too, as the last one.
-
-    At most max_new_tokens, and never past the model's context (max_position_embeddings).
-    decoder: a model.Decoder (or speed.CUDAGraphDecoder) whose cache holds prompt and answer, to
-    reuse between calls; by default a new one is made. cached: the token ids whose keys and values
-    that decoder's cache already holds, from earlier calls (a chat's earlier turns). The prompt's
-    common beginning with them is not run again; the list is kept up to date in place, also when
-    the caller stops early."""
-    context = model.config.max_position_embeddings
-    if len(input_ids) >= context:
-        raise ModelError(f"the prompt is {len(input_ids)} tokens, but the model's context holds "
-                         f"{context} (max_position_embeddings), leaving no room for an answer. Shorten it.")
-    max_new_tokens = min(max_new_tokens, context - len(input_ids))
-    if decoder is None:
-        decoder = modeling.Decoder(model, len(input_ids) + max_new_tokens)
-        if cached is not None:
-            cached.clear()  # a new cache holds nothing
-    max_new_tokens = min(max_new_tokens, decoder.max_len - len(input_ids))
-    keep = reusable_prefix(cached, input_ids)
-    device = model.lm_head.weight.device
-    prompt = torch.tensor([input_ids], device=device)  # (1, T)
-    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty
-    seen[prompt[0]] = True
-
-    logits = decoder.prefill(prompt[:, keep:], keep)
-    if cached is not None:
-        cached.extend(input_ids[keep:])
-    for i in range(max_new_tokens):
-        token = next_token(logits, seen, temperature, top_p, top_k, repetition_penalty, generator)
-        seen[token] = True
-        token_id = int(token)
-        yield token_id
-        if token_id in stop_ids or i == max_new_tokens - 1:
-            return  # the last token was never run through the model: the cache does not hold it
-        logits = decoder.decode_one(token, len(input_ids) + i)
-        if cached is not None:
-            cached.append(token_id)
-
-
-def reusable_prefix(cached: list[int] | None, input_ids: list[int]) -> int:
-    """How many positions of the cache can stay: the longest common beginning of the cached tokens
-    and the prompt, less its last token (prefill must run at least one, for the next token's
-    logits). `cached` is cut to them: from here on it lists exactly the positions the cache holds."""
-    if cached is None:
-        return 0
-    keep = 0
-    while keep < min(len(cached), len(input_ids) - 1) and cached[keep] == input_ids[keep]:
-        keep += 1
-    del cached[keep:]
-    return keep
-
 
 # ----------------------------------------------------------------------------------------------
 # Printing an answer: a thinking model's reasoning apart from its answer
@@ -257,7 +161,7 @@ class Chat:
     show_prompt: bool = False
     decoding: speed.DecodePlan = field(default_factory=speed.DecodePlan)  # eager, or CUDA graphs
     # Kept between answers, so that a conversation's earlier turns are not run again:
-    decoder: "modeling.Decoder | None" = None  # its KV cache, made for `kv_key`
+    decoder: "Decoder | None" = None  # its KV cache, made for `kv_key`
     kv_key: tuple | None = None  # (adapter, positions)
     cached_ids: list = field(default_factory=list)  # the tokens whose keys and values they hold
 

@@ -443,38 +443,6 @@ class QwenForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding: a KV cache and the two steps over it (as in gpt-fast); infer.generate loops over them
-
-
-class Decoder:
-    """A KV cache of `max_len` positions (batch 1) and the two steps of decoding over it:
-
-        prefill:    run the prompt once, filling the cache; logits of its last position
-        decode_one: run only the token just chosen, attending to the cache; logits of the next one
-
-    speed.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
-
-    def __init__(self, model: QwenForCausalLM, max_len: int):
-        self.model, self.max_len = model, max_len
-        self.cache = model.new_cache(1, max_len)
-
-    def prefill(self, input_ids, start: int = 0):
-        """Run the prompt (1, T) from position `start` (the cache holds the positions before it);
-        logits of its last position (vocab,)."""
-        self.cache.length = start
-        position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
-        h = self.model.model(input_ids, position_ids=position_ids, cache=self.cache)  # (1, T, hidden)
-        # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
-        return self.model.lm_head(h[0, -1])
-
-    def decode_one(self, token, position: int):
-        """Run one token (a 0-d tensor) at `position`, right after the cached ones; logits of the
-        token after it (vocab,)."""
-        h = self.model.model(token.view(1, 1), cache=self.cache)  # (1, 1, hidden)
-        return self.model.lm_head(h[0, -1])
-
-
-# ----------------------------------------------------------------------------------------------
 # Finding a model folder: a local path or a Hugging Face hub id
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

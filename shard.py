@@ -44,6 +44,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+import decode
 import lora
 import model as modeling
 from cli import UsageError
@@ -224,7 +225,7 @@ class FullyShard:
         return RankZeroDecoder(model, max_len)
 
 
-class RankZeroDecoder(modeling.Decoder):
+class RankZeroDecoder(decode.Decoder):
     """Decoding a sharded model: every rank runs every forward (each gathers the layers' weights
     from all), and every rank takes rank 0's logits, so all choose the same tokens and stop at the
     same one, whatever rounding differences their kernels might have."""

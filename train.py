@@ -27,6 +27,7 @@ the same.
 """
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -48,7 +49,7 @@ import runs
 import speed
 from cli import UsageError, str2bool
 from data import DataError
-from infer import generate
+from decode import Decoder, generate
 from template import LOSS_SCALES, TEMPLATES, Template, choose_template, with_trained_thinking
 from util import round_up
 
@@ -463,7 +464,7 @@ class DataParallel:
         sum_over_ranks([p.grad for p in params], self.world)
 
     def new_decoder(self, model, max_len: int):
-        return modeling.Decoder(model, max_len)
+        return Decoder(model, max_len)
 
 
 def sum_over_ranks(tensors: list, world: int):
@@ -530,9 +531,9 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
 
 
 @torch.no_grad()
-def answer_prompts(model, tok, prompts, template, stop_ids, new_decoder=modeling.Decoder,
+def answer_prompts(model, tok, prompts, template, stop_ids, new_decoder=Decoder,
                    max_new_tokens=64) -> list[str]:
-    """Greedy answers. new_decoder(model, max_len): a model.Decoder, or a twin for a sharded model."""
+    """Greedy answers. new_decoder(model, max_len): a decode.Decoder, or a twin for a sharded model."""
     was_training = model.training
     model.eval()
     answers = []
@@ -685,8 +686,6 @@ def train(a) -> int:
     run.finish(stop.requested)
     if a.eval_prompts and not stop.requested:
         show_answers("after training", a.eval_prompts, answers(), rank)
-    if world > 1:
-        dist.destroy_process_group()
     return 130 if stop.requested else 0
 
 
@@ -694,7 +693,12 @@ def main(argv=None) -> int:
     def checked_train():
         a = build_parser().parse_args(argv)
         check_args(a)
-        return train(a)
+        code = train(a)
+        if dist.is_initialized():  # torchrun: leave together, with the model and its pending work freed first
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+        return code
 
     return cli.run_main(checked_train, "interrupted before training started; nothing was written.")
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import decode
 import infer
 import lora
 import model as modeling
@@ -57,7 +58,7 @@ def expected_answer(m, tok, query, system=None, history=(), max_new_tokens=8):
     ids = prompt_ids(tok, query, system, history)
     dec = data.StreamDecoder(tok)
     stop = {tok.im_end_id, tok.endoftext_id}  # the tiny model's generation_config eos list
-    text = "".join(dec.push(t) for t in infer.generate(m, ids, max_new_tokens, stop)) + dec.flush()
+    text = "".join(dec.push(t) for t in decode.generate(m, ids, max_new_tokens, stop)) + dec.flush()
     return text
 
 
@@ -148,7 +149,7 @@ def test_greedy_tokens_match_transformers_generate(hf_checkpoint, penalty, famil
     stop = [tok.im_end_id, tok.endoftext_id]
     ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
                       max_new_tokens=30, repetition_penalty=penalty, eos_token_id=stop, pad_token_id=tok.endoftext_id)
-    ours = list(infer.generate(load(folder), ids, 30, set(stop), repetition_penalty=penalty))
+    ours = list(decode.generate(load(folder), ids, 30, set(stop), repetition_penalty=penalty))
     assert ours == ref[0, len(ids):].tolist()
     assert len(ours) == 30  # no early stop: every step was compared
 
@@ -162,9 +163,9 @@ def test_greedy_tokens_with_adapter_match_peft(hf_checkpoint, tmp_path, family):
     tok = data.Tokenizer(folder)
     ids = prompt_ids(tok, QUESTION)
     ours = load(folder)
-    base_tokens = list(infer.generate(ours, ids, 30, set()))
+    base_tokens = list(decode.generate(ours, ids, 30, set()))
     lora.load_adapter(ours, adapter)
-    adapted_tokens = list(infer.generate(ours, ids, 30, set()))
+    adapted_tokens = list(decode.generate(ours, ids, 30, set()))
     peft_model = PeftModel.from_pretrained(hf, adapter).eval()
     ref = peft_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               do_sample=False, max_new_tokens=30, eos_token_id=None, pad_token_id=tok.endoftext_id)
@@ -175,10 +176,10 @@ def test_greedy_tokens_with_adapter_match_peft(hf_checkpoint, tmp_path, family):
 def test_cached_decoding_equals_recomputing_the_whole_sequence(chatty):
     _, m, tok = chatty
     ids = prompt_ids(tok, QUESTION)
-    cached = list(infer.generate(m, ids, 20, set()))
+    cached = list(decode.generate(m, ids, 20, set()))
     seq = list(ids)
     with torch.no_grad():
-        decoder = modeling.Decoder(m, len(ids) + 20)
+        decoder = decode.Decoder(m, len(ids) + 20)
         logits = decoder.prefill(torch.tensor([ids]))
         for _ in range(20):
             full = m(torch.tensor([seq]))[0, -1]  # from scratch, no cache
@@ -192,15 +193,15 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(cha
     _, m, tok = chatty
     stop = {tok.im_end_id, tok.endoftext_id}
     prefilled = []
-    real_prefill = modeling.Decoder.prefill
-    monkeypatch.setattr(modeling.Decoder, "prefill", lambda self, ids, start=0: (
+    real_prefill = decode.Decoder.prefill
+    monkeypatch.setattr(decode.Decoder, "prefill", lambda self, ids, start=0: (
         prefilled.append(ids.shape[1]), real_prefill(self, ids, start))[1])
-    cache, cached = modeling.Decoder(m, 512), []
+    cache, cached = decode.Decoder(m, 512), []
     history = []
     for turn, question in enumerate([QUESTION, "What can you do?", "And then?"]):
         ids = prompt_ids(tok, question, history=history)
-        answer = list(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached))
-        assert answer == list(infer.generate(m, ids, 8, stop))  # a fresh cache, the whole prompt
+        answer = list(decode.generate(m, ids, 8, stop, decoder=cache, cached=cached))
+        assert answer == list(decode.generate(m, ids, 8, stop))  # a fresh cache, the whole prompt
         new = prefilled[-2]  # the reusing call's prefill (the fresh one came after it)
         if turn == 0:
             assert new == len(ids)
@@ -211,12 +212,12 @@ def test_a_conversation_runs_only_its_new_tokens_and_answers_as_from_scratch(cha
                     {"role": "assistant", "content": tok.decode([t for t in answer if t not in stop])}]
     # Stopping early (Ctrl-C in the REPL) leaves `cached` true to what the cache holds.
     ids = prompt_ids(tok, "Tell me more.", history=history)
-    for i, _ in enumerate(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached)):
+    for i, _ in enumerate(decode.generate(m, ids, 8, stop, decoder=cache, cached=cached)):
         if i == 2:
             break
     assert cached[:len(ids)] == ids and len(cached) == len(ids) + 2
     ids = prompt_ids(tok, "Something else.", history=history)
-    assert list(infer.generate(m, ids, 8, stop, decoder=cache, cached=cached)) == list(infer.generate(m, ids, 8, stop))
+    assert list(decode.generate(m, ids, 8, stop, decoder=cache, cached=cached)) == list(decode.generate(m, ids, 8, stop))
 
 
 def test_sampling_filters_match_transformers_logits_processors():
@@ -232,7 +233,7 @@ def test_sampling_filters_match_transformers_logits_processors():
         processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.05), TemperatureLogitsWarper(temperature)]
                                          + ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)])
         ref = processors(text[None], logits[None].clone()).softmax(-1)[0]
-        ours = infer.sampling_probs(infer.apply_repetition_penalty(logits, seen, 1.05), temperature, top_p, top_k)
+        ours = decode.sampling_probs(decode.apply_repetition_penalty(logits, seen, 1.05), temperature, top_p, top_k)
         torch.testing.assert_close(ours, ref)
         assert (ours > 0).sum() < 500  # something was filtered
 
@@ -243,11 +244,11 @@ def test_seeded_sampling_is_reproducible(chatty):
 
     def sample(seed):
         g = torch.Generator().manual_seed(seed)
-        return list(infer.generate(m, ids, 25, set(), temperature=1.0, top_p=0.95, top_k=50, generator=g))
+        return list(decode.generate(m, ids, 25, set(), temperature=1.0, top_p=0.95, top_k=50, generator=g))
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
-    assert sample(7) != list(infer.generate(m, ids, 25, set()))  # not greedy
+    assert sample(7) != list(decode.generate(m, ids, 25, set()))  # not greedy
 
 
 def test_sampled_tokens_match_transformers_with_the_same_seed(hf_checkpoint):
@@ -259,14 +260,14 @@ def test_sampled_tokens_match_transformers_with_the_same_seed(hf_checkpoint):
     ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=True,
                       max_new_tokens=30, eos_token_id=None, pad_token_id=tok.endoftext_id, **settings)
     torch.manual_seed(3)  # generator=None: both draw from torch's global generator
-    assert list(infer.generate(load(folder), ids, 30, set(), **settings)) == ref[0, len(ids):].tolist()
+    assert list(decode.generate(load(folder), ids, 30, set(), **settings)) == ref[0, len(ids):].tolist()
 
 
 def test_answer_is_clamped_to_the_context_and_an_overlong_prompt_is_refused(chatty, tmp_path):
     m = load(with_context(chatty[0], tmp_path / "short", 40))
-    assert len(list(infer.generate(m, list(range(30)), 100, set()))) == 10
+    assert len(list(decode.generate(m, list(range(30)), 100, set()))) == 10
     with pytest.raises(modeling.ModelError, match="context holds 40"):
-        list(infer.generate(m, list(range(40)), 5, set()))
+        list(decode.generate(m, list(range(40)), 5, set()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -560,7 +561,7 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
 @both_families
 def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
-    """speed.CUDAGraphDecoder replays model.Decoder.decode_one: the same logits at every step,
+    """speed.CUDAGraphDecoder replays decode.Decoder.decode_one: the same logits at every step,
     after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as float32 (an earlier test may have allowed TF32)
@@ -572,7 +573,7 @@ def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
 
 def compare_graph_and_eager_decoding(tiny_dir):
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
-    eager, graphed = modeling.Decoder(m, 64), speed.CUDAGraphDecoder(m, 64)
+    eager, graphed = decode.Decoder(m, 64), speed.CUDAGraphDecoder(m, 64)
     seq = list(range(10, 30))
     with torch.no_grad():
         for start, end in ((0, 12), (12, 20)):  # two turns: the second reuses positions 0..11

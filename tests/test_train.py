@@ -79,7 +79,7 @@ def test_tutorial_command_runs_and_writes_the_run_folder(tmp_path, tiny_dir):
 
 
 def test_tiny_model_learns_self_cognition_answers_exactly(tmp_path, tiny_dir):
-    from infer import generate
+    from decode import generate
     import data
     import lora
     import model as modeling
