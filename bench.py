@@ -173,6 +173,7 @@ def training_setup(m, plan, device):
     function of `plan`, and train.make_batch's embed when the plan keeps the embedding in host
     memory (else None): (micro_batch, params, optimizer, embed)."""
     import lora
+    import flags
     import train
     m.train()
     m.model.gradient_checkpointing = True
@@ -214,9 +215,9 @@ def backward_of(mean_loss):
 def train_step(micro_batch, params, opt, x, world=1):
     """One training step on x as train.py ends an optimizer step: micro_batch(x) (forward and
     backward, returning the mean loss), the gradients summed over ranks, clipped, AdamW. The loss."""
-    import train
+    import parallel
     loss = micro_batch(x)
-    train.sum_over_ranks([p.grad for p in params], world)
+    parallel.sum_over_ranks([p.grad for p in params], world)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=False)
@@ -271,7 +272,7 @@ def decisive(model):
 
 def ours_train_ddp(shape, seq, steps, plan):
     """train.py's data-parallel step under torchrun: every rank a sequence of its own, gradients
-    summed once per step (train.sum_over_ranks)."""
+    summed once per step (parallel.sum_over_ranks)."""
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -334,9 +335,9 @@ def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp
     decisive(m)
     if merged:  # as infer.py --merge_lora true
         lora.merge_lora(m)
-        speed.fuse_projections(m)
+    plan = speed.plan_decoding(graph, compile_step, device, m)  # fused projections where merged
     prompt = tokens(32, shape["vocab_size"], device)[0].tolist()
-    decoder = speed.DecodePlan(cuda_graph=graph, compile=compile_step).new_decoder(m, 32 + new_tokens)
+    decoder = plan.new_decoder(plan.prepare(m), 32 + new_tokens)
 
     def run():
         return list(decode.generate(m, prompt, new_tokens, set(), decoder=decoder))
@@ -350,7 +351,10 @@ def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp
 
 
 def longest(train_fn, device, limit_gib, start=2048, stop=65536, step=1024):
-    """The longest sequence whose training step runs with the allocator capped at limit_gib."""
+    """The longest sequence whose training step runs with the allocator capped at limit_gib. On the
+    CPU (--small) nothing caps memory: four lengths, to run the search and its table."""
+    if device.type != "cuda":
+        step, stop = start, 4 * start
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(limit_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     best, seq = 0, start
@@ -381,16 +385,18 @@ def tutorial_setup(a, device):
     model's tokenizer) and its optimizer steps: lists of micro-batches of row indices."""
     import cli
     import data
+    import flags as train_flags
+    import sources
     import train
     unpacked = ["--padding_free", "false"] if a.one_by_one else []  # a pass per row, as before packing
     qwen3, tutorial = shape_of(a).get("model_type") == "qwen3", list(TUTORIAL_FLAGS)
     if qwen3:  # as Qwen3-4B-Instruct-2507's quick start: no --system, the model's own template
         del tutorial[tutorial.index("--system"):tutorial.index("--system") + 2]
-    flags = train.build_parser().parse_args(tutorial + unpacked + ["--device", str(device)])
-    train.set_derived_defaults(flags)
+    flags = train_flags.train_parser().parse_args(tutorial + unpacked + ["--device", str(device)])
+    train_flags.set_derived_defaults(flags)
     tok = data.Tokenizer(a.tokenizer or cli.tiny_dir("tiny-qwen3" if qwen3 else "tiny"))
-    convs = data.load_conversations([flags.dataset[0]], seed=flags.seed, model_name=flags.model_name,
-                                    model_author=flags.model_author)
+    convs = sources.load_conversations([flags.dataset[0]], seed=flags.seed, model_name=flags.model_name,
+                                       model_author=flags.model_author)
     template = TEMPLATES["qwen3_nothinking" if qwen3 else "qwen2_5"]
     rows = data.encode_dataset(tok, convs, flags.max_length, flags.truncation_strategy, system=flags.system, template=template)
     steps = [w for epoch in range(math.ceil(flags.num_train_epochs))
@@ -402,15 +408,17 @@ def ours_tutorial(shape, device, a):
     """train.py's optimizer steps on the tutorial's run, on the path train.py chooses by default;
     all its steps (--small: --steps), each timed. A step's loss is per label token, as logged."""
     import model as modeling
+    import parallel
     import train
     flags, rows, pad_id, steps = tutorial_setup(a, device)
     steps = steps[:a.steps] if a.small else steps
-    plan = speed.plan_training(flags, device, [len(r["input_ids"]) for r in rows],
+    plan = speed.plan_training(speed.PlanFlags.of(flags), device, [len(r["input_ids"]) for r in rows],
                                len(steps) * flags.gradient_accumulation_steps, modeling.Config(**shape))
     micro_batch, params, opt, embed = ours_train_setup(shape, device, plan)
     budget = flags.max_tokens_per_pass if flags.padding_free else None
-    s = train.Step(rows, pad_id, device, plan.pad_to, micro_batch, budget, params, opt, train.LossScale(False),
-                   flags.max_grad_norm, train.DataParallel(), embed)
+    s = train.Step(rows=rows, pad_id=pad_id, device=device, pad_to=plan.pad_to, micro_batch=micro_batch, budget=budget,
+                   params=params, optimizer=opt, loss_scale=train.LossScale(False), max_grad_norm=flags.max_grad_norm,
+                   ranks=parallel.Replicas(), embed=embed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -683,7 +691,7 @@ def build_parser():
 def write_checkpoint(shape_name: str, out):
     """--write_checkpoint SHAPE DIR: random weights of a shape (random_value's, drawn on the GPU one
     tensor at a time) saved in the official layout with the tiny model's tokenizer, for running
-    train.py itself on the 7B shape (BENCHMARKS.md, run 17: the tutorial's command line)."""
+    train.py itself on the 7B shape (docs/benchmark-runs.md, run 17: the tutorial's command line)."""
     import shutil
     from pathlib import Path
     import cli
@@ -810,8 +818,10 @@ def main():
         return check_greedy(a)
     if "quant" in a.workloads:  # a run of its own: 4-bit 7B, 14B and 32B
         return quant_main(a)
-    if "fit" in a.workloads:
-        return print(fit_table())
+    if "fit" in a.workloads:  # computed, not measured: printed first
+        print(fit_table())
+        if a.workloads == ["fit"]:
+            return
     common = ["--device", a.device, "--steps", a.steps, "--new_tokens", a.new_tokens, "--limit_gib", a.limit_gib,
               "--seq_step", a.seq_step, "--shape", a.shape] + (["--small"] if a.small else []) + (
                  ["--tokenizer", a.tokenizer] if a.tokenizer else [])
@@ -899,13 +909,15 @@ def longest_jobs(a) -> list:
     """The longest sequence in --limit_gib: ours by default (CUDA graphs), ours with offloaded
     checkpoints (searched from 16,384 tokens: the default path's 14,336 fits without them), and the
     reference; then long_row_jobs."""
-    if "longest" in a.skip or a.device != "cuda":
+    if "longest" in a.skip:
         return []
-    variants = [("ours", ["ours_longest", "--seq", 4096, "--plan", "graphs"]),
-                (OFFLOADED, ["ours_longest", "--seq", 16384, "--plan", "offload"])]
-    variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_longest", "--seq", 2048])]
+    cuda = a.device == "cuda"
+    variants = ([("ours", ["ours_longest", "--seq", 4096, "--plan", "graphs"]),
+                 (OFFLOADED, ["ours_longest", "--seq", 16384, "--plan", "offload"])] if cuda
+                else [("ours", ["ours_longest", "--seq", 64, "--plan", "eager"])])  # the CPU (eager): --small's smoke run
+    variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_longest", "--seq", 2048 if cuda else 64])]
     jobs = [(f"longest {name}", f"longest sequence in {a.limit_gib:g} GiB", name, args) for name, args in variants]
-    return jobs + long_row_jobs()
+    return jobs + (long_row_jobs() if cuda else [])
 
 
 OFFLOADED = "ours (fused layers, offloaded checkpoints)"

@@ -72,7 +72,7 @@ class FlagParser(argparse.ArgumentParser):
         parsed = super().parse_args(args, namespace)
         for name in self.ignored:
             value = getattr(parsed, name)
-            if value is not None and int(os.environ.get("RANK", "0")) == 0:
+            if value is not None and rank_and_world()[0] == 0:
                 shown = " ".join(value) if isinstance(value, list) else value
                 print(f"note: --{name} {shown} changes nothing here: {swift_flags.FLAGS[name].note}.", file=sys.stderr)
         return parsed
@@ -129,6 +129,13 @@ def quant_flags(p):
     g.add_argument("--bnb_4bit_use_double_quant", type=str2bool, default=quant.QuantConfig.double_quant,
                    help="also keep the block scales in 8 bits: 4.127 instead of 4.5 bits a weight")
     g.add_argument("--bnb_4bit_compute_dtype", default=None, help="dtype of the dequantised weights: --torch_dtype's only")
+
+
+def rank_and_world(local: bool = False) -> tuple[int, int]:
+    """(this process's rank, how many there are) as torchrun sets them: (0, 1) without torchrun.
+    local: the rank among this machine's processes (which GPU it takes) instead."""
+    rank = os.environ.get("LOCAL_RANK" if local else "RANK", "0")
+    return int(rank), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def pick_device(flag: str | None) -> torch.device:
@@ -192,7 +199,7 @@ def run_main(body, interrupted: str = "") -> int:
     try:
         return body()
     except ERRORS as e:
-        quiet = isinstance(e, (UsageError, DataError, RunError, TemplateError)) and int(os.environ.get("RANK", "0")) > 0
+        quiet = isinstance(e, (UsageError, DataError, RunError, TemplateError)) and rank_and_world()[0] > 0
         if not quiet:
             hint = " Check the path and its permissions, and that the disk has room." if isinstance(e, OSError) else ""
             print(f"error: {e}{hint}", file=sys.stderr)

@@ -43,7 +43,8 @@ class Decoder:
     def decode_one(self, token, position: int):
         """Run one token (a 0-d tensor) at `position`, right after the cached ones; logits of the
         token after it (vocab,)."""
-        h = self.model.model(token.view(1, 1), cache=self.cache)  # (1, 1, hidden)
+        position_ids = torch.tensor([[position]], device=token.device)  # (1, 1)
+        h = self.model.model(token.view(1, 1), position_ids=position_ids, cache=self.cache)  # (1, 1, hidden)
         return self.model.lm_head(h[0, -1])
 
 # ----------------------------------------------------------------------------------------------

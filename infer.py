@@ -25,7 +25,7 @@ Where ms-swift's behaviour is not obvious, this file chooses:
   --system or /system set one; /system and /adapter keep the history.
 """
 
-import argparse
+import codecs
 import io
 import json
 import sys
@@ -36,15 +36,17 @@ import torch
 
 import cli
 import data
+import flags
 import lora
 import model as modeling
 import quant
 import speed
-from cli import UsageError, str2bool
+from cli import UsageError
 from lora import LoraError
 from decode import Decoder, generate
 from model import ModelError
 from template import TEMPLATES, Template, TemplateError, choose_template, with_trained_thinking
+from flags import DEFAULT_MAX_NEW_TOKENS
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -53,13 +55,55 @@ from util import round_up
 # An answer's length when --max_new_tokens is not given: Qwen's advice for Qwen3 (room for the
 # reasoning of a thinking model). It also sizes the KV cache: a 2507 model's 262,144-position
 # context would take 38 GB of cache for the 4B.
-DEFAULT_MAX_NEW_TOKENS = 32768
 
 
 @dataclass
 class Reply:
     text: str  # the answer
     reasoning: str | None = None  # what a thinking model wrote between <think> and </think>
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character; this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(others))]
+    return {chr(c): b for b, c in zip(printable + others, chars)}
+
+
+class StreamDecoder:
+    """Turns generated token ids into text, releasing only whole UTF-8 characters.
+
+    A byte-level token can end in the middle of a character (most Chinese characters are three
+    bytes, and a character may be spread over several tokens). We turn each token back into its
+    bytes and feed them to an incremental UTF-8 decoder, which holds an incomplete character back
+    until its last byte arrives and turns bytes that can never be valid into U+FFFD at once."""
+
+    _alphabet = _byte_level_alphabet()
+
+    def __init__(self, tok: data.Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tok, skip_special_tokens
+        self.added = tok.tok.get_added_tokens_decoder()  # {id: AddedToken}: special tokens and the like
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:
+            t = self.added[token_id]
+            return b"" if (t.special and self.skip) else t.content.encode()
+        piece = self.tok.tok.id_to_token(token_id)
+        if piece is None:  # an id past the tokenizer's vocabulary (the model's is padded)
+            return b""
+        if all(c in self._alphabet for c in piece):
+            return bytes(self._alphabet[c] for c in piece)
+        return self.tok.decode([token_id]).encode()  # not a byte-level vocabulary: decode as is
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        text = self.utf8.decode(b"", final=True)
+        self.utf8.reset()
+        return text
 
 
 class ThinkingStream:
@@ -75,7 +119,7 @@ class ThinkingStream:
     def __init__(self, tok: data.Tokenizer, out, stream: bool, show_thinking: bool, thinking: bool = False):
         self.out, self.stream, self.show = out, stream, show_thinking
         self.open_id, self.close_id = tok.tok.token_to_id("<think>"), tok.tok.token_to_id("</think>")
-        self.utf8 = data.StreamDecoder(tok)
+        self.utf8 = StreamDecoder(tok)
         self.parts = {"reasoning": [], "answer": []}
         self.where = "reasoning" if thinking else "answer"
         self.thought = thinking
@@ -350,61 +394,6 @@ def answer_line(chat: Chat, line: str, number: int) -> dict:
 # Flags and loading
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.FlagParser(description="Chat with a Qwen2 / Qwen2.5 / Qwen3 model and its LoRA adapters (flags as in `swift infer`).")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="local folder, hub id or 'tiny' (default: the base the adapter was trained on)")
-    g.add_argument("--adapters", nargs="+", default=[], metavar="[NAME=]PATH", help="LoRA checkpoint folder(s); NAME=PATH names one for /adapter; the first is active")
-    g.add_argument("--merge_lora", type=str2bool, default=False, help="merge the (single) adapter into the weights at load: base speed, no switching")
-    g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--infer_backend", default="pt", help="pt (ms-swift 4.x: transformers): PyTorch, the one backend here")
-    g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each token as one CUDA graph replay (default: true on a GPU)")
-    g.add_argument("--torch_compile", type=str2bool, default=False, help="with --cuda_graph: compile the decode step first (a minute to compile)")
-
-    cli.quant_flags(p)
-
-    g = p.add_argument_group("decoding (a flag not given takes the model's generation_config.json value, as in ms-swift)")
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy: always the most likely token")
-    g.add_argument("--top_p", type=float, default=None, help="sample only from the most likely tokens whose probabilities add up to this")
-    g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (0 = all)")
-    g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
-    g.add_argument("--max_new_tokens", type=int, default=None, help=f"longest answer in tokens, reasoning included (default: {DEFAULT_MAX_NEW_TOKENS:,})")
-    g.add_argument("--seed", type=int, default=42, help="seed for sampling")
-
-    g = p.add_argument_group("conversation")
-    g.add_argument("--system", default=None, help="system prompt (default: the adapter's training one, else the template's; Qwen3: none)")
-    g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
-    g.add_argument("--enable_thinking", type=str2bool, default=None, help="hybrid Qwen3: reason before answering (default: true, as the model's template)")
-    g.add_argument("--show_thinking", type=str2bool, default=None, help="print the reasoning before the answer (default: in the REPL only; piped: a 'reasoning' field)")
-    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
-    g.add_argument("--prompt", default=None, help="answer this one question and exit")
-    g.add_argument("--show_prompt", type=str2bool, default=False, help="print the whole rendered prompt (system prompt, history) to stderr before each answer")
-    p.add_swift_flags("infer")
-    return p
-
-
-def parse_adapters(specs: list[str]) -> list[tuple[str, str]]:
-    """[NAME=]PATH strings -> (name, path) pairs; an unnamed adapter is named after its folder."""
-    pairs = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or Path(spec).exists():  # a path that itself holds '='
-            # A folder name may hold dots (robot-v1.2); an adapter name may not (module names).
-            name, path = Path(spec.rstrip("/\\")).name.replace(".", "_"), spec
-        if not name or not path:
-            raise UsageError(f"--adapters {spec!r}: write PATH or NAME=PATH.")
-        if "." in name:
-            raise UsageError(f"--adapters {spec!r}: an adapter name cannot hold a dot; write it as {name.replace('.', '_')}=PATH.")
-        pairs.append((name, path))
-    names = [n for n, _ in pairs]
-    for n in names:
-        if n == "base" or names.count(n) > 1:
-            why = "'base' means the model without adapter" if n == "base" else "two adapters have this name"
-            raise UsageError(f"--adapters: the name {n!r} cannot be used ({why}); give each one a name with NAME=PATH.")
-    return pairs
-
-
 def sampling_settings(args, gen_config: dict) -> dict:
     """ms-swift's rule: a flag that is not given takes the model's generation_config.json value."""
     def pick(flag, neutral):
@@ -420,48 +409,11 @@ def sampling_settings(args, gen_config: dict) -> dict:
     return s
 
 
-def check_flags(args, device):
-    if args.system and data.LONE_SURROGATE.search(args.system):
-        raise UsageError("--system holds bytes that are not UTF-8 text; give it as UTF-8.")
-    if args.infer_backend not in ("pt", "transformers"):
-        raise UsageError(f"--infer_backend {args.infer_backend}: only the PyTorch backend exists here (--infer_backend pt, "
-                         "ms-swift 4.x's transformers); infer.py has no vllm, sglang or lmdeploy.")
-    for flag in ("temperature", "top_p", "repetition_penalty"):
-        if getattr(args, flag) is not None and getattr(args, flag) != getattr(args, flag):
-            raise UsageError(f"--{flag} nan: give a number.")
-    if args.temperature is not None and args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature}: must be 0 (greedy) or more.")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p {args.top_p}: must be in (0, 1].")
-    if args.top_k is not None and args.top_k < 0:
-        raise UsageError(f"--top_k {args.top_k}: must be 0 (off) or more.")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise UsageError(f"--repetition_penalty {args.repetition_penalty}: must be more than 0 (1 = off).")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be 1 or more.")
-    if args.merge_lora and len(args.adapters) != 1:
-        raise UsageError(f"--merge_lora true needs exactly one adapter in --adapters (got {len(args.adapters)}).")
-    if args.merge_lora and args.quant_bits:
-        raise UsageError("--merge_lora true with --quant_bits 4: the adapter would be rounded into 4-bit weights, another "
-                         "model than the one trained. Run it unmerged (drop --merge_lora), or merge it into the bf16 "
-                         "base with merge.py and load the merged folder with --quant_bits 4.")
-    problem = quant.flag_problem(args, cli.pick_dtype(args.torch_dtype, device))
-    if problem:
-        raise UsageError(problem)
-    if args.torch_compile and args.cuda_graph is False:
-        raise UsageError("--torch_compile true compiles the CUDA graph step: it cannot go with --cuda_graph false.")
-    if device.type != "cuda" and (args.cuda_graph or args.torch_compile):
-        flag = "--cuda_graph true" if args.cuda_graph else "--torch_compile true (which compiles the CUDA graph step)"
-        raise UsageError(f"{flag} needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
-    if not args.model and not args.adapters:
-        raise UsageError("give --model (a base model) or --adapters (a checkpoint folder, whose args.json names its base).")
-
-
 def load_chat(args) -> Chat:
     """The base model, its adapters and the decoding settings that --flags ask for."""
     device = cli.pick_device(args.device)
-    check_flags(args, device)
-    adapters = parse_adapters(args.adapters)
+    flags.check_infer_args(args, device)
+    adapters = flags.parse_adapters(args.adapters)
     # Read every adapter folder before the (slow) base model, so a wrong path fails in a second.
     for _, path in adapters:
         lora.read_adapter(path)
@@ -482,8 +434,8 @@ def load_chat(args) -> Chat:
     if args.merge_lora:
         lora.merge_lora(model)
         note(f"adapter {active} merged into the weights")
-    if (args.merge_lora or not adapters) and not args.quant_bits:  # plain weights: decode with fused projections
-        speed.fuse_projections(model)
+    decoding = speed.plan_decoding(args.cuda_graph, args.torch_compile, device, model)
+    decoding.prepare(model)
     sampling = sampling_settings(args, gen_config)
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
                          f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k {sampling['top_k']}")
@@ -496,7 +448,7 @@ def load_chat(args) -> Chat:
                 template=template, show_thinking=interactive if args.show_thinking is None else args.show_thinking,
                 base_system=merged_system(model_dir),
                 adapter=active, merged=args.merge_lora, system=args.system, stream=args.stream,
-                show_prompt=args.show_prompt, decoding=speed.plan_decoding(args.cuda_graph, args.torch_compile, device))
+                show_prompt=args.show_prompt, decoding=decoding)
 
 
 def load_adapters(model, adapters: list, ckpt_args: list, model_name: str, quant_bits) -> dict:
@@ -561,7 +513,7 @@ def load_base(folder: Path, model_name: str, named_in: tuple | None, dtype, devi
 
 def main(argv=None) -> int:
     def chat_until_done():
-        args = build_parser().parse_args(argv)
+        args = flags.infer_parser().parse_args(argv)
         chat = load_chat(args)
         if args.prompt is not None:
             chat.answer(chat.prompt_ids([{"role": "user", "content": args.prompt}]), sys.stdout)  # prints it

@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quant import Linear4bit
 from util import read_json, short_list
 
 # What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
@@ -62,15 +61,15 @@ class LoraConfig:
 class LoRALinear(nn.Module):
     """An nn.Linear plus named low-rank adapters: y = x W0^T + b + scale * B(A(dropout(x)))."""
 
-    def __init__(self, base: nn.Linear | Linear4bit):
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.base_layer = None  # a 4-bit base (quant.py), which multiplies by its own dequantised weight
-        if isinstance(base, Linear4bit):
-            self.base_layer = base
-        else:
+        self.base_layer = None  # a 4-bit base (quant.Linear4bit), which multiplies by its own dequantised weight
+        if isinstance(base, nn.Linear):
             self.register_parameter("weight", base.weight)  # (out, in): the same Parameter, frozen
             self.register_parameter("bias", base.bias)  # (out,) or None
+        else:
+            self.base_layer = base
         self.lora_A = nn.ModuleDict()  # name -> Linear(in -> r)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r -> out)
         self.lora_dropout = nn.ModuleDict()
@@ -80,7 +79,7 @@ class LoRALinear(nn.Module):
 
     def add(self, name: str, r: int, scale: float, dropout: float):
         # Kept in float32 even when the base is bf16: tiny updates to A and B would round away.
-        device = (self.weight if self.base_layer is None else self.base_layer.codes).device
+        device = (self.weight if self.base_layer is None else next(self.base_layer.buffers())).device
         kw = dict(bias=False, device=device, dtype=torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
@@ -136,6 +135,12 @@ class LoRALinear(nn.Module):
 # Adding, choosing and merging adapters
 
 
+def is_linear(m: nn.Module) -> bool:
+    """A layer that computes x W^T (+ b): nn.Linear, a LoRALinear, or a 4-bit base (quant.Linear4bit,
+    which keeps no weight matrix): what has in_features and out_features."""
+    return hasattr(m, "in_features") and hasattr(m, "out_features")
+
+
 def _lora_layers(model) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -144,7 +149,7 @@ def _linear_names(model) -> list[str]:
     """Module paths that can carry LoRA; a tied lm_head cannot (merging would change embeddings)."""
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, Linear4bit, LoRALinear)) and not (tied and n == "lm_head")
+            if is_linear(m) and not (tied and n == "lm_head")
             and ".lora_A." not in n and ".lora_B." not in n  # not the adapters' own A and B
             and not n.endswith(".base_layer")]  # nor the 4-bit layer inside a LoRALinear
 

@@ -1,7 +1,7 @@
 """shard.py: models larger than one GPU: the base model split over the torchrun ranks (FSDP2).
 
 A first reading can skip this file. Without it, `torchrun --nproc_per_node N train.py ...` is data
-parallelism: every GPU holds the whole bf16 model (train.DataParallel). With `--fsdp true` each
+parallelism: every GPU holds the whole bf16 model (parallel.Replicas). With `--fsdp true` each
 rank holds 1/N of every weight instead, as PyTorch's own engine does it,
 `torch.distributed.fsdp.fully_shard` (FSDP2, the idea of ZeRO-3):
 
@@ -21,8 +21,8 @@ in bf16), so the loss and gradients are the plain path's. What this file adds, e
     load_lora_model  build on the meta device, shard, then each rank reads only its own rows of
                      each tensor from the safetensors files: no rank, and no host, ever holds the
                      whole model; A and B get the values one process would give them
-    FullyShard       the train.DataParallel twin: which micro-batches this rank runs, and the
-                     gradient sync on the last of them only
+    Shards           the parallel.Replicas twin: the ranks in lockstep, and the gradient sync on
+                     the last pass of a step only
     ShardedState     the runs.WholeState twin: checkpoints gathered into the one full form, so a
                      checkpoint of N ranks resumes on M ranks, with DDP, or in one process
     RankZeroDecoder  generation: every rank runs every forward, all take rank 0's logits
@@ -32,7 +32,7 @@ in bf16), so the loss and gradients are the plain path's. What this file adds, e
 Proved equal by: tests/test_fsdp.py (2 gloo ranks on the CPU train the adapter of one process).
 """
 
-import os
+import contextlib
 import sys
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 import decode
 import lora
 import model as modeling
+import cli
 from cli import UsageError
 
 # --fsdp's values that mean "shard": ours, ms-swift's preset name, and transformers' spelling.
@@ -62,14 +63,14 @@ def check_flags(a):
                          "--fsdp true (or 'full_shard auto_wrap'); offload, shard_grad_op, hybrid_shard and FSDP "
                          "config files are not.")
     a.fsdp = given.strip().lower() in ON
-    for flag in ("cuda_graph", "torch_compile"):
-        if a.fsdp and getattr(a, flag):
-            raise UsageError(f"--{flag} true cannot go with --fsdp true: the layers gather their weights from all "
-                             "ranks as they run, which a recorded or compiled layer cannot replay. Drop one of them.")
-    if a.fsdp and getattr(a, "quant_bits", None):
+    flag = "--cuda_graph" if a.cuda_graph else "--torch_compile" if a.torch_compile else None
+    if a.fsdp and flag:
+        raise UsageError(f"{flag} true cannot go with --fsdp true: the layers gather their weights from all "
+                         "ranks as they run, which a recorded or compiled layer cannot replay. Drop one of them.")
+    if a.fsdp and a.quant_bits:
         raise UsageError("--quant_bits 4 cannot go with --fsdp true yet: a 4-bit layer's packed codes are not split "
                          "over the ranks. Use one of them: --quant_bits 4 fits Qwen2.5-32B on one 24 GB GPU.")
-    if a.fsdp and int(os.environ.get("WORLD_SIZE", "1")) == 1 and int(os.environ.get("RANK", "0")) == 0:
+    if a.fsdp and cli.rank_and_world() == (0, 1):
         print("note: --fsdp true in one process: there is nothing to split the model over, so it trains whole. "
               "Start several with torchrun --nproc_per_node N train.py ...", file=sys.stderr)
 
@@ -116,7 +117,7 @@ def recompute_without_graph(fn, h, *args):
     """Gradient checkpointing as model.recompute does it, but the forward runs without recording
     autograd's graph (torch's reentrant checkpoint); backward runs fn again with it. The same
     gradients, and half the CPU time of a layer's forward: under FSDP the CPU, which also issues
-    each layer's all-gather, would otherwise fall behind the GPU in the forward (BENCHMARKS run 20).
+    each layer's all-gather, would otherwise fall behind the GPU in the forward (docs/benchmark-runs.md, run 20).
     A reentrant checkpoint gives gradients only if an input requires grad: the first layer's, the
     frozen embedding's output, is made to (its unused gradient costs a few matmuls of one layer)."""
     if not h.requires_grad:
@@ -185,44 +186,28 @@ def copy_rows(p, full: torch.Tensor):
 # The optimizer step
 
 
-class FullyShard:
-    """How the ranks share an optimizer step when the model is sharded (train.DataParallel's twin).
+class Shards:
+    """How the ranks share an optimizer step when the model is split over them (parallel.Replicas'
+    twin). Every rank must run every forward and backward: each gathers the layers' weights from
+    all of them, so the ranks run in lockstep (train.rank_passes evens out their passes). The
+    gradients of all passes but the last are kept whole on each rank; in the last one's backward
+    FSDP reduce-scatters their sum, once per step."""
 
-    Every rank must run every forward and backward: each gathers the layers' weights from all of
-    them. So when the step's micro-batches do not divide evenly, a rank short of one runs a repeat
-    of one with weight 0 (it adds nothing to the loss or the gradients). The gradients of all
-    micro-batches but the last are kept whole on each rank (set_requires_gradient_sync(False)); in
-    the last one's backward FSDP reduce-scatters their sum, once per step."""
+    lockstep = True
 
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-        self.model = None  # set by load_lora_model
+    def __init__(self, rank: int, world: int, model):
+        self.rank, self.world, self.model = rank, world, model
         self.states = ShardedState()
 
-    def load_lora_model(self, model_dir, cfg, seed, dtype, device):
-        self.model = load_lora_model(model_dir, cfg, seed, dtype, device)
-        return self.model
-
-    def share(self, micro: list, passes):
-        """(rows of a pass, weight) for each pass this rank runs, the gradient sync set for each.
-        Every rank runs as many passes as the busiest one (each pass gathers every layer from all
-        ranks), so a rank with fewer repeats one at weight 0; each rank works out every rank's passes
-        itself, from the step's micro-batches that they all hold."""
-        every = [passes(micro[r::self.world]) for r in range(self.world)]
-        mine = [(rows, 1.0) for rows in every[self.rank]]
-        short = max(map(len, every)) - len(mine)
-        if short:
-            mine += [(passes(micro[:1])[0], 0.0)] * short
-        for i, item in enumerate(mine):
-            self.model.model.set_requires_gradient_sync(i == len(mine) - 1)
-            yield item
+    @contextlib.contextmanager
+    def gradient_sync(self, last: bool):
+        """Around each pass: FSDP reduce-scatters the gradients in the last pass's backward only."""
+        self.model.model.set_requires_gradient_sync(last)
+        yield
 
     def reduce(self, loss_sum, params):
         """The gradients were reduce-scattered in the last backward; the loss is summed here."""
         dist.all_reduce(loss_sum)
-
-    def new_decoder(self, model, max_len: int):
-        return RankZeroDecoder(model, max_len)
 
 
 class RankZeroDecoder(decode.Decoder):

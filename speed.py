@@ -12,16 +12,17 @@ function it replaces and the test that proves they agree, and is chosen in one p
                     reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
-What the GPU gains (BENCHMARKS.md): a 64-token micro-batch of the 7B shape launches some 9,000
-small kernels one by one from Python, about 300 ms on an H100 for 30 ms of GPU work; replayed as
-one CUDA graph it takes 39 ms (run 15). A decode step of one token: 17 tok/s eager, 79 replayed.
+Why: a micro-batch of short rows launches thousands of small kernels one by one from Python,
+and the GPU waits for them; replayed as one CUDA graph, it does not. What each path gains is
+measured by bench.py and recorded in BENCHMARKS.md (and docs/performance.md), not here.
 """
 
 import contextlib
+import functools
 import inspect
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
@@ -45,11 +46,10 @@ def fast_float32_matmul(device):
         torch.backends.cuda.matmul.allow_tf32 = True
 
 
-# On the 7B shape on an H100 (BENCHMARKS.md, run 14), the first micro-batch of a new sequence
-# length takes about two minutes while the layer compiles (from a cold cache), and each one after
-# it 45 ms instead of the eager 300 ms at 64 tokens: compiling pays back after some 500
-# micro-batches of a length. A short run (the self-cognition demo: 192 micro-batches over 3
-# lengths) is several times faster eager.
+# The first micro-batch of a new sequence length waits minutes while the layer compiles; each
+# one after it is several times faster than eager. Measured on the 7B shape (docs/benchmark-runs.md,
+# run 14), compiling pays back after some 500 micro-batches of a length, so a short run such as
+# the self-cognition demo stays eager.
 COMPILE_PAYS_BACK = 500  # micro-batches per compiled sequence length
 
 
@@ -121,13 +121,36 @@ class TrainingPlan:
         return CUDAGraphMicroBatches(loss_fn, params) if self.graphs else partial(plain, loss_fn)
 
 
-def plan_training(a, device, row_lengths: list[int], micro_batches: int, config=None) -> TrainingPlan:
+@dataclass(frozen=True)
+class PlanFlags:
+    """The flags of train.py that the plan reads, with train.py's defaults (built from its parsed
+    flags by PlanFlags.of, once)."""
+
+    max_length: int = 2048
+    max_tokens_per_pass: int | None = None  # None: --max_length (flags.set_derived_defaults)
+    padding_free: bool = False
+    packing: bool = False
+    per_device_train_batch_size: int = 1
+    gradient_checkpointing: bool = True
+    torch_dtype: str | None = None
+    cuda_graph: bool | None = None
+    torch_compile: bool | None = None
+    activation_cpu_offload: bool | None = None
+    fsdp: bool = False
+    quant_bits: int | None = None
+
+    @classmethod
+    def of(cls, a) -> "PlanFlags":
+        return cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
+
+
+def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: int, config=None) -> TrainingPlan:
     """Choose how the layers run from the flags (--cuda_graph, --torch_compile,
     --activation_cpu_offload), the device, the run's length and the model's shape (config, a
     model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
     layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
     packed_mask, how = packed_attention(a, device)
-    if getattr(a, "fsdp", False):  # train.py's --fsdp true: the model is split over the ranks (shard.py)
+    if a.fsdp:  # train.py's --fsdp true: the model is split over the ranks (shard.py)
         return TrainingPlan(message="\n".join(m for m in (
             "eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
             "recorded CUDA graph or a compiled layer cannot replay", how) if m), packed_mask=packed_mask)
@@ -139,7 +162,7 @@ def plan_training(a, device, row_lengths: list[int], micro_batches: int, config=
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
     graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False and not offload
     layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False and not offload
-    fused = device.type == "cuda" and not compiled and not getattr(a, "quant_bits", None)  # 4 bits: no matrices to fuse
+    fused = device.type == "cuda" and not compiled and not a.quant_bits  # 4 bits: no matrices to fuse
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
     padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
     if graphs:
@@ -199,12 +222,12 @@ class HostEmbedding(nn.Module):
 def varlen_available(device, dtype) -> bool:
     """Whether rows packed into one sequence can attend through varlen_attn (flash attention, told
     where each row starts): on a GPU, in bfloat16 or float16, with torch >= 2.9. Elsewhere packed
-    rows need SDPA with a T x T block mask, which on the CPU made the demo 1.7x slower than
-    padded micro-batches: so --padding_free is on by default only where this holds."""
+    rows need SDPA with a T x T block mask, which on the CPU is slower than padded micro-batches
+    (the README demo, timed in issue 29): so --padding_free is on by default only where this holds."""
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and find_varlen() is not None
 
 
-def packed_attention(a, device) -> tuple[object, str]:
+def packed_attention(a: PlanFlags, device) -> tuple[object, str]:
     """How packed rows attend (TrainingPlan.packed_mask) and what to print about it. On a GPU in
     bfloat16 or float16 (flash attention's dtypes): VarlenAttention. Elsewhere the plain path,
     SDPA with a block mask: all there is on the CPU, so nothing is printed there."""
@@ -219,12 +242,12 @@ def packed_attention(a, device) -> tuple[object, str]:
     return None, f"{packing}; rows attend through SDPA with a T x T block mask (varlen_attn needs {need})"
 
 
-def use_compile(a, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
+def use_compile(a: PlanFlags, device, micro_batches: int, n_lengths: int) -> tuple[bool, str]:
     """Whether to compile the layers and the reason to print ('' if --torch_compile was given).
 
     Not by default where whole micro-batches replay as CUDA graphs (on a GPU, unless --cuda_graph
-    false): that is as fast at short sequences, within about 20% at 2,048 tokens (BENCHMARKS.md,
-    run 15), and costs a second a length instead of minutes. With --cuda_graph false on a GPU,
+    false): that is as fast at short sequences and close at 2,048 tokens (BENCHMARKS.md), and
+    costs a second a length instead of minutes. With --cuda_graph false on a GPU,
     only for a run long enough to pay back compiling each length."""
     if a.torch_compile is not None:
         return a.torch_compile, ""
@@ -253,8 +276,8 @@ def compiled_layers(model, cuda_graphs: bool = False) -> list:
     With cuda_graphs, each layer is compiled together with its checkpointing (one forward, and one
     backward that recomputes it) and both are recorded as CUDA graphs and replayed (torch.compile's
     "reduce-overhead" mode). Without graphs, the compiled layer is checkpointed from outside (its
-    compiled forward runs again in backward), which needs less memory: 15.6 against 16.1 GiB at
-    2,048 tokens on the 7B shape, at 0.9x the speed (BENCHMARKS.md, run 10).
+    compiled forward runs again in backward), which needs less memory and runs a little slower
+    (docs/benchmark-runs.md, run 10).
 
     Shapes are static (LoRA dropout inside a checkpointed layer does not compile with dynamic
     shapes on CUDA): each sequence length gets its own compiled code. The model keeps its eager
@@ -368,7 +391,7 @@ class FusedLayer:
     The weights are those of the layer: q, k, v become views into their fused matrix
     (fuse_projections' _fuse), so nothing is stored twice and nothing is copied per step. Gate and
     up stay apart: halves of one fused output would be strided, and SiLU and the product over
-    strided halves took 2.6x as long as over whole tensors (an H200 profile)."""
+    strided halves took much longer than over whole tensors (an H200 profile)."""
 
     def __init__(self, layer, split_long_rows: bool = False):
         self.layer, self.split_long_rows = layer, split_long_rows
@@ -453,28 +476,21 @@ def fused_layers(model, split_long_rows: bool = False) -> list | None:
 # Packed rows through flash attention. Replaces: model.block_mask and SDPA over it.
 # Proved equal by: tests/test_packing.py::test_varlen_attention_equals_the_block_mask_path (GPU)
 
-varlen_attn, VARLEN_KEYWORDS = None, {}  # torch's varlen_attn and its keywords, set by find_varlen
-_looked_for_varlen = False
-
-
+@functools.cache
 def find_varlen():
-    """torch's varlen_attn (torch >= 2.9), or None, imported at the first call rather than with
-    this file: the import brings torch._dynamo with it, 1.5 s that every start of train.py and
-    infer.py would pay. Its keywords for causal attention within each row are read from its
-    signature, once (torch.compile cannot trace inspect.signature): causal is
+    """(torch's varlen_attn, the keywords it takes for causal attention within each row), or None
+    before torch 2.9. Imported at the first call rather than with this file: the import brings
+    torch._dynamo with it, 1.5 s that every start of train.py and infer.py would pay. The keywords
+    are read from its signature, once (torch.compile cannot trace inspect.signature): causal is
     `window_size=(-1, 0)` in torch 2.11 (the GPU machine) and 2.13, `is_causal=True` in 2.9; 2.13
     takes grouped-query K/V with `enable_gqa=True`, 2.11 without a word."""
-    global varlen_attn, VARLEN_KEYWORDS, _looked_for_varlen
-    if not _looked_for_varlen:
-        _looked_for_varlen = True
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:  # torch < 2.9
-            return None
-        params = inspect.signature(varlen_attn).parameters
-        causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-        VARLEN_KEYWORDS = causal | ({"enable_gqa": True} if "enable_gqa" in params else {})
-    return varlen_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.9
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return varlen_attn, causal | ({"enable_gqa": True} if "enable_gqa" in params else {})
 
 
 class VarlenAttention:
@@ -488,13 +504,12 @@ class VarlenAttention:
 
     def __init__(self, cu_seqlens, max_len: int):
         self.cu_seqlens, self.max_len = cu_seqlens, max_len
-        if varlen_attn is None:  # made without a plan (which looks for it first): look now
-            find_varlen()
+        self.kernel, self.keywords = find_varlen()
 
     def __call__(self, q, k, v):
         """q (1, nh, T, hd), k and v (1, nkv, T, hd) -> (1, nh, T, hd)."""
         q, k, v = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # (T, heads, hd)
-        y = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, **VARLEN_KEYWORDS)
+        y = self.kernel(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, **self.keywords)
         return y.transpose(0, 1)[None]  # (1, nh, T, hd)
 
 
@@ -590,10 +605,17 @@ class CUDAGraphMicroBatches:
 @dataclass
 class DecodePlan:
     """How infer.py decodes: each token as one CUDA graph replay (CUDAGraphDecoder), or eagerly
-    (decode.Decoder). Chosen by plan_decoding."""
+    (decode.Decoder); on plain weights, with q/k/v and gate/up fused (fuse_projections). Chosen by
+    plan_decoding."""
 
     cuda_graph: bool = False
     compile: bool = False  # torch.compile the step before recording it
+    fuse: bool = False  # one matrix for q, k, v and one for gate, up
+
+    def prepare(self, model):
+        if self.fuse:
+            fuse_projections(model)
+        return model
 
     def new_decoder(self, model, max_len: int):
         if self.cuda_graph:
@@ -601,10 +623,12 @@ class DecodePlan:
         return decode.Decoder(model, max_len)
 
 
-def plan_decoding(cuda_graph: bool | None, compile: bool, device) -> DecodePlan:
+def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) -> DecodePlan:
     """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
-    launch-bound: 17 tok/s on the 7B shape with an adapter, against 79 replayed, BENCHMARKS.md)."""
-    return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile)
+    launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
+    plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
+    return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
+                      fuse=model is not None and plain_weights(model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,9 +677,9 @@ class CUDAGraphDecoder(decode.Decoder):
         p = model.lm_head.weight
         self.model, self.max_len = model, max_len
         # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
-        # casts) before capture: 507 kernels per token on the Qwen3-4B shape instead of 2,114.
-        # Coordinate-descent tuning (as gpt-fast) then tries each kernel's block sizes: 5% faster
-        # replays there, for 25 s more of compiling.
+        # casts) before capture: a quarter of the kernels per token (BENCHMARKS.md, Qwen3 decode).
+        # Coordinate-descent tuning (as gpt-fast) then tries each kernel's block sizes: faster
+        # replays, for more seconds of compiling.
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         tuning = coordinate_descent_tuning() if compile else contextlib.nullcontext()
         self.cache = StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
@@ -698,15 +722,31 @@ def fuse_projections(model):
     weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
     """
     layers = model.model.layers
-    qkv = [[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers]
-    gate_up = [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers]
-    if any(getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged  # a live LoRA
-           for group in qkv + gate_up for lin in group):
+    qkv, gate_up = _projections(model)
+    if any(_live_adapter(lin) for group in qkv + gate_up for lin in group):
         raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
                          "merge it first (lora.merge_lora) or deactivate it.")
     for layer, q_k_v, g_u in zip(layers, qkv, gate_up):
         layer.self_attn.qkv_weight, layer.self_attn.qkv_bias = _fuse(q_k_v)
         layer.mlp.gate_up_weight, _ = _fuse(g_u)
+
+
+def plain_weights(model) -> bool:
+    """Whether every q/k/v and gate/up projection is a plain matrix: no live (unmerged) adapter and
+    no 4-bit base, which keeps codes instead of a weight."""
+    qkv, gate_up = _projections(model)
+    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) and not _live_adapter(lin)
+               for group in qkv + gate_up for lin in group)
+
+
+def _projections(model):
+    layers = model.model.layers
+    return ([[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers],
+            [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers])
+
+
+def _live_adapter(lin) -> bool:
+    return getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged
 
 
 def _fuse(linears):
@@ -741,20 +781,20 @@ def _fuse(linears):
 OFFLOAD_OVER_GIB = 2.0
 
 
-def use_offload(a, device, config, row_lengths: list[int]) -> tuple[bool, str]:
+def use_offload(a: PlanFlags, device, config, row_lengths: list[int]) -> tuple[bool, str]:
     """Whether the layers' checkpointed inputs wait in host memory (offloaded_layers), and what to
     print. --activation_cpu_offload true or false when given (offload_problem refuses what cannot
     run); by default on a GPU when one pass's inputs (its tokens: --max_tokens_per_pass or the
     longest row packed; else a micro-batch of the longest rows) would pass OFFLOAD_OVER_GIB, unless
     --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split."""
-    flag = getattr(a, "activation_cpu_offload", None)
+    flag = a.activation_cpu_offload
     if flag is False or device.type != "cuda" or (flag is None and config is None):
         return False, ""
     saved = ""
     if config is not None:
         tokens = (max(a.max_tokens_per_pass, max(row_lengths)) if a.padding_free
                   else a.per_device_train_batch_size * max(row_lengths))
-        size = cli.pick_dtype(getattr(a, "torch_dtype", None), device).itemsize
+        size = cli.pick_dtype(a.torch_dtype, device).itemsize
         gib = config.num_hidden_layers * tokens * config.hidden_size * size / 2**30
         if flag is None and (gib <= OFFLOAD_OVER_GIB or a.cuda_graph or not a.gradient_checkpointing):
             return False, ""
@@ -766,9 +806,9 @@ def use_offload(a, device, config, row_lengths: list[int]) -> tuple[bool, str]:
                   "--activation_cpu_offload false keeps the inputs on the GPU")
 
 
-def offload_problem(a, device) -> str | None:
-    """Why --activation_cpu_offload true cannot run as asked (for train.check_args), or None."""
-    if getattr(a, "activation_cpu_offload", None) is not True:
+def offload_problem(a: PlanFlags, device) -> str | None:
+    """Why --activation_cpu_offload true cannot run as asked (for flags.check_train_args), or None."""
+    if a.activation_cpu_offload is not True:
         return None
     flag = "--activation_cpu_offload true"
     if device.type != "cuda":
@@ -779,7 +819,7 @@ def offload_problem(a, device) -> str | None:
     if a.cuda_graph:
         return (f"{flag} and --cuda_graph true exclude each other: a recorded graph keeps its tensors where they are. "
                 "Drop one of them.")
-    if getattr(a, "fsdp", None):
+    if a.fsdp:
         return f"{flag} is not available with --fsdp (its layers gather their weights as they run): drop one of them."
     return None
 

@@ -22,18 +22,14 @@ as the function that runs one micro-batch; the loop below is the same whichever 
 
 Several GPUs: `torchrun --nproc_per_node N train.py ...` is data parallelism: each rank runs its
 share of every optimizer step's micro-batches, and their gradients are summed once per step
-(DataParallel). With --fsdp true the model is split over the ranks instead (shard.py); the loop is
+(Replicas). With --fsdp true the model is split over the ranks instead (shard.py); the loop is
 the same.
 """
 
-import argparse
-import gc
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,190 +38,18 @@ import torch.nn.functional as F
 
 import cli
 import data
+import flags
 import lora
+import parallel
 import model as modeling
 import quant
 import runs
+import sources
 import speed
-from cli import UsageError, str2bool
 from data import DataError
 from decode import Decoder, generate
-from template import LOSS_SCALES, TEMPLATES, Template, choose_template, with_trained_thinking
+from template import Template, choose_template, with_trained_thinking
 from util import round_up
-
-# ----------------------------------------------------------------------------------------------
-# Flags: ms-swift's names and defaults
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.FlagParser(description="LoRA fine-tuning of Qwen2 / Qwen2.5 / Qwen3 (flags as in `swift sft`).")
-    model_flags(p)
-    data_flags(p)
-    lora_flags(p)
-    cli.quant_flags(p)
-    optimisation_flags(p)
-    run_flags(p)
-    scale_flags(p)
-    p.add_swift_flags("train")
-    return p
-
-
-def model_flags(p):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen3-4B-Instruct-2507) or 'tiny' / 'tiny-qwen3' (built-in demos)")
-    g.add_argument("--train_type", "--tuner_type", default="lora", help="only 'lora' (--tuner_type: ms-swift 4.x's name)")
-    g.add_argument("--torch_dtype", default=None, help="bfloat16 | float16 | float32 (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    g.add_argument("--cuda_graph", type=str2bool, default=None, help="replay each micro-batch as a CUDA graph (default: true on one GPU)")
-    g.add_argument("--torch_compile", type=str2bool, default=None, help="compile the decoder layers (default: only long runs without graphs)")
-
-
-def data_flags(p):
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", nargs="+", required=True, help="training data: .json/.jsonl files or hub ids; SOURCE#N samples N rows")
-    g.add_argument("--val_dataset", nargs="*", default=[], help="validation data, same forms as --dataset")
-    g.add_argument("--split_dataset_ratio", type=float, default=0.0, help="fraction of --dataset held out for validation")
-    g.add_argument("--max_length", type=int, default=2048, help="longest row in tokens")
-    g.add_argument("--truncation_strategy", default="delete", choices=["delete", "left", "right"], help="rows over --max_length: drop, or cut left or right")
-    g.add_argument("--packing", type=str2bool, default=False, help="pack several rows into each --max_length row")
-    g.add_argument("--padding_free", type=str2bool, default=None,
-                   help="run each step's rows packed together, same gradient (default: true on a GPU in bf16)")
-    g.add_argument("--max_tokens_per_pass", type=int, default=None,
-                   help="most tokens in one packed forward/backward (default: --max_length)")
-    g.add_argument("--system", default=None, help="system prompt for rows without one (default: the template's; Qwen3: none)")
-    g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the checkpoint's own, from tokenizer_config.json)")
-    g.add_argument("--loss_scale", default=None, choices=LOSS_SCALES,
-                   help="ignore_empty_think: no loss on an empty think block (default for hybrid Qwen3, as ms-swift)")
-    g.add_argument("--enable_thinking", type=str2bool, default=None,
-                   help="hybrid Qwen3: think before the --eval_prompts answers (rows train as written)")
-    g.add_argument("--add_non_thinking_prefix", type=str2bool, default=True,
-                   help="hybrid Qwen3: an empty think block before each answer without one, as ms-swift")
-    g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
-    g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
-
-
-def lora_flags(p):
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_rank", type=int, default=8, help="rank r of A (r x in) and B (out x r)")
-    g.add_argument("--lora_alpha", type=float, default=32, help="scale alpha / r on the LoRA update")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
-    g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
-
-
-def optimisation_flags(p):
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--num_train_epochs", type=float, default=3, help="passes over the training data")
-    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs when > 0")
-    g.add_argument("--per_device_train_batch_size", type=int, default=1, help="rows per micro-batch")
-    g.add_argument("--per_device_eval_batch_size", type=int, default=1, help="rows per evaluation batch")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
-                   help="micro-batches per optimizer step (default: ceil(16 / (batch size x GPUs)), as ms-swift)")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"], help="decay after warmup")
-    g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of the steps spent warming up linearly")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--gradient_checkpointing", type=str2bool, default=True, help="recompute each layer in backward instead of storing it")
-    g.add_argument("--activation_cpu_offload", type=str2bool, default=None,
-                   help="keep each layer's checkpointed input in host memory (default: on a GPU for long rows)")
-    g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
-
-
-def run_flags(p):
-    g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (default: --save_steps)")
-    g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the last)")
-    g.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints: the best by eval loss and the newest")
-    g.add_argument("--logging_steps", type=int, default=5, help="print and log every N optimizer steps")
-    g.add_argument("--output_dir", default=None, help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (default: output/MODEL_NAME)")
-    g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
-    g.add_argument("--adapters", default=None, help="go on training this LoRA adapter (its rank and targets) in a new run")
-    g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
-
-
-def scale_flags(p):
-    g = p.add_argument_group("several GPUs (torchrun)")
-    g.add_argument("--fsdp", nargs="+", default=None, metavar="VALUE",
-                   help="true (or 'full_shard auto_wrap'): split the model over the ranks (FSDP2), not DDP")
-
-
-def check_args(a):
-    """Reject impossible flag values before anything slow happens; fill in the unset ones that
-    ms-swift derives from others (set_derived_defaults)."""
-    if a.train_type != "lora":
-        raise UsageError(f"--train_type {a.train_type}: only 'lora' is supported by this toolkit.")
-    positive = ["max_length", "max_tokens_per_pass", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps", "lora_rank"]
-    for name in positive:
-        if getattr(a, name) is not None and getattr(a, name) < 1:  # None: set_derived_defaults below
-            raise UsageError(f"--{name} must be at least 1, got {getattr(a, name)}.")
-    if a.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, got {a.learning_rate}.")
-    if a.num_train_epochs <= 0 and a.max_steps <= 0:
-        raise UsageError("--num_train_epochs must be positive (or set --max_steps).")
-    for name in ("split_dataset_ratio", "warmup_ratio", "lora_dropout"):
-        if not 0 <= getattr(a, name) < 1:
-            raise UsageError(f"--{name} must be in [0, 1), got {getattr(a, name)}.")
-    if a.save_total_limit is not None and a.save_total_limit < 1:
-        raise UsageError(f"--save_total_limit must be at least 1, got {a.save_total_limit}.")
-    texts = [a.system or ""] + (a.model_name or []) + (a.model_author or [])
-    if any(data.LONE_SURROGATE.search(text) for text in texts):
-        raise UsageError("--system, --model_name or --model_author holds bytes that are not UTF-8 text; give them as UTF-8.")
-    for name in ("model_name", "model_author"):
-        if getattr(a, name) and len(getattr(a, name)) > 2:
-            raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(a, name))}.")
-    cli.pick_dtype(a.torch_dtype, torch.device("cpu"))  # a bad name fails here
-    if a.fsdp:  # shard.py checks it, imported only when named: torch's FSDP takes a second to import
-        import shard
-        shard.check_flags(a)
-    a.fsdp = bool(a.fsdp)
-    problem = quant.flag_problem(a, cli.pick_dtype(a.torch_dtype, cli.pick_device(a.device)))
-    if problem:
-        raise UsageError(problem)
-    if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
-        raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
-    problem = speed.offload_problem(a, cli.pick_device(a.device))
-    if problem:
-        raise UsageError(problem)
-    for spec in a.dataset + a.val_dataset:
-        path, _ = data.parse_source(spec)
-        if path.endswith((".json", ".jsonl")) and not Path(path).exists():
-            raise UsageError(f"--dataset {spec}: {path} does not exist.{data.shipped_hint(path)}")
-    if a.resume_from_checkpoint and not Path(a.resume_from_checkpoint).is_dir():
-        raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
-    set_derived_defaults(a)  # before the resume check, which compares them with the checkpoint's
-    runs.check_resume(a, int(os.environ.get("WORLD_SIZE", "1")))
-
-
-def set_derived_defaults(a):
-    """ms-swift's defaults that depend on other flags, written into `a` (and so into args.json)."""
-    if a.gradient_accumulation_steps is None:  # at least 16 rows per optimizer step over all GPUs
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        a.gradient_accumulation_steps = math.ceil(16 / (a.per_device_train_batch_size * world))
-        log0(int(os.environ.get("RANK", "0")), f"Setting args.gradient_accumulation_steps: {a.gradient_accumulation_steps}")
-    if a.eval_steps is None:
-        a.eval_steps = a.save_steps
-    if a.max_tokens_per_pass is None:  # packed passes need no more memory than one row of --max_length
-        a.max_tokens_per_pass = a.max_length
-    if a.output_dir is None:
-        a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
-    if a.adapters:  # ms-swift's --adapters: a new run from that adapter, with its LoRA shape
-        cfg, _, _ = lora.read_adapter(a.adapters)
-        a.lora_rank, a.lora_alpha, a.use_rslora = cfg.r, cfg.lora_alpha, cfg.use_rslora
-        targets = cfg.target_modules
-        a.target_modules = [targets] if isinstance(targets, str) else list(targets)
-        a.resume_from_checkpoint, a.resume_only_model = a.adapters, True
-    if a.torch_dtype is None:  # the dtype it trains in, for merge.py and for reading args.json
-        a.torch_dtype = str(cli.pick_dtype(None, cli.pick_device(a.device))).removeprefix("torch.")
-    if a.padding_free is None:  # packed where rows attend without a T x T mask: faster there, slower elsewhere
-        device = cli.pick_device(a.device)
-        a.padding_free = speed.varlen_available(device, cli.pick_dtype(a.torch_dtype, device))
-
 
 # ----------------------------------------------------------------------------------------------
 # Learning rate, loss, batches
@@ -381,7 +205,7 @@ def micro_batch(loss_fn, batch: dict, scale: float) -> torch.Tensor:
     return loss.detach()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Step:
     """What every optimizer step uses, built once by train()."""
 
@@ -395,7 +219,7 @@ class Step:
     optimizer: torch.optim.Optimizer
     loss_scale: "LossScale"
     max_grad_norm: float
-    ranks: "DataParallel"  # how the ranks share the step: DataParallel below, or shard.FullyShard
+    ranks: "parallel.Replicas"  # how the ranks share the step: parallel.Replicas, or shard.Shards
     embed: object = None  # make_batch's embed: the plan's embedding in host memory, or None
 
 
@@ -408,9 +232,10 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     # Summed on the device and read once per step: reading it per micro-batch would make the CPU
     # wait for the GPU each time, instead of queueing the next micro-batch.
     loss_sum = torch.zeros(1, device=s.device, dtype=torch.float64)
-    passes = lambda share: step_passes([[s.rows[i] for i in mb] for mb in share], s.budget)
-    for rows, weight in s.ranks.share(micro, passes):  # weight 0: a repeat that only keeps sharded ranks in step
-        loss_sum += weight * s.micro_batch(make_batch(rows, s.pad_id, s.device, s.pad_to, s.embed), weight * scale)
+    passes = rank_passes(s.rows, micro, s.budget, s.ranks)
+    for i, (rows, weight) in enumerate(passes):  # weight 0: a repeat that only keeps sharded ranks in step
+        with s.ranks.gradient_sync(last=i == len(passes) - 1):
+            loss_sum += weight * s.micro_batch(make_batch(rows, s.pad_id, s.device, s.pad_to, s.embed), weight * scale)
     s.ranks.reduce(loss_sum, s.params)
     s.loss_scale.unscale(s.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
@@ -424,57 +249,20 @@ def optimizer_step(s: Step, micro: list[list[int]], lr: float):
     return loss_sum.item() / max(1, n_tokens), grad_norm, tokens
 
 
-def step_sharing(a, rank: int, world: int, quantize) -> "DataParallel":
-    """How the ranks share each optimizer step: shard.FullyShard under --fsdp true on several
-    ranks, else DataParallel below (shard.py imported only then: see check_args)."""
-    if not (a.fsdp and world > 1):
-        return DataParallel(rank, world, quantize)
-    import shard
-    return shard.FullyShard(rank, world)
+def rank_passes(rows: list, micro: list[list[int]], budget: int | None, ranks: "parallel.Replicas") -> list[tuple[list, float]]:
+    """This rank's passes of a step, as (rows of the pass, weight of its loss): every world-th
+    micro-batch, made into passes by step_passes. When the ranks must run in lockstep (a sharded
+    model: every pass gathers each layer's weights from all of them), a rank with fewer passes than
+    the busiest one repeats one at weight 0, which adds nothing to the loss or the gradients; each
+    rank works out every rank's passes from the step's micro-batches, which they all hold."""
+    def passes(share):
+        return step_passes([[rows[i] for i in mb] for mb in share], budget)
 
-
-class DataParallel:
-    """How the ranks of a torchrun share an optimizer step (one process: rank 0 of 1). Each holds
-    the whole model and runs every world-th micro-batch; then the loss and the LoRA gradients are
-    summed over the ranks. shard.FullyShard is its twin for a model split over the ranks (--fsdp)."""
-
-    def __init__(self, rank: int = 0, world: int = 1, quantize=None):
-        self.rank, self.world = rank, world
-        self.states = runs.WholeState()  # what checkpoints save and restore
-        # quant.settings of --quant_bits 4 (QLoRA): the decoder's linear layers kept in 4 bits,
-        # dequantised for each matmul; None: the model as the checkpoint holds it
-        self.quantize = quantize
-
-    def load_lora_model(self, model_dir, cfg: lora.LoraConfig, seed: int, dtype, device):
-        if self.quantize:
-            model, _ = quant.load_quantized(str(model_dir), self.quantize, dtype, device)
-        else:
-            model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
-        torch.manual_seed(seed)  # the LoRA init does not depend on how many random numbers loading used
-        lora.add_adapter(model, cfg)
-        return model
-
-    def share(self, micro: list, passes) -> list:
-        """(rows of a pass, weight of its loss) for each pass of the step this rank runs: every
-        world-th micro-batch, made into passes by passes(micro-batches) (train.step_passes)."""
-        return [(rows, 1.0) for rows in passes(micro[self.rank::self.world])]
-
-    def reduce(self, loss_sum, params):
-        sum_over_ranks([loss_sum], self.world)
-        sum_over_ranks([p.grad for p in params], self.world)
-
-    def new_decoder(self, model, max_len: int):
-        return Decoder(model, max_len)
-
-
-def sum_over_ranks(tensors: list, world: int):
-    """Data parallelism: add up each tensor over the ranks, in place, in one all-reduce."""
-    if world == 1:
-        return
-    flat = torch.cat([t.flatten() for t in tensors])
-    dist.all_reduce(flat)
-    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(part.view_as(t))
+    if not ranks.lockstep:
+        return [(p, 1.0) for p in passes(micro[ranks.rank::ranks.world])]
+    every = [passes(micro[r::ranks.world]) for r in range(ranks.world)]
+    mine = [(p, 1.0) for p in every[ranks.rank]]
+    return mine + [(passes(micro[:1])[0], 0.0)] * (max(map(len, every)) - len(mine))
 
 
 class LossScale:
@@ -558,18 +346,6 @@ def show_answers(title: str, prompts: list, answers: list, rank: int = 0):
 # Setting up: processes, data, model
 
 
-def setup_distributed(device_flag):
-    """(rank, world_size, device). One process unless torchrun set WORLD_SIZE."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = cli.pick_device(device_flag)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def chat_template(a, model_dir, config) -> Template:
     """The checkpoint's chat template (or --template) with this run's settings; a.template is set
     to its name, so that args.json records it for inference (ours and ms-swift's)."""
@@ -587,9 +363,9 @@ def load_data(a, tok, template) -> tuple[list, list]:
     quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
 
     def rows_of(specs):
-        return data.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.seed,
-                                 model_name=a.model_name, model_author=a.model_author,
-                                 progress_over=math.inf if quiet else data.PROGRESS_OVER, template=template)
+        return sources.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.seed,
+                                    model_name=a.model_name, model_author=a.model_author,
+                                    progress_over=math.inf if quiet else sources.PROGRESS_OVER, template=template)
 
     train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []
@@ -607,20 +383,38 @@ def schedule(a, n_rows: int, world: int) -> tuple[int, int, int]:
     return steps_per_epoch, total, math.ceil(a.warmup_ratio * total)
 
 
-def load_lora_model(a, model_dir, dtype, device, ranks: DataParallel):
+def load_lora_model(a, model_dir, dtype, device, rank: int, sharded: bool, quantize):
     """The base model with frozen weights and a fresh LoRA adapter: float32 A and B, the only
-    parameters that train; their gradients allocated once, zeroed in place after each step."""
+    parameters that train; their gradients allocated once, zeroed in place after each step.
+    sharded: split over the ranks (shard.py, --fsdp); quantize: quant.settings (--quant_bits 4),
+    the decoder's linear layers kept in 4 bits and dequantised for each matmul."""
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
     cfg = lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                           target_modules=targets, use_rslora=a.use_rslora)
-    model = ranks.load_lora_model(model_dir, cfg, a.seed, dtype, device)
+    if sharded:
+        import shard  # only under --fsdp (see check_args)
+        model = shard.load_lora_model(model_dir, cfg, a.seed, dtype, device)
+    else:
+        model = load_base_with_adapter(model_dir, cfg, a.seed, dtype, device, quantize)
     model.model.gradient_checkpointing = a.gradient_checkpointing
-    if ranks.rank == 0:
+    if rank == 0:
         lora.print_trainable_parameters(model)
     params = lora.lora_parameters(model)
     for p in params:
         p.grad = torch.zeros_like(p)
     return model, params
+
+
+def load_base_with_adapter(model_dir, cfg: lora.LoraConfig, seed: int, dtype, device, quantize=None):
+    """The whole base model (in 4 bits with quantize) and a fresh adapter whose A and B depend only
+    on the seed, as shard.load_lora_model gives them split over the ranks."""
+    if quantize:
+        model, _ = quant.load_quantized(str(model_dir), quantize, dtype, device)
+    else:
+        model, _ = modeling.load_model(str(model_dir), dtype=dtype, device=device)
+    torch.manual_seed(seed)  # the LoRA init does not depend on how many random numbers loading used
+    lora.add_adapter(model, cfg)
+    return model
 
 
 def log0(rank, *a):
@@ -633,7 +427,7 @@ def log0(rank, *a):
 
 
 def train(a) -> int:
-    rank, world, device = setup_distributed(a.device)
+    rank, world, device = parallel.setup(a.device)
     dtype = cli.pick_dtype(a.torch_dtype, device)
     torch.manual_seed(a.seed)
     random.seed(a.seed)
@@ -645,13 +439,13 @@ def train(a) -> int:
     steps_per_epoch, total_steps, warmup = schedule(a, len(train_rows), world)
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
-    plan = speed.plan_training(a, device, [len(r["input_ids"]) for r in train_rows],
+    plan = speed.plan_training(speed.PlanFlags.of(a), device, [len(r["input_ids"]) for r in train_rows],
                                total_steps * a.gradient_accumulation_steps, config)
     log0(rank, plan.message)
     plan.prepare(device)
-    quantize = quant.settings(a)  # None without --quant_bits
-    ranks = step_sharing(a, rank, world, quantize)
-    model, params = load_lora_model(a, model_dir, dtype, device, ranks)
+    sharded = bool(a.fsdp) and world > 1
+    model, params = load_lora_model(a, model_dir, dtype, device, rank, sharded, quant.settings(a))
+    ranks = parallel.step_sharing(rank, world, model, sharded)
     optimizer = torch.optim.AdamW(params, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                   weight_decay=a.weight_decay, fused=device.type == "cuda")  # one kernel on a GPU
     loss_fn = CausalLMLoss(model, layers=plan.training_layers(model), packed_mask=plan.packed_mask)
@@ -659,11 +453,12 @@ def train(a) -> int:
     run = runs.open_run(a, model_dir, model, optimizer, total_steps, device, rank, world, ranks.states)
     loss_scale = LossScale(enabled=dtype == torch.float16)
     loss_scale.value = run.state.get("loss_scale", loss_scale.value)
-    s = Step(train_rows, tok.endoftext_id, device, plan.pad_to, plan.micro_batch_fn(loss_fn, params, micro_batch),
-             a.max_tokens_per_pass if a.padding_free else None, params, optimizer, loss_scale, a.max_grad_norm, ranks,
-             embed)
+    s = Step(rows=train_rows, pad_id=tok.endoftext_id, device=device, pad_to=plan.pad_to,
+             micro_batch=plan.micro_batch_fn(loss_fn, params, micro_batch),
+             budget=a.max_tokens_per_pass if a.padding_free else None, params=params, optimizer=optimizer,
+             loss_scale=loss_scale, max_grad_norm=a.max_grad_norm, ranks=ranks, embed=embed)
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
-    answers = lambda: answer_prompts(model, tok, a.eval_prompts, template, stop_ids, ranks.new_decoder)  # on every rank
+    answers = lambda: answer_prompts(model, tok, a.eval_prompts, template, stop_ids, parallel.decoder_for(sharded))
     if a.eval_prompts:
         show_answers("before training", a.eval_prompts, answers(), rank)
 
@@ -691,13 +486,10 @@ def train(a) -> int:
 
 def main(argv=None) -> int:
     def checked_train():
-        a = build_parser().parse_args(argv)
-        check_args(a)
+        a = flags.train_parser().parse_args(argv)
+        flags.check_train_args(a)
         code = train(a)
-        if dist.is_initialized():  # torchrun: leave together, with the model and its pending work freed first
-            gc.collect()
-            dist.barrier()
-            dist.destroy_process_group()
+        parallel.leave()
         return code
 
     return cli.run_main(checked_train, "interrupted before training started; nothing was written.")

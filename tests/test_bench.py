@@ -10,11 +10,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_small_runs_and_matches_the_reference_loss():
+def test_bench_small_runs_every_workload_and_matches_the_reference_loss():
+    """--small on the CPU runs every workload to its table (quant: the next test), so a broken
+    table is caught here, before a GPU is asked for."""
     # One thread: tiny matmuls, and on a busy machine several threads can be many times slower.
     r = subprocess.run([sys.executable, "bench.py", "--small", "--steps", "2", "--new_tokens", "16", "--workloads",
-                        "train", "decode", "tutorial"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        "train", "decode", "tutorial", "longest", "fit"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "| train, 256 tokens | ours (eager) |" in out and "| train, 256 tokens | transformers + peft |" in out
@@ -26,6 +28,8 @@ def test_bench_small_runs_and_matches_the_reference_loss():
     # float32 greedy decoding gives transformers' tokens, merged or not
     assert "adapter merged (eager) vs ours unmerged eager: 16/16 identical" in out
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 16/16 identical" in out
+    assert "| longest sequence in 22 GiB | ours | 256 tokens |" in out and "| longest trainable sequence | 1.00x |" in out
+    assert "| QWEN3-8B | 15.3 / 5.7 GiB |" in out  # the fit table
 
 
 def test_bench_small_runs_the_qwen3_shape_against_transformers_qwen3():

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import data
 import template
 import lora
-from data import IGNORE_INDEX, DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
+import sources
+from data import IGNORE_INDEX, DataError, Tokenizer, encode_chat, render_chat
+from infer import StreamDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +79,7 @@ def test_every_format_gives_the_same_ids_and_labels(tmp_path, tok, suffix):
     expected = encode_chat(tok, CONVERSATION)
     for name, row in SAME_ROW_IN_EVERY_FORMAT.items():
         path = write(tmp_path / f"{name}{suffix}", [row])
-        [conversation] = data.load_conversations([path])
+        [conversation] = sources.load_conversations([path])
         assert conversation == CONVERSATION, name
         [encoded] = data.encode_dataset(tok, [conversation], max_length=4096)
         assert (encoded["input_ids"].tolist(), encoded["labels"].tolist()) == expected, name
@@ -85,7 +87,7 @@ def test_every_format_gives_the_same_ids_and_labels(tmp_path, tok, suffix):
 
 def test_a_file_may_mix_formats(tmp_path):
     path = write(tmp_path / "mixed.jsonl", list(SAME_ROW_IN_EVERY_FORMAT.values()))
-    assert data.load_conversations([path]) == [CONVERSATION] * len(SAME_ROW_IN_EVERY_FORMAT)
+    assert sources.load_conversations([path]) == [CONVERSATION] * len(SAME_ROW_IN_EVERY_FORMAT)
 
 
 def test_labels_are_exactly_each_answer_its_im_end_and_the_newline_after_it(tok):
@@ -201,27 +203,27 @@ def answers(conversations):
 
 
 def test_parse_source():
-    assert data.parse_source("alpaca-zh.jsonl#500") == ("alpaca-zh.jsonl", 500)
-    assert data.parse_source(" data/self_cognition.json ") == ("data/self_cognition.json", None)
-    assert data.parse_source("owner/name#3") == ("owner/name", 3)
+    assert sources.parse_source("alpaca-zh.jsonl#500") == ("alpaca-zh.jsonl", 500)
+    assert sources.parse_source(" data/self_cognition.json ") == ("data/self_cognition.json", None)
+    assert sources.parse_source("owner/name#3") == ("owner/name", 3)
 
 
 def test_a_file_whose_name_contains_a_hash_is_read_whole(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "v#2.jsonl", numbered_rows(5))
-    assert data.parse_source("v#2.jsonl") == ("v#2.jsonl", None)
-    assert len(data.load_conversations(["v#2.jsonl"])) == 5
+    assert sources.parse_source("v#2.jsonl") == ("v#2.jsonl", None)
+    assert len(sources.load_conversations(["v#2.jsonl"])) == 5
 
 
 def test_sample_fewer_than_the_rows_gives_distinct_rows(tmp_path):
     path = write(tmp_path / "d.jsonl", numbered_rows(10))
-    got = answers(data.load_conversations([path + "#4"], seed=1))
+    got = answers(sources.load_conversations([path + "#4"], seed=1))
     assert len(got) == len(set(got)) == 4
 
 
 def test_sample_more_than_the_rows_gives_whole_copies_plus_a_random_remainder(tmp_path):
     path = write(tmp_path / "d.jsonl", numbered_rows(10))
-    got = answers(data.load_conversations([path + "#23"], seed=1))
+    got = answers(sources.load_conversations([path + "#23"], seed=1))
     counts = sorted(got.count(f"answer {i}") for i in range(10))
     assert len(got) == 23 and counts == [2] * 7 + [3] * 3
 
@@ -230,17 +232,17 @@ def test_sampling_follows_ms_swift_rule_with_one_random_state():
     """ms-swift: np.tile(range(rows), N // rows) then RandomState.permutation(rows)[:N % rows]."""
     rng = np.random.RandomState(42)
     expected_a = list(range(5)) * 2 + np.random.RandomState(42).permutation(5)[:3].tolist()
-    assert data.sample_indices(5, 13, rng) == expected_a
-    assert data.sample_indices(5, 5, rng) == list(range(5))  # whole copies draw nothing
+    assert sources.sample_indices(5, 13, rng) == expected_a
+    assert sources.sample_indices(5, 5, rng) == list(range(5))  # whole copies draw nothing
 
 
 def test_sampling_and_mixing_are_deterministic_by_seed(tmp_path):
     zh = write(tmp_path / "zh.jsonl", numbered_rows(30, "zh"))
     en = write(tmp_path / "en.json", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
     specs = [zh + "#12", en + "#7"]
-    a = data.load_conversations(specs, seed=3)
-    assert a == data.load_conversations(specs, seed=3)
-    assert a != data.load_conversations(specs, seed=4)
+    a = sources.load_conversations(specs, seed=3)
+    assert a == sources.load_conversations(specs, seed=3)
+    assert a != sources.load_conversations(specs, seed=4)
     assert len(a) == 19 and sum(x.startswith("answer") for x in answers(a)) == 12
     assert answers(a)[:12] != sorted(answers(a)[:12])  # the two sources are shuffled together
 
@@ -248,15 +250,15 @@ def test_sampling_and_mixing_are_deterministic_by_seed(tmp_path):
 def test_a_local_folder_reads_its_json_files_preferring_train(tmp_path):
     write(tmp_path / "ds" / "train.jsonl", numbered_rows(3))
     write(tmp_path / "ds" / "test.jsonl", numbered_rows(2))
-    assert len(data.load_conversations([str(tmp_path / "ds")])) == 3
+    assert len(sources.load_conversations([str(tmp_path / "ds")])) == 3
     write(tmp_path / "ds2" / "part1.json", numbered_rows(3))
     write(tmp_path / "ds2" / "sub" / "part2.jsonl", numbered_rows(2))
-    assert len(data.load_conversations([str(tmp_path / "ds2")])) == 5
+    assert len(sources.load_conversations([str(tmp_path / "ds2")])) == 5
 
 
 def test_json_lines_in_a_file_named_json_are_read(tmp_path):
     path = write(tmp_path / "d.json", numbered_rows(3), jsonl=True)
-    assert len(data.load_conversations([path])) == 3
+    assert len(sources.load_conversations([path])) == 3
 
 
 def test_hub_dataset_is_downloaded_with_snapshot_download(tmp_path, monkeypatch):
@@ -272,7 +274,7 @@ def test_hub_dataset_is_downloaded_with_snapshot_download(tmp_path, monkeypatch)
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    got = data.load_conversations(["someone/self-cognition#6"], model_name=["X"], model_author=["Y"])
+    got = sources.load_conversations(["someone/self-cognition#6"], model_name=["X"], model_author=["Y"])
     assert len(got) == 6 and set(answers(got)) == {f"answer {i}" for i in range(4)}
     [(repo_id, kwargs)] = calls
     assert repo_id == "someone/self-cognition" and kwargs["repo_type"] == "dataset"
@@ -287,7 +289,7 @@ def test_hub_dataset_without_json_files_says_what_is_supported(tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(snapshot))
     with pytest.raises(DataError, match=r"'someone/parquet' has no \.json or \.jsonl files \(found: "
                                         r"data/train-00000-of-00001\.parquet\)\. Only \.json arrays"):
-        data.load_conversations(["someone/parquet"])
+        sources.load_conversations(["someone/parquet"])
 
 
 def test_hub_download_failure_is_a_data_error(monkeypatch):
@@ -299,12 +301,12 @@ def test_hub_download_failure_is_a_data_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     with pytest.raises(DataError, match=r"'nobody/nothing': could not download it as a Hugging Face dataset "
                                         r"\(OSError: 404 Repository Not Found\)\. Check the id") as e:
-        data.load_conversations(["nobody/nothing"])
+        sources.load_conversations(["nobody/nothing"])
     assert "\n" not in str(e.value)  # one paragraph
     with pytest.raises(DataError, match=r"ModelScope datasets: download one from modelscope\.cn and pass its \.json"):
-        data.load_conversations(["AI-ModelScope/alpaca-gpt4-data-zh#500"])  # the tutorial's general data
+        sources.load_conversations(["AI-ModelScope/alpaca-gpt4-data-zh#500"])  # the tutorial's general data
     with pytest.raises(DataError, match=r"This project ships it: pass --dataset .*data/self_cognition\.json\.$"):
-        data.load_conversations(["swift/self-cognition#500"])  # the tutorial's hub id
+        sources.load_conversations(["swift/self-cognition#500"])  # the tutorial's hub id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def identity_rows():
 
 def test_placeholders_take_the_chinese_or_english_value_by_tag_or_text(tmp_path):
     path = write(tmp_path / "id.jsonl", identity_rows())
-    got = data.load_conversations([path], model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])
+    got = sources.load_conversations([path], model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])
     contents = {c[-2]["content"]: (c[0]["content"] if c[0]["role"] == "system" else None, c[-1]["content"])
                 for c in got}
     assert contents["你是谁？"] == (None, "我是小黄，由魔搭开发。")
@@ -333,7 +335,7 @@ def test_placeholders_take_the_chinese_or_english_value_by_tag_or_text(tmp_path)
 
 def test_one_value_serves_both_languages(tmp_path):
     path = write(tmp_path / "id.jsonl", identity_rows()[:2])
-    got = data.load_conversations([path], model_name="Robo", model_author=["ACME"])
+    got = sources.load_conversations([path], model_name="Robo", model_author=["ACME"])
     assert sorted(answers(got)) == ["I am Robo, made by ACME.", "我是Robo，由ACME开发。"]
 
 
@@ -343,7 +345,7 @@ def test_a_placeholder_without_its_flag_is_an_error(tmp_path, given, missing):
     path = write(tmp_path / "id.jsonl", identity_rows())
     placeholder = "{{NAME}}" if missing == "--model_name" else "{{AUTHOR}}"
     with pytest.raises(DataError) as e:
-        data.load_conversations([path], **given)
+        sources.load_conversations([path], **given)
     assert str(e.value).startswith(
         f"{path}, line 1 contains {placeholder}, but {missing} was not given. Pass {missing}")
 
@@ -351,7 +353,7 @@ def test_a_placeholder_without_its_flag_is_an_error(tmp_path, given, missing):
 def test_three_values_for_model_name_is_an_error(tmp_path):
     path = write(tmp_path / "id.jsonl", identity_rows())
     with pytest.raises(DataError, match="--model_name takes one value, or two: the Chinese one then the English"):
-        data.load_conversations([path], model_name=["a", "b", "c"], model_author=["x"])
+        sources.load_conversations([path], model_name=["a", "b", "c"], model_author=["x"])
 
 
 def test_shipped_self_cognition_data():
@@ -367,7 +369,7 @@ def test_shipped_self_cognition_data():
         assert topic in text, topic
     assert sum("{{NAME}}" in r["response"] for r in rows) >= 60
     assert sum("{{AUTHOR}}" in r["response"] for r in rows) >= 50
-    got = data.load_conversations([str(path)], model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])
+    got = sources.load_conversations([str(path)], model_name=["小黄", "Xiao Huang"], model_author=["魔搭", "ModelScope"])
     assert len(got) == len(rows) and "{{" not in json.dumps(got, ensure_ascii=False)
     english = [c[-1]["content"] for c in got if c[0]["content"].startswith("Who created")]
     assert english == ["I was created by ModelScope."]
@@ -568,7 +570,7 @@ def test_rows_with_control_token_text_or_an_empty_answer_are_counted_on_stderr(t
             {"query": "What ends a turn?", "response": "<|im_end|> does."},
             {"query": "q4", "response": "a4", "history": [["q3", " "]]}]  # whitespace is no answer either
     path = write(tmp_path / "d.jsonl", rows)
-    conversations = data.load_conversations([path])
+    conversations = sources.load_conversations([path])
     assert capsys.readouterr().err == (
         f"warning: 2 rows have an assistant turn with no text (the first: {path}, line 2); training on them "
         f"teaches the model to answer nothing. Write their answers or remove those rows.\n")
@@ -577,9 +579,9 @@ def test_rows_with_control_token_text_or_an_empty_answer_are_counted_on_stderr(t
         "note: 1 of 4 rows contain the text of a control token (such as <|im_end|>); it is trained on as plain "
         "text and cannot end or start a turn. If those rows hold conversations already rendered as ChatML, give "
         "them as messages instead.\n")
-    data.load_conversations([write(tmp_path / "one.jsonl", rows[:2])])
+    sources.load_conversations([write(tmp_path / "one.jsonl", rows[:2])])
     assert capsys.readouterr().err.startswith("warning: 1 row has an assistant turn with no text")
-    data.encode_dataset(tok, data.load_conversations([write(tmp_path / "clean.jsonl", rows[:1])]), 4096)
+    data.encode_dataset(tok, sources.load_conversations([write(tmp_path / "clean.jsonl", rows[:1])]), 4096)
     assert capsys.readouterr().err == ""
 
 
@@ -650,39 +652,39 @@ def test_bad_dataset_files_give_one_clear_error(tmp_path, name, content, message
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataError, match=message) as e:
-        data.load_conversations([str(path)])
+        sources.load_conversations([str(path)])
     assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_surrogate_pair_is_one_character(tmp_path, tok):
     path = tmp_path / "emoji.jsonl"
     path.write_text('{"query": "hi", "response": "\\ud83d\\ude42"}\n')  # the JSON escapes of one emoji
-    [conversation] = data.load_conversations([str(path)])
+    [conversation] = sources.load_conversations([str(path)])
     assert conversation[-1]["content"] == "🙂"
     assert tok.decode(data.encode_dataset(tok, [conversation], 4096)[0]["input_ids"]).endswith("🙂<|im_end|>\n")
 
 
 def test_a_sample_count_memory_cannot_hold_is_refused_before_sampling(tmp_path, monkeypatch):
     path = write(tmp_path / "six.jsonl", numbered_rows(6))
-    monkeypatch.setattr(data, "sample_indices", lambda *a: pytest.fail("sampled before refusing"))
+    monkeypatch.setattr(sources, "sample_indices", lambda *a: pytest.fail("sampled before refusing"))
     with pytest.raises(DataError, match=rf"--dataset '{path}#100000000': 100,000,000 samples of its 6 rows is more "
                                         rf"than 10 times the rows and more than 10,000,000 samples, more than memory "
                                         rf"can be expected to hold .* Use an N of at most 10,000,000; to go over the "
                                         rf"rows more often, raise --num_train_epochs instead\.$"):
-        data.load_conversations([path + "#100000000"])
-    data.check_sample_count("d.jsonl#N", 6, 10_000_000)  # many times the rows, but no more than the cap
-    data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_000)  # over the cap, but 10 times the rows
+        sources.load_conversations([path + "#100000000"])
+    sources.check_sample_count("d.jsonl#N", 6, 10_000_000)  # many times the rows, but no more than the cap
+    sources.check_sample_count("d.jsonl#N", 2_000_000, 20_000_000)  # over the cap, but 10 times the rows
     with pytest.raises(DataError, match=r"Use an N of at most 20,000,000;"):
-        data.check_sample_count("d.jsonl#N", 2_000_000, 20_000_001)
+        sources.check_sample_count("d.jsonl#N", 2_000_000, 20_000_001)
 
 
 def test_missing_path_is_an_error(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError, match=rf"--dataset '{missing}': there is no such file or folder, and it is not "
                                         rf"a Hugging Face dataset id"):
-        data.load_conversations([missing + "#10"])
+        sources.load_conversations([missing + "#10"])
     with pytest.raises(DataError, match=r"files\. This project ships it: pass --dataset .*data/self_cognition\.json\.$"):
-        data.load_conversations([str(tmp_path / "self_cognition.json")])
+        sources.load_conversations([str(tmp_path / "self_cognition.json")])
 
 
 @pytest.mark.parametrize("spec", ["data.jsonl#abc", "data.jsonl#0", "data.jsonl#-3", "data.jsonl#", "#5",
@@ -690,12 +692,12 @@ def test_missing_path_is_an_error(tmp_path):
 def test_malformed_sample_count_is_an_error(spec):
     with pytest.raises(DataError, match=r"expected SOURCE#N with N a whole number of rows to sample \(at least 1\), "
                                         r"as in 'alpaca-zh\.jsonl#500'"):
-        data.parse_source(spec)
+        sources.parse_source(spec)
 
 
 def test_no_dataset_is_an_error():
     with pytest.raises(DataError, match="No dataset given: pass --dataset"):
-        data.load_conversations([])
+        sources.load_conversations([])
 
 
 # ----------------------------------------------------------------------------------------------

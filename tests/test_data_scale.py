@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import sources  # noqa: E402
 from data import IGNORE_INDEX, Tokenizer  # noqa: E402
 
 HANZI = ("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可她里后"
@@ -74,7 +75,7 @@ def big(tmp_path_factory):
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    monkeypatch.setattr(data, "BATCH_ROWS", 250)
+    monkeypatch.setattr(sources, "BATCH_ROWS", 250)
 
 
 def encode_chat_before_17(tok, messages, system=None):
@@ -112,12 +113,18 @@ VARIED = [
 
 @pytest.mark.parametrize("system", [None, "", "Other system prompt."])
 def test_batched_encoding_gives_the_ids_and_labels_of_per_row_encoding(tok, system):
+    """sources.encode_chats (ChatBatch) against the plain path it replaces, data.encode_rows (each
+    conversation through data.encode_chat), and against the oracle from before batching."""
     conversations = VARIED * 3  # repeated turns are tokenized once in a batch, and still land in each row
-    rows = data.encode_dataset(tok, conversations, 4096, system=system)
-    assert len(rows) == len(conversations)
-    for messages, row in zip(conversations, rows):
-        assert (row["input_ids"].tolist(), row["labels"].tolist()) == encode_chat_before_17(tok, messages, system)
-        assert (row["input_ids"].tolist(), row["labels"].tolist()) == data.encode_chat(tok, messages, system=system)
+    rows = sources.encode_chats(tok, conversations, system=system)
+    plain = data.encode_rows(tok, conversations, system=system)
+    assert len(rows) == len(plain) == len(conversations)
+    for messages, row, alone in zip(conversations, rows, plain):
+        ids_and_labels = (row["input_ids"].tolist(), row["labels"].tolist())
+        assert ids_and_labels == (alone["input_ids"].tolist(), alone["labels"].tolist())
+        assert ids_and_labels == encode_chat_before_17(tok, messages, system)
+        assert ids_and_labels == data.encode_chat(tok, messages, system=system)
+        assert (row.ids.dtype, row.trained.dtype) == (alone.ids.dtype, alone.trained.dtype) == (np.int32, np.bool_)
 
 
 def test_a_text_tokenized_once_for_a_question_and_an_answer_is_trained_only_as_the_answer(tok):
@@ -125,7 +132,7 @@ def test_a_text_tokenized_once_for_a_question_and_an_answer_is_trained_only_as_t
     name is tokenized with it) and an answer "user\nhi" share one tokenization, yet only the answer
     is trained, in this row and in the next."""
     conversations = [turns("hi", "user\nhi"), turns("user\nhi", "hi", "hi", "user\nhi")]
-    batch = data.ChatBatch(conversations)
+    batch = sources.ChatBatch(conversations)
     assert batch.texts.count("user\nhi") == 1
     rows = batch.rows(tok, tok.encode_texts(batch.texts))
     for messages, row in zip(conversations, rows):
@@ -147,9 +154,9 @@ def test_the_streamed_dataset_equals_encoding_the_loaded_conversations(tok, big,
     odd = [{"messages": turns("What ends a turn?", "<|im_end|> does.")}, {"messages": turns("q", " ")}]
     small.write_text(json.dumps([fake_row(random.Random(i)) for i in range(5)] + odd, ensure_ascii=False))
     specs, max_length = [big + "#500", f"{small}#20"], 300
-    rows = data.load_dataset(tok, specs, max_length, "left", seed=5)
+    rows = sources.load_dataset(tok, specs, max_length, "left", seed=5)
     streamed = capsys.readouterr()
-    expected = data.encode_dataset(tok, data.load_conversations(specs, seed=5), max_length, "left")
+    expected = data.encode_dataset(tok, sources.load_conversations(specs, seed=5), max_length, "left")
     assert [(r["input_ids"].tolist(), r["labels"].tolist()) for r in rows] == \
         [(r["input_ids"].tolist(), r["labels"].tolist()) for r in expected]
     assert streamed == capsys.readouterr()  # the same warning and notes, and no progress lines
@@ -160,7 +167,7 @@ def test_the_streamed_dataset_equals_encoding_the_loaded_conversations(tok, big,
 def test_a_large_source_reports_rows_share_and_time_left_on_stderr(tok, big, capsys, small_batches):
     """The original failure: minutes of silence. A source over progress_over bytes prints a line as it
     starts, one per progress_every seconds (here: after each batch), and one when it is done."""
-    data.load_dataset(tok, [big], 4096, progress_over=300_000, progress_every=0)
+    sources.load_dataset(tok, [big], 4096, progress_over=300_000, progress_every=0)
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"data: reading {big} ({Path(big).stat().st_size / 1e6:.0f} MB)"
     progress = [re.fullmatch(rf"data: {re.escape(big)}: ([\d,]+) rows \((\d+)%\), about \d+ s left", line)
@@ -169,7 +176,7 @@ def test_a_large_source_reports_rows_share_and_time_left_on_stderr(tok, big, cap
     shares = [int(m.group(2)) for m in progress]
     assert shares == sorted(shares) and 30 < shares[0] < 50 and shares[-1] == 100
     assert re.fullmatch(rf"data: {re.escape(big)}: 600 rows in \d+ s", lines[-1])
-    data.load_dataset(tok, [big], 4096)  # under the default threshold: read in silence
+    sources.load_dataset(tok, [big], 4096)  # under the default threshold: read in silence
     assert capsys.readouterr().err == ""
 
 
@@ -177,14 +184,14 @@ def test_rows_are_int32_ids_and_a_bool_mask_and_repeats_share_them(tok, big):
     """The original failure was 3.8 GB for a 200 MB file: Python lists of ints. Now a token costs
     5 bytes (int32 id, bool trained) plus a small object per row, and SOURCE#N repeats share arrays."""
     tracemalloc.start()
-    rows = data.load_dataset(tok, [big], 4096)
+    rows = sources.load_dataset(tok, [big], 4096)
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     tokens = sum(len(r.ids) for r in rows)
     assert all(r.ids.dtype == np.int32 and r.trained.dtype == np.bool_ for r in rows)
     assert sum(r.ids.nbytes + r.trained.nbytes for r in rows) == 5 * tokens
     assert held < 8 * tokens  # lists of ints held 16-48 bytes a token
-    repeated = data.load_dataset(tok, [big + "#1500"], 4096)
+    repeated = sources.load_dataset(tok, [big + "#1500"], 4096)
     assert len(repeated) == 1500 and len({id(r.ids) for r in repeated}) == 600
     packed = data.pack(rows[:50], 4096)
     assert all(isinstance(p, data.Row) and p.ids.dtype == np.int32 for p in packed)

@@ -24,6 +24,7 @@ import model as modeling
 import runs
 import shard
 import speed
+import flags
 import train
 
 from conftest import lora_for_training, loss_and_gradients, random_rows, hf_families
@@ -142,7 +143,7 @@ def test_sharded_layers_recompute_without_a_graph_to_the_same_gradients(tiny_dir
 def test_each_rank_reads_exactly_its_rows_and_a_checkpoint_loads_into_them(hf_checkpoint):
     folder, _ = hf_checkpoint("untied", intermediate_size=100)  # 100 rows on 3 ranks: 34, 34, 32
     cfg = lora.LoraConfig(r=8)  # A (8, in): rows 3, 3, 2
-    whole = train.DataParallel().load_lora_model(folder, cfg, 7, torch.float32, torch.device("cpu"))
+    whole = train.load_base_with_adapter(folder, cfg, 7, torch.float32, torch.device("cpu"))
     with as_rank(2, 3):
         check_rank_2_of_3(folder, cfg, whole)
 
@@ -190,7 +191,7 @@ def test_fsdp_values_it_cannot_do_are_refused(tmp_path, tiny_dir, capsys, flags,
 
 
 def test_fsdp_spellings_and_the_plan_under_it():
-    parse = lambda *v: train.build_parser().parse_args(["--model", "m", "--dataset", "d", "--fsdp", *v])
+    parse = lambda *v: flags.train_parser().parse_args(["--model", "m", "--dataset", "d", "--fsdp", *v])
     for spelling in (["true"], ["full_shard auto_wrap"], ["full_shard", "auto_wrap"], ["fsdp2"]):
         a = parse(*spelling)
         shard.check_flags(a)
@@ -201,7 +202,7 @@ def test_fsdp_spellings_and_the_plan_under_it():
     a = parse("true")
     a.cuda_graph = a.torch_compile = None
     shard.check_flags(a)
-    plan = speed.plan_training(a, torch.device("cuda"), [40, 100], 10_000)  # graphs by default, but not here
+    plan = speed.plan_training(speed.PlanFlags.of(a), torch.device("cuda"), [40, 100], 10_000)  # graphs by default, not here
     assert not plan.graphs and not plan.compiled and plan.pad_to == 1 and "eager layers: under --fsdp" in plan.message
 
 
@@ -220,7 +221,7 @@ def test_two_gpus_with_fsdp_train_like_one_gpu_in_bfloat16(tmp_path, hf_checkpoi
     y = load_file(run_dir(tmp_path / "one") / "checkpoint-4" / "adapter_model.safetensors")
     # bf16 matmuls give slightly different gradients when summed in another order, and AdamW turns
     # a gradient near zero into a full-size step of either sign: compare each tensor as a whole.
-    # Measured on 2 x H200 (BENCHMARKS run 20): 0.5% for the median tensor, 6.9% at worst, the same
+    # Measured on 2 x H200 (docs/benchmark-runs.md, run 20): 0.5% for the median tensor, 6.9% at worst, the same
     # with either checkpointing of the sharded layers; a layer whose gradient were lost or counted
     # twice would be off by half or more, and so would the gradient norm.
     diff = sorted(float((x[k] - y[k]).norm() / y[k].norm()) for k in x)

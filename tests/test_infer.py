@@ -16,6 +16,7 @@ import torch
 
 import data
 import decode
+import flags
 import infer
 import lora
 import model as modeling
@@ -56,7 +57,7 @@ def make_adapter(model_dir, out_dir, seed, base=None):
 def expected_answer(m, tok, query, system=None, history=(), max_new_tokens=8):
     """What infer.py prints for this conversation: greedy, no repetition penalty, streamed text."""
     ids = prompt_ids(tok, query, system, history)
-    dec = data.StreamDecoder(tok)
+    dec = infer.StreamDecoder(tok)
     stop = {tok.im_end_id, tok.endoftext_id}  # the tiny model's generation_config eos list
     text = "".join(dec.push(t) for t in decode.generate(m, ids, max_new_tokens, stop)) + dec.flush()
     return text
@@ -357,7 +358,7 @@ def test_cuda_graph_is_the_default_on_a_gpu_only():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert speed.plan_decoding(None, False, gpu).cuda_graph and not speed.plan_decoding(None, False, cpu).cuda_graph
     assert not speed.plan_decoding(False, False, gpu).cuda_graph
-    chat = infer.load_chat(infer.build_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
+    chat = infer.load_chat(flags.infer_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
     assert chat.decoding.cuda_graph is False
 
 
@@ -365,7 +366,7 @@ def test_cuda_graph_is_the_default_on_a_gpu_only():
 def test_repl_line_that_is_not_utf8_is_skipped_with_a_note(capsys, monkeypatch):
     """Where no readline cleans the line (libedit, a plain pipe to input()), bytes that are not UTF-8
     arrive surrogate-escaped: the REPL says so and goes on, instead of the tokenizer's TypeError."""
-    chat = infer.load_chat(infer.build_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
+    chat = infer.load_chat(flags.infer_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
     lines = iter([b"caf\xe9".decode("utf-8", "surrogateescape")])
 
     def typed(prompt=""):
@@ -600,7 +601,7 @@ def test_a_line_that_is_not_utf8_is_skipped_and_the_others_answered(tiny_dir):
 def test_adapter_folders_with_dots_get_a_valid_name(capsys, two_adapters, tmp_path):
     versioned = tmp_path / "robot-v1.2"
     shutil.copytree(two_adapters[0], versioned)
-    assert infer.parse_adapters([str(versioned)]) == [("robot-v1_2", str(versioned))]
+    assert flags.parse_adapters([str(versioned)]) == [("robot-v1_2", str(versioned))]
     assert "cannot hold a dot; write it as a_b=PATH" in error_of(capsys, "--adapters", f"a.b={versioned}")
     assert "--temperature nan: give a number" in error_of(capsys, "--model", "tiny", "--temperature", "nan")
     assert "--system holds bytes that are not UTF-8" in error_of(capsys, "--model", "tiny", "--system", "a\udcffb")

@@ -5,7 +5,6 @@ On the CPU there is no host/device split, so speed.HostCopy fakes one: the "host
 tensor of its own and backward gets a new copy of it. The GPU tests run the real one (pinned
 memory, a side stream) and are skipped without CUDA."""
 
-import argparse
 
 import pytest
 import torch
@@ -124,10 +123,7 @@ SEVEN_B = modeling.Config(vocab_size=152064, hidden_size=3584, intermediate_size
 
 
 def plan_flags(tokens: int, **flags):
-    return argparse.Namespace(**dict(dict(
-        torch_compile=None, cuda_graph=None, max_length=tokens, max_tokens_per_pass=tokens, padding_free=True,
-        packing=False, per_device_train_batch_size=1, torch_dtype=None, gradient_checkpointing=True,
-        activation_cpu_offload=None), **flags))
+    return speed.PlanFlags(**dict(dict(max_length=tokens, max_tokens_per_pass=tokens, padding_free=True), **flags))
 
 
 def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir):

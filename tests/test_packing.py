@@ -5,6 +5,7 @@ one of accumulating them one by one. Also proved elsewhere, on whole runs: with 
 (tests/test_train.py::test_resumed_run_ends_with_the_same_adapter_bit_for_bit, packed by default)
 and with compiled layers (tests/test_train.py::test_compiled_layers_train_padded_batches_like_the_eager_ones)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 import data
 import lora
 import model as modeling
+import flags
+import parallel
 import speed
 import train
 from conftest import lora_for_training, random_rows, both_families
@@ -53,8 +56,9 @@ def step_gradient(m, rows, micro, budget):
         p.grad = torch.zeros_like(p)
     recorder = GradientRecorder(params)
     fn = train.CausalLMLoss(m)
-    s = train.Step(rows, 0, torch.device("cpu"), 1, lambda batch, scale: train.micro_batch(fn, batch, scale), budget,
-                   params, recorder, train.LossScale(enabled=False), 0.0, train.DataParallel())
+    s = train.Step(rows=rows, pad_id=0, device=torch.device("cpu"), pad_to=1, budget=budget, params=params,
+                   micro_batch=lambda batch, scale: train.micro_batch(fn, batch, scale), optimizer=recorder,
+                   loss_scale=train.LossScale(enabled=False), max_grad_norm=0.0, ranks=parallel.Replicas())
     loss, _, _ = train.optimizer_step(s, micro, lr=0.0)
     return recorder.grads, loss
 
@@ -117,8 +121,8 @@ def test_varlen_attention_reads_q_k_v_and_row_offsets_as_the_kernel_expects(lora
                 *heads, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
         return out
 
-    speed.find_varlen()  # the keywords torch's varlen_attn takes for causal rows, read from its signature
-    monkeypatch.setattr(speed, "varlen_attn", kernel)
+    _, keywords = speed.find_varlen()  # the keywords torch's varlen_attn takes for causal rows, from its signature
+    monkeypatch.setattr(speed, "find_varlen", lambda: (kernel, keywords))
     (batch,) = [train.make_batch(r, 0, "cpu", 64) for r in train.step_passes([random_rows([7, 30, 1, 12, 20])], 2048)]
     inputs = dict(position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
     with torch.no_grad():
@@ -142,27 +146,24 @@ def test_step_packing_takes_numpy_rows_and_keeps_the_label_count():
 
 
 def test_padding_free_is_on_by_default_where_varlen_attention_runs(tmp_path, tiny_dir):
-    import argparse
-    a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--device", "cpu"])
+    a = flags.train_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--device", "cpu"])
     assert a.padding_free is None and a.max_tokens_per_pass is None
     a.gradient_accumulation_steps = 1
-    train.set_derived_defaults(a)
+    flags.set_derived_defaults(a)
     assert a.max_tokens_per_pass == a.max_length == 2048
     assert a.padding_free is False  # on the CPU packed rows need a T x T mask: micro-batches are faster
     assert speed.varlen_available(torch.device("cuda"), torch.bfloat16) == (speed.find_varlen() is not None)
     assert not speed.varlen_available(torch.device("cuda"), torch.float32)
-    a = train.build_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--padding_free", "true"])
+    a = flags.train_parser().parse_args(["--model", "tiny", "--dataset", "x.json", "--padding_free", "true"])
     a.gradient_accumulation_steps = 1
-    train.set_derived_defaults(a)
+    flags.set_derived_defaults(a)
     assert a.padding_free is True
-    gpu = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=True,
-                             max_tokens_per_pass=1024, packing=False, torch_dtype="bfloat16")
+    gpu = speed.PlanFlags(max_length=2048, padding_free=True, max_tokens_per_pass=1024, torch_dtype="bfloat16")
     plan = speed.plan_training(gpu, torch.device("cuda"), [40, 100, 70], 192)
     if speed.find_varlen() is not None:
         assert plan.packed_mask is speed.VarlenAttention and "varlen_attn (no T x T mask)" in plan.message
     assert "at most 1024 tokens" in plan.message and "here at most 16 lengths (64, 128," in plan.message
-    plan = speed.plan_training(argparse.Namespace(**dict(vars(gpu), torch_dtype="float32")), torch.device("cuda"),
-                               [40], 192)
+    plan = speed.plan_training(dataclasses.replace(gpu, torch_dtype="float32"), torch.device("cuda"), [40], 192)
     assert plan.packed_mask is None and "SDPA with a T x T block mask" in plan.message
     plan = speed.plan_training(gpu, torch.device("cpu"), [40], 192)
     assert plan.packed_mask is None and plan.message == ""

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 import data
+import flags
 import infer
 import model as modeling
+import sources
 import template as T
 import train
 from data import IGNORE_INDEX, encode_chat, render_chat
@@ -249,14 +251,14 @@ def marked(tok, ids, labels) -> str:
 @pytest.mark.parametrize("name,flags", list(MS_SWIFT))
 def test_training_rows_are_ms_swifts(tok, name, flags):
     template = T.choose_template("nowhere", "qwen3", name, **dict(flags))
-    conversations = [data.row_to_messages({"messages": row}, "row") for row in ROWS]  # as read from a file
+    conversations = [sources.row_to_messages({"messages": row}, "row") for row in ROWS]  # as read from a file
     ours = [marked(tok, *encode_chat(tok, messages, template=template)) for messages in conversations]
     expected = list(MS_SWIFT[(name, flags)])
     # Where we differ on purpose: ms-swift drops reasoning_content (its row 5 trains "2" alone); we write
     # it into the content, so row 5 trains as ms-swift trains row 2, the same row with the reasoning there.
     expected[4] = expected[1]
     assert ours == expected
-    batched = data.encode_chats(tok, conversations, template=template)  # the batched encoder lays them out alike
+    batched = sources.encode_chats(tok, conversations, template=template)  # the batched encoder lays them out alike
     assert [marked(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
 
 
@@ -330,13 +332,13 @@ def test_prompt_and_piped_answers_carry_the_answer_and_the_reasoning_behind_a_fl
     assert infer.main(base + ["--prompt", "你是谁？", "--show_thinking", "true"]) == 0
     assert capsys.readouterr().out == "<think>\nLet me see.\n</think>\nI am a bot.\n"
     for show, fields in (("false", {}), ("true", {"reasoning": "Let me see."})):
-        chat = infer.load_chat(infer.build_parser().parse_args(base + ["--show_thinking", show]))
+        chat = infer.load_chat(flags.infer_parser().parse_args(base + ["--show_thinking", show]))
         assert infer.answer_lines(chat, ["hi\n"]) == 0
         assert json.loads(capsys.readouterr().out) == {"line": 1, "query": "hi", **fields, "response": "I am a bot."}
 
 
 def test_the_repl_switches_thinking_and_keeps_only_answers_in_the_history(qwen3_dir, tiny_dir, tok):
-    chat = infer.load_chat(infer.build_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu"]))
+    chat = infer.load_chat(flags.infer_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu"]))
     history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A1", "reasoning_content": "r1"},
                {"role": "user", "content": "b"}]
     assert chat.prompt_ids(history) == tok.encode(f"{U}a{E}{A}A1{E}{U}b{E}{A}")  # reasoning of earlier turns dropped
@@ -344,10 +346,10 @@ def test_the_repl_switches_thinking_and_keeps_only_answers_in_the_history(qwen3_
     assert chat.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}{EMPTY}")
     infer.run_command(chat, "/think on")
     assert chat.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}")
-    plain = infer.load_chat(infer.build_parser().parse_args(["--model", str(tiny_dir), "--device", "cpu"]))
+    plain = infer.load_chat(flags.infer_parser().parse_args(["--model", str(tiny_dir), "--device", "cpu"]))
     with pytest.raises(T.TemplateError, match="the qwen2_5 template never thinks"):
         infer.run_command(plain, "/think on")
-    off = infer.load_chat(infer.build_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu",
+    off = infer.load_chat(flags.infer_parser().parse_args(["--model", str(qwen3_dir), "--device", "cpu",
                                                            "--enable_thinking", "false"]))
     assert off.prompt_ids(history[-1:]) == tok.encode(f"{U}b{E}{A}{EMPTY}")
 
@@ -483,8 +485,8 @@ def test_an_adapter_is_asked_as_it_was_trained_thinking_or_not(tmp_path, tok, ca
     (ckpt,) = out.glob("v*/checkpoint-1")
     assert json.loads((ckpt / "args.json").read_text())["enable_thinking"] is recorded
     question = [{"role": "user", "content": "hi"}]
-    for flags, thinks in (([], recorded), (["--enable_thinking", "true"], True), (["--enable_thinking", "false"], False)):
-        chat = infer.load_chat(infer.build_parser().parse_args(["--adapters", str(ckpt), "--device", "cpu", *flags]))
+    for given, thinks in (([], recorded), (["--enable_thinking", "true"], True), (["--enable_thinking", "false"], False)):
+        chat = infer.load_chat(flags.infer_parser().parse_args(["--adapters", str(ckpt), "--device", "cpu", *given]))
         assert chat.prompt_ids(question) == tok.encode(f"{U}hi{E}{A}" + ("" if thinks else EMPTY))
     assert "thinking off: /think on or --enable_thinking true lets it reason first" in capsys.readouterr().err
     swift_args = {"template": "qwen3", "model": "tiny-qwen3"}  # ms-swift's args.json records neither flag

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import flags
+
 import infer
 import merge
 import swift_flags
@@ -63,22 +65,22 @@ def test_unsupported_ms_swift_flags_say_so_in_one_line(argv, instead):
 
 def test_flags_of_another_script_name_it():
     with pytest.raises(UsageError, match=r"^--temperature is a flag of infer.py here \(swift infer\), not of this script\.$"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--temperature", "0"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--temperature", "0"])
     with pytest.raises(UsageError, match="--merge_lora is a flag of infer.py and merge.py here "
                                          ".*`python merge.py --adapters CKPT`"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--merge_lora", "true"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--merge_lora", "true"])
 
 
 def test_a_misspelt_flag_still_gets_the_nearest_one_and_a_bad_value_no_guess():
     with pytest.raises(UsageError, match=r"--lora_rnak 8 \(did you mean --lora_rank\?\)"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--lora_rnak", "8"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--lora_rnak", "8"])
     with pytest.raises(UsageError) as e:
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--lora_rank", "x"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--lora_rank", "x"])
     assert "invalid int value: 'x'" in str(e.value) and "did you mean" not in str(e.value)
 
 
 def test_ignored_flags_are_noted_and_limited_ones_take_only_their_values(capsys):
-    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--dataloader_num_workers", "4", "--template", "qwen2_5",
+    a = flags.train_parser().parse_args(TRAIN_REQUIRED + ["--dataloader_num_workers", "4", "--template", "qwen2_5",
                                                           "--report_to", "tensorboard", "wandb"])
     assert a.dataloader_num_workers == "4" and a.template == "qwen2_5" and a.report_to == ["tensorboard", "wandb"]
     err = capsys.readouterr().err.splitlines()
@@ -87,21 +89,21 @@ def test_ignored_flags_are_noted_and_limited_ones_take_only_their_values(capsys)
                    "images/loss.svg in the run folder."]
     with pytest.raises(UsageError, match=r"argument --bnb_4bit_quant_storage: 'bfloat16' is not supported here, only uint8 "
                                          r"\(two 4-bit codes a byte\)"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--bnb_4bit_quant_storage", "bfloat16"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--bnb_4bit_quant_storage", "bfloat16"])
     with pytest.raises(UsageError, match=r"argument --template: invalid choice: 'qwen4' \(choose from 'qwen2_5', 'qwen3', "
                                          r"'qwen3_nothinking', 'qwen3_thinking'\)"):
-        train.build_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen4"])
+        flags.train_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen4"])
 
 
 def test_tuner_type_is_ms_swift_4s_name_for_train_type(tmp_path, capsys):
-    assert train.build_parser().parse_args(TRAIN_REQUIRED + ["--tuner_type", "lora"]).train_type == "lora"
+    assert flags.train_parser().parse_args(TRAIN_REQUIRED + ["--tuner_type", "lora"]).train_type == "lora"
     assert train.main(TRAIN_REQUIRED + ["--tuner_type", "full"]) == 2
     assert "--train_type full: only 'lora' is supported" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["pt", "transformers"])
 def test_infer_backend_pt_is_the_pytorch_backend(backend):
-    assert infer.build_parser().parse_args(["--infer_backend", backend]).infer_backend == backend
+    assert flags.infer_parser().parse_args(["--infer_backend", backend]).infer_backend == backend
 
 
 def test_infer_backend_other_than_pytorch_is_a_clear_error(capsys):
@@ -115,27 +117,27 @@ def test_infer_backend_other_than_pytorch_is_a_clear_error(capsys):
                                                   (1, 2, 8), (3, 2, 3), (1, 32, 1)])
 def test_unset_accumulation_is_ms_swifts_ceil_16_over_batch_times_gpus(batch, world, expected, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", str(world))
-    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--per_device_train_batch_size", str(batch)])
-    train.set_derived_defaults(a)
+    a = flags.train_parser().parse_args(TRAIN_REQUIRED + ["--per_device_train_batch_size", str(batch)])
+    flags.set_derived_defaults(a)
     assert a.gradient_accumulation_steps == expected == max(1, math.ceil(16 / batch / world))
     assert capsys.readouterr().out == f"Setting args.gradient_accumulation_steps: {expected}\n"  # as ms-swift logs it
 
 
 def test_given_values_are_kept_and_only_rank_0_logs(monkeypatch, capsys):
-    a = train.build_parser().parse_args(TRAIN_REQUIRED + ["--gradient_accumulation_steps", "3", "--eval_steps", "7",
+    a = flags.train_parser().parse_args(TRAIN_REQUIRED + ["--gradient_accumulation_steps", "3", "--eval_steps", "7",
                                                           "--output_dir", "runs"])
-    train.set_derived_defaults(a)
+    flags.set_derived_defaults(a)
     assert (a.gradient_accumulation_steps, a.eval_steps, a.output_dir) == (3, 7, "runs")
     monkeypatch.setenv("RANK", "1")
-    train.set_derived_defaults(train.build_parser().parse_args(TRAIN_REQUIRED))
+    flags.set_derived_defaults(flags.train_parser().parse_args(TRAIN_REQUIRED))
     assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("model,expected", [("tiny", "output/tiny"), ("Qwen/Qwen2.5-7B-Instruct/", "output/Qwen2.5-7B-Instruct"),
                                             ("/models/qwen-0.5b", "output/qwen-0.5b")])
 def test_unset_output_dir_is_output_slash_model_name_as_ms_swift(model, expected):
-    a = train.build_parser().parse_args(["--model", model, "--dataset", "x.json", "--save_steps", "20"])
-    train.set_derived_defaults(a)
+    a = flags.train_parser().parse_args(["--model", model, "--dataset", "x.json", "--save_steps", "20"])
+    flags.set_derived_defaults(a)
     assert Path(a.output_dir) == Path(expected) and a.eval_steps == 20  # eval_steps follows save_steps
 
 
@@ -159,9 +161,9 @@ def test_args_json_stores_the_derived_defaults_and_a_resume_derives_the_same(tmp
     assert "resumed from" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", [train, infer])
-def test_flag_help_fits_one_line(module):
-    for action in module.build_parser()._actions:
+@pytest.mark.parametrize("parser", [flags.train_parser, flags.infer_parser])
+def test_flag_help_fits_one_line(parser):
+    for action in parser()._actions:
         assert len(action.help or "") < 100, action.option_strings
 
 

@@ -6,7 +6,8 @@ import pytest
 
 import data
 import template
-from data import DataError, StreamDecoder, Tokenizer, encode_chat, render_chat
+from data import DataError, Tokenizer, encode_chat, render_chat
+from infer import StreamDecoder
 
 TEXTS = ["Hello! Who are you?", "你好，我是由 swift 开发的大语言模型。", "  spaces\n\nand\ttabs 123456 ",
          "emoji 🙂 and café (NFC: cafe\u0301)", "<|im_start|>user\nhi<|im_end|>\n"]

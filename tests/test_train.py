@@ -1,6 +1,5 @@
 """train.py end to end on the tiny model: the tutorial's command, learning, resume, Ctrl-C, errors."""
 
-import argparse
 import json
 import math
 import os
@@ -267,11 +266,11 @@ def test_incomplete_checkpoints_and_used_folders_are_refused_before_loading(tmp_
 
 def test_layers_are_compiled_by_default_only_where_it_pays_back():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    unset = argparse.Namespace(torch_compile=None, cuda_graph=None)
+    unset = speed.PlanFlags()
     # On a GPU: CUDA graphs of eager micro-batches, never compiled unless asked (any number of ranks).
     assert speed.use_compile(unset, gpu, 10**6, 1) == (False, "")
     # Without those graphs (--cuda_graph false): only where compiling pays back.
-    no_graphs = argparse.Namespace(torch_compile=None, cuda_graph=False)
+    no_graphs = speed.PlanFlags(cuda_graph=False)
     compiled, why = speed.use_compile(no_graphs, gpu, 192, 3)  # the self-cognition demo: 12 steps x 16
     assert not compiled and "192 micro-batches over 3 sequence lengths, 64 a length" in why
     assert "--torch_compile true compiles anyway" in why
@@ -279,13 +278,13 @@ def test_layers_are_compiled_by_default_only_where_it_pays_back():
     assert compiled and "--torch_compile false" in why
     assert speed.use_compile(unset, cpu, 10**6, 1) == (False, "")
     for flag in (True, False):
-        assert speed.use_compile(argparse.Namespace(torch_compile=flag, cuda_graph=None), gpu, 10, 3) == (flag, "")
+        assert speed.use_compile(speed.PlanFlags(torch_compile=flag), gpu, 10, 3) == (flag, "")
 
 
 def test_the_plan_says_how_the_layers_run():
     """speed.plan_training: graphs on a GPU by default, in one process or several (gradients are
     summed after the recorded micro-batches, outside the graphs); eager on the CPU."""
-    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=False, packing=False)
+    a = speed.PlanFlags(max_length=2048)
     plan = speed.plan_training(a, torch.device("cuda"), [40, 100, 70], 192)
     assert plan.graphs and not plan.compiled and plan.pad_to == 64
     assert "here at most 2 lengths (64, 128)" in plan.message and "--cuda_graph false" in plan.message
@@ -298,8 +297,7 @@ def test_the_plan_keeps_an_untied_embedding_in_host_memory_on_a_gpu():
     not for a tied one (0.5B to 3B: the loss multiplies by it on the GPU), nor on the CPU."""
     import dataclasses
     import model as modeling
-    a = argparse.Namespace(torch_compile=None, cuda_graph=None, max_length=2048, padding_free=False, packing=False,
-                           activation_cpu_offload=False)
+    a = speed.PlanFlags(max_length=2048, activation_cpu_offload=False)
     seven = modeling.Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4)
     plan = speed.plan_training(a, torch.device("cuda"), [40, 100], 192, seven)
