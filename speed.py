@@ -230,7 +230,11 @@ def varlen_available(device, dtype) -> bool:
 def packed_attention(a: PlanFlags, device) -> tuple[object, str]:
     """How packed rows attend (TrainingPlan.packed_mask) and what to print about it. On a GPU in
     bfloat16 or float16 (flash attention's dtypes): VarlenAttention. Elsewhere the plain path,
-    SDPA with a block mask: all there is on the CPU, so nothing is printed there."""
+    SDPA with a block mask: all there is on the CPU. On the CPU the plan says why it does not pack
+    a step's rows by default: through a T x T mask it is slower than micro-batches as they are."""
+    if device.type != "cuda" and not a.padding_free:
+        return None, ("each micro-batch runs as it is: packing a step's rows (--padding_free true) would attend through "
+                      "a T x T mask here, slower on the CPU than padded micro-batches")
     if device.type != "cuda" or not (a.padding_free or a.packing):
         return None, ""
     packing = (f"each optimizer step's rows run packed into sequences of at most {a.max_tokens_per_pass} tokens, "

@@ -289,7 +289,8 @@ def test_the_plan_says_how_the_layers_run():
     assert plan.graphs and not plan.compiled and plan.pad_to == 64
     assert "here at most 2 lengths (64, 128)" in plan.message and "--cuda_graph false" in plan.message
     plan = speed.plan_training(a, torch.device("cpu"), [40, 100, 70], 192)
-    assert not plan.graphs and not plan.compiled and plan.pad_to == 1 and plan.message == ""
+    assert not plan.graphs and not plan.compiled and plan.pad_to == 1
+    assert plan.message.startswith("each micro-batch runs as it is: packing a step's rows (--padding_free true)")
 
 
 def test_the_plan_keeps_an_untied_embedding_in_host_memory_on_a_gpu():
