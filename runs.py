@@ -307,7 +307,7 @@ def check_resume(a, world: int) -> Path | None:
     changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH + ("accumulation_x_ranks",)
                if k in saved and saved[k] != now[k] and not (k in UNSET_MEANS_SAVED and now[k] is None)]
     for k in UNSET_MEANS_SAVED:  # resumed in the template (and loss scale) it was trained in, not in today's guess
-        if getattr(a, k, None) is None and saved.get(k) is not None:
+        if getattr(a, k) is None and saved.get(k) is not None:
             setattr(a, k, saved[k])
     if changed:
         raise RunError(f"{ckpt} was trained with other flags ({'; '.join(changed)}; accumulation_x_ranks is "
