@@ -76,6 +76,7 @@ class LoRALinear(nn.Module):
         self.scale: dict[str, float] = {}
         self.active: str | None = None
         self.merged = False  # True while the active adapter's B A is added into `weight`
+        self.rows = None  # several adapters in one batch: (A, B, index) while set (set_row_adapters)
 
     def add(self, name: str, r: int, scale: float, dropout: float):
         # Kept in float32 even when the base is bf16: tiny updates to A and B would round away.
@@ -94,6 +95,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        if self.rows is not None:
+            return out + self.per_row(x)
         name = self.active
         if name is None or self.merged or name not in self.lora_A:
             return out
@@ -106,6 +109,26 @@ class LoRALinear(nn.Module):
         a = self.lora_A[name].weight.to(x.dtype)  # (r, in)
         b = (self.lora_B[name].weight * self.scale[name]).to(x.dtype)  # (out, r)
         return out + F.linear(F.linear(self.lora_dropout[name](x), a), b)
+
+    def per_row(self, x):
+        """Row b of x (B, T, in) through its own adapter, index[b] (0: none): each row's A and B
+        gathered from all adapters' stacked ones, then two batched matmuls."""
+        A, B, index = self.rows  # (n + 1, r, in), (n + 1, out, r) with the scale in B, (B,)
+        a, b = A[index].to(x.dtype), B[index].to(x.dtype)  # (B, r, in), (B, out, r)
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+
+    def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (n + 1, r, in) and scale * B (n + 1, out, r) of the adapters `names`, slot 0 all zeros
+        (the base); a smaller rank, or an adapter that does not wrap this layer, is padded with zeros."""
+        r = max([self.lora_A[n].out_features for n in names if n in self.lora_A] + [1])
+        device = next(iter(self.lora_A.values())).weight.device
+        A = torch.zeros(len(names) + 1, r, self.in_features, device=device)
+        B = torch.zeros(len(names) + 1, self.out_features, r, device=device)
+        for i, n in enumerate(names, 1):
+            if n in self.lora_A:
+                k = self.lora_A[n].out_features
+                A[i, :k], B[i, :, :k] = self.lora_A[n].weight, self.lora_B[n].weight * self.scale[n]
+        return A, B
 
     @torch.no_grad()
     def merge(self):
@@ -260,6 +283,39 @@ def unmerge_lora(model):
     """Subtract the merged adapter again, in float32 (the base comes back within dtype rounding)."""
     for layer in _lora_layers(model).values():
         layer.unmerge()
+
+
+@torch.no_grad()
+def set_row_adapters(model, names: list[str | None] | None):
+    """Several adapters in one batch (the S-LoRA / Punica idea): until called with None, row b of
+    every forward uses adapter names[b] (None: the base), none of them merged and none swapped.
+    use_row_index(model, index) then changes the rows' adapters without rebuilding anything."""
+    layers = _lora_layers(model).values()
+    if names is None:
+        for layer in layers:
+            layer.rows = None
+        return None
+    unmerge_lora(model)
+    for n in names:
+        if n is not None:
+            _check_name(model, n)
+    loaded = adapter_names(model)
+    index = row_index(model, names).to(next(iter(next(iter(layers)).lora_A.values())).weight.device)
+    for layer in layers:
+        layer.rows = (*layer.stacked(loaded), index)
+    return index
+
+
+def row_index(model, names: list[str | None]) -> torch.Tensor:
+    """Each row's adapter as its place in set_row_adapters' stack: 0 for the base, i + 1 for the i-th loaded."""
+    loaded = adapter_names(model)
+    return torch.tensor([0 if n is None else loaded.index(n) + 1 for n in names])
+
+
+def use_row_index(model, index: torch.Tensor):
+    """Rows take the adapters `index` names (row_index), with the stacks set_row_adapters built."""
+    for layer in _lora_layers(model).values():
+        layer.rows = (*layer.rows[:2], index)
 
 
 def _check_name(model, name):

@@ -1,0 +1,248 @@
+"""engine.py: many prompts decoded together (continuous batching), for dataset inference and the server.
+
+A first reading can skip this file. decode.generate answers one prompt: prefill, then one token
+at a time. Engine does the same work for many prompts at once, and that is all it does:
+
+    slots       the KV cache holds `slots` sequences side by side (per-slot, not paged: a slot is
+                max_len positions, and a sequence keeps its slot from prefill to its last token);
+                how many slots is decided from free GPU memory (plan_slots), so 1,000 prompts
+                never run out of memory: the rest wait for a slot
+    step()      first each waiting prompt that finds a free slot is prefilled alone (its own
+                length, no padding) and picks its first token; then every running sequence
+                decodes one token in a single batched forward: row b of the batch is slot b, with
+                its own position, attending only to its own slot's keys (a mask per row)
+    leaving     a sequence that meets one of its stop ids or its max_new_tokens leaves at once,
+                and the next prompt's prefill takes its slot in the following step
+
+Each request keeps its own sampling settings, seed, stop ids and adapter (lora.set_row_adapters:
+each row through its own adapter, in one batch). Tokens are handed to the request's callback as
+they are chosen.
+
+Replaces: decode.generate, one prompt at a time.
+Proved equal by: tests/test_engine.py::test_greedy_rows_equal_decoding_each_alone (float32 on the
+CPU: token for token, rows of very different lengths, sampled rows too).
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+import decode
+import lora
+import model as modeling
+from model import ModelError
+
+
+@dataclass
+class Request:
+    """One prompt to answer, with its own settings (decode.generate's arguments)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset = frozenset()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    adapter: str | None = None  # a loaded adapter's name; None: the base model
+    on_token: object = None  # on_token(token_id, finished): called as each token is chosen
+    tokens: list = field(default_factory=list)  # the answer so far, a stop id included
+    done: bool = False
+    cancelled: bool = False
+
+
+class Sequence:
+    """A request running in a slot: its cached length and what picking its next token needs."""
+
+    def __init__(self, request: Request, device, vocab_size: int):
+        self.request, self.length, self.pending = request, 0, None  # pending: chosen, not yet run
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # for the repetition penalty
+        self.seen[torch.tensor(request.prompt, device=device)] = True
+        self.generator = None
+        if request.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(request.seed if request.seed is not None else 0)
+
+    def choose(self, logits, greedy_id: int) -> int:
+        """The next token from this row's logits (vocab,), as decode.generate chooses it."""
+        r = self.request
+        if r.temperature == 0 and r.repetition_penalty == 1.0:
+            return greedy_id  # the row's argmax, taken for the whole batch at once
+        token = decode.next_token(logits, self.seen, r.temperature, r.top_p, r.top_k, r.repetition_penalty,
+                                  self.generator)
+        return int(token)
+
+    def accept(self, token: int) -> bool:
+        """Record the chosen token; whether the sequence is finished (a stop id, or its length)."""
+        r = self.request
+        r.tokens.append(token)
+        if r.repetition_penalty != 1.0:
+            self.seen[token] = True
+        finished = token in r.stop_ids or len(r.tokens) >= r.max_new_tokens
+        self.pending = None if finished else token
+        r.done = finished
+        if r.on_token is not None:
+            r.on_token(token, finished)
+        return finished
+
+
+class SlotCache(modeling.KVCache):
+    """Keys and values of `slots` sequences side by side, each up to max_len positions.
+
+    Before each forward the engine says what runs: prefill(slot, T) a prompt alone, or
+    decode(positions) one new token for each of slots 0 .. B-1 at its own position."""
+
+    def __init__(self, config, slots: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__(config, slots, max_len, device=device, dtype=dtype)
+        self.slot, self.positions = None, None
+
+    def prefill(self, slot: int):
+        self.slot, self.positions = slot, None
+
+    def decode(self, positions: torch.Tensor):
+        self.slot, self.positions = None, positions  # (B,): where row b's new token goes
+
+    def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
+        B, T = input_ids.shape
+        if self.positions is None:  # a prompt alone, from position 0: causal attention, no mask
+            return torch.arange(T, device=input_ids.device)[None], None, T > 1
+        span = int(self.positions.max()) + 1  # keys beyond every row's position are never needed
+        keys = torch.arange(span, device=input_ids.device)
+        mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
+        return self.positions[:, None], mask, False
+
+    def update(self, layer: int, k, v):
+        if self.positions is None:  # k, v (1, nkv, T, hd) into this slot's first T positions
+            T = k.shape[2]
+            self.k[layer][self.slot, :, :T], self.v[layer][self.slot, :, :T] = k[0], v[0]
+            return self.k[layer][self.slot:self.slot + 1, :, :T], self.v[layer][self.slot:self.slot + 1, :, :T]
+        B, span = k.shape[0], int(self.positions.max()) + 1
+        rows = torch.arange(B, device=k.device)
+        self.k[layer][rows, :, self.positions] = k[:, :, 0]  # (B, nkv, hd) each at its row's position
+        self.v[layer][rows, :, self.positions] = v[:, :, 0]
+        return self.k[layer][:B, :, :span], self.v[layer][:B, :, :span]
+
+
+def plan_slots(config, max_batch_size: int, max_len: int, device, dtype, memory_fraction: float = 0.8) -> int:
+    """How many sequences the cache holds: max_batch_size, or fewer where a GPU's free memory
+    (after the weights) cannot hold that many caches of max_len positions."""
+    if device.type != "cuda":
+        return max_batch_size
+    per_slot = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * max_len * dtype.itemsize
+    free, _ = torch.cuda.mem_get_info(device)
+    slots = min(max_batch_size, int(free * memory_fraction // per_slot))
+    if slots < 1:
+        raise ModelError(f"one sequence of {max_len} positions needs {per_slot / 2**30:.1f} GiB of KV cache and the GPU "
+                         f"has {free / 2**30:.1f} GiB free: lower --max_new_tokens or --max_model_len.")
+    return slots
+
+
+class Engine:
+    """Continuous batching over one model: add() requests from any thread, step() until idle."""
+
+    def __init__(self, model, max_batch_size: int = 32, max_len: int | None = None):
+        config, p = model.config, model.lm_head.weight
+        self.model, self.device = model, p.device
+        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        slots = plan_slots(config, max_batch_size, self.max_len, p.device, p.dtype)
+        self.cache = SlotCache(config, slots, self.max_len, device=p.device, dtype=p.dtype)
+        self.running: list[Sequence | None] = [None] * slots  # slot -> its sequence
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()
+        self.adapters = bool(lora.adapter_names(model))
+        if self.adapters:  # every loaded adapter stacked once; each forward then only says which row takes which
+            lora.set_row_adapters(model, [None])
+
+    @property
+    def slots(self) -> int:
+        return len(self.running)
+
+    def add(self, request: Request) -> Request:
+        """Queue a request; its tokens arrive through request.on_token and request.tokens."""
+        if len(request.prompt) + 1 > self.max_len:
+            raise ModelError(f"the prompt is {len(request.prompt)} tokens and a sequence holds {self.max_len}: "
+                             "no room for an answer. Shorten it.")
+        request.max_new_tokens = min(request.max_new_tokens, self.max_len - len(request.prompt))
+        with self.lock:
+            self.waiting.append(request)
+        return request
+
+    def idle(self) -> bool:
+        return not self.waiting and all(s is None for s in self.running)
+
+    @torch.no_grad()
+    def step(self):
+        """Admit waiting prompts into free slots (prefill, first token), then decode one token for
+        every running sequence. Cancelled requests leave first."""
+        for slot, seq in enumerate(self.running):
+            if seq is not None and seq.request.cancelled:
+                self.running[slot] = None
+        self.admit()
+        rows = [slot for slot, seq in enumerate(self.running) if seq is not None and seq.pending is not None]
+        if rows:
+            self.decode_step(rows[-1] + 1)
+
+    def admit(self):
+        for slot in range(self.slots):
+            if self.running[slot] is not None:
+                continue
+            with self.lock:
+                request = self.waiting.popleft() if self.waiting else None
+            while request is not None and request.cancelled:
+                with self.lock:
+                    request = self.waiting.popleft() if self.waiting else None
+            if request is None:
+                return
+            self.prefill(slot, request)
+
+    def prefill(self, slot: int, request: Request):
+        seq = Sequence(request, self.device, self.model.config.vocab_size)
+        self.use_adapters([request.adapter])
+        self.cache.prefill(slot)
+        ids = torch.tensor([request.prompt], device=self.device)  # (1, T)
+        h = self.model.model(ids, cache=self.cache)  # (1, T, hidden)
+        logits = self.model.lm_head(h[0, -1])  # (vocab,)
+        seq.length = len(request.prompt)
+        if not seq.accept(seq.choose(logits, int(logits.float().argmax()))):
+            self.running[slot] = seq
+
+    def decode_step(self, B: int):
+        """One token for each running sequence in slots 0 .. B-1 (a free slot among them runs a
+        harmless dummy row: its cache is rewritten by the next prefill into it)."""
+        seqs = self.running[:B]
+        live = [s is not None and s.pending is not None for s in seqs]
+        tokens = torch.tensor([[s.pending if ok else 0] for s, ok in zip(seqs, live)], device=self.device)  # (B, 1)
+        positions = torch.tensor([s.length if ok else 0 for s, ok in zip(seqs, live)], device=self.device)  # (B,)
+        self.use_adapters([s.request.adapter if ok else None for s, ok in zip(seqs, live)])
+        logits = self.forward(tokens, positions)  # (B, vocab)
+        greedy = logits.float().argmax(-1).tolist()
+        for slot, (seq, ok) in enumerate(zip(seqs, live)):
+            if ok:
+                seq.length += 1
+                if seq.accept(seq.choose(logits[slot], greedy[slot])):
+                    self.running[slot] = None
+
+    def forward(self, tokens, positions):
+        """Logits (B, vocab) of one new token for each row, at its own position."""
+        self.cache.decode(positions)
+        h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
+        return self.model.lm_head(h[:, -1])
+
+    def use_adapters(self, names: list[str | None]):
+        """Each row through its own adapter (none loaded: nothing to do)."""
+        if self.adapters:
+            lora.use_row_index(self.model, lora.row_index(self.model, names).to(self.device))
+
+    def close(self):
+        """Give the model back as it was: one active adapter for every row."""
+        if self.adapters:
+            lora.set_row_adapters(self.model, None)
+
+    def run(self, requests) -> list[Request]:
+        """Answer every request, as many at once as there are slots; the requests, answered."""
+        requests = [self.add(r) for r in requests]
+        while not self.idle():
+            self.step()
+        return requests
