@@ -526,10 +526,77 @@ def hf_decode(shape, new_tokens, device, fp32=False):
 
 
 # ----------------------------------------------------------------------------------------------
+# Many prompts at once (issue 30): the engine against transformers' generate with left padding
+
+
+def batch_prompts(vocab: int, n: int, small: bool) -> list[list[int]]:
+    """n prompts of 20 to 400 tokens (--small: 4 to 40), the same in every implementation."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(4 if small else 20, (40 if small else 400) + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+@torch.no_grad()
+def ours_batch(shape, device, a):
+    """All prompts through engine.Engine with --batch slots: one adapter unmerged, merged (and its
+    projections fused), or --adapters adapters, each row taking one in turn. Output tokens a second."""
+    import engine
+    import lora
+    m = ours_model(shape, device).eval()
+    for i in range(1, a.adapters):
+        lora.add_adapter(m, lora.LoraConfig(r=8, lora_alpha=32), f"a{i}")
+    random_lora(m)
+    decisive(m)
+    names = lora.adapter_names(m)
+    if a.merged:
+        lora.set_active_adapter(m, names[0])
+        lora.merge_lora(m)
+        speed.plan_decoding(False, False, device, m).prepare(m)
+    prompts = batch_prompts(shape["vocab_size"], a.prompts, a.small)
+    e = engine.Engine(m, max_batch_size=a.batch, max_len=max(map(len, prompts)) + a.new_tokens)
+    requests = lambda n: [engine.Request(p, n, adapter=None if a.merged else names[i % len(names)])
+                          for i, p in enumerate(prompts)]
+    e.run(requests(2)[:a.batch])  # warm-up: the full batch's graph recorded
+    sync(device)
+    t = time.perf_counter()
+    done = e.run(requests(a.new_tokens))
+    sync(device)
+    s = time.perf_counter() - t
+    return {"tok_s": sum(len(r.tokens) for r in done) / s, "total_s": s, "tokens": done[0].tokens, "slots": e.slots}
+
+
+@torch.no_grad()
+def hf_batch(shape, device, a):
+    """The prompts through transformers' generate + peft (adapter unmerged), left-padded, in
+    batches of each of --hf_batches; the fastest size's time."""
+    m = hf_model(shape, device).eval()
+    m.config.use_cache = True
+    random_lora(m)
+    decisive(m.base_model.model)
+    prompts = batch_prompts(shape["vocab_size"], a.prompts, a.small)
+    kw = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    best = None
+    for size in a.hf_batches:
+        sync(device)
+        t = time.perf_counter()
+        for i in range(0, len(prompts), size):
+            chunk = prompts[i:i + size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            out = m.generate(input_ids=ids, attention_mask=mask, **kw)
+            first = out[0, width:].tolist() if i == 0 else first
+        sync(device)
+        s = time.perf_counter() - t
+        best = min(best or (s, size), (s, size))
+    return {"tok_s": len(prompts) * a.new_tokens / best[0], "total_s": best[0], "batch": best[1], "tokens": first}
+
+
+# ----------------------------------------------------------------------------------------------
 # Driver: each workload in its own process
 
 
-WORKLOADS = ["train", "decode", "longest", "tutorial", "quant", "fit"]
+WORKLOADS = ["train", "decode", "longest", "tutorial", "quant", "fit", "batch"]
 PLANS = {  # --plan: how our layers run (speed.TrainingPlan), as train.py chooses them
     "eager": speed.TrainingPlan(),  # the plain path
     "fused": speed.TrainingPlan(fused=True, host_embedding=True),  # --cuda_graph false
@@ -556,6 +623,8 @@ def worker(a):
         "hf_longest": lambda: hf_longest(shape, device, a),
         "ours_tutorial": lambda: ours_tutorial(shape, device, a),
         "hf_tutorial": lambda: hf_tutorial(shape, device, a),
+        "ours_batch": lambda: ours_batch(shape, device, a),
+        "hf_batch": lambda: hf_batch(shape, device, a),
         "peak_matmul": lambda: peak_matmul(device),
         "peak_copy": lambda: peak_copy(device),
     }
@@ -685,6 +754,10 @@ def build_parser():
     p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one_by_one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prompts", type=int, default=256, help="batch: how many prompts (20 to 400 tokens each)")
+    p.add_argument("--batch", type=int, default=128, help="batch: the engine's slots")
+    p.add_argument("--hf_batches", type=int, nargs="+", default=[64, 128], help="batch: the reference's batch sizes to try")
+    p.add_argument("--adapters", type=int, default=1, help=argparse.SUPPRESS)
     return p
 
 
@@ -829,7 +902,8 @@ def main():
     peak = [("peak", "peak matmul rate", "one large square product", ["peak_matmul"])] if "train" in a.workloads else []
     peak += [("copy", "memory bandwidth", "a 2 GiB copy on the device", ["peak_copy"])] if "decode" in a.workloads else []
     jobs = peak + [job for name, jobs_of in (("train", lambda: train_jobs(a, seqs)), ("decode", lambda: decode_jobs(a)),
-                                      ("longest", lambda: longest_jobs(a)), ("tutorial", lambda: tutorial_jobs(a)))
+                                      ("longest", lambda: longest_jobs(a)), ("tutorial", lambda: tutorial_jobs(a)),
+                                      ("batch", lambda: batch_jobs(a)))
             if name in a.workloads for job in jobs_of()]
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
     rows, results = [], {}
@@ -884,6 +958,18 @@ def train_jobs(a, seqs) -> list:
         variants += [] if "hf" in a.skip else [(n, ["hf_train", "--seq", seq, *f]) for n, f in HF_TRAIN.items()]
         jobs += [(f"train{seq} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
     return jobs
+
+
+BATCH_OURS = {"ours, adapter unmerged": [], "ours, adapter merged": ["--merged"], "ours, four adapters mixed": ["--adapters", 4]}
+
+
+def batch_jobs(a) -> list:
+    """--prompts prompts through the engine (--batch slots) three ways, and transformers' generate."""
+    common = ["--prompts", a.prompts, "--batch", a.batch]
+    variants = [(n, ["ours_batch", *common, *flags]) for n, flags in BATCH_OURS.items()]
+    variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_batch", *common, "--hf_batches", *a.hf_batches])]
+    what = f"batch: {a.prompts} prompts x {a.new_tokens} tokens"
+    return [(f"batch {name}", what, name, args) for name, args in variants]
 
 
 def decode_jobs(a) -> list:
@@ -947,6 +1033,9 @@ def row_of(key: str, r: dict, results: dict, shape: dict) -> tuple:
         seq = int(key.split()[0].removeprefix("train"))
         return (fmt(r, "tok_s", ",.0f") + " tok/s" + roofline_note(r, shape, seq, peak), fmt(r, "peak_allocated_gib", ".2f") + " / "
                 + fmt(r, "peak_reserved_gib", ".2f") + " GiB", fmt(r, "first_loss", ".4f"))
+    if key.startswith("batch"):
+        how = f"{r['slots']} slots" if "slots" in r else f"batch {r['batch']}" if "batch" in r else ""
+        return (fmt(r, "tok_s", ",.0f") + f" tok/s ({fmt(r, 'total_s', '.1f')} s, {how})", "", "")
     if key.startswith("decode"):
         bound = copy["gb_s"] * 1e9 / decode_bytes_per_token(shape) if "gb_s" in copy else None
         share = f" ({100 * r['tok_s'] / bound:.0f}% of the bandwidth bound, {bound:,.0f})" if bound and "tok_s" in r else ""
@@ -974,6 +1063,12 @@ def print_ratios(results: dict, seqs):
     for name in OURS_DECODE:
         if f"decode {name}" in results:
             print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
+    for name in BATCH_OURS:
+        if f"batch {name}" in results:
+            print(f"| batch, {name}: output tok/s | {ratio(f'batch {name}', 'batch transformers + peft', 'tok_s')} |")
+    if "batch ours, four adapters mixed" in results:
+        print(f"| batch, four adapters mixed against one merged | "
+              f"{ratio('batch ours, four adapters mixed', 'batch ours, adapter merged', 'tok_s')} |")
     if "longest ours" in results:
         print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
     if f"longest {OFFLOADED}" in results:
@@ -1013,6 +1108,11 @@ def print_greedy_agreement(results: dict):
         if k.startswith("decode") and "tokens" in v and ref and k != "decode ours, adapter unmerged (eager)":
             same = sum(x == y for x, y in zip(v["tokens"], ref))
             print(f"greedy tokens, {k[7:]} vs ours unmerged eager: {same}/{len(ref)} identical")
+    ref = results.get("batch transformers + peft", {}).get("tokens")  # the first prompt's answer, left-padded
+    for k, v in results.items():
+        if k.startswith("batch ours") and "tokens" in v and ref:
+            same = sum(x == y for x, y in zip(v["tokens"], ref))
+            print(f"greedy tokens of the first prompt, {k[6:]} vs transformers + peft: {same}/{len(ref)} identical")
 
 
 def ddp_main(a):

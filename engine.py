@@ -32,6 +32,7 @@ import torch
 import decode
 import lora
 import model as modeling
+import speed
 from model import ModelError
 
 
@@ -97,6 +98,7 @@ class SlotCache(modeling.KVCache):
     def __init__(self, config, slots: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
         self.slot, self.positions = None, None
+        self.whole = False  # attend over all max_len positions (a recorded CUDA graph), not just the filled ones
 
     def prefill(self, slot: int):
         self.slot, self.positions = slot, None
@@ -108,17 +110,21 @@ class SlotCache(modeling.KVCache):
         B, T = input_ids.shape
         if self.positions is None:  # a prompt alone, from position 0: causal attention, no mask
             return torch.arange(T, device=input_ids.device)[None], None, T > 1
-        span = int(self.positions.max()) + 1  # keys beyond every row's position are never needed
-        keys = torch.arange(span, device=input_ids.device)
+        keys = torch.arange(self.span(), device=input_ids.device)
         mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
         return self.positions[:, None], mask, False
+
+    def span(self) -> int:
+        """Keys a decode step attends over: up to the furthest row's position (beyond it no row
+        looks), or all of them for a recorded graph, whose shapes cannot depend on the data."""
+        return self.max_len if self.whole else int(self.positions.max()) + 1
 
     def update(self, layer: int, k, v):
         if self.positions is None:  # k, v (1, nkv, T, hd) into this slot's first T positions
             T = k.shape[2]
             self.k[layer][self.slot, :, :T], self.v[layer][self.slot, :, :T] = k[0], v[0]
             return self.k[layer][self.slot:self.slot + 1, :, :T], self.v[layer][self.slot:self.slot + 1, :, :T]
-        B, span = k.shape[0], int(self.positions.max()) + 1
+        B, span = k.shape[0], self.span()
         rows = torch.arange(B, device=k.device)
         self.k[layer][rows, :, self.positions] = k[:, :, 0]  # (B, nkv, hd) each at its row's position
         self.v[layer][rows, :, self.positions] = v[:, :, 0]
@@ -142,7 +148,7 @@ def plan_slots(config, max_batch_size: int, max_len: int, device, dtype, memory_
 class Engine:
     """Continuous batching over one model: add() requests from any thread, step() until idle."""
 
-    def __init__(self, model, max_batch_size: int = 32, max_len: int | None = None):
+    def __init__(self, model, max_batch_size: int = 32, max_len: int | None = None, cuda_graph: bool | None = None):
         config, p = model.config, model.lm_head.weight
         self.model, self.device = model, p.device
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -151,9 +157,13 @@ class Engine:
         self.running: list[Sequence | None] = [None] * slots  # slot -> its sequence
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
-        self.adapters = bool(lora.adapter_names(model))
+        layers = [m for m in model.modules() if isinstance(m, lora.LoRALinear)]
+        self.merged = lora.active_adapter(model) if any(m.merged for m in layers) else None  # --merge_lora
+        self.adapters = bool(lora.adapter_names(model)) and self.merged is None
         if self.adapters:  # every loaded adapter stacked once; each forward then only says which row takes which
             lora.set_row_adapters(model, [None])
+        self.forward = self.eager_forward  # on a GPU, CUDA graphs of it (speed.plan_batch_decoding)
+        speed.plan_batch_decoding(self, cuda_graph)
 
     @property
     def slots(self) -> int:
@@ -164,6 +174,9 @@ class Engine:
         if len(request.prompt) + 1 > self.max_len:
             raise ModelError(f"the prompt is {len(request.prompt)} tokens and a sequence holds {self.max_len}: "
                              "no room for an answer. Shorten it.")
+        if self.merged is not None and request.adapter not in (None, self.merged):
+            raise ModelError(f"adapter {request.adapter!r} cannot answer: adapter {self.merged!r} is merged into the "
+                             "weights, so every answer comes from it. Load the adapters unmerged to mix them.")
         request.max_new_tokens = min(request.max_new_tokens, self.max_len - len(request.prompt))
         with self.lock:
             self.waiting.append(request)
@@ -215,8 +228,8 @@ class Engine:
         live = [s is not None and s.pending is not None for s in seqs]
         tokens = torch.tensor([[s.pending if ok else 0] for s, ok in zip(seqs, live)], device=self.device)  # (B, 1)
         positions = torch.tensor([s.length if ok else 0 for s, ok in zip(seqs, live)], device=self.device)  # (B,)
-        self.use_adapters([s.request.adapter if ok else None for s, ok in zip(seqs, live)])
-        logits = self.forward(tokens, positions)  # (B, vocab)
+        adapters = lora.row_index(self.model, [s.request.adapter if ok else None for s, ok in zip(seqs, live)])
+        logits = self.forward(tokens, positions, adapters.to(self.device) if self.adapters else None)  # (B, vocab)
         greedy = logits.float().argmax(-1).tolist()
         for slot, (seq, ok) in enumerate(zip(seqs, live)):
             if ok:
@@ -224,8 +237,11 @@ class Engine:
                 if seq.accept(seq.choose(logits[slot], greedy[slot])):
                     self.running[slot] = None
 
-    def forward(self, tokens, positions):
-        """Logits (B, vocab) of one new token for each row, at its own position."""
+    def eager_forward(self, tokens, positions, adapters=None):
+        """Logits (B, vocab) of one new token (B, 1) for each row, at its own position (B,), through
+        its own adapter (B,) (lora.row_index; None: no adapter is loaded)."""
+        if adapters is not None:
+            lora.use_row_index(self.model, adapters)
         self.cache.decode(positions)
         h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
         return self.model.lm_head(h[:, -1])

@@ -711,6 +711,65 @@ class CUDAGraphDecoder(decode.Decoder):
 
 
 # ----------------------------------------------------------------------------------------------
+# CUDA-graph batched decoding. Replaces: engine.Engine.eager_forward.
+# Proved equal by: tests/test_engine.py::test_cuda_graph_batches_give_the_eager_tokens (GPU)
+
+
+class CUDAGraphBatchDecoding:
+    """engine.Engine's decode step (one token for each of B rows) replayed as a CUDA graph, one
+    recorded per batch-size bucket (1, 2, 4, 8, ...: a batch of B runs in the smallest bucket that
+    holds it, its spare rows harmless dummies), as CUDAGraphDecoder does for one prompt.
+
+    The tokens, positions and adapter rows live in fixed buffers filled before each replay, and a
+    recorded step attends over every cached position (SlotCache.whole), masked after each row's own.
+    Graphs are recorded as buckets are first needed, on a side stream, sharing one memory pool."""
+
+    def __init__(self, engine):
+        self.engine, slots, device = engine, engine.slots, engine.device
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.adapters = torch.zeros(slots, dtype=torch.long, device=device)
+        self.graphs, self.logits, self.pool = {}, {}, torch.cuda.graph_pool_handle()
+        engine.cache.whole = True
+
+    def bucket(self, B: int) -> int:
+        return min(self.engine.slots, 1 << (B - 1).bit_length())
+
+    def __call__(self, tokens, positions, adapters=None):
+        B, b = tokens.shape[0], self.bucket(tokens.shape[0])
+        for buffer, values in ((self.tokens, tokens), (self.positions, positions), (self.adapters, adapters)):
+            if values is not None:
+                buffer[B:b] = 0  # dummy rows: position 0 of their own slot, no adapter
+                buffer[:B] = values
+        if b not in self.graphs:
+            self.record(b)
+        self.graphs[b].replay()
+        return self.logits[b][:B]
+
+    def record(self, b: int):
+        e = self.engine
+        step = lambda: e.eager_forward(self.tokens[:b], self.positions[:b], self.adapters[:b] if e.adapters else None)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            step()  # warm up outside the default stream, as capture requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            self.logits[b] = step()
+        self.graphs[b] = graph
+
+
+def plan_batch_decoding(engine, cuda_graph: bool | None):
+    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU."""
+    if cuda_graph is None:
+        cuda_graph = engine.device.type == "cuda"
+    if cuda_graph:
+        engine.forward = CUDAGraphBatchDecoding(engine)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------
 # Fused projections. Replaces: three q, k, v matmuls (and two gate, up) with one, for decoding.
 # Proved equal by: tests/test_model.py::test_fused_projections_give_the_same_logits
 

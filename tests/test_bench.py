@@ -15,8 +15,9 @@ def test_bench_small_runs_every_workload_and_matches_the_reference_loss():
     table is caught here, before a GPU is asked for."""
     # One thread: tiny matmuls, and on a busy machine several threads can be many times slower.
     r = subprocess.run([sys.executable, "bench.py", "--small", "--steps", "2", "--new_tokens", "16", "--workloads",
-                        "train", "decode", "tutorial", "longest", "fit"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        "train", "decode", "tutorial", "longest", "fit", "batch", "--prompts", "8", "--batch", "4",
+                        "--hf_batches", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "| train, 256 tokens | ours (eager) |" in out and "| train, 256 tokens | transformers + peft |" in out
@@ -30,6 +31,10 @@ def test_bench_small_runs_every_workload_and_matches_the_reference_loss():
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 16/16 identical" in out
     assert "| longest sequence in 22 GiB | ours | 256 tokens |" in out and "| longest trainable sequence | 1.00x |" in out
     assert "| QWEN3-8B | 15.3 / 5.7 GiB |" in out  # the fit table
+    # many prompts through the engine, and transformers' generate with left padding: the same greedy answer
+    assert "| batch: 8 prompts x 16 tokens | ours, four adapters mixed |" in out
+    assert "| batch, four adapters mixed against one merged |" in out
+    assert "greedy tokens of the first prompt, ours, adapter unmerged vs transformers + peft: 16/16 identical" in out
 
 
 def test_bench_small_runs_the_qwen3_shape_against_transformers_qwen3():
