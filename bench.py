@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from functools import partial
@@ -592,6 +593,91 @@ def hf_batch(shape, device, a):
     return {"tok_s": len(prompts) * a.new_tokens / best[0], "total_s": best[0], "batch": best[1], "tokens": first}
 
 
+def serve_main(a):
+    """--serve N: serve.py on a random checkpoint of --shape (the tiny model with --small), then N
+    clients at once, each streaming one answer of --new_tokens tokens to a prompt of 20 to 400 words:
+    time to each one's first token, and output tokens a second over all of them."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    import cli
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(cli.tiny_dir("tiny")) if a.small else str(Path(tmp) / a.shape)
+        if not a.small:
+            write_checkpoint(a.shape, model)
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "serve.py", "--model", model, "--port", str(port), "--max_batch_size",
+                                 str(a.serve), "--max_model_len", str(512 + a.new_tokens) if a.small else "4096",
+                                 "--temperature", "0"], stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until_serving(proc, port)
+            stream_answer(port, "warm up", 4)  # the first graphs recorded
+            results, start = [None] * a.serve, time.perf_counter()
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream_answer(
+                port, " ".join(["word"] * (20 + 380 * i // max(1, a.serve - 1))), a.new_tokens))) for i in range(a.serve)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - start
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    first = sorted(r[0] for r in results)
+    print(f"server, {a.serve} streaming clients at once ({a.shape if not a.small else 'tiny'}): time to first token "
+          f"median {first[len(first) // 2]:.2f} s, worst {first[-1]:.2f} s; {sum(r[1] for r in results):,} tokens in "
+          f"{wall:.1f} s = {sum(r[1] for r in results) / wall:,.0f} output tok/s")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(proc, port: int, timeout: float = 900):
+    import http.client
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited: {proc.stderr.read()[-2000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError("serve.py did not start")
+
+
+def stream_answer(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """(seconds to the first content chunk, completion tokens) of one streamed answer."""
+    import http.client
+    body = {"model": next(iter(json.loads(http_get(port, "/v1/models"))["data"]))["id"], "stream": True,
+            "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "stream_options": {"include_usage": True}}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    start, first, tokens = time.perf_counter(), None, 0
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    for line in conn.getresponse():
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+            first = time.perf_counter() - start
+        tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    return (first if first is not None else time.perf_counter() - start), tokens
+
+
+def http_get(port: int, path: str) -> str:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    return conn.getresponse().read().decode()
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver: each workload in its own process
 
@@ -732,6 +818,7 @@ def build_parser():
                    "compiled_decode unmerged one_by_one (quant: 7b 14b 32b qwen3-32b)")
     p.add_argument("--tokenizer", default=None, help="tutorial: a model folder whose tokenizer.json to use (default: tiny's)")
     p.add_argument("--ddp", type=int, default=0, help="only measure train.py's data-parallel step on 1 and N GPUs")
+    p.add_argument("--serve", type=int, default=0, help="only measure serve.py under N streaming clients at once")
     p.add_argument("--fsdp", type=int, default=0, help="only measure --fsdp: the 32B shape on 1 and N GPUs, 72B on N")
     p.add_argument("--check_greedy", action="store_true", help="only check that every decode path gives transformers' tokens")
     p.add_argument("--json", default=None, help="also write all results to this file")
@@ -885,6 +972,8 @@ def main():
         return
     if a.ddp:
         return ddp_main(a)
+    if a.serve:
+        return serve_main(a)
     if a.fsdp:
         return fsdp_main(a)
     if a.check_greedy:

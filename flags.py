@@ -9,6 +9,7 @@ ms-swift's other flags, --device, the dtypes, the error exit) is in cli.py.
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -236,9 +237,17 @@ def infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
     g.add_argument("--enable_thinking", type=str2bool, default=None, help="hybrid Qwen3: reason before answering (default: true, as the model's template)")
     g.add_argument("--show_thinking", type=str2bool, default=None, help="print the reasoning before the answer (default: in the REPL only; piped: a 'reasoning' field)")
-    g.add_argument("--stream", type=str2bool, default=True, help="print the answer as it is generated")
+    g.add_argument("--stream", type=str2bool, default=None, help="print the answer as it is generated (default: true; not with --val_dataset)")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")
     g.add_argument("--show_prompt", type=str2bool, default=False, help="print the whole rendered prompt (system prompt, history) to stderr before each answer")
+
+    g = p.add_argument_group("a dataset: every row answered into --result_path, one JSON line each (predict.py)")
+    g.add_argument("--val_dataset", nargs="+", default=[], metavar="SOURCE", help="rows to answer: .json/.jsonl files or hub ids; SOURCE#N samples N rows")
+    g.add_argument("--load_data_args", type=str2bool, default=False, help="answer the validation rows the adapter's training held out")
+    g.add_argument("--result_path", default=None, help="the answers, a JSONL file (default: CKPT/infer_result/TIME.jsonl); continued if it exists")
+    g.add_argument("--max_batch_size", type=int, default=32, help="rows decoded at once (-1: all; on a GPU fewer if their KV cache does not fit)")
+    g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}} in the rows (default: the adapter's training value)")
+    g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}} in the rows (default: the adapter's training value)")
     p.add_swift_flags("infer")
     return p
 
@@ -299,3 +308,29 @@ def check_infer_args(args, device):
         raise UsageError(f"{flag} needs a GPU (--device cuda); on the CPU decoding runs eagerly.")
     if not args.model and not args.adapters:
         raise UsageError("give --model (a base model) or --adapters (a checkpoint folder, whose args.json names its base).")
+    if args.stream is None:
+        args.stream = True
+
+
+def check_dataset_args(args):
+    """--val_dataset / --load_data_args (predict.py): the checks before any row is read."""
+    if args.load_data_args and args.val_dataset:
+        raise UsageError("--load_data_args true answers the validation rows of the adapter's own training run, and "
+                         "--val_dataset names other rows: give one of them.")
+    if args.load_data_args and not args.adapters:
+        raise UsageError("--load_data_args true reads the training run's datasets from the checkpoint's args.json: "
+                         "give the checkpoint with --adapters CKPT.")
+    if args.prompt is not None:
+        raise UsageError("--prompt answers one question and --val_dataset a dataset: give one of them.")
+    if args.max_batch_size == 0 or args.max_batch_size < -1:
+        raise UsageError(f"--max_batch_size {args.max_batch_size}: must be 1 or more (-1: every row at once).")
+    for name in ("model_name", "model_author"):
+        if getattr(args, name) and len(getattr(args, name)) > 2:
+            raise UsageError(f"--{name} takes one value, or a Chinese and an English value; got {len(getattr(args, name))}.")
+    for spec in args.val_dataset:
+        path, _ = sources.parse_source(spec)
+        if path.endswith((".json", ".jsonl")) and not Path(path).exists():
+            raise UsageError(f"--val_dataset {spec}: {path} does not exist.{sources.shipped_hint(path)}")
+    if args.stream is not None:
+        print(f"note: --stream {str(args.stream).lower()} changes nothing with a dataset: each answer goes to the "
+              "result file when it is complete.", file=sys.stderr)

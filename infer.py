@@ -514,7 +514,13 @@ def load_base(folder: Path, model_name: str, named_in: tuple | None, dtype, devi
 def main(argv=None) -> int:
     def chat_until_done():
         args = flags.infer_parser().parse_args(argv)
+        dataset = args.val_dataset or args.load_data_args  # every row answered into a file: predict.py
+        if dataset:
+            import predict
+            rows = predict.read_dataset(args)  # before the model loads: a bad row fails at once
         chat = load_chat(args)
+        if dataset:
+            return predict.predict(chat, rows, args)
         if args.prompt is not None:
             chat.answer(chat.prompt_ids([{"role": "user", "content": args.prompt}]), sys.stdout)  # prints it
             return 0

@@ -38,8 +38,6 @@ USE_FSDP = ("DeepSpeed is not used here: `torchrun --nproc_per_node N train.py .
             "over the GPUs (ZeRO-3's job) with PyTorch's FSDP2")
 NO_QUANTIZED_EXPORT = ("merge.py writes the merged model in bf16 (GPTQ / AWQ / bnb export are not here); "
                        "`infer.py --model MERGED --quant_bits 4` quantises it as it loads")
-NO_DATASET_INFER = ("infer.py answers questions, not datasets: pipe them one per line, "
-                    "`python infer.py --adapters CKPT < questions.txt > answers.txt`")
 NO_VLLM = "infer.py decodes in PyTorch (one CUDA graph per token on a GPU); vLLM is not used"
 NO_UPLOAD = "upload the merged folder yourself: `huggingface-cli upload REPO FOLDER`"
 
@@ -75,7 +73,8 @@ FLAGS = {
     "bnb_4bit_quant_storage": SwiftFlag("uint8", TRAIN_INFER, "two 4-bit codes a byte", only=("uint8",)),
     # Data
     "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, "files and Hugging Face ids; ModelScope ids are not fetched"),
-    "val_dataset": SwiftFlag("val.jsonl", TRAIN, instead=NO_DATASET_INFER),
+    "val_dataset": SwiftFlag("val.jsonl", TRAIN_INFER, "infer.py: answers every row into --result_path, in order; SOURCE#N "
+                             "samples as training does (ms-swift: the first N rows)"),
     "split_dataset_ratio": SwiftFlag("0.01", TRAIN),
     "max_length": SwiftFlag("2048", TRAIN, "unset: 2048 (ms-swift: the model's context, 32,768 for Qwen2.5-7B)"),
     "truncation_strategy": SwiftFlag("delete", TRAIN, "delete, left or right ('split' is not here)"),
@@ -85,8 +84,10 @@ FLAGS = {
     "streaming": refused("true", "the datasets are read and tokenized before training; sample a large one with "
                                  "--dataset FILE#N"),
     "system": SwiftFlag("'You are a helpful assistant.'", TRAIN_INFER, "train.py stores it in args.json; infer.py reads it"),
-    "model_name": SwiftFlag("小黄 'Xiao Huang'", TRAIN, "replaces {{NAME}} in every dataset, not only ms-swift's own"),
-    "model_author": SwiftFlag("魔搭 ModelScope", TRAIN, "replaces {{AUTHOR}} in every dataset"),
+    "model_name": SwiftFlag("小黄 'Xiao Huang'", TRAIN_INFER, "replaces {{NAME}} in every dataset, not only ms-swift's own; "
+                            "infer.py, unset: the adapter's args.json value"),
+    "model_author": SwiftFlag("魔搭 ModelScope", TRAIN_INFER, "replaces {{AUTHOR}} in every dataset; infer.py, unset: the "
+                              "adapter's args.json value"),
     "columns": refused("""'{"question":"query"}'""", "write the rows in a format read here: messages, conversations, "
                                                "instruction/input/output or query/response"),
     "loss_scale": SwiftFlag("ignore_empty_think", TRAIN, "default or ignore_empty_think (no loss on an empty think block; "
@@ -156,7 +157,7 @@ FLAGS = {
                                             ignored=True),
     # Inference
     "infer_backend": SwiftFlag("pt", INFER, "pt (ms-swift 4.x: transformers) only; vllm, sglang, lmdeploy are not here"),
-    "stream": SwiftFlag("true", INFER),
+    "stream": SwiftFlag("true", INFER, "changes nothing with --val_dataset: answers go to the result file"),
     "temperature": SwiftFlag("0", INFER),
     "top_k": SwiftFlag("20", INFER),
     "top_p": SwiftFlag("0.8", INFER),
@@ -166,8 +167,15 @@ FLAGS = {
                             instead="merge.py writes a merged model, `python merge.py --adapters CKPT`"),
     "num_beams": refused("4", "there is no beam search; decoding is greedy (--temperature 0) or sampled"),
     "stop_words": refused("Observation:", "decoding stops at the model's end tokens or at --max_new_tokens"),
-    "max_batch_size": refused("8", NO_DATASET_INFER),
-    "result_path": refused("result.jsonl", NO_DATASET_INFER),
+    "max_batch_size": SwiftFlag("8", INFER, "rows decoded together (engine.py); unset: 32 (ms-swift: 1); -1: all; on a "
+                                "GPU fewer when their KV cache does not fit"),
+    "result_path": SwiftFlag("result.jsonl", INFER, "unset: CKPT/infer_result/TIME.jsonl, else "
+                             "result/MODEL/infer_result/TIME.jsonl, as ms-swift; an existing file is continued, not "
+                             "appended to again"),
+    "load_data_args": SwiftFlag("true", INFER, "answers the validation rows train.py held out, rebuilt from the "
+                                "checkpoint's args.json (a run of this toolkit's train.py)"),
+    "write_batch_size": SwiftFlag("1000", INFER, "each row is written as soon as every row before it is",
+                                  ignored=True),
     "vllm_gpu_memory_utilization": refused("0.9", NO_VLLM),
     "vllm_max_model_len": refused("8192", NO_VLLM),
     "gpu_memory_utilization": refused("0.9", NO_VLLM),

@@ -93,3 +93,11 @@ def test_profile_prints_the_step_and_its_heaviest_operations():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "fused, 64 tokens:" in r.stdout and "ms a step" in r.stdout and "CPU work:" in r.stdout
     assert "aten::mm" in r.stdout  # the matmuls are among the heaviest
+
+
+def test_bench_serve_measures_streaming_clients_against_the_real_server():
+    r = subprocess.run([sys.executable, "bench.py", "--small", "--serve", "3", "--new_tokens", "6"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "server, 3 streaming clients at once (tiny): time to first token median" in r.stdout
+    assert "output tok/s" in r.stdout
