@@ -337,8 +337,9 @@ def note_control_token_text(found: list[str | None]):
 
 
 def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:
-    """(train, validation): max(1, int(len * ratio)) random rows held out; ratio 0 holds out none."""
-    if ratio == 0:
+    """(train, validation): max(1, int(len * ratio)) random rows held out; ratio 0 (or no rows) holds
+    out none. train.load_data splits each --dataset source apart, as ms-swift does."""
+    if ratio == 0 or not rows:
         return list(rows), []
     if not 0 < ratio < 1:
         raise DataError(f"--split_dataset_ratio must be at least 0 and below 1, not {ratio}.")

@@ -8,6 +8,7 @@ ms-swift's other flags, --device, the dtypes, the error exit) is in cli.py.
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -35,6 +36,18 @@ def device_flags(g):
 
 # ----------------------------------------------------------------------------------------------
 # train.py
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object given on the command line, such as --lr_scheduler_kwargs."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e.msg}); write an object such as "
+                                         """'{"min_lr_rate": 0.1}'""") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write one such as " """'{"min_lr_rate": 0.1}'""")
+    return value
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -81,6 +94,8 @@ def data_flags(p):
                    help="hybrid Qwen3: an empty think block before each answer without one, as ms-swift")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
+    g.add_argument("--columns", default=None,
+                   help="""rename dataset columns first: a JSON object '{"old": "new"}', or a .json file of one""")
 
 
 def lora_flags(p):
@@ -101,8 +116,11 @@ def optimisation_flags(p):
     g.add_argument("--gradient_accumulation_steps", type=int, default=None,
                    help="micro-batches per optimizer step (default: ceil(16 / (batch size x GPUs)), as ms-swift)")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"], help="decay after warmup")
+    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup"], help="decay after warmup")
+    g.add_argument("--lr_scheduler_kwargs", type=json_object, default=None,
+                   help="""cosine_with_min_lr: '{"min_lr_rate": 0.1}' or '{"min_lr": 1e-5}' (transformers' names)""")
     g.add_argument("--warmup_ratio", type=float, default=0.0, help="fraction of the steps spent warming up linearly")
+    g.add_argument("--warmup_steps", type=float, default=0.0, help="warmup steps (below 1: a fraction of the steps, as --warmup_ratio)")
     g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay")
     g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam_beta2", type=float, default=0.95, help="AdamW beta2")
@@ -110,19 +128,25 @@ def optimisation_flags(p):
     g.add_argument("--gradient_checkpointing", type=str2bool, default=True, help="recompute each layer in backward instead of storing it")
     g.add_argument("--activation_cpu_offload", type=str2bool, default=None,
                    help="keep each layer's checkpointed input in host memory (default: on a GPU for long rows)")
-    g.add_argument("--seed", type=int, default=42, help="seed for sampling, shuffling, LoRA init and dropout")
+    g.add_argument("--seed", type=int, default=42, help="seed for LoRA init and dropout")
+    g.add_argument("--data_seed", type=int, default=42, help="seed for sampling (SOURCE#N), the validation split and the data order, as ms-swift")
 
 
 def run_flags(p):
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (default: --save_steps)")
     g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the last)")
+    g.add_argument("--eval_strategy", default="steps", choices=["steps", "epoch"], help="evaluate every --eval_steps, or at the end of each epoch")
+    g.add_argument("--save_strategy", default="steps", choices=["steps", "epoch"], help="save every --save_steps, or at the end of each epoch")
     g.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints: the best by eval loss and the newest")
     g.add_argument("--logging_steps", type=int, default=5, help="print and log every N optimizer steps")
     g.add_argument("--output_dir", default=None, help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (default: output/MODEL_NAME)")
     g.add_argument("--add_version", type=str2bool, default=True, help="create the vN-YYYYMMDD-HHMMSS subfolder")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    g.add_argument("--resume_only_model", type=str2bool, default=False, help="load only the checkpoint's adapter, into a new run")
+    g.add_argument("--resume_only_model", type=str2bool, default=False,
+                   help="only the checkpoint's adapter, into a new run from its step (fresh optimizer)")
+    g.add_argument("--ignore_data_skip", type=str2bool, default=False,
+                   help="with --resume_only_model: start again at step 0 and the first rows instead")
     g.add_argument("--adapters", default=None, help="go on training this LoRA adapter (its rank and targets) in a new run")
     g.add_argument("--eval_prompts", nargs="*", default=[], help="questions answered greedily before and after training")
 
@@ -150,6 +174,7 @@ def check_train_args(a):
     for name in ("split_dataset_ratio", "warmup_ratio", "lora_dropout"):
         if not 0 <= getattr(a, name) < 1:
             raise UsageError(f"--{name} must be in [0, 1), got {getattr(a, name)}.")
+    check_schedule(a)
     if a.save_total_limit is not None and a.save_total_limit < 1:
         raise UsageError(f"--save_total_limit must be at least 1, got {a.save_total_limit}.")
     texts = [a.system or ""] + (a.model_name or []) + (a.model_author or [])
@@ -179,6 +204,31 @@ def check_train_args(a):
         raise UsageError(f"--resume_from_checkpoint {a.resume_from_checkpoint}: no such folder.")
     set_derived_defaults(a)  # before the resume check, which compares them with the checkpoint's
     runs.check_resume(a, cli.rank_and_world()[1])
+
+
+SCHEDULER_KWARGS = {"cosine": ("num_cycles",), "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
+
+
+def check_schedule(a):
+    """--warmup_steps and --lr_scheduler_kwargs as ms-swift 4.x and transformers take them (train.lr_at
+    computes the rate)."""
+    if a.warmup_ratio and a.warmup_steps:
+        raise UsageError("--warmup_ratio and --warmup_steps cannot be set at the same time (ms-swift refuses it too): give one.")
+    if a.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be 0 or more, got {a.warmup_steps:g}.")
+    kwargs, allowed = a.lr_scheduler_kwargs or {}, SCHEDULER_KWARGS.get(a.lr_scheduler_type, ())
+    for key, value in kwargs.items():
+        if key not in allowed:
+            takes = ", ".join(allowed) or "none"
+            raise UsageError(f"--lr_scheduler_kwargs {key}: --lr_scheduler_type {a.lr_scheduler_type} takes {takes}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UsageError(f"--lr_scheduler_kwargs {key}: give a number of 0 or more, not {value!r}.")
+    if a.lr_scheduler_type == "cosine_with_min_lr" and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+        raise UsageError("--lr_scheduler_type cosine_with_min_lr needs one of min_lr or min_lr_rate, as transformers: "
+                         """--lr_scheduler_kwargs '{"min_lr_rate": 0.1}' (a tenth of --learning_rate at the end).""")
+    if a.ignore_data_skip and not a.resume_only_model:
+        raise UsageError("--ignore_data_skip true goes with --resume_only_model true (a new run from a checkpoint's "
+                         "adapter, at step 0); a full resume always goes on where the checkpoint stopped.")
 
 
 def set_derived_defaults(a):

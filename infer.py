@@ -519,6 +519,9 @@ def main(argv=None) -> int:
             import predict
             rows = predict.read_dataset(args)  # before the model loads: a bad row fails at once
         chat = load_chat(args)
+        if len(chat.adapter_systems) > 1:  # swift infer loads each into one peft adapter: the last one's weights answer
+            note(f"answering with adapter {chat.adapter}, the first of --adapters (swift infer answers with the last); "
+                 "switch with /adapter NAME in the chat, or give that one first")
         if dataset:
             return predict.predict(chat, rows, args)
         if args.prompt is not None:

@@ -172,7 +172,7 @@ def held_out_rows(chat, args) -> list[Row]:
                                trained.get("system"), trained.get("enable_thinking"), trained.get("loss_scale"),
                                trained.get("add_non_thinking_prefix", True))
     values = placeholder_values(trained.get("model_name"), trained.get("model_author"))
-    seed = trained.get("seed", 42)
+    seed = trained.get("data_seed", trained.get("seed", 42))  # runs before --data_seed: --seed chose the rows
 
     def kept(specs):
         try:
@@ -183,7 +183,10 @@ def held_out_rows(chat, args) -> list[Row]:
         return fitted(chat.tok, template, [rows[i] for i in order], trained.get("max_length", 2048),
                       trained.get("truncation_strategy", "delete"))
 
-    _, held_out = data.split_dataset(kept(trained["dataset"]), trained.get("split_dataset_ratio", 0.0), seed)
+    ratio = trained.get("split_dataset_ratio", 0.0)
+    # Each --dataset source split apart (runs since --data_seed); earlier runs split the whole mixture.
+    specs = [[s] for s in trained["dataset"]] if ratio and "data_seed" in trained else [trained["dataset"]]
+    held_out = [r for s in specs for r in data.split_dataset(kept(s), ratio, seed)[1]]
     held_out += kept(trained["val_dataset"]) if trained.get("val_dataset") else []
     say(f"data: the {len(held_out)} validation rows the training run of {folder} held out")
     return held_out
@@ -195,7 +198,7 @@ def training_args(folder) -> dict:
     if not (Path(folder) / "args.json").is_file() or not trained.get("dataset"):
         raise UsageError(f"--load_data_args true: {folder} has no args.json naming the datasets it was trained on. "
                          "Name the rows to answer with --val_dataset.")
-    if "swift_version" in trained:
+    if "swift_version" in trained and "max_tokens_per_pass" not in trained:  # ours carry swift_version too, for ms-swift 4.x
         raise UsageError(f"--load_data_args true: {folder} was trained by ms-swift {trained['swift_version']}, whose "
                          "validation split is not rebuilt here (only train.py's). Name the rows with --val_dataset.")
     if not trained.get("split_dataset_ratio") and not trained.get("val_dataset"):

@@ -2,9 +2,12 @@
 
 A first reading can skip this file. A run lives in OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (as ms-swift's):
 
-    args.json             the flags it was started with
-    logging.jsonl         one line per logged step: loss, learning rate, speed, memory; eval_loss
-    images/loss.svg       the loss curve, drawn at the end
+    args.json             the flags it was started with (and what `swift infer --adapters` reads)
+    logging.jsonl         one line per logged step, with ms-swift's names: loss, learning_rate (after
+                          the step), grad_norm, token_acc, speed, memory; eval_loss, eval_token_acc;
+                          at the end ms-swift's summary line and last/best_model_checkpoint
+    images/               loss.svg and ms-swift's PNG curves (train_loss.png, ...), drawn at the end
+    runs/                 TensorBoard's event files (--report_to tensorboard, with the package installed)
     checkpoint-STEP/      the adapter in PEFT's format (adapter_config.json, adapter_model.safetensors),
                           args.json, and what resuming needs: optimizer.pt, rng_state.pt and
                           trainer_state.json (the step, the place in the epoch, the log history)
@@ -12,17 +15,21 @@ A first reading can skip this file. A run lives in OUTPUT_DIR/vN-YYYYMMDD-HHMMSS
 A checkpoint is written into a hidden temporary folder and renamed into place when complete
 (util.atomic_folder), so a crash or Ctrl-C never leaves a half-written one. Resuming restores the
 adapter, the optimizer, the random state and the place in the data order: the run ends with the
-same adapter, bit for bit, as one that was never stopped. Under torchrun rank 0 writes; all ranks
-agree on when.
+same adapter, bit for bit, as one that was never stopped. As in ms-swift, a resumed run is a new run
+folder under --output_dir; the earlier run's files are never written again. Under torchrun rank 0
+writes; all ranks agree on when.
 """
 
 import json
+import math
 import os
 import pickle
 import random
 import shutil
 import signal
+import struct
 import time
+import zlib
 from datetime import datetime
 from pathlib import Path
 
@@ -99,7 +106,7 @@ def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None, histor
     if limit is None:
         return
     keep = set(history[-limit:])
-    if best is not None and best not in keep:
+    if best in history and best not in keep:
         keep = {best} | set(history[-max(1, limit - 1):])
     for name in [n for n in history if n not in keep]:
         shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -153,6 +160,8 @@ class Run:
         self.t0, self.start_step, self.tokens, self.losses = time.time(), state["global_step"], 0, []
         self.elapsed_before = state.get("elapsed", 0.0)  # training time before a resume
         self.rng = rng_state(device)  # the random state after the last complete step
+        self.loss_sum, self.epoch = 0.0, 0.0  # for the summary at the end: this run's step losses; the epoch
+        self.tensorboard = TensorBoard(run_dir / "runs", args_dict.get("report_to"), rank)
 
     def end_step(self, epoch: int, steps_done_in_epoch: int, loss: float, tokens: int, loss_scale):
         """Count one optimizer step done: its loss must be finite; a float16 step that overflowed
@@ -166,16 +175,21 @@ class Run:
                       f"loss scale now {loss_scale.value:g}", flush=True)
             self.state["loss_scale"] = loss_scale.value
         self.losses.append(loss)
+        self.loss_sum += loss
         self.tokens += tokens
         self.rng = rng_state(self.device)
 
-    def log_progress(self, epoch: float, lr: float, grad_norm):
-        """Average the losses since the last log line into one logging.jsonl entry and print it."""
+    def log_progress(self, epoch: float, lr: float, grad_norm, token_acc: float | None = None):
+        """Average the losses since the last log line into one logging.jsonl entry and print it.
+        lr: as ms-swift logs it, the rate after this step (the next step's); token_acc: the share of
+        label tokens since the last line whose argmax prediction was right."""
         step, total_steps, elapsed = self.state["global_step"], self.total_steps, time.time() - self.t0
         per_step = elapsed / max(1, step - self.start_step)
         elapsed_in_all = self.elapsed_before + elapsed  # a resumed run goes on counting
+        self.epoch = epoch
         entry = {"step": step, "epoch": round(epoch, 4), "loss": round(sum(self.losses) / len(self.losses), 6),
                  "learning_rate": lr, "grad_norm": round(float(grad_norm), 6),
+                 **({"token_acc": round(token_acc, 6)} if token_acc is not None else {}),
                  "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1), "elapsed": fmt_time(elapsed_in_all),
                  "remaining": fmt_time(per_step * (total_steps - step))}
         if "loss_scale" in self.state:
@@ -188,19 +202,25 @@ class Run:
                          f"| {entry['tokens_per_s']:.0f} tok/s | {entry['elapsed']} elapsed, {entry['remaining']} left{mem}")
 
     def log_eval(self, evaluate):
-        """Run `evaluate()` (the validation loss), log it, and remember the best step. Every rank
-        runs it (a sharded model needs all ranks for each forward); rank 0 writes."""
-        step, eval_loss = self.state["global_step"], evaluate()
-        self._log({"step": step, "eval_loss": round(eval_loss, 6)}, f"[{step}/{self.total_steps}] eval_loss {eval_loss:.4f}")
+        """Run `evaluate()` (train.evaluate's figures: eval_loss, eval_token_acc, ...), log them, and
+        remember the best step by eval_loss. Every rank runs it (a sharded model needs all ranks for
+        each forward); rank 0 writes."""
+        step, figures = self.state["global_step"], evaluate()
+        eval_loss = figures["eval_loss"]
+        entry = {"step": step, **{k: round(v, 6) for k, v in figures.items() if v is not None}}
+        acc = f" eval_token_acc {entry['eval_token_acc']:.4f}" if "eval_token_acc" in entry else ""
+        self._log(entry, f"[{step}/{self.total_steps}] eval_loss {eval_loss:.4f}{acc}")
         if self.state["best_eval_loss"] is None or eval_loss < self.state["best_eval_loss"]:
             self.state.update(best_eval_loss=eval_loss, best_checkpoint=f"checkpoint-{step}")
 
-    def _log(self, entry: dict, line: str):
+    def _log(self, entry: dict, line: str | None = None):
         self.state["log_history"].append(entry)
         if self.rank == 0:
             with open(self.dir / "logging.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            print(line, flush=True)
+            self.tensorboard.write(entry, self.state["global_step"])
+            if line is not None:
+                print(line, flush=True)
 
     def save(self, model, optimizer, limit: int | None):
         """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Weights that are
@@ -224,6 +244,16 @@ class Run:
                     signal.signal(s, h)
         self.barrier()
 
+    def summary(self) -> dict:
+        """The line the HF Trainer logs at the end, for the steps of this run (after a resume, those
+        since the checkpoint): train_loss is the mean of their losses."""
+        steps, runtime = self.state["global_step"] - self.start_step, time.time() - self.t0
+        rows = self.args["per_device_train_batch_size"] * self.args["gradient_accumulation_steps"] * self.world
+        return {"step": self.state["global_step"], "train_runtime": round(runtime, 4),
+                "train_samples_per_second": round(steps * rows / max(runtime, 1e-9), 3),
+                "train_steps_per_second": round(steps / max(runtime, 1e-9), 3),
+                "train_loss": round(self.loss_sum / max(1, steps), 6), "epoch": round(self.epoch, 4)}
+
     def check_finite(self, loss: float):
         if loss != loss or abs(loss) == float("inf"):
             self.diverged(f"the loss became {loss}")
@@ -245,14 +275,24 @@ class Run:
             dist.barrier()
 
     def finish(self, interrupted: bool):
-        """The loss curve, and what to do next."""
+        """ms-swift's summary lines (after a complete run), the curves, and what to do next."""
         if self.rank != 0:
             return
+        last = self.last_checkpoint()
+        if not interrupted:
+            summary = self.summary()
+            self._log(summary, json.dumps(summary))
+            best = self.state["best_checkpoint"]
+            self._log({"last_model_checkpoint": str(last) if last else None, "best_model_checkpoint":
+                       str(self.dir / best) if best else None, "best_metric": self.state["best_eval_loss"],
+                       "global_step": self.state["global_step"]})
+        self.tensorboard.close()
         hist = self.state["log_history"]
         write_loss_svg(self.dir / "images" / "loss.svg",
                        {"train_loss": [(e["step"], e["loss"]) for e in hist if "loss" in e],
                         "eval_loss": [(e["step"], e["eval_loss"]) for e in hist if "eval_loss" in e]})
-        last = self.last_checkpoint()
+        for key, name in PLOTS.items():  # ms-swift's images/NAME.png
+            write_curve_png(self.dir / "images" / f"{name}.png", [(e["step"], e[key]) for e in hist if key in e])
         if interrupted:
             print(f"\nstopped at step {self.state['global_step']}. Resume with:\n  python train.py ... --resume_from_checkpoint {last or self.dir}")
             return
@@ -269,10 +309,12 @@ class Run:
 # end with an adapter that neither the old nor the new flags describe.
 RESUME_MUST_MATCH = ("model", "dataset", "val_dataset", "split_dataset_ratio", "max_length", "truncation_strategy",
                      "packing", "system", "model_name", "model_author", "lora_rank", "lora_alpha", "lora_dropout",
-                     "use_rslora", "target_modules", "per_device_train_batch_size", "seed", "quant_bits",
+                     "use_rslora", "target_modules", "per_device_train_batch_size", "seed", "data_seed", "quant_bits",
                      "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "template", "loss_scale",
                      "add_non_thinking_prefix")
 UNSET_MEANS_SAVED = ("template", "loss_scale")  # unset, they are the model's own: the checkpoint's, as recorded
+# The ms-swift release whose args.json ours follows (the keys `swift infer --adapters` reads).
+SWIFT_ARGS_VERSION = "4.6.0"
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
 
 
@@ -284,10 +326,7 @@ def check_resume(a, world: int) -> Path | None:
     check_writable(Path(a.resume_from_checkpoint or a.output_dir or "."), "--resume_from_checkpoint"
                    if a.resume_from_checkpoint else "--output_dir")
     if not a.resume_from_checkpoint:
-        if not a.add_version and complete_checkpoints(Path(a.output_dir)):
-            raise RunError(f"--output_dir {a.output_dir} already holds checkpoints of a run. Resume it with "
-                           f"--resume_from_checkpoint {a.output_dir}, or start a new run elsewhere (another "
-                           "--output_dir, or --add_version true for a new vN-... folder in it).")
+        check_unused(a)
         return None
     ckpt = find_resume_checkpoint(a.resume_from_checkpoint, a.resume_only_model)
     needed = ("adapter_model.safetensors",) if a.resume_only_model else CHECKPOINT_FILES
@@ -297,6 +336,7 @@ def check_resume(a, world: int) -> Path | None:
                        "otherwise). Resume from a checkpoint of this toolkit, or pass --resume_only_model true to "
                        "start a new run from its adapter weights alone.")
     if a.resume_only_model:
+        check_unused(a)
         return ckpt
     state = read_json(ckpt / "trainer_state.json", RunError, hint="resume from another checkpoint of the run")
     if not isinstance(state.get("global_step"), int) or "log_history" not in state:
@@ -314,7 +354,18 @@ def check_resume(a, world: int) -> Path | None:
                        "--gradient_accumulation_steps times the number of ranks). Resuming would train something "
                        "neither describes: give the checkpoint's flags, or pass --resume_only_model true to start "
                        "a new run from its adapter weights.")
+    check_unused(a)
     return ckpt
+
+
+def check_unused(a):
+    """A run (a resumed one too: a new run folder, as in ms-swift) never writes into a folder that
+    holds another run's checkpoints (--add_version false): it would write over or prune them."""
+    if not a.add_version and complete_checkpoints(Path(a.output_dir)):
+        goes_on = "" if a.resume_from_checkpoint else f" (to go on with that run: --resume_from_checkpoint {a.output_dir})"
+        raise RunError(f"--output_dir {a.output_dir} already holds checkpoints of a run, which this run would write "
+                       "over or prune. Write this run to another folder: another --output_dir, or --add_version true "
+                       f"for a new vN-... folder in it{goes_on}.")
 
 
 def check_writable(folder: Path, flag: str):
@@ -338,13 +389,20 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
     ckpt, run_dir = check_resume(a, world), None
     if ckpt and a.resume_only_model:
         states.load(model, optimizer, load_file(ckpt / "adapter_model.safetensors", device=str(device)))
+        state.update(continued_step(ckpt, a))
     elif ckpt:
-        run_dir, state = ckpt.parent, restore(ckpt, model, optimizer, device, states)
-    if rank == 0 and ckpt:
-        print(f"resumed from {ckpt}" + (" (the adapter only: a new run)" if a.resume_only_model else
-                                        f" at step {state['global_step']}"), flush=True)
-    if rank == 0 and run_dir is None:
+        state = restore(ckpt, model, optimizer, device, states)
+        # As ms-swift: the resumed run is a new run folder under --output_dir, and every checkpoint of
+        # the earlier run stays as it was. Its best checkpoint is named by its path; pruning counts
+        # only this run's checkpoints.
+        best = state["best_checkpoint"]
+        state.update(checkpoints=[], best_checkpoint=str((ckpt.parent / best).absolute()) if best else None)
+    if rank == 0:
         run_dir = new_run_dir(a.output_dir, a.add_version)
+    if rank == 0 and ckpt:
+        print(f"resumed from {ckpt}" + (f" (the adapter only: a new run from step {state['global_step']}, a fresh optimizer)"
+                                        if a.resume_only_model else
+                                        f" at step {state['global_step']}") + f", into {run_dir}", flush=True)
     if world > 1:  # rank 0 chose the folder
         holder = [str(run_dir) if run_dir else None]
         dist.broadcast_object_list(holder, src=0)
@@ -352,16 +410,28 @@ def open_run(a, model_dir, model, optimizer, total_steps: int, device, rank: int
     # model_type and template as ms-swift reads them from a checkpoint's args.json: `swift infer
     # --adapters CKPT` on a local base then needs no --model_type / --template of its own (ms-swift
     # 4.x names every Qwen3 dense model qwen3, the hybrid, Instruct-2507 and Thinking-2507 alike).
+    # ms-swift 4.x takes model_type from args.json only when its swift_version is 4.0 or later
+    # (BaseArguments.load_args_from_ckpt); 3.x reads model_type whatever swift_version says.
     args_dict = dict(vars(a), model_dir=str(model_dir), world_size=world, model_type=model.config.model_type,
-                     template=a.template)
+                     template=a.template, swift_version=SWIFT_ARGS_VERSION)
     if rank == 0:
         (run_dir / "images").mkdir(exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(args_dict, indent=2, ensure_ascii=False) + "\n")
-        # The log as the checkpoint knew it: steps after it, from the abandoned attempt, go.
-        lines = "".join(json.dumps(e) + "\n" for e in state["log_history"])
-        (run_dir / ".logging.jsonl.tmp").write_text(lines)
-        os.replace(run_dir / ".logging.jsonl.tmp", run_dir / "logging.jsonl")
+        # The steps from here on (after a resume, as ms-swift: trainer_state.json keeps the whole history).
+        (run_dir / "logging.jsonl").write_text("")
     return Run(run_dir, state, args_dict, total_steps, device, rank, world, states)
+
+
+def continued_step(ckpt: Path, a) -> dict:
+    """--resume_only_model: the step the checkpoint's training had reached, so that the new run goes on
+    from there and skips the rows already trained (with a fresh optimizer), as ms-swift 4.x does. {}
+    (step 0) for --adapters, --ignore_data_skip true or an adapter without trainer_state.json. The
+    epoch and the place in it are left to train.steps_to_run, which knows the steps of an epoch."""
+    path = ckpt / "trainer_state.json"
+    if a.adapters or a.ignore_data_skip or not path.is_file():
+        return {}
+    step = read_json(path, RunError).get("global_step")
+    return {"global_step": step, "epoch": None, "step_in_epoch": None} if isinstance(step, int) and step > 0 else {}
 
 
 def restore(ckpt: Path, model, optimizer, device, states=None) -> dict:
@@ -427,6 +497,88 @@ class StopSignals:
 
 # ----------------------------------------------------------------------------------------------
 # Reporting
+
+# What ms-swift (transformers' TensorBoardCallback) writes to TensorBoard, as train/KEY and eval/KEY.
+TENSORBOARD_KEYS = ("loss", "grad_norm", "learning_rate", "token_acc", "epoch", "eval_loss", "eval_token_acc",
+                    "train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
+# logging.jsonl key -> the curve ms-swift draws of it, images/NAME.png
+PLOTS = {"loss": "train_loss", "learning_rate": "train_learning_rate", "grad_norm": "train_grad_norm",
+         "token_acc": "train_token_acc", "eval_loss": "eval_loss", "eval_token_acc": "eval_token_acc"}
+
+
+class TensorBoard:
+    """--report_to tensorboard (ms-swift's default; unset counts as it): event files in RUN/runs/,
+    with the scalars ms-swift writes. Needs the tensorboard package, an optional import: without
+    it, a one-line note, and the run goes on."""
+
+    def __init__(self, folder: Path, report_to, rank: int = 0):
+        self.writer = None
+        if rank != 0 or "tensorboard" not in (report_to or ["tensorboard"]):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError:
+            print("note: --report_to tensorboard: the tensorboard package is not installed (pip install tensorboard), "
+                  "so no event files; logging.jsonl and images/ are written as always.", flush=True)
+            return
+        self.writer = SummaryWriter(str(folder))
+
+    def write(self, entry: dict, step: int):
+        if self.writer is None:
+            return
+        for key in TENSORBOARD_KEYS:
+            if entry.get(key) is not None:
+                tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                self.writer.add_scalar(tag, entry[key], step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def write_curve_png(path: Path, points: list[tuple[int, float]], W: int = 640, H: int = 400):
+    """One curve as a PNG (as ms-swift draws with matplotlib), drawn here pixel by pixel and written
+    with zlib: axes with a tick at each quarter, the curve in blue (a single point as a dot). The
+    numbers are in logging.jsonl and loss.svg; this is the shape at a glance."""
+    points = [(x, y) for x, y in points if math.isfinite(y)]  # a float16 step that overflowed logs inf
+    if not points:
+        return
+    img = bytearray(b"\xff" * (W * H * 3))  # white, RGB
+
+    def dot(x: int, y: int, rgb=(31, 119, 180), r: int = 1):
+        for yy in range(max(0, y - r), min(H, y + r + 1)):
+            for xx in range(max(0, x - r), min(W, x + r + 1)):
+                img[3 * (yy * W + xx):3 * (yy * W + xx) + 3] = bytes(rgb)
+
+    L, B, M = 50, 40, 20  # left, bottom and other margins
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    px = lambda x: round(L + (x - x0) / (x1 - x0) * (W - L - M))
+    py = lambda y: round(M + (y1 - y) / (y1 - y0) * (H - B - M))
+    for x in range(L, W - M + 1):
+        dot(x, H - B, (0, 0, 0), 0)
+    for y in range(M, H - B + 1):
+        dot(L, y, (0, 0, 0), 0)
+    for i in range(5):  # ticks
+        for d in range(1, 6):
+            dot(L + i * (W - L - M) // 4, H - B + d, (0, 0, 0), 0)
+            dot(L - d, M + i * (H - B - M) // 4, (0, 0, 0), 0)
+    if len(points) == 1:
+        dot(px(points[0][0]), py(points[0][1]), r=3)
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        a, b = (px(xa), py(ya)), (px(xb), py(yb))
+        n = max(abs(b[0] - a[0]), abs(b[1] - a[1]), 1)
+        for t in range(n + 1):
+            dot(round(a[0] + (b[0] - a[0]) * t / n), round(a[1] + (b[1] - a[1]) * t / n))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(img[3 * W * y:3 * W * (y + 1)]) for y in range(H))  # filter 0 per row
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
 
 
 def write_loss_svg(path: Path, series: dict[str, list[tuple[int, float]]]):

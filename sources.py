@@ -6,8 +6,8 @@ plain path from conversations to rows. This file holds where the conversations c
 folders, hub datasets, every row format, {{NAME}} / {{AUTHOR}}, `SOURCE#N`) and the fast path for a
 large dataset:
 
-    load_conversations  read every source (local .json / .jsonl, a folder, or a Hugging Face
-                        dataset id), turn each row of any supported format into a conversation,
+    load_conversations  read every source (local .json / .jsonl / .csv, a folder, a Hugging Face
+                        or ModelScope dataset id), turn each row of any supported format into a conversation,
                         fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, mix
     load_dataset        what train.py calls: the rows data.encode_dataset(load_conversations(...))
                         gives, for a dataset of any size
@@ -22,7 +22,8 @@ load_dataset reads a source a line at a time and tokenizes it in batches of a th
 conversations on every core (on a thread of its own, while the next batch is read), so the text
 and the conversations are never all in memory; a large source prints how far it has got.
 
-Row formats (a file may mix them; each row is recognised by its keys):
+Row formats (a file may mix them; each row is recognised by its keys, and the other column names
+ms-swift reads, COLUMNS, are read too: question/answer, prompt/completion, ...; --columns renames):
 
     messages      {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
     ShareGPT      {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}
@@ -38,10 +39,13 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
   ("zh" / "en") if it has one, else by whether the row contains Chinese characters (ms-swift
   reads only "tag": any row not tagged "zh" gets the English value). One value serves both.
 - `SOURCE#N` needs N >= 1 (ms-swift turns #0 into an empty dataset without a word).
-- A hub id is a Hugging Face dataset (ModelScope ids are not fetched) and only its .json / .jsonl
-  files are read; when some file names contain "train", only those, so a test split is not
-  trained on. Anything else is an error that says how to convert it.
-- An empty "system" field in an alpaca or query row means "no system prompt of its own".
+- A hub id is a Hugging Face dataset; a ModelScope id of ms-swift's registry is its Hugging Face
+  mirror (MODELSCOPE_DATASETS: what ms-swift downloads under --use_hf true), swift/self-cognition
+  the shipped data/self_cognition.json. Its .json / .jsonl / .csv files are read, else its .parquet
+  files (with the optional pyarrow); when some file names contain "train", only those, so a test
+  split is not trained on.
+- A row whose columns give two names for one part ("prompt" and "question"), or an answer without
+  a question, is an error (ms-swift trains it without that part, or after an empty question).
 - An assistant message's "reasoning_content" (a thinking model's reasoning) is written into its
   content as Qwen3's template writes it, <think>...</think> first; ms-swift drops the field.
 - An assistant turn with no text is trained on (it teaches the model to answer nothing), but the
@@ -49,13 +53,16 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
 Everything else follows ms-swift: the `#N` rule (N < rows: N distinct rows; N >= rows: N // rows
 whole copies plus N % rows random rows), drawn from one numpy RandomState(seed) in --dataset
 order and followed by one shuffle of the mixture; alpaca's query is "instruction\\ninput"; the
-system prompt is the row's own, else --system, else the template's default; --system '' writes no system turn.
+system prompt is the row's own, else --system, else the template's default; an empty one (the row's
+own "" or --system '') writes no system turn.
 """
 
 import ast
 import collections
 import concurrent.futures
+import csv
 import functools
+import io
 import itertools
 import json
 import os
@@ -76,7 +83,8 @@ from template import Template, with_reasoning_in_content
 
 FORMATS = ('"messages" (a list of role/content messages), "conversations" (ShareGPT: a list of '
            'from/value messages), "instruction" + "output" (alpaca; optional "input", "system", '
-           '"history"), or "query" + "response" (optional "system", "history")')
+           '"history"), or "query" + "response" (optional "system", "history"; or the other names '
+           'ms-swift reads: prompt/completion, question/answer, problem/solution, ...; --columns renames others)')
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 PLACEHOLDERS = {"{{NAME}}": "--model_name", "{{AUTHOR}}": "--model_author"}
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # Chinese characters
@@ -97,25 +105,65 @@ def parse_source(spec: str) -> tuple[str, int | None]:
 
 
 def source_files(source: str) -> list[Path]:
-    """The .json / .jsonl files of a local file, a local folder or a hub dataset."""
+    """The data files of a local file, a local folder, a Hugging Face dataset or a ModelScope id of
+    ms-swift's registry (MODELSCOPE_DATASETS)."""
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
         return folder_files(path, source)
-    if re.fullmatch(r"(HF::)?[\w.-]+/[\w.-]+", source) and not source.endswith((".json", ".jsonl")):
-        return folder_files(download_hub_dataset(source.removeprefix("HF::")), source)
+    hub_id = hub_name(source)
+    if hub_id in SELF_COGNITION:
+        return [self_cognition_file(source)]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not hub_id.endswith(DATA_SUFFIXES):
+        return folder_files(download_hub_dataset(MODELSCOPE_DATASETS.get(hub_id, hub_id), source), source)
     raise DataError(f"--dataset {source!r}: there is no such file or folder, and it is not a Hugging Face "
-                    f"dataset id (owner/name). Check the path; datasets are .json arrays or .jsonl files."
+                    f"dataset id (owner/name) or a ModelScope one. Check the path; datasets are .json arrays, .jsonl or .csv files."
                     + shipped_hint(source))
 
 
+# ModelScope ids that ms-swift's dataset registry maps to a Hugging Face mirror (what `swift sft --use_hf true`
+# downloads), copied from ms-swift 4.6.0: swift/dataset/dataset/llm.py (register_dataset: ms_dataset_id,
+# hf_dataset_id) and swift/dataset/data/dataset_info.json. A ModelScope id not listed here is tried as a
+# Hugging Face id of the same name.
+MODELSCOPE_DATASETS = {
+    "AI-ModelScope/alpaca-gpt4-data-zh": "llm-wizard/alpaca-gpt4-data-zh",  # llm.py
+    "AI-ModelScope/alpaca-gpt4-data-en": "vicgalle/alpaca-gpt4",  # dataset_info.json
+    "AI-ModelScope/alpaca-cleaned": "yahma/alpaca-cleaned",  # dataset_info.json
+    "wyj123456/code_alpaca_en": "sahil2801/CodeAlpaca-20k",  # dataset_info.json
+    "swift/self-cognition": "modelscope/self-cognition",  # llm.py; read from data/self_cognition.json
+}
+SELF_COGNITION = ("swift/self-cognition", "modelscope/self-cognition")  # served by the shipped file
+
+
+def without_input_prefix(row):
+    """ms-swift's AlpacaZhPreprocessor (llm.py) for alpaca-gpt4-data-zh: an "input" starting with 输入： loses it."""
+    text = row.get("input") if isinstance(row, dict) else None
+    return {**row, "input": text[3:]} if isinstance(text, str) and text.startswith("输入：") else row
+
+
+ROW_CLEANING = {"AI-ModelScope/alpaca-gpt4-data-zh": without_input_prefix}  # ms-swift's own preprocessing of a dataset
+
+
+def hub_name(source: str) -> str:
+    """A hub id without ms-swift's HF:: / MS:: prefix (the hub is chosen by MODELSCOPE_DATASETS here)."""
+    return re.sub(r"^(?i:hf|ms)::", "", source)
 SHIPPED_DATA = Path(__file__).resolve().parent / "data"
+DATA_SUFFIXES = (".json", ".jsonl", ".csv")  # read with the standard library; .parquet needs pyarrow
+
+
+def self_cognition_file(source: str) -> Path:
+    """ms-swift's self-cognition dataset: the shipped data/self_cognition.json, which holds rows of the
+    same kind ({{NAME}} / {{AUTHOR}}, tagged zh or en), written for this project: not ms-swift's rows."""
+    path, where = SHIPPED_DATA / "self_cognition.json", os.path.relpath(SHIPPED_DATA / "self_cognition.json")
+    print(f"note: --dataset {source} is read from the shipped {path if where.startswith('..') else where} (self-cognition rows "
+          f"with {{{{NAME}}}} / {{{{AUTHOR}}}}, written for this project; ms-swift's own rows differ).", file=sys.stderr)
+    return path
 
 
 def shipped_hint(source: str) -> str:
-    """For a missing file or hub id that names a dataset this project ships (self_cognition.json,
-    swift/self-cognition): where the shipped copy is. Otherwise ''."""
+    """For a missing file that names a dataset this project ships (self_cognition.json): where the
+    shipped copy is. Otherwise ''."""
     name = Path(source).name.replace("-", "_")
     shipped = SHIPPED_DATA / (name if name.endswith((".json", ".jsonl")) else name + ".json")
     if not shipped.is_file():
@@ -124,36 +172,53 @@ def shipped_hint(source: str) -> str:
     return f" This project ships it: pass --dataset {shipped if where.startswith('..') else where}."
 
 
-def download_hub_dataset(repo_id: str) -> Path:
-    """The dataset repo's .json / .jsonl files, downloaded (or found in the cache) by huggingface_hub."""
+def download_hub_dataset(repo_id: str, source: str) -> Path:
+    """The folder of a Hugging Face dataset repo's data files, downloaded by huggingface_hub into its cache
+    (HF_HOME) or found there; with HF_HUB_OFFLINE=1, only found. Its .json / .jsonl / .csv files; when it
+    has none, its .parquet files (the hub's own format, read with the optional pyarrow)."""
     import huggingface_hub
+    from huggingface_hub import constants
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json", "*.jsonl"])
+        folder = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset",
+                                                        allow_patterns=["*" + s for s in DATA_SUFFIXES]))
+        if not data_files(folder):
+            folder = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet"]))
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0]  # one paragraph: the first line says what happened
-        modelscope = (" The AI-ModelScope/ ids of the ms-swift tutorial are ModelScope datasets: download one from "
-                      "modelscope.cn and pass its .json / .jsonl file (SOURCE#N samples N rows as before)."
-                      if repo_id.startswith("AI-ModelScope/") else "")
-        raise DataError(f"--dataset {repo_id!r}: could not download it as a Hugging Face dataset "
-                        f"({type(e).__name__}: {why}). Check the id (ModelScope ids are not fetched), your "
-                        f"network and HF_TOKEN for a private dataset, or pass a local .json / .jsonl file."
-                        + modelscope + shipped_hint(repo_id)) from None
-    return Path(folder)
+        mirror = f" (the Hugging Face mirror of the ModelScope dataset {source!r})" if repo_id != source else ""
+        offline = (f" HF_HUB_OFFLINE=1 is set and it is not in the cache ({constants.HF_HUB_CACHE}): "
+                   f"run once with the network, or unset HF_HUB_OFFLINE." if constants.HF_HUB_OFFLINE else "")
+        modelscope = (" ModelScope ids are fetched from their Hugging Face mirror only for the datasets of "
+                      f"ms-swift's registry listed here ({', '.join(MODELSCOPE_DATASETS)}); download others from "
+                      "modelscope.cn and pass the file (SOURCE#N samples N rows as before)." if not mirror else "")
+        raise DataError(f"--dataset {source!r}: could not download {repo_id!r}{mirror} as a Hugging Face dataset "
+                        f"({type(e).__name__}: {why}).{offline} Check the id, your network and HF_TOKEN for a private "
+                        f"dataset, or pass a local .json / .jsonl / .csv file." + modelscope) from None
+    return folder
+
+
+def data_files(folder: Path) -> list[Path]:
+    """A folder's files that may hold rows, hidden ones and dataset descriptions left out: its .json /
+    .jsonl / .csv files, else its .parquet files."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))
+    data = [p for p in files if p.suffix in DATA_SUFFIXES and p.name not in METADATA_FILES]
+    return data or [p for p in files if p.suffix == ".parquet"]
 
 
 def folder_files(folder: Path, source: str) -> list[Path]:
-    """The .json / .jsonl files of a folder (a local one or a hub snapshot).
+    """The data files of a folder (a local one or a hub snapshot).
 
     When some file names contain "train", only those are read, so a repo's test split is not
     trained on."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
-    data = [p for p in files if p.suffix in (".json", ".jsonl") and p.name not in METADATA_FILES]
+    data = data_files(folder)
     if not data:
-        found = ", ".join(str(p.relative_to(folder)) for p in files[:8]) or "no files"
-        raise DataError(f"--dataset {source!r} has no .json or .jsonl files (found: {found}). Only .json "
-                        f"arrays and .jsonl files are supported; convert other formats first, e.g. "
+        found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        raise DataError(f"--dataset {source!r} has no .json, .jsonl, .csv or .parquet files (found: "
+                        f"{', '.join(found[:8]) or 'no files'}). Convert the data first, e.g. "
                         f"`datasets.load_dataset(...)['train'].to_json('train.jsonl')`, and pass that file.")
+    if data[0].suffix == ".parquet":
+        parquet_reader(source)  # without pyarrow: say so now, before anything is read
     train = [p for p in data if "train" in p.name.lower()]
     return train or data
 
@@ -162,10 +227,17 @@ def read_file(path: Path, progress: "Progress") -> Iterator[tuple[str, object]]:
     """The rows of a .json file (one array) or a .jsonl file (one object per line), as (where, row).
 
     `where` ("data.jsonl, line 7" / "data.json, row 7") is how error messages point at a row. A
-    .jsonl file is read a line at a time, so the text of a large one is never in memory whole."""
+    .jsonl file is read a line at a time, so the text of a large one is never in memory whole. A .csv
+    file (read_csv) and a .parquet file (read_parquet) hold a row in each line / record too."""
+    if path.suffix == ".csv":
+        yield from read_csv(path, progress)
+        return
+    if path.suffix == ".parquet":
+        yield from read_parquet(path, progress)
+        return
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}. Datasets are .json files holding "
-                        f"one array of rows, or .jsonl files with one row per line.")
+                        f"one array of rows, .jsonl files with one row per line, or .csv files with a header line.")
     rows = read_json_array(path) if path.suffix == ".json" else None
     if rows is None:
         yield from read_json_lines(path, progress)
@@ -214,6 +286,50 @@ def read_json_lines(path: Path, progress: "Progress") -> Iterator[tuple[str, obj
                                 f"A .jsonl dataset has one complete JSON object per line.") from None
             count += 1
             yield where, row
+    if not count:
+        raise DataError(f"{path} is empty: a dataset needs at least one row.")
+
+
+def read_csv(path: Path, progress: "Progress") -> Iterator[tuple[str, object]]:
+    """The rows of a .csv file: a header line of column names, then one row a line (a quoted cell may
+    span lines). Every cell is a string and an empty cell is "", as ms-swift reads them (na_filter=False)."""
+    text = read_utf8(path, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    count, share = 0, len(text) / max(1, text.count("\n"))  # of the bytes, per line: for the progress lines
+    try:
+        for row in reader:
+            progress.read(share)
+            where = f"{path}, line {reader.line_num}"
+            if None in row or None in row.values():
+                raise DataError(f"{where} has {'more' if None in row else 'fewer'} cells than the header line's "
+                                f"{len(reader.fieldnames)} columns; quote a cell that holds a comma or a line break: \"a, b\".")
+            count += 1
+            yield where, row
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from None
+    if not count:
+        raise DataError(f"{path} is empty: a dataset needs a header line and at least one row.")
+
+
+def parquet_reader(source):
+    """pyarrow.parquet, the optional package that reads the Parquet files of a hub dataset."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"--dataset {source!r} is stored as Parquet files, which need the optional package pyarrow: "
+                        f"`pip install pyarrow`, then run again (or convert them to .jsonl and pass that file).") from None
+    return pyarrow.parquet
+
+
+def read_parquet(path: Path, progress: "Progress") -> Iterator[tuple[str, object]]:
+    """The rows of a .parquet file (pyarrow), a thousand records at a time."""
+    file = parquet_reader(path).ParquetFile(path)
+    share, count = path.stat().st_size / max(1, file.metadata.num_rows), 0
+    for batch in file.iter_batches(batch_size=BATCH_ROWS):
+        for row in batch.to_pylist():
+            count += 1
+            progress.read(share)
+            yield f"{path}, row {count}", row
     if not count:
         raise DataError(f"{path} is empty: a dataset needs at least one row.")
 
@@ -289,32 +405,45 @@ def _history(row: dict, where: str) -> list[dict]:
     return [{"role": r, "content": s} for q, a in history for r, s in (("user", q), ("assistant", a))]
 
 
-def row_to_messages(row, where: str) -> list[dict]:
-    """One dataset row of any supported format -> a conversation (its own system prompt first)."""
+def row_to_messages(row, where: str, columns: dict | None = None) -> list[dict]:
+    """One dataset row of any supported format -> a conversation (its own system prompt first).
+
+    The row's columns are renamed by `columns` (--columns) first; then each part is read from the
+    column names ms-swift reads it from (COLUMNS), found whatever their case, as ms-swift finds them."""
     if not isinstance(row, dict):
         raise DataError(f"{where} is a JSON {type(row).__name__}; each row must be an object with the fields "
                         f"of one of these formats: {FORMATS}.")
-    if "messages" in row:
-        messages = _messages(row["messages"], where, "messages", "role", "content")
-    elif "conversations" in row:
-        messages = _messages(row["conversations"], where, "conversations", "from", "value")
-    elif "instruction" in row or "output" in row:
-        instruction, input_ = _text(row, "instruction", where, True), _text(row, "input", where, True)
-        if instruction is None and input_ is None:
-            raise DataError(f'{where}: an alpaca row needs "instruction" (or "input") as well as "output".')
-        query = f"{instruction}\n{input_}" if instruction and input_ else (instruction or input_ or "")
-        messages = _history(row, where) + [{"role": "user", "content": query},
-                                           {"role": "assistant", "content": _text(row, "output", where)}]
-    elif "query" in row or "response" in row:
-        messages = _history(row, where) + [{"role": "user", "content": _text(row, "query", where)},
-                                           {"role": "assistant", "content": _text(row, "response", where)}]
+    row = renamed(row, columns or {}, where)
+    named = {k.lower(): k for k in row if isinstance(k, str)}  # lower-case name -> the row's own spelling
+    chat = next((named[k] for k in COLUMNS["messages"] if k in named), None)
+    if chat is not None:  # role/content messages, or ShareGPT's from/value, under any of the three names
+        first = row[chat][0] if isinstance(row[chat], list) and row[chat] and isinstance(row[chat][0], dict) else {}
+        sharegpt = "from" in first if first.keys() & {"from", "role"} else chat.lower() != "messages"
+        messages = _messages(row[chat], where, chat, *(("from", "value") if sharegpt else ("role", "content")))
     else:
-        keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in list(row)[:8]) or "none"
-        raise DataError(f"{where} has none of the fields of a known format (its keys: {keys}). "
-                        f"Expected one of: {FORMATS}.")
-    # A row-level "system" field (empty counts as none) goes in front of the conversation.
-    system = _text(row, "system", where, optional=True)
-    if system:
+        if "instruction" in named and "input" in named:  # alpaca: the query is "instruction\ninput"
+            instruction, input_ = (_text(row, named[k], where, True) for k in ("instruction", "input"))
+            query = f"{instruction}\n{input_}" if instruction and input_ else (instruction or input_ or "")
+            question, answer = named["instruction"], named.get("output") or column(named, "response", where)
+        else:
+            question, answer = column(named, "query", where), column(named, "response", where)
+            if question is None and answer is None:
+                keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in list(row)[:8]) or "none"
+                raise DataError(f"{where} has none of the fields of a known format (its keys: {keys}). "
+                                f"Expected one of: {FORMATS}.")
+            query = _text(row, question, where) if question else None
+        if query is None or answer is None:
+            found, missing = (f'an answer ("{answer}")', "question") if answer else (f'a question ("{question}")', "answer")
+            raise DataError(f"{where} has {found} but no {missing}: name its {missing} column one of "
+                            f"{', '.join(COLUMNS['query' if missing == 'question' else 'response'])}, or rename it with "
+                            f"--columns (ms-swift would train on the row with an empty {missing}).")
+        messages = _history(row, where) + [{"role": "user", "content": query},
+                                           {"role": "assistant", "content": _text(row, answer, where)}]
+    # A row-level "system" field goes in front of the conversation. An empty one stays, as an empty
+    # system message: the template then writes no system turn at all, as ms-swift does.
+    system_column = column(named, "system", where)
+    system = _text(row, system_column, where, optional=True) if system_column else None
+    if system is not None and not (system == "" and messages and messages[0]["role"] == "system"):
         if messages and messages[0]["role"] == "system":
             raise DataError(f'{where} has both a "system" field and a system message; keep one.')
         messages = [{"role": "system", "content": system}] + messages
@@ -327,6 +456,64 @@ def row_to_messages(row, where: str) -> list[dict]:
     check_characters(messages, where)
     return messages
 
+
+
+# The column names ms-swift reads each part of a row from (ms-swift 4.6.0, swift/dataset/preprocessor/core.py:
+# MessagesPreprocessor, ResponsePreprocessor; AlpacaPreprocessor when both "instruction" and "input" are there),
+# the standard name first. A row with the standard name uses it; else the one other name it has. Two other
+# names (say "prompt" and "question") are an error here: ms-swift renames neither, and the row loses that part.
+COLUMNS = {
+    "messages": ("messages", "conversations", "conversation"),
+    "system": ("system", "system_prompt"),
+    "query": ("query", "prompt", "input", "instruction", "question", "problem"),
+    "response": ("response", "answer", "output", "targets", "target", "answer_key", "answers", "solution",
+                 "text", "completion", "content"),
+}
+
+
+def column(named: dict, part: str, where: str) -> str | None:
+    """The row's column for a part of COLUMNS (named: the row's columns by their lower-case names), or None."""
+    standard, *others = COLUMNS[part]
+    if standard in named:
+        return named[standard]
+    found = [named[k] for k in others if k in named]
+    if len(found) > 1:
+        raise DataError(f'{where}: the columns "{found[0]}" and "{found[1]}" could each be the {part}; say which '
+                        f"with --columns '{{\"{found[0]}\": \"{standard}\"}}' (ms-swift takes neither, and trains "
+                        f"the row without its {part}).")
+    return found[0] if found else None
+
+
+def renamed(row: dict, columns: dict, where: str) -> dict:
+    """The row with its columns renamed as --columns says ({"old name": "new name"}), as ms-swift renames
+    them: old names found whatever their case, and a new name that two columns would take given to neither."""
+    found = {k.lower(): k for k in row if isinstance(k, str)}
+    pairs = [(found[old.lower()], new) for old, new in columns.items() if old.lower() in found]
+    taken = collections.Counter(new for _, new in pairs)
+    renames = {old: new for old, new in pairs if taken[new] == 1 and old != new}
+    out = {k: v for k, v in row.items() if k not in renames}
+    for old, new in renames.items():
+        if new in out:
+            raise DataError(f'{where}: --columns renames "{old}" to "{new}", but the row has a "{new}" column '
+                            f"already; rename that one too (to \"_\" to leave it out).")
+        out[new] = row[old]
+    return out
+
+
+def parse_columns(value) -> dict:
+    """--columns as ms-swift takes it: a JSON object of {"old name": "new name"}, given as text or as the
+    path of a .json file; None: {}."""
+    if value is None or isinstance(value, dict):
+        return value or {}
+    try:
+        text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+        mapping = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--columns {value!r} is not a JSON object ({e}); write it as "
+                        f"'{{\"question\": \"query\", \"answer\": \"response\"}}', or give a .json file of one.") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise DataError(f'--columns {value!r}: expected a JSON object of column names, {{"old name": "new name", ...}}.')
+    return mapping
 
 
 def check_characters(messages: list[dict], where: str):
@@ -395,33 +582,35 @@ def sample_indices(n_rows: int, n: int, rng: np.random.RandomState) -> list[int]
 
 
 def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] | None = None,
-                       model_author: list[str] | None = None) -> list[list[dict]]:
+                       model_author: list[str] | None = None, columns=None) -> list[list[dict]]:
     """Every --dataset source read, checked, filled in, sampled and mixed: a list of conversations."""
     conversations = []
-    order = read_sources(specs, conversations.extend, seed, model_name, model_author)
+    order = read_sources(specs, conversations.extend, seed, model_name, model_author, columns=columns)
     return [[dict(m) for m in conversations[i]] for i in order]  # copies: repeats are not aliases
 
 
 def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, model_author=None,
-                 progress=None) -> list[int]:
+                 progress=None, columns=None) -> list[int]:
     """Read every --dataset source, handing its conversations (checked, placeholders filled in) to
     `consume` in batches as they are read. Returns the mixture: the conversation each row of the
     dataset is, in order, as indices into all the conversations consumed.
 
-    progress(name, total_bytes) makes the Progress that reports on a source (default: Progress)."""
+    progress(name, total_bytes) makes the Progress that reports on a source (default: Progress);
+    columns: --columns, the renaming of every row's columns (parse_columns)."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
         raise DataError("No dataset given: pass --dataset with one or more .json / .jsonl files or hub ids.")
     values = {"{{NAME}}": _flag_values(model_name, "--model_name"),
               "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
-    sizes, no_answer = [], []  # no_answer: where the rows with an empty assistant turn are
+    sizes, no_answer, columns = [], [], parse_columns(columns)  # no_answer: where the rows with an empty answer are
     for spec in specs:
         source, n = parse_source(spec)
         files = source_files(source)
         report = (progress or Progress)(source, sum(p.stat().st_size for p in files))
         count = 0
-        for batch in batches(conversations_of(files, values, no_answer, report), BATCH_ROWS):
+        clean = ROW_CLEANING.get(hub_name(source), lambda row: row)
+        for batch in batches(conversations_of(files, values, no_answer, report, columns, clean), BATCH_ROWS):
             consume(batch)
             count += len(batch)
             report.rows_done(count)
@@ -436,11 +625,12 @@ def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, mod
     return mixture(sizes, np.random.RandomState(seed))
 
 
-def conversations_of(files: list[Path], values: dict, no_answer: list, progress: "Progress") -> Iterator[list[dict]]:
+def conversations_of(files: list[Path], values: dict, no_answer: list, progress: "Progress",
+                     columns: dict | None = None, clean=lambda row: row) -> Iterator[list[dict]]:
     """The conversations of a source's files, one at a time: checked and filled in."""
     for path in files:
         for where, row in read_file(path, progress):
-            messages = row_to_messages(row, where)
+            messages = row_to_messages(clean(row), where, columns)
             if any(m["role"] == "assistant" and (not m["content"] or m["content"].isspace()) for m in messages):
                 no_answer.append(where)
             if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
@@ -582,7 +772,7 @@ def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
                  system: str | None = None, seed: int = 42, model_name: list[str] | None = None,
                  model_author: list[str] | None = None, progress_over: int = PROGRESS_OVER,
-                 progress_every: float = PROGRESS_EVERY, template: Template | None = None) -> list[Row]:
+                 progress_every: float = PROGRESS_EVERY, template: Template | None = None, columns=None) -> list[Row]:
     """data.encode_dataset(load_conversations(...)) for a dataset of any size: each source is tokenized in
     batches while it is read, so only the compact rows are ever all in memory, not the text or the
     conversations; a source of progress_over bytes or more prints its progress every progress_every s."""
@@ -601,7 +791,7 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
 
     progress = functools.partial(Progress, over=progress_over, every=progress_every)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        order = read_sources(specs, encode, seed, model_name, model_author, progress)
+        order = read_sources(specs, encode, seed, model_name, model_author, progress, columns)
         rows.extend(row for batch, job in pending for row in batch.rows(tok, job.result()))
     note_control_token_text([spelled[i] for i in order])
     return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays

@@ -36,7 +36,8 @@ TRAIN, INFER, MERGE = ("train",), ("infer",), ("merge",)
 TRAIN_INFER, ALL = ("train", "infer"), ("train", "infer", "merge")
 USE_FSDP = ("DeepSpeed is not used here: `torchrun --nproc_per_node N train.py ... --fsdp true` splits the model "
             "over the GPUs (ZeRO-3's job) with PyTorch's FSDP2")
-NO_QUANTIZED_EXPORT = ("merge.py writes the merged model in bf16 (GPTQ / AWQ / bnb export are not here); "
+NO_QUANTIZED_EXPORT = ("merge.py writes the merged model unquantised, in the adapter's training dtype or --torch_dtype "
+                       "(GPTQ / AWQ / bnb export are not here); "
                        "`infer.py --model MERGED --quant_bits 4` quantises it as it loads")
 NO_VLLM = "infer.py decodes in PyTorch (one CUDA graph per token on a GPU); vLLM is not used"
 NO_UPLOAD = "upload the merged folder yourself: `huggingface-cli upload REPO FOLDER`"
@@ -54,7 +55,8 @@ FLAGS = {
     "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),
     "tuner_backend": SwiftFlag("peft", TRAIN, "LoRA is lora.py here, saved in PEFT's format", only=("peft",)),
     "adapters": SwiftFlag("output/vN-.../checkpoint-N", ALL,
-                          "train.py: a new run that goes on training that adapter, with its rank and targets"),
+                          "train.py: a new run from step 0 that goes on training that adapter, with its rank and "
+                          "targets; infer.py: the first of several answers, /adapter NAME switches (swift infer: the last)"),
     "ckpt_dir": refused("output/vN-.../checkpoint-N", "it is ms-swift 2.x's name for --adapters CHECKPOINT"),
     "torch_dtype": SwiftFlag("bfloat16", ALL, "unset: bfloat16 on a GPU, float32 on the CPU (ms-swift: config.json's); "
                              "merge.py: the adapter's training dtype, else config.json's"),
@@ -63,8 +65,8 @@ FLAGS = {
                            ignored=True),
     "device_map": refused("auto", "the model sits on one device, --device cuda:N (torchrun trains on several)"),
     "quant_bits": SwiftFlag("4", TRAIN_INFER, "4 only: QLoRA, the decoder's linear layers in bitsandbytes' 4-bit "
-                            "format, made here (ms-swift also needs --quant_method bnb); infer.py: not read from "
-                            "the checkpoint's args.json", instead=NO_QUANTIZED_EXPORT),
+                            "format, made here (ms-swift also needs --quant_method bnb); infer.py: give it again, a "
+                            "checkpoint's args.json does not turn it on", instead=NO_QUANTIZED_EXPORT),
     "quant_method": SwiftFlag("bnb", TRAIN_INFER, "bnb only", instead=NO_QUANTIZED_EXPORT),
     "bnb_4bit_quant_type": SwiftFlag("nf4", TRAIN_INFER, "nf4 or fp4"),
     "bnb_4bit_use_double_quant": SwiftFlag("true", TRAIN_INFER),
@@ -72,10 +74,13 @@ FLAGS = {
                                         "--torch_dtype float16)"),
     "bnb_4bit_quant_storage": SwiftFlag("uint8", TRAIN_INFER, "two 4-bit codes a byte", only=("uint8",)),
     # Data
-    "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, "files and Hugging Face ids; ModelScope ids are not fetched"),
+    "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, ".json, .jsonl and .csv files, folders, Hugging Face ids, and the "
+                         "ModelScope ids of ms-swift's registry from their Hugging Face mirrors (sources.MODELSCOPE_DATASETS); "
+                         "swift/self-cognition is the shipped data/self_cognition.json"),
     "val_dataset": SwiftFlag("val.jsonl", TRAIN_INFER, "infer.py: answers every row into --result_path, in order; SOURCE#N "
                              "samples as training does (ms-swift: the first N rows)"),
-    "split_dataset_ratio": SwiftFlag("0.01", TRAIN),
+    "split_dataset_ratio": SwiftFlag("0.01", TRAIN, "max(1, int(rows x ratio)) of each --dataset source apart, as ms-swift, "
+                                     "seeded by --data_seed; other rows than ms-swift's, counted after --max_length"),
     "max_length": SwiftFlag("2048", TRAIN, "unset: 2048 (ms-swift: the model's context, 32,768 for Qwen2.5-7B)"),
     "truncation_strategy": SwiftFlag("delete", TRAIN, "delete, left or right ('split' is not here)"),
     "packing": SwiftFlag("true", TRAIN),
@@ -88,8 +93,8 @@ FLAGS = {
                             "infer.py, unset: the adapter's args.json value"),
     "model_author": SwiftFlag("魔搭 ModelScope", TRAIN_INFER, "replaces {{AUTHOR}} in every dataset; infer.py, unset: the "
                               "adapter's args.json value"),
-    "columns": refused("""'{"question":"query"}'""", "write the rows in a format read here: messages, conversations, "
-                                               "instruction/input/output or query/response"),
+    "columns": SwiftFlag("""'{"question":"query"}'""", TRAIN, "also a .json file; question/answer, prompt/completion, "
+                         "problem/solution ... are read without it, as in ms-swift"),
     "loss_scale": SwiftFlag("ignore_empty_think", TRAIN, "default or ignore_empty_think (no loss on an empty think block; "
                             "always on for hybrid Qwen3, as in ms-swift >= 4.3.1); the loss is on every assistant turn"),
     "dataloader_num_workers": SwiftFlag("4", TRAIN, "the data are tokenized before training starts", ignored=True),
@@ -102,6 +107,10 @@ FLAGS = {
     "lora_alpha": SwiftFlag("32", TRAIN),
     "lora_dropout": SwiftFlag("0.05", TRAIN),
     "use_rslora": SwiftFlag("true", TRAIN),
+    "init_weights": SwiftFlag("true", TRAIN, "A kaiming-uniform, B zeros, as peft's default; gaussian, pissa and olora are "
+                              "not here", only=("true",)),
+    "lora_dtype": SwiftFlag("float32", TRAIN, "A and B are float32 whatever --torch_dtype is, as peft keeps them (ms-swift's "
+                            "unset)", only=("float32",)),
     "target_modules": SwiftFlag("all-linear", TRAIN),
     "lora_bias": SwiftFlag("none", TRAIN, "LoRA layers have no bias here", only=("none",)),
     "target_regex": refused("'.*q_proj'", "name the modules, --target_modules q_proj v_proj (or all-linear)"),
@@ -111,14 +120,17 @@ FLAGS = {
     "neftune_noise_alpha": refused("5", "NEFTune is not implemented"),
     # Optimisation
     "num_train_epochs": SwiftFlag("3", TRAIN),
+    "max_epochs": refused("3", "give the number of epochs as --num_train_epochs"),
     "max_steps": SwiftFlag("-1", TRAIN),
     "per_device_train_batch_size": SwiftFlag("1", TRAIN),
     "per_device_eval_batch_size": SwiftFlag("1", TRAIN),
     "gradient_accumulation_steps": SwiftFlag("16", TRAIN, "unset: ceil(16 / (batch size x GPUs)), as in ms-swift"),
     "learning_rate": SwiftFlag("1e-4", TRAIN),
-    "lr_scheduler_type": SwiftFlag("cosine", TRAIN, "cosine, linear, constant or constant_with_warmup"),
+    "lr_scheduler_type": SwiftFlag("cosine", TRAIN, "cosine, cosine_with_min_lr, linear, constant or constant_with_warmup"),
+    "lr_scheduler_kwargs": SwiftFlag("""'{"min_lr_rate": 0.1}'""", TRAIN, "cosine_with_min_lr: min_lr or min_lr_rate; "
+                                     "cosine: num_cycles (transformers' names and rates)"),
     "warmup_ratio": SwiftFlag("0.05", TRAIN),
-    "warmup_steps": refused("10", "give the warmup as a fraction of all steps, --warmup_ratio"),
+    "warmup_steps": SwiftFlag("10", TRAIN, "below 1: a fraction of all steps (transformers 5); not with --warmup_ratio"),
     "weight_decay": SwiftFlag("0.1", TRAIN),
     "adam_beta1": SwiftFlag("0.9", TRAIN),
     "adam_beta2": SwiftFlag("0.95", TRAIN),
@@ -126,26 +138,38 @@ FLAGS = {
     "optim": SwiftFlag("adamw_torch", TRAIN, "the optimizer is torch's AdamW (fused on a GPU)",
                        only=("adamw_torch", "adamw_torch_fused")),
     "gradient_checkpointing": SwiftFlag("true", TRAIN),
+    "bf16": SwiftFlag("true", TRAIN, "training runs in --torch_dtype (ms-swift derives --bf16 / --fp16 from it)", ignored=True),
+    "fp16": SwiftFlag("true", TRAIN, "training runs in --torch_dtype (ms-swift derives --bf16 / --fp16 from it)", ignored=True),
+    "group_by_length": refused("true", "rows are taken in random order; --padding_free true packs each step's rows "
+                                       "without padding instead"),
     "gradient_checkpointing_kwargs": SwiftFlag("""'{"use_reentrant":false}'""", TRAIN, "checkpointing is non-reentrant here (reentrant under --fsdp: the same gradients)",
                                                ignored=True),
     "use_liger_kernel": SwiftFlag("true", TRAIN, "no Liger kernels; the loss never holds all logits at once anyway",
                                   ignored=True),
-    "seed": SwiftFlag("42", TRAIN_INFER),
+    "seed": SwiftFlag("42", TRAIN_INFER, "train.py: LoRA's init and dropout; the data follow --data_seed, as in ms-swift"),
+    "data_seed": SwiftFlag("42", TRAIN, "the rows of SOURCE#N, the validation split and each epoch's order (torch.randperm "
+                           "seeded data_seed + epoch, as ms-swift's sampler); default 42 whatever --seed is"),
+    "dataset_shuffle": SwiftFlag("true", TRAIN, "the --dataset sources are mixed in one shuffle", only=("true",)),
+    "train_dataloader_shuffle": SwiftFlag("true", TRAIN, "each epoch takes the rows in a new random order",
+                                          only=("true",)),
     # Evaluation, checkpoints, logging
     "eval_steps": SwiftFlag("50", TRAIN, "unset: --save_steps, as in ms-swift"),
     "save_steps": SwiftFlag("50", TRAIN),
-    "eval_strategy": SwiftFlag("steps", TRAIN, "evaluation goes by --eval_steps", only=("steps",)),
-    "save_strategy": SwiftFlag("steps", TRAIN, "checkpoints go by --save_steps", only=("steps",)),
+    "eval_strategy": SwiftFlag("epoch", TRAIN, "steps (every --eval_steps) or epoch (at the end of each); and at the last step"),
+    "save_strategy": SwiftFlag("epoch", TRAIN, "steps (every --save_steps) or epoch (at the end of each); and at the last step"),
     "save_total_limit": SwiftFlag("2", TRAIN),
     "save_only_model": SwiftFlag("true", TRAIN, "checkpoints always hold the optimizer state, so each resumes",
                                  ignored=True),
     "logging_steps": SwiftFlag("5", TRAIN),
-    "report_to": SwiftFlag("tensorboard", TRAIN, "logs go to logging.jsonl and images/loss.svg in the run folder",
-                           ignored=True, many=True),
+    "report_to": SwiftFlag("tensorboard", TRAIN, "unset: tensorboard, as in ms-swift (event files in RUN/runs/)",
+                           only=("tensorboard", "none"), many=True),
     "output_dir": SwiftFlag("output", ("train", "merge"), "train.py, unset: output/MODEL_NAME, as in ms-swift"),
     "add_version": SwiftFlag("true", TRAIN),
     "resume_from_checkpoint": SwiftFlag("output/vN-.../checkpoint-N", TRAIN, "resumes checkpoints of this toolkit"),
-    "resume_only_model": SwiftFlag("true", TRAIN, "loads only the checkpoint's adapter, into a new run"),
+    "resume_only_model": SwiftFlag("true", TRAIN, "only the checkpoint's adapter, into a new run that goes on from its step "
+                                   "with a fresh optimizer, skipping the rows already trained; the learning rate is the "
+                                   "schedule's at that step (ms-swift 4.6 starts the schedule again from its step 0)"),
+    "ignore_data_skip": SwiftFlag("true", TRAIN, "with --resume_only_model: from step 0 and the first rows instead"),
     # Several GPUs
     "deepspeed": refused("zero3", USE_FSDP),
     "fsdp": SwiftFlag("'full_shard auto_wrap'", TRAIN, "FSDP2, each decoder layer one unit: true, fsdp2 or "

@@ -95,8 +95,11 @@ class Template:
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         """The conversation with its system prompt in front: its own, else --system, else the
-        template's default. system="" (--system '') writes none, as ms-swift renders it."""
-        if (messages and messages[0]["role"] == "system") or self.system == "":
+        template's default. An empty one writes none, as ms-swift renders it: --system '', or the
+        row's own "" (which also wins over --system; the Jinja template would write an empty block)."""
+        if messages and messages[0]["role"] == "system":
+            return list(messages[1:] if messages[0]["content"] == "" else messages)
+        if self.system == "":
             return list(messages)
         system = self.default_system if self.system is None else self.system
         return ([{"role": "system", "content": system}] if system is not None else []) + list(messages)

@@ -55,8 +55,11 @@ from util import round_up
 # Learning rate, loss, batches
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
-    """Learning rate for optimizer step `step` (0-based), as transformers' schedulers compute it."""
+def lr_at(step: int, total: int, warmup: int, peak: float, kind: str, kwargs: dict | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based), as transformers' schedulers compute it.
+    kwargs: --lr_scheduler_kwargs (cosine: num_cycles; cosine_with_min_lr: min_lr or min_lr_rate, the
+    floor that the cosine falls to, as a rate or as a fraction of the peak)."""
+    kwargs = kwargs or {}
     if step < warmup:
         return peak * step / max(1, warmup)
     if kind in ("constant", "constant_with_warmup"):
@@ -64,7 +67,9 @@ def lr_at(step: int, total: int, warmup: int, peak: float, kind: str) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     if kind == "linear":
         return peak * max(0.0, 1.0 - progress)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = kwargs["min_lr"] / peak if "min_lr" in kwargs else kwargs.get("min_lr_rate", 0.0)
+    factor = 0.5 * (1.0 + math.cos(math.pi * kwargs.get("num_cycles", 0.5) * 2.0 * progress))
+    return peak * max(0.0, factor * (1 - floor) + floor)
 
 
 class CausalLMLoss(nn.Module):
@@ -73,11 +78,14 @@ class CausalLMLoss(nn.Module):
     Only positions whose next token has a label go through lm_head, in chunks that are
     recomputed during backward: the (tokens x 152k-vocab) float32 logits never exist at once.
     layers: the decoder layers to run (speed.TrainingPlan.training_layers); None: the model's own.
-    packed_mask: how packed rows are kept apart (speed.TrainingPlan.packed_mask); None: model.block_mask."""
+    packed_mask: how packed rows are kept apart (speed.TrainingPlan.packed_mask); None: model.block_mask.
+    It also counts, for ms-swift's token_acc, the label tokens whose argmax prediction is right
+    (take_accuracy): added in place on the device, so a replayed CUDA graph counts too."""
 
     def __init__(self, model, chunk: int = 256, layers=None, packed_mask=None):
         super().__init__()
         self.model, self.chunk, self.layers, self.packed_mask = model, chunk, layers, packed_mask
+        self.counts = None  # (2,) float64: label tokens predicted right, label tokens
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, label_positions=None, cu_seqlens=None,
                 inputs_embeds=None):
@@ -92,18 +100,34 @@ class CausalLMLoss(nn.Module):
         h = h.flatten(0, 1).index_select(0, label_positions)  # (N, hidden): position t predicts t + 1
         targets = labels.flatten().index_select(0, label_positions + 1)  # (N,)
         weight = self.model.lm_head.weight
-        total = h.new_zeros((), dtype=torch.float32)
+        total, right = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float64)
         for i in range(0, h.shape[0], self.chunk):
             # No randomness inside, so no random state to save and restore for the recomputation.
-            total = total + torch.utils.checkpoint.checkpoint(
+            loss, hits = torch.utils.checkpoint.checkpoint(
                 chunk_loss, h[i:i + self.chunk], weight, targets[i:i + self.chunk], use_reentrant=False,
                 preserve_rng_state=False)
+            total, right = total + loss, right + hits
+        if self.counts is None:
+            self.counts = torch.zeros(2, dtype=torch.float64, device=h.device)
+        self.counts.add_(torch.stack([right, (targets != data.IGNORE_INDEX).sum().double()]))
         return total
+
+    def take_accuracy(self) -> float | None:
+        """The share of label tokens predicted right (argmax) since the last call, over all ranks."""
+        if self.counts is None:
+            return None
+        counts = self.counts.clone()
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        self.counts.zero_()
+        right, labelled = counts.tolist()
+        return right / labelled if labelled else None
 
 
 def chunk_loss(h, weight, targets):
+    """(summed cross-entropy, label tokens whose argmax is the target) of a chunk of positions."""
     logits = F.linear(h, weight).float()  # (n, vocab)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum().double()
 
 
 def label_positions_of(labels):
@@ -172,7 +196,8 @@ def label_tokens(row) -> int:
 def epoch_windows(n_rows: int, batch_size: int, accum: int, epoch: int, seed: int) -> list[list[list[int]]]:
     """The epoch's optimizer steps: each a list of micro-batches, each a list of row indices.
 
-    The order depends only on (seed, epoch), so a resumed run sees exactly the same batches."""
+    The order depends only on (--data_seed, epoch), so a resumed run sees exactly the same batches;
+    it is ms-swift's (its BatchSamplerShard: torch.randperm seeded data_seed + epoch) on one GPU."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n_rows, generator=g).tolist()
     micro = [order[i:i + batch_size] for i in range(0, n_rows, batch_size)]
@@ -182,10 +207,15 @@ def epoch_windows(n_rows: int, batch_size: int, accum: int, epoch: int, seed: in
 def steps_to_run(state: dict, n_rows: int, a, world: int, total_steps: int):
     """The optimizer steps left, from where `state` says the run stands (the middle of an epoch,
     after a resume): (epoch, steps of the epoch done after this one, the epoch's step count,
-    this step's micro-batches of all ranks)."""
+    this step's micro-batches of all ranks). A run that goes on from a checkpoint's adapter
+    (--resume_only_model) knows only the step: the epoch and the place in it follow from it, as the
+    HF Trainer works them out, so the rows already trained are skipped."""
     step, epoch, start = state["global_step"], state["epoch"], state["step_in_epoch"]
+    if epoch is None:
+        epoch, start = divmod(step, len(epoch_windows(n_rows, a.per_device_train_batch_size,
+                                                      a.gradient_accumulation_steps * world, 0, a.data_seed)))
     while step < total_steps:
-        windows = epoch_windows(n_rows, a.per_device_train_batch_size, a.gradient_accumulation_steps * world, epoch, a.seed)
+        windows = epoch_windows(n_rows, a.per_device_train_batch_size, a.gradient_accumulation_steps * world, epoch, a.data_seed)
         for index in range(start, min(len(windows), start + total_steps - step)):
             yield epoch, index + 1, len(windows), windows[index]
         step += len(windows) - start
@@ -304,18 +334,23 @@ class LossScale:
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int, pad_id: int, device) -> float:
-    """Mean cross-entropy per label token over the validation rows."""
+def evaluate(model, rows, batch_size: int, pad_id: int, device) -> dict:
+    """The validation figures, as ms-swift (the HF Trainer) computes them: eval_loss is the mean over
+    batches of --per_device_eval_batch_size rows (the last one too, however few its rows) of each
+    batch's loss per label token, so it depends on the batch size; eval_token_acc is over all label
+    tokens. eval_loss_per_token weighs every label token alike (independent of the batch size)."""
     was_training = model.training
     model.eval()
     loss_fn = CausalLMLoss(model)
-    total, count = 0.0, 0
+    batch_means, total, count = [], 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        total += loss_fn(**make_batch(chunk, pad_id, device)).item()
-        count += sum(label_tokens(r) for r in chunk)
+        loss, n = loss_fn(**make_batch(chunk, pad_id, device)).item(), sum(label_tokens(r) for r in chunk)
+        batch_means.append(loss / max(1, n))
+        total, count = total + loss, count + n
     model.train(was_training)
-    return total / max(1, count)
+    return {"eval_loss": sum(batch_means) / max(1, len(batch_means)), "eval_token_acc": loss_fn.take_accuracy(),
+            "eval_loss_per_token": total / max(1, count)}
 
 
 @torch.no_grad()
@@ -363,11 +398,14 @@ def load_data(a, tok, template) -> tuple[list, list]:
     quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
 
     def rows_of(specs):
-        return sources.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.seed,
+        return sources.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.data_seed,
                                     model_name=a.model_name, model_author=a.model_author,
-                                    progress_over=math.inf if quiet else sources.PROGRESS_OVER, template=template)
+                                    progress_over=math.inf if quiet else sources.PROGRESS_OVER, template=template,
+                                    columns=a.columns)
 
-    train_rows, val_rows = data.split_dataset(rows_of(a.dataset), a.split_dataset_ratio, a.seed)
+    specs = [[s] for s in a.dataset] if a.split_dataset_ratio else [a.dataset]  # each source split apart, as ms-swift
+    parts = [data.split_dataset(rows_of(s), a.split_dataset_ratio, a.data_seed) for s in specs]
+    train_rows, val_rows = [r for t, _ in parts for r in t], [r for _, v in parts for r in v]
     val_rows += rows_of(a.val_dataset) if a.val_dataset else []
     if a.packing:
         train_rows = data.pack(train_rows, a.max_length)
@@ -377,10 +415,17 @@ def load_data(a, tok, template) -> tuple[list, list]:
 
 
 def schedule(a, n_rows: int, world: int) -> tuple[int, int, int]:
-    """(optimizer steps per epoch, in all, of warmup)."""
+    """(optimizer steps per epoch, in all, of warmup). --warmup_steps below 1 is a fraction, as in
+    transformers 5. --eval_strategy / --save_strategy epoch: --eval_steps / --save_steps become the
+    steps of an epoch (written so into args.json)."""
     steps_per_epoch = math.ceil(math.ceil(n_rows / a.per_device_train_batch_size) / (a.gradient_accumulation_steps * world))
     total = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
-    return steps_per_epoch, total, math.ceil(a.warmup_ratio * total)
+    if a.eval_strategy == "epoch":
+        a.eval_steps = steps_per_epoch
+    if a.save_strategy == "epoch":
+        a.save_steps = steps_per_epoch
+    warmup = a.warmup_steps or a.warmup_ratio  # flags.check_schedule: not both
+    return steps_per_epoch, total, int(warmup) if warmup >= 1 else math.ceil(warmup * total)
 
 
 def load_lora_model(a, model_dir, dtype, device, rank: int, sharded: bool, quantize):
@@ -466,12 +511,13 @@ def train(a) -> int:
     with runs.StopSignals(rank, world, device) as stop:
         for epoch, done_in_epoch, epoch_steps, micro in steps_to_run(run.state, len(train_rows), a, world, total_steps):
             step = run.state["global_step"] + 1
-            lr = lr_at(step - 1, total_steps, warmup, a.learning_rate, a.lr_scheduler_type)
+            lr = lr_at(step - 1, total_steps, warmup, a.learning_rate, a.lr_scheduler_type, a.lr_scheduler_kwargs)
             loss, grad_norm, tokens = optimizer_step(s, micro, lr)
             run.end_step(epoch, done_in_epoch, loss, tokens, loss_scale)
             last, stopping = step == total_steps, stop.agreed()
-            if step % a.logging_steps == 0 or last:
-                run.log_progress(epoch + done_in_epoch / epoch_steps, lr, grad_norm)
+            if step % a.logging_steps == 0 or step == 1 or last:  # step 1: ms-swift's logging_first_step
+                after = lr_at(step, total_steps, warmup, a.learning_rate, a.lr_scheduler_type, a.lr_scheduler_kwargs)
+                run.log_progress(epoch + done_in_epoch / epoch_steps, after, grad_norm, loss_fn.take_accuracy())
             if val_rows and (step % a.eval_steps == 0 or last):
                 run.log_eval(lambda: evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device))
             if step % a.save_steps == 0 or last or stopping:

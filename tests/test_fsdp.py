@@ -90,8 +90,8 @@ def test_two_ranks_with_fsdp_train_like_one_process_and_their_checkpoint_resumes
     # the optimizer state was gathered into one process's form: it resumes there, to the same end
     saved = torch.load(fsdp_run / "checkpoint-2" / "optimizer.pt", weights_only=True)
     assert not any(isinstance(v, DTensor) for s in saved["state"].values() for v in s.values())
-    assert train.main(common(folder, data, tmp_path / "two", 4, "--resume_from_checkpoint", fsdp_run / "checkpoint-2")) == 0
-    assert_same_adapter(fsdp_run / "checkpoint-4", one_run / "checkpoint-4")
+    assert train.main(common(folder, data, tmp_path / "resumed", 4, "--resume_from_checkpoint", fsdp_run / "checkpoint-2")) == 0
+    assert_same_adapter(run_dir(tmp_path / "resumed") / "checkpoint-4", one_run / "checkpoint-4")  # a new run folder
 
 
 @contextmanager

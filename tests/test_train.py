@@ -35,10 +35,11 @@ def write_qa(path, pairs=QA):
     return path
 
 
-def run_dir_of(out):
-    runs = sorted(Path(out).glob("v*-*"))
-    assert len(runs) == 1, runs
-    return runs[0]
+def run_dir_of(out, resumed=0):
+    """The run folder under --output_dir out; after `resumed` resumes (each a new folder, as in ms-swift), the newest."""
+    runs = sorted(Path(out).glob("v*-*"), key=lambda p: int(p.name[1:].split("-")[0]))
+    assert len(runs) == 1 + resumed, runs
+    return runs[-1]
 
 
 def adapter(ckpt):
@@ -113,10 +114,10 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path, tiny_dir):
     run = run_dir_of(tmp_path / "a")
     full = adapter(run / "checkpoint-6")
     (run / "checkpoint-6" / "adapter_model.safetensors").unlink()
-    # resume mid-epoch from step 4 (of 6) into the same run: it rewrites checkpoint-6
+    # resume mid-epoch from step 4 (of 6): a new run folder, with its own checkpoint-6
     assert train.main(train_args(data_file, tmp_path / "a", 6, 2, "--padding_free", "true",
                                  "--resume_from_checkpoint", run / "checkpoint-4")) == 0
-    resumed = adapter(run / "checkpoint-6")
+    resumed = adapter(run_dir_of(tmp_path / "a", resumed=1) / "checkpoint-6")
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
@@ -151,7 +152,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir, one_thread):
     # resuming reaches the same adapter as a run that was never interrupted
     assert train.main(train_args(data_file, out, 40, 1000, "--resume_from_checkpoint", ckpts[0])) == 0
     assert train.main(train_args(data_file, tmp_path / "ref", 40, 1000)) == 0
-    a, b = adapter(run / "checkpoint-40"), adapter(run_dir_of(tmp_path / "ref") / "checkpoint-40")
+    a, b = adapter(run_dir_of(out, resumed=1) / "checkpoint-40"), adapter(run_dir_of(tmp_path / "ref") / "checkpoint-40")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -190,7 +191,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_whole(tmp_path, tiny_d
     monkeypatch.setattr(torch, "save", real_save)
     assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-2"
     assert train.main(train_args(data_file, tmp_path / "out", 4, 2, "--resume_from_checkpoint", run)) == 0
-    assert (run / "checkpoint-4" / "trainer_state.json").exists() and not list(run.glob(".checkpoint-4.tmp-*"))
+    assert (run_dir_of(tmp_path / "out", resumed=1) / "checkpoint-4" / "trainer_state.json").exists()
 
 
 def test_save_total_limit_keeps_best_and_newest(tmp_path):
@@ -204,24 +205,28 @@ def test_save_total_limit_keeps_best_and_newest(tmp_path):
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-40"] and history == ["checkpoint-40"]
 
 
-def test_a_resume_from_an_earlier_step_keeps_the_checkpoint_it_writes(tmp_path, tiny_dir, capsys):
-    """--save_total_limit keeps the newest checkpoints this run wrote, not the highest steps: resuming
-    checkpoint-2 of a 6-step run with --max_steps 3 keeps checkpoint-3 and names it as the last one;
-    logging.jsonl then holds each step once, and elapsed goes on from the checkpoint's."""
+def test_a_resume_from_an_earlier_step_leaves_the_earlier_run_untouched(tmp_path, tiny_dir, capsys):
+    """As ms-swift 4.6 (tests/test_swift_logging.py): resuming checkpoint-2 of a 6-step run with
+    --max_steps 3 writes a new run folder under --output_dir; every file of the earlier run stays as it
+    was, even with --save_total_limit 1. The new logging.jsonl holds the steps after the checkpoint;
+    trainer_state.json the whole history, and elapsed goes on from the checkpoint's."""
     data_file = write_qa(tmp_path / "qa.json")
     assert train.main(train_args(data_file, tmp_path / "out", 6, 2)) == 0
     run = run_dir_of(tmp_path / "out")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     args = train_args(data_file, tmp_path / "out", 3, 1, "--save_total_limit", 1, "--resume_from_checkpoint", run / "checkpoint-2")
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert (run / "checkpoint-3" / "trainer_state.json").exists() and f"last checkpoint: {run / 'checkpoint-3'}" in out
-    assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-3"  # the newest written, not checkpoint-6
-    steps = [json.loads(line)["step"] for line in (run / "logging.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
-    assert state["checkpoints"][-1] == "checkpoint-3" and state["elapsed"] >= json.loads(
-        (run / "checkpoint-6" / "trainer_state.json").read_text())["log_history"][0]["step"] * 0
+    new = run_dir_of(tmp_path / "out", resumed=1)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert [p.name for p in runs.complete_checkpoints(new)] == ["checkpoint-3"] and f"last checkpoint: {new / 'checkpoint-3'}" in out
+    steps = [json.loads(line).get("step") for line in (new / "logging.jsonl").read_text().splitlines()]
+    assert steps == [3, 3, None]  # the step, the summary line, and last/best checkpoint
+    state = json.loads((new / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+    assert state["checkpoints"] == ["checkpoint-3"] and state["elapsed"] >= json.loads(
+        (run / "checkpoint-2" / "trainer_state.json").read_text())["elapsed"]
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -258,8 +263,11 @@ def test_incomplete_checkpoints_and_used_folders_are_refused_before_loading(tmp_
     err = capsys.readouterr().err
     assert "cannot be resumed: it has no rng_state.pt" in err and "Traceback" not in err
     (out / "checkpoint-2" / "rng_state.pth").rename(out / "checkpoint-2" / "rng_state.pt")
-    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
+    # a resume is a new run, and never into the folder of the one it resumes
     assert train.main(train_args(data_file, out, 4, 2, "--add_version", "false", "--resume_from_checkpoint", out)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"not a torch file")
+    assert train.main(train_args(data_file, out, 4, 2, "--resume_from_checkpoint", out)) == 2
     err = capsys.readouterr().err
     assert "cannot be resumed" in err and "Traceback" not in err
 
@@ -627,7 +635,7 @@ def test_float16_training_scales_the_loss(tmp_path, tiny_dir, capsys, monkeypatc
                      "--model_name", "小黄", "--model_author", "魔搭")
     assert train.main(args) == 0
     run = run_dir_of(tmp_path / "out")
-    log = [json.loads(line) for line in (run / "logging.jsonl").read_text().splitlines()]
+    log = [e for line in (run / "logging.jsonl").read_text().splitlines() if "loss" in (e := json.loads(line))]
     assert [e["loss_scale"] for e in log] == [65536.0] * 3 and all(math.isfinite(e["loss"]) for e in log)
     assert json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())["loss_scale"] == 65536.0
 
@@ -666,7 +674,8 @@ def test_train_py_with_the_embedding_in_host_memory_runs_as_without(tmp_path, hf
     assert len(looked_up) >= 3  # the training batches at least
     logs = [[json.loads(line) for line in (run_dir_of(tmp_path / out) / "logging.jsonl").read_text().splitlines()]
             for out in ("plain", "hosted")]
-    strip = lambda log: [{k: v for k, v in e.items() if k not in ("elapsed", "remaining", "tokens_per_s")} for e in log]
+    strip = lambda log: [{k: v for k, v in e.items() if k not in ("elapsed", "remaining", "tokens_per_s")} for e in log
+                         if "step" in e and "train_runtime" not in e]  # not the summary lines: times, folders
     assert strip(logs[0]) == strip(logs[1]) and any("eval_loss" in e for e in logs[0])
     last = lambda out: sorted(run_dir_of(tmp_path / out).glob("checkpoint-*"))[-1]
     assert all(torch.equal(a, b) for a, b in zip(adapter(last("plain")).values(), adapter(last("hosted")).values()))
