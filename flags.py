@@ -281,6 +281,7 @@ def infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
     g.add_argument("--max_new_tokens", type=int, default=None, help=f"longest answer in tokens, reasoning included (default: {DEFAULT_MAX_NEW_TOKENS:,})")
     g.add_argument("--seed", type=int, default=42, help="seed for sampling")
+    g.add_argument("--data_seed", type=int, default=42, help="--val_dataset: the rows of SOURCE#N, as train.py picks them")
 
     g = p.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (default: the adapter's training one, else the template's; Qwen3: none)")

@@ -31,7 +31,7 @@ ms-swift writes them. Other fields of a row are not copied (ms-swift drops them 
 
 Where ms-swift does otherwise, this file chooses:
 - SOURCE#N samples N rows as training does (fewer than the rows: N distinct random rows; more: whole
-  copies and random rows; seeded by --seed) and keeps them in file order. ms-swift takes the first N
+  copies and random rows; seeded by --data_seed) and keeps them in file order. ms-swift takes the first N
   and refuses an N over the rows.
 - An existing --result_path is continued where it stopped (its lines checked against the rows), not
   appended to a second time.
@@ -95,7 +95,7 @@ def read_dataset(args) -> list[Row]:
     trained = lora.checkpoint_args(flags.parse_adapters(args.adapters)[0][1]) if args.adapters else {}
     values = placeholder_values(args.model_name or trained.get("model_name"),
                                 args.model_author or trained.get("model_author"))
-    rows, order = read_sources(args.val_dataset, args.seed, values)
+    rows, order = read_sources(args.val_dataset, args.data_seed, values)
     rows = [rows[i] for i in sorted(order)]  # training's sample of each source, in the order of the files
     if args.result_path:
         answered_before(Path(args.result_path), rows)  # a file of other rows is refused now, not after loading

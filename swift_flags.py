@@ -147,8 +147,9 @@ FLAGS = {
     "use_liger_kernel": SwiftFlag("true", TRAIN, "no Liger kernels; the loss never holds all logits at once anyway",
                                   ignored=True),
     "seed": SwiftFlag("42", TRAIN_INFER, "train.py: LoRA's init and dropout; the data follow --data_seed, as in ms-swift"),
-    "data_seed": SwiftFlag("42", TRAIN, "the rows of SOURCE#N, the validation split and each epoch's order (torch.randperm "
-                           "seeded data_seed + epoch, as ms-swift's sampler); default 42 whatever --seed is"),
+    "data_seed": SwiftFlag("42", TRAIN_INFER, "the rows of SOURCE#N, the validation split and each epoch's order (torch.randperm "
+                           "seeded data_seed + epoch, as ms-swift's sampler); default 42 whatever --seed is; infer.py: "
+                           "--val_dataset's SOURCE#N"),
     "dataset_shuffle": SwiftFlag("true", TRAIN, "the --dataset sources are mixed in one shuffle", only=("true",)),
     "train_dataloader_shuffle": SwiftFlag("true", TRAIN, "each epoch takes the rows in a new random order",
                                           only=("true",)),

@@ -165,7 +165,7 @@ def test_sampling_n_answers_the_rows_training_samples_in_file_order(tmp_path, ti
     for n in (4, 13):
         out = tmp_path / f"out{n}.jsonl"
         assert run(["--model", "tiny", "--val_dataset", f"{spec}#{n}", "--result_path", str(out), "--max_new_tokens", "1",
-                    "--seed", "7", *GREEDY])[0] == 0
+                    "--data_seed", "7", *GREEDY])[0] == 0  # the rows train.py --data_seed 7 samples
         answers = [line["labels"] for line in read_lines(out)]
         trained = [c[-1]["content"] for c in sources.load_conversations([f"{spec}#{n}"], seed=7)]
         assert answers == sorted(trained, key=lambda a: int(a[1:]))  # the same rows, in the order of the file
