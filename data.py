@@ -206,6 +206,8 @@ def chat_pieces(tok: Tokenizer, turns: list[dict], texts: list[list[int]], gener
             pieces.append((tok.assistant_header + text, False))
         elif m["role"] == "answer":
             pieces.append((text + end, True))
+        elif m["role"] == "past":  # an earlier answer under --loss_scale last_round: context, not trained
+            pieces.append((tok.assistant_header + text + end, False))
         else:
             pieces.append(([tok.im_start_id] + text + end, False))
     if generation_prompt is not None:

@@ -40,7 +40,7 @@ from util import read_json
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what a hybrid model reads when it is told not to think
 EMPTY_THINK_RE = re.compile(r"<think>\s*</think>\s*")  # an empty block, as ms-swift's ignore_empty_think finds it
-LOSS_SCALES = ("default", "ignore_empty_think")
+LOSS_SCALES = ("default", "ignore_empty_think", "last_round")  # last_round: only the answers after the last question
 
 
 class TemplateError(Exception):
@@ -115,14 +115,18 @@ class Template:
     def training_turns(self, messages: list[dict]) -> list[dict]:
         """The turns as ms-swift trains on them: {"role", "content"}, and for an assistant turn
         "untrained", how many characters at the start of its content carry no loss (an empty think block)."""
-        turns = []
-        for m in self.with_system([with_reasoning_in_content(m) for m in messages]):
-            is_answer = m["role"] == "assistant"
-            turns.append(self.training_answer(m["content"]) if is_answer else {"role": m["role"], "content": m["content"]})
+        turns, messages = [], self.with_system([with_reasoning_in_content(m) for m in messages])
+        last = last_query(messages) if "last_round" in self.loss_scale else -1  # earlier answers: context only
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                turns.append({"role": m["role"], "content": m["content"]})
+                continue
+            # ms-swift writes an earlier answer as it is (no empty think block added): it is not trained
+            turns.append({"role": "past", "content": m["content"]} if i < last else self.training_answer(m["content"]))
         return turns
 
     def training_answer(self, content: str) -> dict:
-        empty = EMPTY_THINK_RE.match(content) if self.loss_scale == "ignore_empty_think" else None
+        empty = EMPTY_THINK_RE.match(content) if "ignore_empty_think" in self.loss_scale else None
         return {"role": "assistant", "content": content, "untrained": empty.end() if empty else 0}
 
 
@@ -203,8 +207,8 @@ def choose_template(model_dir, model_type: str, name: str | None = None, system:
                                 "for answers without reasoning.")
     if loss_scale is not None and loss_scale not in LOSS_SCALES:
         raise TemplateError(f"--loss_scale {loss_scale}: the loss scales here are {', '.join(LOSS_SCALES)}.")
-    if t.thinks == "hybrid" and loss_scale == "default":
-        loss_scale = "ignore_empty_think"  # ms-swift >= 4.3.1 adds it for hybrid models whatever is given
+    if t.thinks == "hybrid" and loss_scale in ("default", "last_round"):  # ms-swift >= 4.3.1 adds it for hybrid models
+        loss_scale = "ignore_empty_think" if loss_scale == "default" else "last_round+ignore_empty_think"
     return replace(t, system=system, enable_thinking=t.enable_thinking if enable_thinking is None else enable_thinking,
                    loss_scale=loss_scale or t.loss_scale, add_non_thinking_prefix=add_non_thinking_prefix)
 

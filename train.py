@@ -479,7 +479,7 @@ def train(a) -> int:
     model_dir = cli.model_dir(a.model)
     config = modeling.Config.from_json(model_dir / "config.json")
     tok, template = data.Tokenizer(model_dir), chat_template(a, model_dir, config)
-    log0(rank, f"chat template: {template.name}" + (f" (loss_scale {template.loss_scale})" if template.thinks != "never" else ""))
+    log0(rank, f"chat template: {template.name}" + (f" (loss_scale {template.loss_scale})" if template.loss_scale != "default" else ""))
     train_rows, val_rows = load_data(a, tok, template)
     steps_per_epoch, total_steps, warmup = schedule(a, len(train_rows), world)
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
