@@ -170,7 +170,7 @@ def encode_chat(tok: Tokenizer, messages: list[dict], add_generation_prompt: boo
     for piece, trained in chat_pieces(tok, turns, texts, prompt):
         ids += piece
         labels += piece if trained else [IGNORE_INDEX] * len(piece)
-    return ids, labels
+    return ids, [IGNORE_INDEX] + labels[1:]  # the first token is no one's target (all of it trained: --loss_scale all)
 
 
 def layout_turns(turns: list[dict]) -> list[dict]:
@@ -208,6 +208,8 @@ def chat_pieces(tok: Tokenizer, turns: list[dict], texts: list[list[int]], gener
             pieces.append((text + end, True))
         elif m["role"] == "past":  # an earlier answer under --loss_scale last_round: context, not trained
             pieces.append((tok.assistant_header + text + end, False))
+        elif m["role"] in ("said", "whole"):  # --loss_scale all: a question or an answer trained whole
+            pieces.append(([tok.im_start_id] + text + end if m["role"] == "said" else tok.assistant_header + text + end, True))
         else:
             pieces.append(([tok.im_start_id] + text + end, False))
     if generation_prompt is not None:

@@ -743,10 +743,11 @@ class ChatBatch:
         trained = np.repeat(flags, lengths)  # (tokens of the batch,)
         # Each row is a view of the batch's two arrays: two allocations a batch rather than two a row.
         ends = np.cumsum(lengths.reshape(-1, 3).sum(1))[np.cumsum(self.turns_per_row) - 1]
+        trained[np.r_[0, ends[:-1]]] = False  # a row's first token is no one's target (as encode_chat)
         return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
 
 
-ROLE_NAMES = ("system", "user", "assistant", "think", "answer", "past")  # the roles of layout_turns' turns
+ROLE_NAMES = ("system", "user", "assistant", "think", "answer", "past", "said", "whole")  # the roles of layout_turns' turns
 TEXT = -1  # stands for a turn's text in turn_layout
 
 

@@ -96,8 +96,8 @@ FLAGS = {
     "columns": SwiftFlag("""'{"question":"query"}'""", TRAIN, "also a .json file; question/answer, prompt/completion, "
                          "problem/solution ... are read without it, as in ms-swift"),
     "loss_scale": SwiftFlag("ignore_empty_think", TRAIN, "default (every answer), last_round (only the answers after the last "
-                            "question) or ignore_empty_think (no loss on an empty think block; always on for hybrid "
-                            "Qwen3, as in ms-swift >= 4.3.1); not all or ms-swift's agent loss scales"),
+                            "question), all (every token; not yet with thinking templates) or ignore_empty_think (no "
+                            "loss on an empty think block; always on for hybrid Qwen3, as in ms-swift >= 4.3.1)"),
     "dataloader_num_workers": SwiftFlag("4", TRAIN, "the data are tokenized before training starts", ignored=True),
     "dataset_num_proc": SwiftFlag("4", TRAIN, "tokenizing runs in one process", ignored=True),
     "load_from_cache_file": SwiftFlag("true", TRAIN, "nothing is cached; the data are tokenized at each start",

@@ -178,7 +178,8 @@ def test_the_template_comes_from_the_checkpoints_chat_template(qwen3_dir, tiny_d
     ("qwen3_thinking", {"enable_thinking": False}, "(Qwen3-*-Thinking-2507) always thinks"),
     ("qwen4", {}, "--template qwen4: no such template. The templates here are qwen2_5, qwen3, qwen3_nothinking, "
                   "qwen3_thinking"),
-    ("qwen3", {"loss_scale": "all"}, "--loss_scale all: the loss scales here are default, ignore_empty_think, last_round"),
+    ("qwen3", {"loss_scale": "every"}, "--loss_scale every: the loss scales here are default, ignore_empty_think, last_round, all"),
+    ("qwen3", {"loss_scale": "all"}, "--loss_scale all is not available with the qwen3 template yet"),
 ])
 def test_settings_a_template_cannot_take_are_refused(name, flags, needle):
     with pytest.raises(T.TemplateError) as e:
