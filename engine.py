@@ -97,34 +97,33 @@ class SlotCache(modeling.KVCache):
 
     def __init__(self, config, slots: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
-        self.slot, self.positions = None, None
+        self.slot, self.positions, self.span = None, None, 0
         self.whole = False  # attend over all max_len positions (a recorded CUDA graph), not just the filled ones
 
     def prefill(self, slot: int):
         self.slot, self.positions = slot, None
 
     def decode(self, positions: torch.Tensor):
-        self.slot, self.positions = None, positions  # (B,): where row b's new token goes
+        """positions (B,): where row b's new token goes. The keys a step attends over (span), worked
+        out once for all layers: up to the furthest row's position (beyond it no row looks), or all
+        of them for a recorded graph, whose shapes cannot depend on the data."""
+        self.slot, self.positions = None, positions
+        self.span = self.max_len if self.whole else int(positions.max()) + 1
 
     def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
         B, T = input_ids.shape
         if self.positions is None:  # a prompt alone, from position 0: causal attention, no mask
             return torch.arange(T, device=input_ids.device)[None], None, T > 1
-        keys = torch.arange(self.span(), device=input_ids.device)
+        keys = torch.arange(self.span, device=input_ids.device)
         mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
         return self.positions[:, None], mask, False
-
-    def span(self) -> int:
-        """Keys a decode step attends over: up to the furthest row's position (beyond it no row
-        looks), or all of them for a recorded graph, whose shapes cannot depend on the data."""
-        return self.max_len if self.whole else int(self.positions.max()) + 1
 
     def update(self, layer: int, k, v):
         if self.positions is None:  # k, v (1, nkv, T, hd) into this slot's first T positions
             T = k.shape[2]
             self.k[layer][self.slot, :, :T], self.v[layer][self.slot, :, :T] = k[0], v[0]
             return self.k[layer][self.slot:self.slot + 1, :, :T], self.v[layer][self.slot:self.slot + 1, :, :T]
-        B, span = k.shape[0], self.span()
+        B, span = k.shape[0], self.span
         rows = torch.arange(B, device=k.device)
         self.k[layer][rows, :, self.positions] = k[:, :, 0]  # (B, nkv, hd) each at its row's position
         self.v[layer][rows, :, self.positions] = v[:, :, 0]
@@ -201,14 +200,19 @@ class Engine:
         for slot in range(self.slots):
             if self.running[slot] is not None:
                 continue
-            with self.lock:
-                request = self.waiting.popleft() if self.waiting else None
-            while request is not None and request.cancelled:
-                with self.lock:
-                    request = self.waiting.popleft() if self.waiting else None
+            request = self.next_waiting()
             if request is None:
                 return
             self.prefill(slot, request)
+
+    def next_waiting(self) -> Request | None:
+        """The oldest waiting request not cancelled meanwhile, or None."""
+        with self.lock:
+            while self.waiting:
+                request = self.waiting.popleft()
+                if not request.cancelled:
+                    return request
+        return None
 
     def prefill(self, slot: int, request: Request):
         seq = Sequence(request, self.device, self.model.config.vocab_size)
