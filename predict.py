@@ -93,19 +93,13 @@ def read_dataset(args) -> list[Row]:
         training_args(flags.parse_adapters(args.adapters)[0][1])  # one that cannot work fails now
         return []
     trained = lora.checkpoint_args(flags.parse_adapters(args.adapters)[0][1]) if args.adapters else {}
-    values = placeholder_values(args.model_name or trained.get("model_name"),
+    values = sources.placeholder_values(args.model_name or trained.get("model_name"),
                                 args.model_author or trained.get("model_author"))
     rows, order = read_sources(args.val_dataset, args.data_seed, values)
     rows = [rows[i] for i in sorted(order)]  # training's sample of each source, in the order of the files
     if args.result_path:
         answered_before(Path(args.result_path), rows)  # a file of other rows is refused now, not after loading
     return rows
-
-
-def placeholder_values(name, author) -> dict:
-    """{{NAME}} / {{AUTHOR}} -> (Chinese value, English value) from one value or two (None: not given)."""
-    pair = lambda v: None if not v else (v, v) if isinstance(v, str) else (v[0], v[-1])
-    return {"{{NAME}}": pair(name), "{{AUTHOR}}": pair(author)}
 
 
 def read_sources(specs: list[str], seed: int, values: dict) -> tuple[list[Row], list[int]]:
@@ -133,10 +127,7 @@ def row_of(raw, where: str, source: str, values: dict) -> Row:
     sources.conversations_of fills them (the row's "tag", else whether it holds Chinese)."""
     readable, answered = with_answer(raw)
     messages = sources.row_to_messages(readable, where)  # checks the row, and says what is wrong with it
-    if any(p in m["content"] for m in messages for p in sources.PLACEHOLDERS):
-        tag = raw.get("tag")
-        chinese = tag == "zh" if tag in ("zh", "en") else any(sources.HAN.search(m["content"]) for m in messages)
-        messages = sources.fill_placeholders(messages, chinese, values, where)
+    messages = sources.filled(messages, raw, values, where)
     return Row(messages[:-1], messages[-1]["content"] if answered else None, source, where, raw.get("adapter"))
 
 
@@ -171,7 +162,7 @@ def held_out_rows(chat, args) -> list[Row]:
     template = choose_template(chat.tok.path.parent, chat.model.config.model_type, trained.get("template"),
                                trained.get("system"), trained.get("enable_thinking"), trained.get("loss_scale"),
                                trained.get("add_non_thinking_prefix", True))
-    values = placeholder_values(trained.get("model_name"), trained.get("model_author"))
+    values = sources.placeholder_values(trained.get("model_name"), trained.get("model_author"))
     seed = trained.get("data_seed", trained.get("seed", 42))  # runs before --data_seed: --seed chose the rows
 
     def kept(specs):

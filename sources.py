@@ -528,6 +528,11 @@ def check_characters(messages: list[dict], where: str):
                             f"fix that escape, or remove the row.")
 
 
+def placeholder_values(model_name, model_author) -> dict:
+    """{{NAME}} / {{AUTHOR}} -> (Chinese value, English value), from --model_name / --model_author."""
+    return {"{{NAME}}": _flag_values(model_name, "--model_name"), "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
+
+
 def _flag_values(values, flag: str) -> tuple[str, str] | None:
     """--model_name 'X' or --model_name '小X' 'X' -> (Chinese value, English value)."""
     if values is None or values == []:
@@ -601,8 +606,7 @@ def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, mod
         specs = [specs]
     if not specs:
         raise DataError("No dataset given: pass --dataset with one or more .json / .jsonl files or hub ids.")
-    values = {"{{NAME}}": _flag_values(model_name, "--model_name"),
-              "{{AUTHOR}}": _flag_values(model_author, "--model_author")}
+    values = placeholder_values(model_name, model_author)
     sizes, no_answer, columns = [], [], parse_columns(columns)  # no_answer: where the rows with an empty answer are
     for spec in specs:
         source, n = parse_source(spec)
@@ -633,11 +637,17 @@ def conversations_of(files: list[Path], values: dict, no_answer: list, progress:
             messages = row_to_messages(clean(row), where, columns)
             if any(m["role"] == "assistant" and (not m["content"] or m["content"].isspace()) for m in messages):
                 no_answer.append(where)
-            if any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
-                tag = row.get("tag")
-                chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
-                messages = fill_placeholders(messages, chinese, values, where)
-            yield messages
+            yield filled(messages, row, values, where)
+
+
+def filled(messages: list[dict], row: dict, values: dict, where: str) -> list[dict]:
+    """The row's messages with {{NAME}} / {{AUTHOR}} replaced: in Chinese or English by the row's
+    "tag" ("zh" / "en"), else by whether it holds Chinese characters."""
+    if not any(placeholder in m["content"] for m in messages for placeholder in PLACEHOLDERS):
+        return messages
+    tag = row.get("tag")
+    chinese = tag == "zh" if tag in ("zh", "en") else any(HAN.search(m["content"]) for m in messages)
+    return fill_placeholders(messages, chinese, values, where)
 
 
 def mixture(sizes: list[tuple[int, int | None]], rng: np.random.RandomState) -> list[int]:
