@@ -182,3 +182,33 @@ def loss_and_gradients(m, batch, layers, seed: int):
     for p in params:
         p.grad = None
     return loss.detach(), grads
+
+
+def random_adapter(tiny_dir, out_dir, seed, base_model_name_or_path=None):
+    """A LoRA adapter (r=4, alpha=8) on every projection with random A and B, saved in out_dir, so
+    that the tiny model's answers differ from row to row (without one it writes newlines)."""
+    import torch
+    import lora
+    import model as modeling
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), "x")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.lora_parameters(m, "x"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lora.save_adapter(m, out_dir, "x", base_model_name_or_path=base_model_name_or_path or str(tiny_dir))
+    return Path(out_dir)
+
+
+def marked_text(tok, ids, labels) -> str:
+    """The row's text with its trained spans in ⟦ ⟧, as the ms-swift oracle (/work/oracle/swift) writes them."""
+    from data import IGNORE_INDEX
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and (labels[j] != IGNORE_INDEX) == (labels[i] != IGNORE_INDEX):
+            j += 1
+        text = tok.decode(ids[i:j])
+        out.append(f"⟦{text}⟧" if labels[i] != IGNORE_INDEX else text)
+        i = j
+    return "".join(out)

@@ -6,17 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
 import decode
 import flags
 import infer
-import lora
 import model as modeling
 import predict
 import sources
 import train
+from conftest import random_adapter
 
 MS_SWIFT = Path("/tmp/ms")  # where the ms-swift run below wrote its files; replaced by each test's folder
 
@@ -40,19 +39,6 @@ GREEDY = ["--temperature", "0", "--device", "cpu", "--torch_dtype", "float32"]
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: adapters, datasets and the answers of one row at a time
-
-
-def random_adapter(tiny_dir, out_dir, seed):
-    """A LoRA adapter (r=4, alpha=8) on every projection with random A and B, so that the tiny model's
-    answers differ from row to row (without one it writes newlines)."""
-    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
-    lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), "x")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora.lora_parameters(m, "x"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    lora.save_adapter(m, out_dir, "x", base_model_name_or_path=str(tiny_dir))
-    return Path(out_dir)
 
 
 def write_jsonl(path, rows):

@@ -18,7 +18,8 @@ import model as modeling
 import sources
 import template as T
 import train
-from data import IGNORE_INDEX, encode_chat, render_chat
+from conftest import marked_text
+from data import encode_chat, render_chat
 
 HERE = Path(__file__).resolve().parent / "qwen3"  # official files: config.json of each size, 2507 chat templates
 DENSE = ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-4B-Instruct-2507"]
@@ -236,31 +237,18 @@ MS_SWIFT[("qwen3_thinking", ())] = MS_SWIFT[("qwen3_nothinking", ())]  # the sam
 MS_SWIFT[("qwen3", (("enable_thinking", False),))] = MS_SWIFT[("qwen3", ())]  # training rows do not change
 
 
-def marked(tok, ids, labels) -> str:
-    """The row's text with its trained spans in ⟦ ⟧, as the ms-swift oracle wrote its rows."""
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j < len(ids) and (labels[j] != IGNORE_INDEX) == (labels[i] != IGNORE_INDEX):
-            j += 1
-        text = tok.decode(ids[i:j])
-        out.append(f"⟦{text}⟧" if labels[i] != IGNORE_INDEX else text)
-        i = j
-    return "".join(out)
-
-
 @pytest.mark.parametrize("name,flags", list(MS_SWIFT))
 def test_training_rows_are_ms_swifts(tok, name, flags):
     template = T.choose_template("nowhere", "qwen3", name, **dict(flags))
     conversations = [sources.row_to_messages({"messages": row}, "row") for row in ROWS]  # as read from a file
-    ours = [marked(tok, *encode_chat(tok, messages, template=template)) for messages in conversations]
+    ours = [marked_text(tok, *encode_chat(tok, messages, template=template)) for messages in conversations]
     expected = list(MS_SWIFT[(name, flags)])
     # Where we differ on purpose: ms-swift drops reasoning_content (its row 5 trains "2" alone); we write
     # it into the content, so row 5 trains as ms-swift trains row 2, the same row with the reasoning there.
     expected[4] = expected[1]
     assert ours == expected
     batched = sources.encode_chats(tok, conversations, template=template)  # the batched encoder lays them out alike
-    assert [marked(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
+    assert [marked_text(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
 
 
 # ---------------------------------------------------------------------------------------------

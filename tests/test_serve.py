@@ -24,6 +24,7 @@ import lora
 import model as modeling
 import serve
 from template import TEMPLATES
+from conftest import random_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -90,14 +91,7 @@ def adapters(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_adapters")
     paths = {}
     for name, seed in (("a", 1), ("b", 2)):
-        m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
-        lora.add_adapter(m, lora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0), "x")
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in lora.lora_parameters(m, "x"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        lora.save_adapter(m, root / name, "x", base_model_name_or_path="tiny")
-        paths[name] = root / name
+        paths[name] = random_adapter(tiny_dir, root / name, seed, base_model_name_or_path="tiny")
     return paths
 
 

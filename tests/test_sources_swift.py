@@ -16,6 +16,7 @@ import pytest
 import data
 import sources
 from data import IGNORE_INDEX, DataError
+from conftest import marked_text
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +40,7 @@ def rows_in_file_order(path, columns=None) -> list[list[dict]]:
 def marked(tok, conversation, system=None) -> str:
     """The training row's text with its trained spans in ⟦ ⟧, as the ms-swift oracle writes them."""
     [row] = data.encode_dataset(tok, [conversation], 4096, system=system)
-    ids, labels = row["input_ids"].tolist(), row["labels"].tolist()
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j < len(ids) and (labels[j] != IGNORE_INDEX) == (labels[i] != IGNORE_INDEX):
-            j += 1
-        text = tok.decode(ids[i:j])
-        out.append(f"⟦{text}⟧" if labels[i] != IGNORE_INDEX else text)
-        i = j
-    return "".join(out)
+    return marked_text(tok, row["input_ids"].tolist(), row["labels"].tolist())
 
 
 # ----------------------------------------------------------------------------------------------
