@@ -611,10 +611,12 @@ def serve_main(a):
                                  "--temperature", "0"], stderr=subprocess.PIPE, text=True)
         try:
             wait_until_serving(proc, port)
-            stream_answer(port, "warm up", 4)  # the first graphs recorded
+            model = json.loads(http_get(port, "/v1/models"))["data"][0]["id"]
+            stream_answer(port, model, "warm up", 4)  # the first graphs recorded
             results, start = [None] * a.serve, time.perf_counter()
             threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream_answer(
-                port, " ".join(["word"] * (20 + 380 * i // max(1, a.serve - 1))), a.new_tokens))) for i in range(a.serve)]
+                port, model, " ".join(["word"] * (20 + 380 * i // max(1, a.serve - 1))), a.new_tokens)))
+                for i in range(a.serve)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -652,10 +654,10 @@ def wait_until_serving(proc, port: int, timeout: float = 900):
     raise RuntimeError("serve.py did not start")
 
 
-def stream_answer(port: int, prompt: str, max_tokens: int) -> tuple[float, int]:
+def stream_answer(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     """(seconds to the first content chunk, completion tokens) of one streamed answer."""
     import http.client
-    body = {"model": next(iter(json.loads(http_get(port, "/v1/models"))["data"]))["id"], "stream": True,
+    body = {"model": model, "stream": True,
             "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
