@@ -17,10 +17,11 @@ of the loss (label -100) except, in each assistant turn, its content, the <|im_e
 The path from `--dataset` to a batch:
 
     load_conversations  (sources.py) read every source, turn each row of any supported format into
-                        a conversation, fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, mix
+                        a conversation, fill in {{NAME}} / {{AUTHOR}}, sample `SOURCE#N`, hold out
+                        --split_dataset_ratio of each source for evaluation, mix: the rows ms-swift
+                        takes, in its order, for the same --data_seed (sources.mixture)
     encode_dataset      conversation -> Row (token ids, and which carry a label) through encode_chat;
                         rows over --max_length dropped or cut (fit_rows)
-    split_dataset       hold out --split_dataset_ratio of the rows for evaluation
     pack (optional)     several rows in one row of <= --max_length tokens, kept apart by segment ids
                         (train.py packs each optimizer step's rows the same way: pack_bins, concat_rows)
     collate             rows -> right-padded (B, T) tensors with an attention mask
@@ -271,10 +272,10 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
     return fit_rows(encode_rows(tok, conversations, system, template), max_length, truncation_strategy)
 
 
-def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str) -> list[Row]:
+def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str, what: str = "rows") -> list[Row]:
     """The rows, each at most max_length tokens. truncation_strategy: "delete" drops longer rows (and
     prints how many); "left" keeps the last max_length tokens; "right" the first. Rows left without
-    any trained token are dropped."""
+    any trained token are dropped. what: the rows' name in the notes ("validation rows")."""
     if truncation_strategy not in ("delete", "left", "right"):
         raise DataError(f"--truncation_strategy must be delete, left or right, not {truncation_strategy!r}.")
     kept, too_long, untrained, longest = [], 0, 0, 0
@@ -294,16 +295,17 @@ def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str) -> list
 
     n = len(rows)
     if too_long:
-        what = "dropped" if truncation_strategy == "delete" else f"cut from the {truncation_strategy}"
+        cut = "dropped" if truncation_strategy == "delete" else f"cut from the {truncation_strategy}"
         hint = " (use --truncation_strategy left|right to keep them cut)" if truncation_strategy == "delete" else ""
-        print(f"{too_long} of {n} rows are longer than --max_length {max_length} tokens and were {what}{hint}; "
+        print(f"{too_long} of {n} {what} are longer than --max_length {max_length} tokens and were {cut}{hint}; "
               f"the longest has {longest} tokens.")
     if untrained:
-        print(f"{untrained} of {n} rows had no assistant token left after truncation and were dropped.")
+        print(f"{untrained} of {n} {what} had no assistant token left after truncation and were dropped.")
     if not kept:
         if truncation_strategy == "delete":
-            raise DataError(f"All {n} rows are longer than --max_length {max_length} tokens, so nothing is left "
-                            f"to train on. Raise --max_length (the longest row has {longest} tokens) or use "
+            use = "evaluate" if what != "rows" else "train on"
+            raise DataError(f"All {n} {what} are longer than --max_length {max_length} tokens, so nothing is left "
+                            f"to {use}. Raise --max_length (the longest row has {longest} tokens) or use "
                             f"--truncation_strategy left|right to keep rows cut.")
         raise DataError(f"After cutting rows to --max_length {max_length} tokens from the {truncation_strategy}, "
                         f"no row has an assistant token left to learn from. Raise --max_length (the longest row "
@@ -338,22 +340,6 @@ def note_control_token_text(found: list[str | None]):
         print(f"note: {len(spelled)} of {len(found)} rows contain the text of a control token (such as "
               f"{spelled[0]}); it is trained on as plain text and cannot end or start a turn. If those rows hold "
               f"conversations already rendered as ChatML, give them as messages instead.", file=sys.stderr)
-
-
-def split_dataset(rows: list, ratio: float, seed: int) -> tuple[list, list]:
-    """(train, validation): max(1, int(len * ratio)) random rows held out; ratio 0 (or no rows) holds
-    out none. train.load_data splits each --dataset source apart, as ms-swift does."""
-    if ratio == 0 or not rows:
-        return list(rows), []
-    if not 0 < ratio < 1:
-        raise DataError(f"--split_dataset_ratio must be at least 0 and below 1, not {ratio}.")
-    n_val = max(1, int(len(rows) * ratio))
-    if n_val >= len(rows):
-        raise DataError(f"--split_dataset_ratio {ratio} of {len(rows)} rows leaves nothing to train on; "
-                        f"use a smaller ratio, more data, or --val_dataset.")
-    held_out = set(np.random.RandomState(seed).permutation(len(rows))[:n_val].tolist())
-    return ([r for i, r in enumerate(rows) if i not in held_out],
-            [r for i, r in enumerate(rows) if i in held_out])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -240,6 +240,11 @@ def set_derived_defaults(a):
             print(f"Setting args.gradient_accumulation_steps: {a.gradient_accumulation_steps}", flush=True)
     if a.eval_steps is None:
         a.eval_steps = a.save_steps
+    if a.val_dataset and a.split_dataset_ratio:  # ms-swift's DataArguments: the rows given, no split
+        a.split_dataset_ratio = 0.0
+        if cli.rank_and_world()[0] == 0:
+            print("Because --val_dataset is given, setting split_dataset_ratio: 0.0 (as ms-swift: every --dataset row "
+                  "trains, and --val_dataset's rows evaluate)", flush=True)
     if a.max_tokens_per_pass is None:  # packed passes need no more memory than one row of --max_length
         a.max_tokens_per_pass = a.max_length
     if a.output_dir is None:
@@ -281,7 +286,7 @@ def infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=float, default=None, help="> 1 makes tokens already in the text less likely (1 = off)")
     g.add_argument("--max_new_tokens", type=int, default=None, help=f"longest answer in tokens, reasoning included (default: {DEFAULT_MAX_NEW_TOKENS:,})")
     g.add_argument("--seed", type=int, default=42, help="seed for sampling")
-    g.add_argument("--data_seed", type=int, default=42, help="--val_dataset: the rows of SOURCE#N, as train.py picks them")
+    g.add_argument("--data_seed", type=int, default=42, help="accepted as swift infer takes it; --val_dataset is read in file order, so it changes nothing")
 
     g = p.add_argument_group("conversation")
     g.add_argument("--system", default=None, help="system prompt (default: the adapter's training one, else the template's; Qwen3: none)")

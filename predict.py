@@ -9,7 +9,7 @@ engine.Engine answers every row of a dataset, --max_batch_size of them at once, 
 what is around it:
 
     read_dataset    the rows: every --val_dataset source, in any format train.py reads (sources.py),
-                    SOURCE#N sampled as training samples it, in input order. A row's question is its
+                    SOURCE#N its first N rows (as ms-swift), in input order. A row's question is its
                     last user turn with the conversation before it; its final answer, if it has one,
                     is its `labels`, which the model does not see. With --load_data_args, the
                     validation rows the checkpoint's training held out (held_out_rows)
@@ -30,14 +30,9 @@ a hybrid Qwen3 told not to think answers after the empty block "<think>\\n\\n</t
 ms-swift writes them. Other fields of a row are not copied (ms-swift drops them too).
 
 Where ms-swift does otherwise, this file chooses:
-- SOURCE#N samples N rows as training does (fewer than the rows: N distinct random rows; more: whole
-  copies and random rows; seeded by --data_seed) and keeps them in file order. ms-swift takes the first N
-  and refuses an N over the rows.
 - An existing --result_path is continued where it stopped (its lines checked against the rows), not
   appended to a second time.
 - A row may name its adapter in an "adapter" field: a loaded adapter's name, or "base" (none).
-- --load_data_args rebuilds train.py's validation rows: the share its split held out and its
-  --val_dataset's rows (ms-swift: --val_dataset's alone when there is one).
 - A sampled answer (temperature > 0) draws from its own generator, seeded --seed + its row's number,
   so it does not depend on which rows run beside it or on a resume.
 """
@@ -51,7 +46,6 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 
 import data
 import flags
@@ -86,7 +80,7 @@ class Row:
 
 def read_dataset(args) -> list[Row]:
     """--val_dataset's rows in input order, before the model loads, so that a bad row fails at once.
-    SOURCE#N: the rows training samples from it, in file order. With --load_data_args nothing yet:
+    SOURCE#N: its first N rows, as ms-swift reads --val_dataset. With --load_data_args nothing yet:
     held_out_rows reads the training run's data once the model (and its tokenizer) is loaded."""
     flags.check_dataset_args(args)
     if args.load_data_args:
@@ -95,18 +89,18 @@ def read_dataset(args) -> list[Row]:
     trained = lora.checkpoint_args(flags.parse_adapters(args.adapters)[0][1]) if args.adapters else {}
     values = sources.placeholder_values(args.model_name or trained.get("model_name"),
                                 args.model_author or trained.get("model_author"))
-    rows, order = read_sources(args.val_dataset, args.data_seed, values)
-    rows = [rows[i] for i in sorted(order)]  # training's sample of each source, in the order of the files
+    rows, (_, order) = read_sources(args.val_dataset, 42, values, ratio=1)
+    rows = [rows[i] for i in order]
     if args.result_path:
         answered_before(Path(args.result_path), rows)  # a file of other rows is refused now, not after loading
     return rows
 
 
-def read_sources(specs: list[str], seed: int, values: dict) -> tuple[list[Row], list[int]]:
-    """Every source's rows in file order, and the dataset training makes of them, as indices into
-    those rows: each source whole or SOURCE#N sampled, then one shuffle (sources.mixture, drawn from
-    the same RandomState(seed) as sources.read_sources). That function reads training rows only
-    (each must end with its answer); this reads rows that end with their question too."""
+def read_sources(specs: list[str], seed: int, values: dict, ratio: float) -> tuple[list[Row], tuple[list, list]]:
+    """Every source's rows in file order, and the training and validation rows ms-swift (and train.py)
+    takes of them by ratio, as indices into those rows (sources.pick_rows). sources.read_sources
+    reads training rows only (each must end with its answer); this reads rows that end with their
+    question too."""
     rows, sizes = [], []
     for spec in specs:
         source, n = sources.parse_source(spec)
@@ -119,7 +113,7 @@ def read_sources(specs: list[str], seed: int, values: dict) -> tuple[list[Row], 
         if n is not None:
             sources.check_sample_count(spec, len(rows) - start, n)
         sizes.append((len(rows) - start, n))
-    return rows, sources.mixture(sizes, np.random.RandomState(seed))
+    return rows, sources.pick_rows(sizes, specs, seed, ratio)
 
 
 def row_of(raw, where: str, source: str, values: dict) -> Row:
@@ -153,32 +147,28 @@ def with_answer(raw) -> tuple[object, bool]:
 
 def held_out_rows(chat, args) -> list[Row]:
     """--load_data_args: the validation rows of the adapter's training run, as train.load_data held them
-    out. Its args.json says what it read: --dataset is read, sampled and mixed as it was (seed, #N);
-    each row is encoded in its template and fitted to its --max_length as it was (data.fit_rows: a
-    row dropped there is in neither split); data.split_dataset then picks the same rows from them;
-    --val_dataset's rows, fitted alike, come after. tests/test_predict.py proves the rows the same."""
+    out. Its args.json says what it read: --dataset is read, sampled and split as it was (its
+    --data_seed, #N, --split_dataset_ratio: sources.pick_rows), or --val_dataset's rows are taken;
+    each row is encoded in its template and fitted to its --max_length as it was (data.fit_rows).
+    tests/test_predict.py proves the rows the same."""
     folder = flags.parse_adapters(args.adapters)[0][1]
     trained = training_args(folder)
     template = choose_template(chat.tok.path.parent, chat.model.config.model_type, trained.get("template"),
                                trained.get("system"), trained.get("enable_thinking"), trained.get("loss_scale"),
                                trained.get("add_non_thinking_prefix", True))
     values = sources.placeholder_values(trained.get("model_name"), trained.get("model_author"))
-    seed = trained.get("data_seed", trained.get("seed", 42))  # runs before --data_seed: --seed chose the rows
 
-    def kept(specs):
+    def held(specs, ratio):
         try:
-            rows, order = read_sources(specs, seed, values)
+            rows, (_, order) = read_sources(specs, trained.get("data_seed", 42), values, ratio)
         except DataError as e:
             raise DataError(f"{e} (--load_data_args reads the datasets {folder}/args.json names; a relative path "
                             "is read from the folder you run in, as training did.)") from None
         return fitted(chat.tok, template, [rows[i] for i in order], trained.get("max_length", 2048),
                       trained.get("truncation_strategy", "delete"))
 
-    ratio = trained.get("split_dataset_ratio", 0.0)
-    # Each --dataset source split apart (runs since --data_seed); earlier runs split the whole mixture.
-    specs = [[s] for s in trained["dataset"]] if ratio and "data_seed" in trained else [trained["dataset"]]
-    held_out = [r for s in specs for r in data.split_dataset(kept(s), ratio, seed)[1]]
-    held_out += kept(trained["val_dataset"]) if trained.get("val_dataset") else []
+    val_dataset = trained.get("val_dataset")  # when given, its rows alone (train.py then splits nothing)
+    held_out = held(val_dataset, 1) if val_dataset else held(trained["dataset"], trained["split_dataset_ratio"])
     say(f"data: the {len(held_out)} validation rows the training run of {folder} held out")
     return held_out
 
@@ -207,7 +197,7 @@ def fitted(tok, template, rows: list[Row], max_length: int, truncation_strategy:
     conversations = [r.messages + [{"role": "assistant", "content": r.labels}] for r in rows]
     encoded = data.encode_rows(tok, conversations, template=template)
     with contextlib.redirect_stdout(sys.stderr):  # its notes (rows dropped or cut), as training printed them
-        kept = data.fit_rows(encoded, max_length, truncation_strategy)
+        kept = data.fit_rows(encoded, max_length, truncation_strategy, "validation rows")
     # fit_rows gives back each row it keeps, or a cut of it: a view into that row's ids (encode_rows
     # gives each row an array of its own). Either way the array says which row it was.
     index = {id(e.ids): i for i, e in enumerate(encoded)}

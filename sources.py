@@ -590,18 +590,18 @@ def load_conversations(specs: list[str], seed: int = 42, model_name: list[str] |
                        model_author: list[str] | None = None, columns=None) -> list[list[dict]]:
     """Every --dataset source read, checked, filled in, sampled and mixed: a list of conversations."""
     conversations = []
-    order = read_sources(specs, conversations.extend, seed, model_name, model_author, columns=columns)
+    order, _ = read_sources(specs, conversations.extend, seed, model_name, model_author, columns=columns)
     return [[dict(m) for m in conversations[i]] for i in order]  # copies: repeats are not aliases
 
 
 def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, model_author=None,
-                 progress=None, columns=None) -> list[int]:
+                 progress=None, columns=None, ratio: float = 0.0) -> tuple[list[int], list[int]]:
     """Read every --dataset source, handing its conversations (checked, placeholders filled in) to
-    `consume` in batches as they are read. Returns the mixture: the conversation each row of the
-    dataset is, in order, as indices into all the conversations consumed.
+    `consume` in batches as they are read. Returns pick_rows': the conversation each training row
+    and each validation row is, in order, as indices into all the conversations consumed.
 
     progress(name, total_bytes) makes the Progress that reports on a source (default: Progress);
-    columns: --columns, the renaming of every row's columns (parse_columns)."""
+    columns: --columns, the renaming of every row's columns (parse_columns); ratio: pick_rows'."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
@@ -626,7 +626,7 @@ def read_sources(specs: list[str], consume, seed: int = 42, model_name=None, mod
         rows = "1 row has" if len(no_answer) == 1 else f"{len(no_answer)} rows have"
         print(f"warning: {rows} an assistant turn with no text (the first: {no_answer[0]}); training on them teaches "
               f"the model to answer nothing. Write their answers or remove those rows.", file=sys.stderr)
-    return mixture(sizes, np.random.RandomState(seed))
+    return pick_rows(sizes, specs, seed, ratio)
 
 
 def conversations_of(files: list[Path], values: dict, no_answer: list, progress: "Progress",
@@ -650,14 +650,59 @@ def filled(messages: list[dict], row: dict, values: dict, where: str) -> list[di
     return fill_placeholders(messages, chinese, values, where)
 
 
-def mixture(sizes: list[tuple[int, int | None]], rng: np.random.RandomState) -> list[int]:
-    """(rows of each source, its SOURCE#N or None) -> the mixed dataset, as indices into all sources'
-    rows one after another: each source whole or sampled, in --dataset order, then one shuffle."""
-    order, start = [], 0
+def pick_rows(sizes: list[tuple[int, int | None]], specs: list[str], seed: int, ratio: float) -> tuple[list, list]:
+    """ms-swift's load_dataset(specs, split_dataset_ratio=ratio, seed=data_seed): (training rows,
+    validation rows) as indices. Ratio 1 is how ms-swift reads --val_dataset (validation_rows);
+    below 1, --dataset (mixture)."""
+    if ratio == 1:
+        return [], validation_rows(sizes, specs)
+    for spec, (n_rows, n) in zip(specs, sizes):
+        held = max(int(min(n_rows, n or n_rows) * ratio), 1) if ratio else 0
+        if (n or n_rows) <= held:
+            raise DataError(f"--split_dataset_ratio {ratio:g} holds out {held} of the {n or n_rows} rows of {spec}, "
+                            "which leaves none to train on (each source is split apart, as in ms-swift): use a "
+                            "smaller ratio, more rows, or --val_dataset.")
+    return mixture(sizes, seed, ratio)
+
+
+def mixture(sizes: list[tuple[int, int | None]], seed: int, ratio: float = 0.0) -> tuple[list[int], list[int]]:
+    """ms-swift's load_dataset(sources, split_dataset_ratio=ratio, seed=data_seed) as indices into all
+    sources' rows one after another: (training rows, validation rows), the same rows in the same
+    order as ms-swift 4.6 for the same seed (tests/test_swift_flags2.py's SWIFT_ROWS).
+
+    sizes: (rows of each source, its SOURCE#N or None). One RandomState(seed) draws everything, in
+    ms-swift's order: for each source in --dataset order a seed for its augmentation (unused here,
+    drawn all the same), then its rows: with a ratio, max(1, int(min(rows, N) x ratio)) rows held
+    out as datasets' train_test_split picks them (numpy's default_rng of a drawn seed permutes the
+    rows; the first are held out); the rest (every row without a ratio) whole or sampled to N minus
+    those (sample_indices). Then the training rows are shuffled (default_rng of a drawn seed), and
+    the validation rows by another."""
+    rng = np.random.RandomState(seed)
+    draw = lambda: int(rng.randint(0, np.iinfo(np.int32).max))  # ms-swift's get_seed
+    train, val, start = [], [], 0
     for n_rows, n in sizes:
-        order += [start + i for i in (range(n_rows) if n is None else sample_indices(n_rows, n, rng))]
+        n, _ = (n_rows if n is None else n), draw()
+        order = np.random.default_rng(draw()).permutation(n_rows).tolist() if ratio else list(range(n_rows))
+        held = order[:max(int(min(n_rows, n) * ratio), 1)] if ratio else []
+        rest = order[len(held):]
+        train += [start + rest[i] for i in sample_indices(len(rest), n - len(held), rng)]
+        val += [start + i for i in held]
         start += n_rows
-    return [order[i] for i in rng.permutation(len(order))]
+    shuffled = lambda rows: [rows[i] for i in np.random.default_rng(draw()).permutation(len(rows))] if rows else []
+    return shuffled(train), shuffled(val)
+
+
+def validation_rows(sizes: list[tuple[int, int | None]], specs: list[str]) -> list[int]:
+    """--val_dataset as ms-swift reads it (split ratio 1, val_dataset_shuffle false): each source
+    whole, or SOURCE#N its first N rows, in file order; as indices like mixture's."""
+    rows, start = [], 0
+    for spec, (n_rows, n) in zip(specs, sizes):
+        if n is not None and n > n_rows:
+            raise DataError(f"--val_dataset {spec}: {n} rows asked of a source of {n_rows}; validation rows are "
+                            f"not repeated (ms-swift refuses it too). Ask for at most {n_rows}, or leave out #{n}.")
+        rows += range(start, start + (n_rows if n is None else n))
+        start += n_rows
+    return rows
 
 
 def batches(items, size: int):
@@ -783,10 +828,12 @@ def slices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_strategy: str = "delete",
                  system: str | None = None, seed: int = 42, model_name: list[str] | None = None,
                  model_author: list[str] | None = None, progress_over: int = PROGRESS_OVER,
-                 progress_every: float = PROGRESS_EVERY, template: Template | None = None, columns=None) -> list[Row]:
-    """data.encode_dataset(load_conversations(...)) for a dataset of any size: each source is tokenized in
-    batches while it is read, so only the compact rows are ever all in memory, not the text or the
-    conversations; a source of progress_over bytes or more prints its progress every progress_every s."""
+                 progress_every: float = PROGRESS_EVERY, template: Template | None = None, columns=None,
+                 ratio: float = 0.0) -> tuple[list[Row], list[Row]]:
+    """(training rows, validation rows): data.encode_dataset(load_conversations(...)) for a dataset of any
+    size, split as pick_rows splits it by ratio. Each source is tokenized in batches while it is read,
+    so only the compact rows are ever all in memory, not the text or the conversations; a source of
+    progress_over bytes or more prints its progress every progress_every s."""
     rows, spelled, pending = [], [], collections.deque()
 
     def encode(conversations):
@@ -802,7 +849,9 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
 
     progress = functools.partial(Progress, over=progress_over, every=progress_every)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        order = read_sources(specs, encode, seed, model_name, model_author, progress, columns)
+        picked = read_sources(specs, encode, seed, model_name, model_author, progress, columns, ratio)
         rows.extend(row for batch, job in pending for row in batch.rows(tok, job.result()))
-    note_control_token_text([spelled[i] for i in order])
-    return fit_rows([rows[i] for i in order], max_length, truncation_strategy)  # repeats share their arrays
+    note_control_token_text([spelled[i] for order in picked for i in order])
+    # repeats share their arrays; a part without rows says nothing
+    return tuple(fit_rows([rows[i] for i in order], max_length, truncation_strategy, what) if order else []
+                 for order, what in zip(picked, ("rows", "validation rows")))

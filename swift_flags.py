@@ -77,10 +77,10 @@ FLAGS = {
     "dataset": SwiftFlag("data/self_cognition.json#500", TRAIN, ".json, .jsonl and .csv files, folders, Hugging Face ids, and the "
                          "ModelScope ids of ms-swift's registry from their Hugging Face mirrors (sources.MODELSCOPE_DATASETS); "
                          "swift/self-cognition is the shipped data/self_cognition.json"),
-    "val_dataset": SwiftFlag("val.jsonl", TRAIN_INFER, "infer.py: answers every row into --result_path, in order; SOURCE#N "
-                             "samples as training does (ms-swift: the first N rows)"),
-    "split_dataset_ratio": SwiftFlag("0.01", TRAIN, "max(1, int(rows x ratio)) of each --dataset source apart, as ms-swift, "
-                                     "seeded by --data_seed; other rows than ms-swift's, counted after --max_length"),
+    "val_dataset": SwiftFlag("val.jsonl", TRAIN_INFER, "file order, SOURCE#N its first N rows; train.py: then no "
+                             "--split_dataset_ratio; infer.py: answers every row into --result_path, in order"),
+    "split_dataset_ratio": SwiftFlag("0.01", TRAIN, "max(1, int(rows x ratio)) of each --dataset source held out: "
+                                     "ms-swift's rows for the same --data_seed; 0 with --val_dataset"),
     "max_length": SwiftFlag("2048", TRAIN, "unset: 2048 (ms-swift: the model's context, 32,768 for Qwen2.5-7B)"),
     "truncation_strategy": SwiftFlag("delete", TRAIN, "delete, left or right ('split' is not here)"),
     "packing": SwiftFlag("true", TRAIN),
@@ -148,9 +148,9 @@ FLAGS = {
     "use_liger_kernel": SwiftFlag("true", TRAIN, "no Liger kernels; the loss never holds all logits at once anyway",
                                   ignored=True),
     "seed": SwiftFlag("42", TRAIN_INFER, "train.py: LoRA's init and dropout; the data follow --data_seed, as in ms-swift"),
-    "data_seed": SwiftFlag("42", TRAIN_INFER, "the rows of SOURCE#N, the validation split and each epoch's order (torch.randperm "
-                           "seeded data_seed + epoch, as ms-swift's sampler); default 42 whatever --seed is; infer.py: "
-                           "--val_dataset's SOURCE#N"),
+    "data_seed": SwiftFlag("42", TRAIN_INFER, "the rows of SOURCE#N, the validation split, the mixture and each epoch's "
+                           "order, all ms-swift's for the same seed; default 42 whatever --seed is; infer.py: accepted, "
+                           "and changes nothing (--val_dataset is read in file order)"),
     "dataset_shuffle": SwiftFlag("true", TRAIN, "the --dataset sources are mixed in one shuffle", only=("true",)),
     "train_dataloader_shuffle": SwiftFlag("true", TRAIN, "each epoch takes the rows in a new random order",
                                           only=("true",)),

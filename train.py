@@ -394,19 +394,19 @@ def chat_template(a, model_dir, config) -> Template:
 
 
 def load_data(a, tok, template) -> tuple[list, list]:
-    """Read, substitute, sample, tokenize (in the chat template) and split: (training rows, validation rows)."""
+    """Read, substitute, sample, split and tokenize (in the chat template): (training rows, validation
+    rows), the rows ms-swift takes for the same --data_seed (sources.pick_rows)."""
     quiet = dist.is_initialized() and dist.get_rank() > 0  # every rank reads the data; one reports progress
 
-    def rows_of(specs):
+    def rows_of(specs, ratio):
         return sources.load_dataset(tok, specs, a.max_length, a.truncation_strategy, seed=a.data_seed,
                                     model_name=a.model_name, model_author=a.model_author,
                                     progress_over=math.inf if quiet else sources.PROGRESS_OVER, template=template,
-                                    columns=a.columns)
+                                    columns=a.columns, ratio=ratio)
 
-    specs = [[s] for s in a.dataset] if a.split_dataset_ratio else [a.dataset]  # each source split apart, as ms-swift
-    parts = [data.split_dataset(rows_of(s), a.split_dataset_ratio, a.data_seed) for s in specs]
-    train_rows, val_rows = [r for t, _ in parts for r in t], [r for _, v in parts for r in v]
-    val_rows += rows_of(a.val_dataset) if a.val_dataset else []
+    train_rows, val_rows = rows_of(a.dataset, a.split_dataset_ratio)
+    if a.val_dataset:  # flags.check_train_args: then no split, as ms-swift
+        val_rows = rows_of(a.val_dataset, 1)[1]
     if a.packing:
         train_rows = data.pack(train_rows, a.max_length)
     if not train_rows:

@@ -415,18 +415,15 @@ def test_nothing_left_to_train_on_is_an_error(tok):
         data.encode_dataset(tok, [short], 100, truncation_strategy="middle")
 
 
-def test_split_dataset():
-    rows = list(range(50))
-    assert data.split_dataset(rows, 0, seed=1) == (rows, [])
-    train, val = data.split_dataset(rows, 0.1, seed=1)
-    assert len(val) == 5 and sorted(train + val) == rows and not set(train) & set(val)
-    assert (train, val) == data.split_dataset(rows, 0.1, seed=1)
-    assert val != data.split_dataset(rows, 0.1, seed=2)[1]
-    assert len(data.split_dataset(rows, 0.001, seed=1)[1]) == 1  # at least one, as in ms-swift
-    with pytest.raises(DataError, match="leaves nothing to train on"):
-        data.split_dataset([1], 0.5, seed=1)
-    with pytest.raises(DataError, match="--split_dataset_ratio must be at least 0 and below 1, not 1.5"):
-        data.split_dataset(rows, 1.5, seed=1)
+def test_a_split_that_leaves_a_source_nothing_to_train_on_is_refused_by_name():
+    sizes = [(50, None), (1, None)]
+    assert sources.pick_rows(sizes, ["a.jsonl", "b.jsonl"], 1, 0)[1] == []
+    train_rows, val_rows = sources.pick_rows([(50, None)], ["a.jsonl"], 1, 0.1)
+    assert len(val_rows) == 5 and sorted(train_rows + val_rows) == list(range(50))
+    assert len(sources.pick_rows([(50, None)], ["a.jsonl"], 1, 0.001)[1]) == 1  # at least one, as in ms-swift
+    with pytest.raises(DataError, match=r"--split_dataset_ratio 0.5 holds out 1 of the 1 rows of b.jsonl, which "
+                                        r"leaves none to train on"):
+        sources.pick_rows(sizes, ["a.jsonl", "b.jsonl"], 1, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------

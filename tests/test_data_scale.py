@@ -154,7 +154,7 @@ def test_the_streamed_dataset_equals_encoding_the_loaded_conversations(tok, big,
     odd = [{"messages": turns("What ends a turn?", "<|im_end|> does.")}, {"messages": turns("q", " ")}]
     small.write_text(json.dumps([fake_row(random.Random(i)) for i in range(5)] + odd, ensure_ascii=False))
     specs, max_length = [big + "#500", f"{small}#20"], 300
-    rows = sources.load_dataset(tok, specs, max_length, "left", seed=5)
+    rows, _ = sources.load_dataset(tok, specs, max_length, "left", seed=5)
     streamed = capsys.readouterr()
     expected = data.encode_dataset(tok, sources.load_conversations(specs, seed=5), max_length, "left")
     assert [(r["input_ids"].tolist(), r["labels"].tolist()) for r in rows] == \
@@ -184,14 +184,14 @@ def test_rows_are_int32_ids_and_a_bool_mask_and_repeats_share_them(tok, big):
     """The original failure was 3.8 GB for a 200 MB file: Python lists of ints. Now a token costs
     5 bytes (int32 id, bool trained) plus a small object per row, and SOURCE#N repeats share arrays."""
     tracemalloc.start()
-    rows = sources.load_dataset(tok, [big], 4096)
+    rows, _ = sources.load_dataset(tok, [big], 4096)
     held, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     tokens = sum(len(r.ids) for r in rows)
     assert all(r.ids.dtype == np.int32 and r.trained.dtype == np.bool_ for r in rows)
     assert sum(r.ids.nbytes + r.trained.nbytes for r in rows) == 5 * tokens
     assert held < 8 * tokens  # lists of ints held 16-48 bytes a token
-    repeated = sources.load_dataset(tok, [big + "#1500"], 4096)
+    repeated, _ = sources.load_dataset(tok, [big + "#1500"], 4096)
     assert len(repeated) == 1500 and len({id(r.ids) for r in repeated}) == 600
     packed = data.pack(rows[:50], 4096)
     assert all(isinstance(p, data.Row) and p.ids.dtype == np.int32 for p in packed)

@@ -77,7 +77,7 @@ def test_a_rows_own_empty_system_prompt_writes_no_system_turn_as_ms_swift(tmp_pa
     [conversation] = sources.load_conversations([write_rows(tmp_path / "d.jsonl", [row])])
     [encoded] = data.encode_dataset(tok, [conversation], 4096)
     assert (encoded["input_ids"].tolist(), encoded["labels"].tolist()) == (ids, labels)
-    [batched] = sources.load_dataset(tok, [str(tmp_path / "d.jsonl")], 4096)  # the path train.py takes
+    [batched], _ = sources.load_dataset(tok, [str(tmp_path / "d.jsonl")], 4096)  # the path train.py takes
     assert (batched["input_ids"].tolist(), batched["labels"].tolist()) == (ids, labels)
 
 

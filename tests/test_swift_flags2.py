@@ -10,9 +10,9 @@ recorded with ms-swift 4.6.0 (transformers 5.19) on the CPU in float32, on a tin
 """
 
 import json
+import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,6 +25,7 @@ import model as modeling
 import sources
 import train
 from cli import UsageError
+from data import DataError
 
 TRAIN_REQUIRED = ["--model", "tiny", "--dataset", "x.json"]
 
@@ -161,57 +162,49 @@ SWIFT_ROWS = {
 }
 
 
-def ms_swift_rows(sizes, ratio: float, seed: int):
-    """ms-swift's split and mixture in numpy alone, for the record (issue 31 items 4 and 7: not yet what
-    sources.mixture does): one RandomState(data_seed) for everything; for each source in turn a seed
-    drawn (for its augmentation, unused here), then either
-    sampled (SOURCE#N, sources.sample_indices) or, with a ratio, first split as datasets'
-    train_test_split does (default_rng of a seed drawn from it; max(1, int(min(rows, N) x ratio))
-    rows held out), the rest then sampled to N minus those; then the training rows, and the
-    validation rows, shuffled as datasets' shuffle does (default_rng of a drawn seed)."""
-    rs = np.random.RandomState(seed)
-    draw = lambda: int(rs.randint(0, np.iinfo(np.int32).max))  # ms-swift's get_seed
-    train_rows, val_rows = [], []
-    for source, (n_rows, n) in enumerate(sizes):
-        n, _ = (n_rows if n is None else n), draw()  # the seed load_dataset draws for init_decision_augment
-        held, rest = [], list(range(n_rows))
-        if ratio:
-            order = np.random.default_rng(draw()).permutation(n_rows).tolist()
-            n_val = max(int(min(n_rows, n) * ratio), 1)
-            held, rest = order[:n_val], order[n_val:]
-        train_rows += [(source, rest[i]) for i in sources.sample_indices(len(rest), n - len(held), rs)]
-        val_rows += [(source, i) for i in held]
-    shuffled = lambda rows: [rows[i] for i in np.random.default_rng(draw()).permutation(len(rows))] if rows else []
-    return shuffled(train_rows), shuffled(val_rows)
-
-
 @pytest.mark.parametrize("key", list(SWIFT_ROWS))
-def test_ms_swifts_split_and_mixture_are_reproducible_with_numpy_alone(key):
+def test_the_split_and_mixture_are_ms_swifts_rows_in_its_order(key):
     seed, ratio, samples = key
-    train_rows, val_rows = ms_swift_rows(list(zip((6, 4), samples)), ratio, seed)
-    name = lambda rows: " ".join(f"{'ab'[s]}{i}" for s, i in rows)
+    train_rows, val_rows = sources.pick_rows(list(zip((6, 4), samples)), ["a", "b"], seed, ratio)
+    name = lambda rows: " ".join(f"{'ab'[i >= 6]}{i % 6 if i < 6 else i - 6}" for i in rows)
     assert (name(train_rows), name(val_rows)) == SWIFT_ROWS[key]
 
 
-@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
-def test_each_dataset_source_is_split_apart_as_ms_swift_does(ratio, tmp_path, tiny_dir):
-    """As many validation rows of each source as ms-swift holds out (max(1, int(rows x ratio)) each):
-    not the same rows (see ms_swift_rows), the same share of each."""
+@pytest.mark.parametrize("key", [(42, 0.2, (None, None)), (7, 0.5, (9, 3)), (7, 0.0, (9, 3))])
+def test_train_py_trains_and_evaluates_ms_swifts_rows(key, tmp_path, tiny_dir):
+    """train.load_data, the whole way (read, sample, split, encode): ms-swift's rows, in its order."""
+    seed, ratio, samples = key
     specs = []
-    for name, n in (("a", 6), ("b", 4)):
-        specs.append(str(tmp_path / f"{name}.jsonl"))
-        Path(specs[-1]).write_text("".join(json.dumps({"query": f"question {name}{i}", "response": "ok"}) + "\n"
-                                           for i in range(n)))
+    for (name, n), sample in zip((("a", 6), ("b", 4)), samples):
+        Path(tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"query": f"question {name}{i}", "response": "ok"})
+                                                            + "\n" for i in range(n)))
+        specs.append(str(tmp_path / f"{name}.jsonl") + (f"#{sample}" if sample else ""))
     a = flags.train_parser().parse_args(["--model", "tiny", "--dataset", *specs, "--split_dataset_ratio", str(ratio),
-                                         "--device", "cpu", "--output_dir", str(tmp_path / "out")])
+                                         "--data_seed", str(seed), "--device", "cpu", "--output_dir", str(tmp_path / "o")])
     flags.check_train_args(a)
     tok = data.Tokenizer(tiny_dir)
     train_rows, val_rows = train.load_data(a, tok, train.chat_template(a, tiny_dir, modeling.Config.from_json(
         tiny_dir / "config.json")))
-    source = lambda row: "a" if "question a" in tok.decode(list(row["input_ids"])) else "b"
-    swift_val = ms_swift_rows([(6, None), (4, None)], ratio, 42)[1]  # SWIFT_ROWS' rule: 0.1 holds out 1 + 1
-    assert sorted(map(source, val_rows)) == sorted("ab"[s] for s, _ in swift_val)
-    assert len(train_rows) + len(val_rows) == 10
+    name = lambda rows: " ".join(re.search(r"question (\w\d)", tok.decode(list(r["input_ids"]))).group(1) for r in rows)
+    assert (name(train_rows), name(val_rows)) == SWIFT_ROWS[key]
+
+
+def test_val_dataset_means_no_split_and_its_rows_in_file_order_as_ms_swift(tmp_path, tiny_dir, capsys):
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps({"query": f"question v{i}", "response": "ok"}) + "\n" for i in range(5)))
+    a = flags.train_parser().parse_args(["--model", "tiny", "--dataset", str(path), "--val_dataset", f"{path}#3",
+                                         "--split_dataset_ratio", "0.2", "--device", "cpu", "--output_dir", str(tmp_path / "o")])
+    flags.check_train_args(a)
+    assert a.split_dataset_ratio == 0 and "setting split_dataset_ratio: 0.0" in capsys.readouterr().out
+    tok = data.Tokenizer(tiny_dir)
+    train_rows, val_rows = train.load_data(a, tok, train.chat_template(a, tiny_dir, modeling.Config.from_json(
+        tiny_dir / "config.json")))
+    name = lambda rows: [re.search(r"question (\w\d)", tok.decode(list(r["input_ids"]))).group(1) for r in rows]
+    assert len(train_rows) == 5 and name(val_rows) == ["v0", "v1", "v2"]
+    a.val_dataset = [f"{path}#6"]
+    with pytest.raises(DataError, match=r"--val_dataset .*#6: 6 rows asked of a source of 5; validation rows are not "
+                                        r"repeated"):
+        train.load_data(a, tok, None)
 
 
 def test_data_seed_is_its_own_flag_defaulting_to_42_as_ms_swift():
