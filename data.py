@@ -181,8 +181,9 @@ def layout_turns(turns: list[dict]) -> list[dict]:
     out = []
     for m in turns:
         n = m.get("untrained", 0)
-        if m["role"] == "assistant" and n:
-            out += [{"role": "think", "content": m["content"][:n]}, {"role": "answer", "content": m["content"][n:]}]
+        if m["role"] in ("assistant", "whole") and n:  # whole (--loss_scale all): its header trained too
+            out += [{"role": "think" if m["role"] == "assistant" else "whole_think", "content": m["content"][:n]},
+                    {"role": "answer", "content": m["content"][n:]}]
         else:
             out.append({"role": m["role"], "content": m["content"]})
     return out
@@ -205,6 +206,8 @@ def chat_pieces(tok: Tokenizer, turns: list[dict], texts: list[list[int]], gener
             pieces += [(tok.assistant_header, False), (text + end, True)]  # "\n" trained, as in ms-swift
         elif m["role"] == "think":
             pieces.append((tok.assistant_header + text, False))
+        elif m["role"] == "whole_think":  # --loss_scale all: the header trained, the empty think block not
+            pieces += [(tok.assistant_header, True), (text, False)]
         elif m["role"] == "answer":
             pieces.append((text + end, True))
         elif m["role"] == "past":  # an earlier answer under --loss_scale last_round: context, not trained

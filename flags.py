@@ -104,6 +104,9 @@ def lora_flags(p):
     g.add_argument("--lora_alpha", type=float, default=32, help="scale alpha / r on the LoRA update")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--use_rslora", type=str2bool, default=False, help="scale alpha / sqrt(r) instead of alpha / r")
+    g.add_argument("--init_weights", default="true", type=cli.only_values(tuple(lora.INIT_WEIGHTS), "pissa, olora, loftq "
+                   "and the other data-driven inits are not here"),
+                   help="A kaiming-uniform (true) or ~ N(0, 1/r) (gaussian), B zeros; false: B random too, as peft")
     g.add_argument("--target_modules", nargs="+", default=["all-linear"], help="'all-linear' or module names such as q_proj v_proj")
 
 
@@ -136,8 +139,10 @@ def run_flags(p):
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (default: --save_steps)")
     g.add_argument("--save_steps", type=int, default=500, help="save a checkpoint every N optimizer steps (and at the last)")
-    g.add_argument("--eval_strategy", default="steps", choices=["steps", "epoch"], help="evaluate every --eval_steps, or at the end of each epoch")
-    g.add_argument("--save_strategy", default="steps", choices=["steps", "epoch"], help="save every --save_steps, or at the end of each epoch")
+    g.add_argument("--eval_strategy", default=None, choices=["steps", "epoch", "no"],
+                   help="evaluate every --eval_steps, at the end of each epoch, or never (default: --save_strategy)")
+    g.add_argument("--save_strategy", default="steps", choices=["steps", "epoch", "no"],
+                   help="save every --save_steps, at the end of each epoch, or never (no checkpoint at all)")
     g.add_argument("--save_total_limit", type=int, default=None, help="keep at most N checkpoints: the best by eval loss and the newest")
     g.add_argument("--logging_steps", type=int, default=5, help="print and log every N optimizer steps")
     g.add_argument("--output_dir", default=None, help="runs go to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/ (default: output/MODEL_NAME)")
@@ -240,6 +245,12 @@ def set_derived_defaults(a):
             print(f"Setting args.gradient_accumulation_steps: {a.gradient_accumulation_steps}", flush=True)
     if a.eval_steps is None:
         a.eval_steps = a.save_steps
+    if a.eval_strategy is None:
+        a.eval_strategy = a.save_strategy
+    if a.eval_strategy == "no" and a.split_dataset_ratio:  # as ms-swift: nothing held out that is never evaluated
+        a.split_dataset_ratio = 0.0
+        if cli.rank_and_world()[0] == 0:
+            print("Because --eval_strategy is no, setting split_dataset_ratio: 0.0", flush=True)
     if a.val_dataset and a.split_dataset_ratio:  # ms-swift's DataArguments: the rows given, no split
         a.split_dataset_ratio = 0.0
         if cli.rank_and_world()[0] == 0:

@@ -34,6 +34,7 @@ from util import read_json, short_list
 
 # What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INIT_WEIGHTS = {"true": True, "false": False, "gaussian": "gaussian"}  # ms-swift's --init_weights -> peft's
 KEY_PREFIX = "base_model.model."  # peft's prefix in front of the module path in saved keys
 
 
@@ -48,6 +49,8 @@ class LoraConfig:
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"  # "all-linear", or module names / name suffixes
     use_rslora: bool = False
+    init_lora_weights: bool | str = True  # peft's: True (A kaiming-uniform), "gaussian" (A ~ N(0, 1/r)); B zeros.
+    # False: B random too (nn.Linear's init), so the adapter changes the model from the start.
 
     @property
     def scale(self) -> float:
@@ -78,14 +81,18 @@ class LoRALinear(nn.Module):
         self.merged = False  # True while the active adapter's B A is added into `weight`
         self.rows = None  # several adapters in one batch: (A, B, index) while set (set_row_adapters)
 
-    def add(self, name: str, r: int, scale: float, dropout: float):
+    def add(self, name: str, r: int, scale: float, dropout: float, init: bool | str = True):
         # Kept in float32 even when the base is bf16: tiny updates to A and B would round away.
         device = (self.weight if self.base_layer is None else next(self.base_layer.buffers())).device
         kw = dict(bias=False, device=device, dtype=torch.float32)
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
-        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as peft (and nn.Linear)
-        nn.init.zeros_(self.lora_B[name].weight)
+        if init is not False:  # as peft's reset_lora_parameters
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # (nn.Linear's own)
+            nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale[name] = scale
 
@@ -222,6 +229,8 @@ def add_adapter(model, cfg: LoraConfig, name: str = "default") -> list[str]:
         raise LoraError(f"LoRA rank r={cfg.r!r} must be a positive integer (8 is the usual default).")
     if not 0 <= cfg.lora_dropout < 1:
         raise LoraError(f"lora_dropout={cfg.lora_dropout} must be in [0, 1).")
+    if cfg.init_lora_weights not in INIT_WEIGHTS.values():
+        raise LoraError(f"init_lora_weights={cfg.init_lora_weights!r}: only {', '.join(INIT_WEIGHTS)} are here.")
     targets = find_targets(model, cfg.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -232,7 +241,7 @@ def add_adapter(model, cfg: LoraConfig, name: str = "default") -> list[str]:
             parent, _, child = path.rpartition(".")
             layer = LoRALinear(layer)
             setattr(modules[parent] if parent else model, child, layer)
-        layer.add(name, cfg.r, cfg.scale, cfg.lora_dropout)
+        layer.add(name, cfg.r, cfg.scale, cfg.lora_dropout, cfg.init_lora_weights)
         layer.train(model.training)  # new modules start in training mode; follow the model (dropout)
     if not hasattr(model, "lora_configs"):
         model.lora_configs = {}
@@ -410,7 +419,7 @@ def save_adapter(model, out_dir, name: str = "default", base_model_name_or_path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
         "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
         "target_modules": _saved_targets(model, name), "use_rslora": cfg.use_rslora, "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": cfg.init_lora_weights,
         "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {},
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

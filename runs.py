@@ -294,7 +294,8 @@ class Run:
         for key, name in PLOTS.items():  # ms-swift's images/NAME.png
             write_curve_png(self.dir / "images" / f"{name}.png", [(e["step"], e[key]) for e in hist if key in e])
         if interrupted:
-            print(f"\nstopped at step {self.state['global_step']}. Resume with:\n  python train.py ... --resume_from_checkpoint {last or self.dir}")
+            print(f"\nstopped at step {self.state['global_step']}. " + (f"Resume with:\n  python train.py ... "
+                  f"--resume_from_checkpoint {last}" if last else "Nothing was saved (--save_strategy no)."))
             return
         print(f"\ndone: {self.state['global_step']} steps in {fmt_time(time.time() - self.t0)}.")
         print(f"  run folder:      {self.dir}")
@@ -302,7 +303,14 @@ class Run:
         if self.state["best_checkpoint"]:
             print(f"  best checkpoint: {self.dir / self.state['best_checkpoint']} (eval_loss {self.state['best_eval_loss']:.4f})")
         print(f"  loss curve:      {self.dir / 'images' / 'loss.svg'}")
-        print(f"  chat with it:    python infer.py --adapters {last or self.dir}")
+        print(f"  chat with it:    python infer.py --adapters {last}" if last else
+              "  no checkpoint was saved (--save_strategy no)")
+
+
+def due(strategy: str, every: int):
+    """--eval_strategy / --save_strategy as a test of (step, last): every `every` steps (steps, and
+    epoch once train.schedule has made it the steps of an epoch) and at the last step; never with no."""
+    return lambda step, last: strategy != "no" and (step % every == 0 or last)
 
 
 # What a resume must keep: changing any of these changes what is being trained, so the run would

@@ -802,7 +802,7 @@ class ChatBatch:
         return [Row(i, t) for i, t in zip(np.split(ids, ends[:-1]), np.split(trained, ends[:-1]))]
 
 
-ROLE_NAMES = ("system", "user", "assistant", "think", "answer", "past", "said", "whole")  # the roles of layout_turns' turns
+ROLE_NAMES = ("system", "user", "assistant", "think", "answer", "past", "said", "whole", "whole_think")  # the roles of layout_turns' turns
 TEXT = -1  # stands for a turn's text in turn_layout
 
 

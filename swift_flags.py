@@ -96,7 +96,7 @@ FLAGS = {
     "columns": SwiftFlag("""'{"question":"query"}'""", TRAIN, "also a .json file; question/answer, prompt/completion, "
                          "problem/solution ... are read without it, as in ms-swift"),
     "loss_scale": SwiftFlag("ignore_empty_think", TRAIN, "default (every answer), last_round (only the answers after the last "
-                            "question), all (every token; not yet with thinking templates) or ignore_empty_think (no "
+                            "question), all (every token but the first) or ignore_empty_think (no "
                             "loss on an empty think block; always on for hybrid Qwen3, as in ms-swift >= 4.3.1)"),
     "dataloader_num_workers": SwiftFlag("4", TRAIN, "the data are tokenized before training starts", ignored=True),
     "dataset_num_proc": SwiftFlag("4", TRAIN, "tokenizing runs in one process", ignored=True),
@@ -108,8 +108,8 @@ FLAGS = {
     "lora_alpha": SwiftFlag("32", TRAIN),
     "lora_dropout": SwiftFlag("0.05", TRAIN),
     "use_rslora": SwiftFlag("true", TRAIN),
-    "init_weights": SwiftFlag("true", TRAIN, "A kaiming-uniform, B zeros, as peft's default; gaussian, pissa and olora are "
-                              "not here", only=("true",)),
+    "init_weights": SwiftFlag("gaussian", TRAIN, "true, false or gaussian, as peft; pissa, olora, loftq and the other "
+                              "data-driven ones are not here"),
     "lora_dtype": SwiftFlag("float32", TRAIN, "A and B are float32 whatever --torch_dtype is, as peft keeps them (ms-swift's "
                             "unset)", only=("float32",)),
     "target_modules": SwiftFlag("all-linear", TRAIN),
@@ -157,8 +157,10 @@ FLAGS = {
     # Evaluation, checkpoints, logging
     "eval_steps": SwiftFlag("50", TRAIN, "unset: --save_steps, as in ms-swift"),
     "save_steps": SwiftFlag("50", TRAIN),
-    "eval_strategy": SwiftFlag("epoch", TRAIN, "steps (every --eval_steps) or epoch (at the end of each); and at the last step"),
-    "save_strategy": SwiftFlag("epoch", TRAIN, "steps (every --save_steps) or epoch (at the end of each); and at the last step"),
+    "eval_strategy": SwiftFlag("epoch", TRAIN, "steps (every --eval_steps), epoch (at the end of each), and at the last step; "
+                               "or no (never, and no --split_dataset_ratio); unset: --save_strategy's, as in ms-swift"),
+    "save_strategy": SwiftFlag("epoch", TRAIN, "steps (every --save_steps), epoch (at the end of each), and at the last step; "
+                               "or no (no checkpoint at all, also on Ctrl-C)"),
     "save_total_limit": SwiftFlag("2", TRAIN),
     "save_only_model": SwiftFlag("true", TRAIN, "checkpoints always hold the optimizer state, so each resumes",
                                  ignored=True),

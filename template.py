@@ -117,8 +117,8 @@ class Template:
         """The turns as ms-swift trains on them: {"role", "content"}, and for an assistant turn
         "untrained", how many characters at the start of its content carry no loss (an empty think block)."""
         turns, messages = [], self.with_system([with_reasoning_in_content(m) for m in messages])
-        if self.loss_scale == "all":  # every turn trained whole, its header too
-            return [{"role": "whole", "content": m["content"]} if m["role"] == "assistant" else
+        if "all" in self.loss_scale:  # every turn trained whole, its header too (but an empty think block)
+            return [{**self.training_answer(m["content"]), "role": "whole"} if m["role"] == "assistant" else
                     {"role": "said", "content": f"{m['role']}\n{m['content']}"} for m in messages]
         last = last_query(messages) if "last_round" in self.loss_scale else -1  # earlier answers: context only
         for i, m in enumerate(messages):
@@ -211,11 +211,8 @@ def choose_template(model_dir, model_type: str, name: str | None = None, system:
                                 "for answers without reasoning.")
     if loss_scale is not None and loss_scale not in LOSS_SCALES:
         raise TemplateError(f"--loss_scale {loss_scale}: the loss scales here are {', '.join(LOSS_SCALES)}.")
-    if t.thinks != "never" and loss_scale == "all":
-        raise TemplateError(f"--loss_scale all is not available with the {name} template yet (a thinking model's empty "
-                            "think blocks): use default or last_round.")
-    if t.thinks == "hybrid" and loss_scale in ("default", "last_round"):  # ms-swift >= 4.3.1 adds it for hybrid models
-        loss_scale = "ignore_empty_think" if loss_scale == "default" else "last_round+ignore_empty_think"
+    if t.thinks == "hybrid" and loss_scale in ("default", "last_round", "all"):  # ms-swift >= 4.3.1 adds it for hybrid models
+        loss_scale = "ignore_empty_think" if loss_scale == "default" else f"{loss_scale}+ignore_empty_think"
     return replace(t, system=system, enable_thinking=t.enable_thinking if enable_thinking is None else enable_thinking,
                    loss_scale=loss_scale or t.loss_scale, add_non_thinking_prefix=add_non_thinking_prefix)
 

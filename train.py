@@ -435,7 +435,8 @@ def load_lora_model(a, model_dir, dtype, device, rank: int, sharded: bool, quant
     the decoder's linear layers kept in 4 bits and dequantised for each matmul."""
     targets = a.target_modules[0] if a.target_modules == ["all-linear"] else a.target_modules
     cfg = lora.LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                          target_modules=targets, use_rslora=a.use_rslora)
+                          target_modules=targets, use_rslora=a.use_rslora,
+                          init_lora_weights=lora.INIT_WEIGHTS[a.init_weights])
     if sharded:
         import shard  # only under --fsdp (see check_args)
         model = shard.load_lora_model(model_dir, cfg, a.seed, dtype, device)
@@ -506,6 +507,7 @@ def train(a) -> int:
     answers = lambda: answer_prompts(model, tok, a.eval_prompts, template, stop_ids, parallel.decoder_for(sharded))
     if a.eval_prompts:
         show_answers("before training", a.eval_prompts, answers(), rank)
+    evals, saves = runs.due(a.eval_strategy, a.eval_steps), runs.due(a.save_strategy, a.save_steps)
 
     model.train()
     with runs.StopSignals(rank, world, device) as stop:
@@ -518,9 +520,9 @@ def train(a) -> int:
             if step % a.logging_steps == 0 or step == 1 or last:  # step 1: ms-swift's logging_first_step
                 after = lr_at(step, total_steps, warmup, a.learning_rate, a.lr_scheduler_type, a.lr_scheduler_kwargs)
                 run.log_progress(epoch + done_in_epoch / epoch_steps, after, grad_norm, loss_fn.take_accuracy())
-            if val_rows and (step % a.eval_steps == 0 or last):
+            if val_rows and evals(step, last):
                 run.log_eval(lambda: evaluate(model, val_rows, a.per_device_eval_batch_size, tok.endoftext_id, device))
-            if step % a.save_steps == 0 or last or stopping:
+            if saves(step, last or stopping):
                 run.save(model, optimizer, a.save_total_limit)
             if stopping:
                 break

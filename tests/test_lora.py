@@ -399,3 +399,24 @@ def test_adapter_config_values_of_the_wrong_type_and_a_cut_short_adapter_are_nam
     (ckpt / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     with pytest.raises(LoraError, match="adapter_model.safetensors is not a readable safetensors file"):
         lora.load_adapter(m, ckpt)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_init_weights_draw_peft_s_a_and_b_for_the_same_seed(hf_checkpoint, init):
+    """--init_weights true / gaussian / false: A and B as peft's init_lora_weights draws them, number for
+    number from the same seed (and B zero unless false)."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, get_peft_model_state_dict
+    folder, hf = hf_checkpoint()
+    ours = M.load_model(str(folder), dtype=torch.float32)[0]
+    torch.manual_seed(3)
+    lora.add_adapter(ours, LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))
+    torch.manual_seed(3)
+    theirs = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=list(lora.ALL_LINEAR),
+                                               init_lora_weights=init))
+    want = get_peft_model_state_dict(theirs)
+    for key, value in lora.lora_state_dict(ours).items():
+        assert torch.equal(value, want[key]), key
+        assert (key.endswith("lora_B.weight") and init is not False) == (not value.any())
+    assert lora.INIT_WEIGHTS == {"true": True, "false": False, "gaussian": "gaussian"}
+    with pytest.raises(lora.LoraError, match="init_lora_weights='pissa': only true, false, gaussian are here"):
+        lora.add_adapter(ours, LoraConfig(init_lora_weights="pissa"), "other")

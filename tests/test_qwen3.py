@@ -180,7 +180,6 @@ def test_the_template_comes_from_the_checkpoints_chat_template(qwen3_dir, tiny_d
     ("qwen4", {}, "--template qwen4: no such template. The templates here are qwen2_5, qwen3, qwen3_nothinking, "
                   "qwen3_thinking"),
     ("qwen3", {"loss_scale": "every"}, "--loss_scale every: the loss scales here are default, ignore_empty_think, last_round, all"),
-    ("qwen3", {"loss_scale": "all"}, "--loss_scale all is not available with the qwen3 template yet"),
 ])
 def test_settings_a_template_cannot_take_are_refused(name, flags, needle):
     with pytest.raises(T.TemplateError) as e:
@@ -233,6 +232,21 @@ MS_SWIFT = {  # template, flags -> the rows as ms-swift trains them
         f"{U}1+1?{E}{A}⟦2{E}⟧",
         f"<|im_start|>system\nYou are a bot.{E}{U}x{E}{A}⟦y{E}⟧"],
 }
+S = "<|im_start|>⟦"  # --loss_scale all: every token trained but the first (no one's target)
+MS_SWIFT[("qwen3", (("loss_scale", "all"),))] = [  # ms-swift: all+ignore_empty_think
+    f"{S}user\n你是谁?{E}{A}⟧{EMPTY}⟦我是小黄,由魔搭开发的大语言模型。{E}⟧",
+    f"{S}user\n1+1?{E}{A}<think>\nOne plus one.\n</think>\n\n2{E}⟧",
+    f"{S}user\nhi{E}{A}⟧{EMPTY}⟦Hello!{E}⟧",
+    f"{S}user\na{E}{A}<think>\nr1\n</think>\n\nA1{E}{U}b{E}{A}<think>\nr2\n</think>\n\nA2{E}⟧",
+    f"{S}user\n1+1?{E}{A}⟧{EMPTY}⟦2{E}⟧",
+    f"{S}system\nYou are a bot.{E}{U}x{E}{A}⟧{EMPTY}⟦y{E}⟧"]
+MS_SWIFT[("qwen3_thinking", (("loss_scale", "all"),))] = [
+    f"{S}user\n你是谁?{E}{A}我是小黄,由魔搭开发的大语言模型。{E}⟧",
+    f"{S}user\n1+1?{E}{A}<think>\nOne plus one.\n</think>\n\n2{E}⟧",
+    f"{S}user\nhi{E}{A}{EMPTY}Hello!{E}⟧",
+    f"{S}user\na{E}{A}<think>\nr1\n</think>\n\nA1{E}{U}b{E}{A}<think>\nr2\n</think>\n\nA2{E}⟧",
+    f"{S}user\n1+1?{E}{A}2{E}⟧",
+    f"{S}system\nYou are a bot.{E}{U}x{E}{A}y{E}⟧"]
 MS_SWIFT[("qwen3_thinking", ())] = MS_SWIFT[("qwen3_nothinking", ())]  # the same rows, as written
 MS_SWIFT[("qwen3", (("enable_thinking", False),))] = MS_SWIFT[("qwen3", ())]  # training rows do not change
 

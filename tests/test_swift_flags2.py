@@ -126,11 +126,31 @@ def test_lr_scheduler_kwargs_must_be_a_json_object():
         flags.train_parser().parse_args(TRAIN_REQUIRED + ["--lr_scheduler_kwargs", "[1]"])
 
 
-@pytest.mark.parametrize("strategy", ["eval", "save"])
-def test_epoch_strategy_evaluates_or_saves_at_the_end_of_each_epoch(strategy):
-    a = parsed(f"--{strategy}_strategy", "epoch", "--eval_steps", "50", "--save_steps", "50")
-    assert train.schedule(a, n_rows=40, world=1)[0] == 3
-    assert getattr(a, f"{strategy}_steps") == 3 and a.eval_steps + a.save_steps == 53
+def test_epoch_strategy_evaluates_or_saves_at_the_end_of_each_epoch():
+    a = parsed("--eval_strategy", "epoch", "--eval_steps", "50", "--save_steps", "50")
+    assert train.schedule(a, n_rows=40, world=1)[0] == 3 and (a.eval_steps, a.save_steps) == (3, 50)
+    a = parsed("--save_strategy", "epoch", "--eval_steps", "50", "--save_steps", "50")
+    train.schedule(a, n_rows=40, world=1)  # unset, --eval_strategy is --save_strategy's, as in ms-swift
+    assert (a.eval_strategy, a.eval_steps, a.save_steps) == ("epoch", 3, 3)
+
+
+def test_strategy_no_never_evaluates_or_saves_as_ms_swift(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("d.jsonl").write_text("".join(json.dumps({"query": f"q{i}", "response": "ok"}) + "\n" for i in range(8)))
+    argv = ["--model", "tiny", "--dataset", "d.jsonl", "--device", "cpu", "--max_steps", "3", "--save_steps", "1",
+            "--gradient_accumulation_steps", "1", "--split_dataset_ratio", "0.25"]
+    assert train.main(argv + ["--output_dir", "no_eval", "--eval_strategy", "no", "--init_weights", "gaussian"]) == 0
+    out = capsys.readouterr().out
+    assert "setting split_dataset_ratio: 0.0" in out and "data: 8 training rows, 0 validation rows" in out
+    (run,) = Path("no_eval").glob("v0-*")
+    assert json.loads((run / "checkpoint-1" / "adapter_config.json").read_text())["init_lora_weights"] == "gaussian"
+    assert not any("eval_loss" in line for line in (run / "logging.jsonl").read_text().splitlines())
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert train.main(argv + ["--output_dir", "no_save", "--save_strategy", "no"]) == 0  # and so no evaluation
+    out = capsys.readouterr().out
+    (run,) = Path("no_save").glob("v0-*")
+    assert not list(run.glob("checkpoint-*")) and "no checkpoint was saved (--save_strategy no)" in out
+    assert '"last_model_checkpoint": null' in (run / "logging.jsonl").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +289,7 @@ def test_resume_only_model_goes_on_from_the_step_with_a_fresh_optimizer(tmp_path
 # The flags argparse used to guess at, and stale messages
 
 
-@pytest.mark.parametrize("flag,value", [("init_weights", "gaussian"), ("lora_dtype", "bfloat16"),
+@pytest.mark.parametrize("flag,value", [("init_weights", "pissa"), ("lora_dtype", "bfloat16"),
                                         ("dataset_shuffle", "false"), ("train_dataloader_shuffle", "false")])
 def test_flags_taken_with_what_happens_here_refuse_other_values_with_the_reason(flag, value):
     with pytest.raises(UsageError) as e:
