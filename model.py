@@ -236,6 +236,11 @@ def attend(q, k, v, mask, is_causal):
     """q (B, nh, T, hd), k and v (B, nkv, S, hd) -> (B, nh, T, hd)."""
     if callable(mask):  # packed rows attended without a (T, T) mask: speed.VarlenAttention on a GPU
         return mask(q, k, v)
+    B, nh, T, hd = q.shape
+    if T == 1 and k.shape[1] != nh:  # decoding one token a row: each K/V head's query heads become its queries,
+        # so that a masked batch runs a fused kernel (a mask with enable_gqa runs the unfused one, K/V copied per head)
+        out = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], nh // k.shape[1], hd), k, v, attn_mask=mask)
+        return out.reshape(B, nh, 1, hd)
     # enable_gqa lets each K/V head serve its group of query heads without copying K/V.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=k.shape[1] != q.shape[1])

@@ -744,10 +744,16 @@ class Handler(BaseHTTPRequestHandler):
 # Start, serve, stop
 
 
+class HTTPServer(ThreadingHTTPServer):
+    # The kernel's queue of connections not yet accepted: socketserver's 5 resets the rest of a burst
+    # of clients that connect at once (32 streaming clients did); accepting takes no time, so be generous.
+    request_queue_size = 1024
+
+
 def listen(host: str, port: int) -> ThreadingHTTPServer:
     """Bind the port before the (slow) model loads, so that a port in use fails at once."""
     try:
-        httpd = ThreadingHTTPServer((host, port), Handler)
+        httpd = HTTPServer((host, port), Handler)
     except OSError as e:
         why = ("another program listens there: pass --port N, or --port 0 for any free port" if e.errno == errno.EADDRINUSE
                else "check --host (an address of this machine: 127.0.0.1, 0.0.0.0)")

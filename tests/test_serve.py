@@ -206,6 +206,23 @@ def test_two_adapters_asked_at_once_each_give_their_own_answer(client, expected)
     assert got == {(model, i): want[model] for i in range(2) for model in ("a", "b", "tiny")}
 
 
+def test_a_burst_of_clients_connecting_at_once_is_served_not_reset(server):
+    """64 connections at the same moment (bench.py --serve 32 met resets: socketserver queues 5)."""
+    assert serve.HTTPServer.request_queue_size >= 128
+    start, statuses = threading.Barrier(64), []
+
+    def ask():
+        start.wait()
+        statuses.append(server.request("GET", "/health", key=None)[0])
+
+    threads = [threading.Thread(target=ask) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert statuses == [200] * 64
+
+
 def test_a_sampled_answer_follows_its_seed(client):
     def sample(seed):
         return client.chat.completions.create(model="b", messages=QUESTION, temperature=1.0, top_p=0.9, max_tokens=16,
