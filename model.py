@@ -1,17 +1,21 @@
-"""model.py: the Qwen2 / Qwen2.5 / Qwen3 decoder in plain PyTorch, and loading of official checkpoints.
+"""model.py: the Qwen2 / Qwen2.5 / Qwen3 / Qwen3.5 decoder in plain PyTorch, and loading of official checkpoints.
 
 The network is a stack of pre-norm decoder layers:
 
-    h = h + attn(input_layernorm(h))          # grouped-query attention with RoPE
+    h = h + attn(input_layernorm(h))          # grouped-query attention with RoPE (or Gated DeltaNet)
     h = h + mlp(post_attention_layernorm(h))  # down(silu(gate(x)) * up(x))
     logits = lm_head(norm(h))
 
-The families differ only inside attention, and config.json says how (Config.FAMILIES):
+The families differ inside the token mixer, and config.json says how (Config.FAMILIES):
 
     Qwen2 / Qwen2.5 (model_type qwen2)  q, k, v projections with a bias; head_dim = hidden / heads
     Qwen3 (model_type qwen3)            no bias (unless attention_bias); head_dim from config.json
                                         (128, not hidden / heads); q_norm and k_norm, an RMSNorm
                                         over head_dim, applied to each head of q and k before RoPE
+    Qwen3.5 / 3.6 / 3.8 (qwen3_5)       layer_types: three of four layers Gated DeltaNet
+                                        (deltanet.py), every fourth attention as Qwen3's plus a
+                                        sigmoid output gate from q_proj, RoPE on a quarter of each
+                                        head; RMSNorm weights zero-centred (x * (1 + w))
 
 Modules are named exactly as the checkpoint's tensors (`model.layers.3.self_attn.q_proj.weight`),
 so loading is a strict state-dict load with no renaming table. Weights are read shard by shard
@@ -19,8 +23,7 @@ straight into the requested dtype and device onto a model built on the `meta` de
 checkpoint never needs a second, randomly initialised copy in memory.
 """
 
-import json
-import os
+import sys
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -29,11 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from checkpoints import (ModelError, checkpoint_files, load_generation_config, resolve_model_dir,  # noqa: F401
+                         save_safetensors_sharded, shard_shapes)  # the folder's files; used as model.X elsewhere
+from deltanet import GatedDeltaNet, segments_of
 from util import read_json, short_list
-
-
-class ModelError(Exception):
-    """A problem with a model folder, config or checkpoint that the user can fix."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,10 +44,14 @@ class ModelError(Exception):
 
 @dataclass
 class Config:
-    """The fields of a Qwen2 or Qwen3 config.json that change the computation."""
+    """The fields of a Qwen2, Qwen3 or Qwen3.5 config.json that change the computation (Qwen3.5's
+    vision-language config.json: those of its text_config)."""
 
     # model_type -> the architecture transformers names it with. Everything else is refused.
-    FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM"}
+    # Qwen3.5's keys, dropped from the other families' config.json (to_dict)
+    QWEN3_5_KEYS = ("layer_types", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                    "linear_num_key_heads", "linear_num_value_heads", "partial_rotary_factor")
 
     vocab_size: int
     hidden_size: int
@@ -63,11 +69,36 @@ class Config:
     model_type: str = "qwen2"
     head_dim: int | None = None  # Qwen3 sets it; Qwen2 computes it: hidden_size // num_attention_heads
     attention_bias: bool = False  # Qwen3's switch for biases on q, k, v and o (off in every release)
+    # Qwen3.5: each layer's token mixer, "linear_attention" (Gated DeltaNet) or "full_attention", and
+    # the DeltaNet's sizes: a causal conv of this kernel, query / key heads of key_head_dim, value heads
+    layer_types: list | None = None
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    partial_rotary_factor: float = 1.0  # RoPE turns the first head_dim * this dims of each head (Qwen3.5: 0.25)
     extra: dict = field(default_factory=dict, repr=False)  # every other key, written back unchanged
 
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.layer_types is None and self.model_type == "qwen3_5":  # as transformers derives them
+            every = self.extra.get("full_attention_interval", 4)
+            self.layer_types = ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                for i in range(self.num_hidden_layers)]
+
+    @property
+    def mixers(self) -> list[str]:  # each layer's token mixer
+        return self.layer_types or ["full_attention"] * self.num_hidden_layers
+
+    @property
+    def rotary_dim(self) -> int:  # how many dims of each head RoPE turns
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def qwen3_5(self) -> bool:  # zero-centred norms, gated attention (and DeltaNet layers, by layer_types)
+        return self.model_type == "qwen3_5"
 
     @property
     def qkv_bias(self) -> bool:  # Qwen2 always has biases on q, k and v
@@ -75,18 +106,19 @@ class Config:
 
     @property
     def o_bias(self) -> bool:
-        return self.model_type == "qwen3" and self.attention_bias
+        return self.model_type != "qwen2" and self.attention_bias
 
     @property
-    def qk_norm(self) -> bool:  # Qwen3 normalises each head of q and k
-        return self.model_type == "qwen3"
+    def qk_norm(self) -> bool:  # Qwen3 and Qwen3.5 normalise each head of q and k
+        return self.model_type != "qwen2"
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
-        d = dict(d)
+        d = text_config_of(d)
         where = source
         d["model_type"] = cls.family(d, where)
-        sliding = d.get("use_sliding_window") or any(t != "full_attention" for t in d.get("layer_types") or [])
+        mixers = {"full_attention", "linear_attention"} if d["model_type"] == "qwen3_5" else {"full_attention"}
+        sliding = d.get("use_sliding_window") or any(t not in mixers for t in d.get("layer_types") or [])
         if sliding:
             raise ModelError(
                 f"{where} turns on sliding-window attention. Every released Qwen2.5 and Qwen3 model uses full "
@@ -97,17 +129,7 @@ class Config:
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ModelError(f"{where} sets hidden_act={act!r}; Qwen uses 'silu' and nothing else is implemented.")
-        # Newer transformers write RoPE settings under rope_parameters; older ones at the top level.
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ModelError(
-                f"{where} asks for RoPE scaling of type {rope_type!r}, which this decoder does not "
-                "implement; it would compute different logits from the reference. Remove the "
-                "rope_scaling entry to run at the model's native context length."
-            )
-        if "rope_theta" in rope:
-            d["rope_theta"] = rope["rope_theta"]
+        read_rope(d, where)
         if "torch_dtype" not in d and "dtype" in d:
             d["torch_dtype"] = d["dtype"]
         if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
@@ -134,15 +156,17 @@ class Config:
     def family(cls, d: dict, where: str) -> str:
         """config.json's model_type, if this decoder implements it; else a ModelError naming what it does."""
         model_type, archs = d.get("model_type"), d.get("architectures") or []
+        model_type = {"qwen3_5_text": "qwen3_5"}.get(model_type, model_type)  # Qwen3_5ForCausalLM's config
         known = [t for t, arch in cls.FAMILIES.items() if t == model_type or model_type is None and arch in archs]
         if known:
             return known[0]
         kind = " (a mixture-of-experts model)" if "moe" in str(model_type).lower() else ""
         raise ModelError(
             f"{where} describes model_type={model_type!r}{kind} (architectures {archs}), but this toolkit "
-            "implements the dense Qwen decoders only: Qwen2 / Qwen2.5 (model_type 'qwen2') and Qwen3 "
-            "(model_type 'qwen3': 0.6B to 32B and the 2507 Instruct / Thinking models). Point --model at "
-            "one of those, such as Qwen/Qwen3-4B-Instruct-2507 or Qwen/Qwen2.5-7B-Instruct."
+            "implements the dense Qwen decoders only: Qwen2 / Qwen2.5 (model_type 'qwen2'), Qwen3 "
+            "(model_type 'qwen3': 0.6B to 32B and the 2507 Instruct / Thinking models) and Qwen3.5 / 3.6 / 3.8 "
+            "dense (model_type 'qwen3_5': 0.8B to 27B; the text model). Point --model at one of those, such "
+            "as Qwen/Qwen3-4B-Instruct-2507 or Qwen/Qwen2.5-7B-Instruct."
         )
 
     @classmethod
@@ -152,7 +176,7 @@ class Config:
         return cls.from_dict(read_json(path, ModelError), source=str(path))
 
     def to_dict(self) -> dict:
-        """config.json as transformers writes it for Qwen2ForCausalLM or Qwen3ForCausalLM."""
+        """config.json as transformers writes it for Qwen2ForCausalLM, Qwen3ForCausalLM or Qwen3_5ForCausalLM."""
         d = {"architectures": [self.FAMILIES[self.model_type]], "hidden_act": "silu",
              "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": 0.02,
              "use_cache": True}
@@ -162,10 +186,47 @@ class Config:
             for key, default in (("head_dim", self.hidden_size // self.num_attention_heads), ("attention_bias", False)):
                 if d[key] == default:
                     del d[key]
-        d.pop("rope_parameters", None)
+        rope = {**(d.pop("rope_parameters", None) or {}), "rope_type": "default", "rope_theta": self.rope_theta}
         d.pop("rope_scaling", None)
         d.pop("dtype", None)
+        if self.qwen3_5:  # the text model's config.json: RoPE's settings under rope_parameters
+            d.update(model_type="qwen3_5_text", rope_parameters={**rope, "partial_rotary_factor": self.partial_rotary_factor})
+        for key in self.QWEN3_5_KEYS if not self.qwen3_5 else ("partial_rotary_factor",):
+            d.pop(key, None)
         return d
+
+
+
+def text_config_of(d: dict) -> dict:
+    """config.json's keys for the text model: a Qwen3.5 vision-language config.json keeps them under
+    text_config (its tie_word_embeddings at the top, which transformers' VL model ties by)."""
+    if not isinstance(d.get("text_config"), dict):
+        return dict(d)
+    text = dict(d["text_config"])
+    if "tie_word_embeddings" in d:
+        text["tie_word_embeddings"] = d["tie_word_embeddings"]
+    text.setdefault("model_type", d.get("model_type"))
+    return text
+
+
+def read_rope(d: dict, where: str):
+    """RoPE's settings into d's own keys: newer transformers write them under rope_parameters, older
+    ones at the top level. Qwen3.5's mrope_section places a picture's rows and columns; for text all
+    three positions are the token's, so its RoPE is the plain one (on partial_rotary_factor of each head)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ModelError(
+            f"{where} asks for RoPE scaling of type {rope_type!r}, which this decoder does not "
+            "implement; it would compute different logits from the reference. Remove the "
+            "rope_scaling entry to run at the model's native context length."
+        )
+    if "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
+    if d["model_type"] == "qwen3_5":  # transformers: rope_parameters' value, else the top level's, else 0.25
+        d["partial_rotary_factor"] = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 0.25))
+    else:
+        d.pop("partial_rotary_factor", None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,21 +234,25 @@ class Config:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, zero_centred: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        # Qwen3.5 stores w - 1 (zero-centred: its checkpoints hold values near 0) and scales by 1 + w.
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
+        self.eps, self.zero_centred = eps, zero_centred
 
     def forward(self, x):
-        # Normalise in float32 for accuracy, then cast back before scaling (as Qwen2 does).
+        # Normalise in float32 for accuracy, then cast back before scaling (as Qwen2 does; Qwen3.5 after).
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centred:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
-    """cos and sin of the rotary angles for each position: (B, T) -> two (B, T, head_dim)."""
+    """cos and sin of the rotary angles for each position: (B, T) -> two (B, T, head_dim).
+    (Qwen3.5 passes the rotary part of head_dim only: Config.rotary_dim.)"""
     # Computed in float32 on every call so that casting the model to bf16 never touches it.
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
@@ -196,7 +261,11 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the two halves of each head: x (B, nh, T, hd), cos/sin (B, T, hd)."""
+    """Rotate the two halves of each head: x (B, nh, T, hd), cos/sin (B, T, hd); with cos and sin
+    narrower than the head (B, T, rd), only its first rd dims, the rest passing unchanged (Qwen3.5)."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
@@ -206,22 +275,28 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        # Qwen3.5's q_proj gives each head its query and then as many output-gate logits
+        self.gated = cfg.qwen3_5
+        q_size = self.n_head * self.head_dim * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         # Qwen3 normalises each head of q and k (over head_dim) before RoPE; Qwen2 does not.
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
         self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix, for decoding: speed.fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
         if self.qkv_weight is not None:
-            sizes = [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+            sizes = [self.q_proj.out_features, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
             q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)  # (B, T, nh*hd), 2 x (B, T, nkv*hd)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.gated:  # (B, T, nh * 2hd): each head's query, then its gate
+            q, gate = q.view(B, T, self.n_head, 2 * self.head_dim).chunk(2, dim=-1)  # 2 x (B, T, nh, hd)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -229,7 +304,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
         y = attend(q, k, v, mask, is_causal).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o_proj(y)
+        return self.o_proj(y * torch.sigmoid(gate) if self.gated else y)
 
 
 def attend(q, k, v, mask, is_causal):
@@ -280,24 +355,34 @@ def recompute(fn, *args):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, index: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        if cfg.mixers[index] == "linear_attention":  # Qwen3.5's Gated DeltaNet (deltanet.py)
+            self.linear_attn = GatedDeltaNet(cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                                             cfg.linear_key_head_dim, cfg.linear_value_head_dim,
+                                             cfg.linear_conv_kernel_dim, cfg.rms_norm_eps)
+        else:
+            self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.qwen3_5)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.qwen3_5)
         self.recompute = recompute  # how checkpointing runs it again (shard.py has its own for FSDP)
 
-    def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False):
+    def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False, segments=None):
+        """segments (B, T): the rows of a padded or packed batch, for a DeltaNet layer (QwenModel.forward)."""
         if checkpoint:
             # Keep only the layer's input; recompute its insides during backward. Done here, inside
             # the layer, so that a compiled layer (speed.compiled_layers) compiles the recomputation
             # together with the backward: one fused forward and one backward per layer.
-            return self.recompute(self._forward, h, cos, sin, mask, is_causal, cache, layer)
-        return self._forward(h, cos, sin, mask, is_causal, cache, layer)
+            return self.recompute(self._forward, h, cos, sin, mask, is_causal, cache, layer, segments)
+        return self._forward(h, cos, sin, mask, is_causal, cache, layer, segments)
 
-    def _forward(self, h, cos, sin, mask, is_causal, cache, layer):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, is_causal, cache, layer)
+    def _forward(self, h, cos, sin, mask, is_causal, cache, layer, segments=None):
+        x = self.input_layernorm(h)
+        if hasattr(self, "linear_attn"):
+            h = h + self.linear_attn(x, segments, cache, layer)
+        else:
+            h = h + self.self_attn(x, cos, sin, mask, is_causal, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -349,12 +434,17 @@ class KVCache:
 
     `seg` remembers, for each cached position, the attention-mask value it came with (0 = padding),
     so later tokens never attend to padding. `length` is how many positions are filled.
+    A Qwen3.5 DeltaNet layer keeps no keys and values but its convolution's last inputs and its
+    recurrent state (linear_state): they hold the text so far and cannot be rewound.
     """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        full = [t == "full_attention" for t in config.mixers]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) if f else None for f in full]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) if f else None for f in full]
+        self.linear = [None] * len(full)  # per DeltaNet layer: (conv state, recurrent state), None at a text's start
+        self.linear_length = 0  # the positions the DeltaNet states hold
         self.seg = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.max_len = max_len
         self.length = 0
@@ -365,6 +455,12 @@ class KVCache:
         this reserves: the forward's layers write their keys and values at start .. start + T."""
         B, T = input_ids.shape
         start = self.start = self.length
+        if start == 0:
+            self.linear = [None] * len(self.linear)
+        elif any(s is not None for s in self.linear) and start != self.linear_length:
+            raise ModelError(f"a recurrent (DeltaNet) state holds {self.linear_length} positions and cannot be "
+                             f"rewound to {start}: run the text again from position 0.")
+        self.linear_length = start + T
         if start + T > self.max_len:
             raise ModelError(f"the sequence needs {start + T} positions but the KV cache holds {self.max_len}.")
         self.length = start + T
@@ -384,6 +480,13 @@ class KVCache:
             return position_ids, mask, False
         return position_ids, attention_mask_4d(seg if seg is not None else torch.ones_like(input_ids), k_seg, start), False
 
+    def linear_state(self, layer: int):
+        """(conv state (B, C, K - 1), recurrent state (B, H, dk, dv) float32) of a DeltaNet layer, or Nones."""
+        return self.linear[layer] or (None, None)
+
+    def set_linear_state(self, layer: int, conv, state):
+        self.linear[layer] = (conv, state)
+
     def update(self, layer: int, k, v):
         """Store k, v (B, nkv, T, hd) at the reserved positions; return all keys and values so far."""
         end = self.start + k.shape[2]
@@ -397,9 +500,10 @@ class QwenModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.qwen3_5)
         self.gradient_checkpointing = False
+        self.linear = "linear_attention" in cfg.mixers  # Qwen3.5: some layers are Gated DeltaNet
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, layers=None,
                 cu_seqlens=None, packed_mask=None, inputs_embeds=None):
@@ -422,10 +526,12 @@ class QwenModel(nn.Module):
             position_ids, mask, is_causal = attention_inputs(input_ids, attention_mask, position_ids, cu_seqlens,
                                                              packed_mask)
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cos, sin = rope_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta, h.dtype)
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # DeltaNet layers see the batch's rows as segment ids; attention layers only as the mask
+        rows = {"segments": segments_of(attention_mask, cu_seqlens, input_ids.shape[1])} if self.linear else {}
         for i, layer in enumerate(self.layers if layers is None else layers):
-            h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+            h = layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint, **rows)
         return self.norm(h)
 
 
@@ -448,39 +554,7 @@ class QwenForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding a model folder: a local path or a Hugging Face hub id
-
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "vocab.json", "merges.txt", "*.safetensors", "model.safetensors.index.json"]
-
-
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the HF cache)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelError(f"--model {name_or_path} is a file; it must be a model folder (with config.json and *.safetensors) or a hub id.")
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path
-    if looks_local:
-        raise ModelError(f"--model {name_or_path}: no such folder. Check the path, or give a hub id such as Qwen/Qwen2.5-7B-Instruct.")
-    # The tutorial writes `--model Qwen2.5-7B-Instruct`; on the hub that model lives under Qwen/.
-    repo_id = name_or_path if "/" in name_or_path else f"Qwen/{name_or_path}"
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
-    except Exception as e:
-        raise ModelError(
-            f"--model {name_or_path}: not a local folder, and fetching {repo_id} from the Hugging Face "
-            f"hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Check the "
-            "name and your network, or download the model once and pass its folder; with "
-            "HF_HUB_OFFLINE=1 only models already in your HF cache are found."
-        ) from None
-
-
-def load_generation_config(model_dir) -> dict:
-    path = Path(model_dir) / "generation_config.json"
-    return read_json(path, ModelError) if path.exists() else {}
+# Loading safetensors weights (finding the folder and its files: checkpoints.py)
 
 
 def stop_ids(generation_config: dict, config: Config, im_end_id: int) -> set[int]:
@@ -490,51 +564,19 @@ def stop_ids(generation_config: dict, config: Config, im_end_id: int) -> set[int
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos]) | {im_end_id}
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and saving safetensors weights
+# Qwen3.5's official checkpoints are vision-language (Qwen3_5ForConditionalGeneration): the text
+# model's tensors under model.language_model. (transformers' conversion mapping turns that prefix
+# into model.), lm_head as it is, then the vision tower and multi-token prediction, not loaded here.
+TEXT_PREFIX, NOT_LOADED = "model.language_model.", {"model.visual.": "vision tower", "mtp.": "multi-token prediction"}
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, single-file or sharded with an index."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_json(index, ModelError).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise ModelError(f"{index} is not a valid index: it needs a \"weight_map\" of tensor name -> file.")
-        files = sorted(set(weight_map.values()))
-        outside = [f for f in files if Path(f).name != f]  # a path, not a file of this folder
-        if outside:
-            raise ModelError(f"{index} names shard(s) outside {model_dir}: {short_list(outside)}. A model's index "
-                             "names files of its own folder; this one is broken or hostile: fetch the model again.")
-        absent = [f for f in files if not (model_dir / f).exists()]
-        if absent:
-            raise ModelError(f"{index} names shard(s) that are not in {model_dir}: {', '.join(absent)}. The download is incomplete; fetch the model again.")
-        return [model_dir / f for f in files]
-    if (model_dir / "model.safetensors").exists():
-        return [model_dir / "model.safetensors"]
-    pickles = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt*"))
-    if pickles:
-        raise ModelError(
-            f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}). This toolkit loads "
-            "safetensors only: pickle files can run arbitrary code when loaded. Convert them once "
-            "(e.g. load with transformers and save_pretrained(safe_serialization=True)) or download "
-            "the safetensors version of the model."
-        )
-    raise ModelError(f"{model_dir} has no model.safetensors or model.safetensors.index.json: it is not a model folder.")
-
-
-def shard_shapes(path: Path) -> dict:
-    """{tensor name: shape} from a safetensors file's header; a truncated or corrupt file is a
-    ModelError naming it (safetensors says only "incomplete metadata")."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as sf:
-            shapes = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ModelError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]}): the download was "
-                         "cut short or the file is damaged. Delete it and fetch the model again.") from None
-    return shapes
+def text_name(name: str, config: Config) -> str | None:
+    """The model's name for a checkpoint tensor; None for Qwen3.5's vision tower and MTP weights."""
+    if not config.qwen3_5:
+        return name
+    if name.startswith(tuple(NOT_LOADED)):
+        return None
+    return "model." + name.removeprefix(TEXT_PREFIX) if name.startswith(TEXT_PREFIX) else name
 
 
 def check_weights(model: QwenForCausalLM, model_dir: Path) -> tuple[list[Path], dict]:
@@ -544,10 +586,14 @@ def check_weights(model: QwenForCausalLM, model_dir: Path) -> tuple[list[Path], 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # shares model.embed_tokens.weight
-    found = {}
+    found, skipped = {}, []
     for f in files:
         for k, shape in shard_shapes(f).items():
-            found[k] = (shape, f)
+            name = text_name(k, model.config)
+            if name is None:
+                skipped.append(k)
+            else:
+                found[name] = (shape, f)
     if model.config.tie_word_embeddings:
         found.pop("lm_head.weight", None)  # some tied checkpoints store it anyway; it is the same tensor
     missing = expected.keys() - found.keys()
@@ -565,6 +611,11 @@ def check_weights(model: QwenForCausalLM, model_dir: Path) -> tuple[list[Path], 
             f"the weights in {model_dir} do not match its config.json ({'; '.join(problems)}). "
             "The checkpoint is incomplete or belongs to another model: download it again or fix config.json."
         )
+    if skipped:  # one line: what a text-only fine-tune leaves out
+        parts = [f"the {what} ({n} tensors {prefix}*)" for prefix, what in NOT_LOADED.items()
+                 if (n := sum(k.startswith(prefix) for k in skipped))]
+        print(f"note: {model_dir} is a vision-language checkpoint; its text model loads, {' and '.join(parts)} "
+              "not (text-only training and chat do not use them).", file=sys.stderr)
     return files, expected
 
 
@@ -578,8 +629,8 @@ def load_weights(model: QwenForCausalLM, model_dir: Path, dtype, device):
         shard = {}
         with safe_open(f, framework="pt", device=str(device)) as sf:
             for k in sf.keys():
-                if k in expected:
-                    shard[k] = sf.get_tensor(k).to(dtype)
+                if text_name(k, model.config) in expected:  # under the model's name
+                    shard[text_name(k, model.config)] = sf.get_tensor(k).to(dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
     if model.config.tie_word_embeddings:
@@ -594,30 +645,3 @@ def load_model(name_or_path: str, dtype=torch.bfloat16, device="cpu"):
         model = QwenForCausalLM(cfg)
     load_weights(model, model_dir, dtype, device)
     return model.eval(), model_dir
-
-
-def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5 * 1024**3):
-    """Write `model.safetensors` or `model-0000K-of-0000N.safetensors` + index, as transformers does."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    shards, current, size = [], {}, 0
-    for name, t in state_dict.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.contiguous()
-        size += n
-    shards.append(current)
-    total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

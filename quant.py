@@ -327,8 +327,8 @@ def load_quantized(name_or_path: str, config: QuantConfig, dtype=torch.bfloat16,
     for f in files:
         with safe_open(f, framework="pt", device=str(device)) as sf:
             for name in sf.keys():
-                if name in expected:
-                    place(model, name, sf.get_tensor(name), dtype)
+                if modeling.text_name(name, cfg) in expected:  # Qwen3.5's VL layout: the text model's name
+                    place(model, modeling.text_name(name, cfg), sf.get_tensor(name), dtype)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval(), model_dir

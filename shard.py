@@ -143,14 +143,15 @@ def read_own_rows(model, files: list[Path], expected: dict):
     params = dict(model.named_parameters())
     for f in files:
         with safe_open(f, framework="pt") as sf:
-            for name in sf.keys():
+            for key in sf.keys():
+                name = modeling.text_name(key, model.config)  # Qwen3.5's VL layout: the text model's name
                 if name not in expected:
                     continue
                 p = params[name]
                 if isinstance(p, DTensor):
-                    p.to_local().copy_(sf.get_slice(name)[own_rows(p)])  # (own rows, ...), cast to p's dtype
+                    p.to_local().copy_(sf.get_slice(key)[own_rows(p)])  # (own rows, ...), cast to p's dtype
                 else:
-                    p.copy_(sf.get_tensor(name))
+                    p.copy_(sf.get_tensor(key))
 
 
 @torch.no_grad()

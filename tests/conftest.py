@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Qwen2 checkpoints in the official layout, made by the tests themselves."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -93,14 +94,39 @@ both_families = pytest.mark.parametrize("tiny_dir", ["tiny", "tiny-qwen3"], indi
 # The same test on transformers' Qwen2ForCausalLM and Qwen3ForCausalLM (hf_checkpoint(family=...)).
 hf_families = pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 
+# Qwen3.5 at the tiny sizes: 4 layers (three Gated DeltaNet, then full attention), 2 query / key
+# heads of 16 shared by 4 value heads of 8, conv kernel 4; attention head_dim 32 of which RoPE turns 8.
+QWEN3_5_TINY = dict(head_dim=32, num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=16, linear_value_head_dim=8, linear_conv_kernel_dim=4)
+QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [2, 1, 1], "mrope_interleaved": True}  # as the official text_config writes it
+QWEN3_5_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=2,
+                      temporal_patch_size=2, num_position_embeddings=16)
+
+
+def hf_model(family: str, base: dict):
+    """transformers' model of a family (qwen3_5_vl: Qwen3_5ForConditionalGeneration, the official layout)."""
+    import transformers
+    if family == "qwen3_5_vl":
+        config = transformers.Qwen3_5Config(
+            text_config={k: v for k, v in base.items() if k != "tie_word_embeddings"}, vision_config=QWEN3_5_VISION,
+            tie_word_embeddings=base["tie_word_embeddings"], image_token_id=950, video_token_id=951,
+            vision_start_token_id=952, vision_end_token_id=953)
+        return transformers.Qwen3_5ForConditionalGeneration(config)
+    Model, Config = {"qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+                     "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+                     "qwen3_5": (transformers.Qwen3_5ForCausalLM, transformers.Qwen3_5TextConfig)}[family]
+    return Model(Config(**base))
+
 
 def make_hf_checkpoint(out_dir, tiny_dir, seed=0, family="qwen2", **config):
     """Save a random transformers Qwen2ForCausalLM (or, with family="qwen3", Qwen3ForCausalLM: its
-    head_dim 24, not hidden / heads = 16) with the tiny tokenizer, in small shards.
+    head_dim 24, not hidden / heads = 16; "qwen3_5": Qwen3_5ForCausalLM, QWEN3_5_TINY; "qwen3_5_vl":
+    the same text model in Qwen3_5ForConditionalGeneration with a tiny vision tower, plus two mtp.*
+    tensors, as the official checkpoints hold them) with the tiny tokenizer, in small shards.
 
     Returns the transformers model (float32, eval mode) so tests can compare against it."""
     import torch
-    import transformers
 
     import data
     tok = data.Tokenizer(tiny_dir)
@@ -110,17 +136,27 @@ def make_hf_checkpoint(out_dir, tiny_dir, seed=0, family="qwen2", **config):
                 bos_token_id=tok.endoftext_id, eos_token_id=tok.im_end_id)
     if family == "qwen3":
         base.update(head_dim=24, attention_bias=False)
+    if family.startswith("qwen3_5"):
+        base.update(QWEN3_5_TINY, rope_parameters=QWEN3_5_ROPE)
+        del base["rope_theta"]
     base.update(config)
-    Model, Config = {"qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
-                     "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config)}[family]
     torch.manual_seed(seed)
-    hf = Model(Config(**base)).float().eval()
+    hf = hf_model(family, base).float().eval()
     with torch.no_grad():  # the default init leaves biases at zero and norms at one; make them matter
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith("A_log"):  # decays of e^-0.05 or so a token: the state carries across chunks
+                p.copy_(torch.randn_like(p) * 0.5 - 3)
     out_dir = Path(out_dir)
     hf.save_pretrained(out_dir, max_shard_size="100KB")
+    if family == "qwen3_5_vl":  # transformers has no MTP module: a shard of two stand-in tensors
+        from safetensors.torch import save_file
+        save_file({"mtp.fc.weight": torch.randn(64, 128), "mtp.norm.weight": torch.zeros(64)},
+                  out_dir / "mtp.safetensors", metadata={"format": "pt"})
+        index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+        index["weight_map"].update({"mtp.fc.weight": "mtp.safetensors", "mtp.norm.weight": "mtp.safetensors"})
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index))
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
         shutil.copy(Path(tiny_dir) / f, out_dir / f)
     return hf

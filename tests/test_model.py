@@ -287,7 +287,8 @@ def test_7b_shape_has_the_published_parameter_count():
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
     ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}, "'qwen3_moe' (a mixture-of-experts model)"),
-    ({"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"]}, "dense Qwen decoders only"),
+    ({"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"]},
+     "'qwen3_5_moe' (a mixture-of-experts model)"),
 ])
 def test_config_refuses_what_it_cannot_reproduce(over, needle):
     with pytest.raises(ModelError, match=__import__("re").escape(needle)):

@@ -92,7 +92,8 @@ def test_qwen3_moe_is_refused_naming_what_is_supported():
     with pytest.raises(modeling.ModelError) as e:
         modeling.Config.from_dict(d, "Qwen3-30B-A3B/config.json")
     assert "model_type='qwen3_moe' (a mixture-of-experts model)" in str(e.value)
-    assert "Qwen2 / Qwen2.5 (model_type 'qwen2') and Qwen3 (model_type 'qwen3'" in str(e.value)
+    assert "Qwen2 / Qwen2.5 (model_type 'qwen2'), Qwen3 (model_type 'qwen3'" in str(e.value)
+    assert "Qwen3.5 / 3.6 / 3.8 dense (model_type 'qwen3_5'" in str(e.value)
 
 
 def test_tiny_qwen3_is_a_qwen3_transformers_loads(qwen3_dir):
