@@ -51,6 +51,20 @@ def test_logits_match_transformers_float32(hf_checkpoint, tied):
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
 
 
+def test_logits_match_transformers_bfloat16(qwen3_5):
+    """bf16 weights, float32 delta rule and recurrent state (as transformers' fallback keeps them)."""
+    folder, hf, _ = qwen3_5
+    import copy
+    theirs = copy.deepcopy(hf).to(torch.bfloat16)
+    ours, _ = load_model(str(folder), dtype=torch.bfloat16)
+    x = tokens(length=100)
+    with torch.no_grad():
+        a, b = ours(x).float(), theirs(x).logits.float()
+    # bf16 has 8 bits of mantissa: compare at that resolution, relative to the logits' scale.
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
 def test_greedy_decoding_equals_transformers(qwen3_5):
     _, hf, ours = qwen3_5
     prompt = tokens(1, 9, seed=3)
