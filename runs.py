@@ -25,6 +25,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import struct
@@ -102,15 +103,51 @@ def save_checkpoint(run_dir: Path, model, optimizer_state: dict, state: dict, ar
 def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None, history: list[str]):
     """Keep the newest `limit` checkpoints of `history` (checkpoint names in the order this run
     wrote them: after a resume, not the highest step numbers), and always the best one by eval
-    loss; the one just written is never deleted. Removes the others from `history` too."""
+    loss; the one just written is never deleted. Removes the others from `history` too. Only ever
+    deletes a checkpoint-N folder of this toolkit directly inside run_dir, whatever `history` says."""
     if limit is None:
         return
     keep = set(history[-limit:])
     if best in history and best not in keep:
         keep = {best} | set(history[-max(1, limit - 1):])
     for name in [n for n in history if n not in keep]:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
         history.remove(name)
+        folder = run_dir / name
+        if CHECKPOINT_NAME.fullmatch(name) and not folder.is_symlink() and (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# trainer_state.json as save_checkpoint writes it: each field's JSON types, and what a value must be.
+CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]+")
+STATE_FIELDS = {
+    "global_step": ((int,), "a whole number of steps, at least 1", lambda v: v >= 1),
+    "epoch": ((int,), "a whole number of epochs, 0 or more", lambda v: v >= 0),
+    "step_in_epoch": ((int,), "a whole number of steps, 0 or more", lambda v: v >= 0),
+    "log_history": ((list,), "a list of logged steps (objects)", lambda v: all(isinstance(e, dict) for e in v)),
+    "checkpoints": ((list,), "a list of this run's checkpoint folder names (checkpoint-N)",
+                    lambda v: all(isinstance(n, str) and CHECKPOINT_NAME.fullmatch(n) for n in v)),
+    "best_checkpoint": ((str, type(None)), "null or a checkpoint folder name (checkpoint-N)",
+                        lambda v: v is None or CHECKPOINT_NAME.fullmatch(v)),
+    "best_eval_loss": ((int, float, type(None)), "null or a finite number", lambda v: v is None or math.isfinite(v)),
+    "elapsed": ((int, float), "seconds, a finite number of 0 or more", lambda v: math.isfinite(v) and v >= 0),
+    "loss_scale": ((int, float), "a finite number above 0", lambda v: math.isfinite(v) and v > 0),
+}
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, every field checked against STATE_FIELDS (global_step and
+    log_history required), or a RunError naming the field, what it holds and what it should."""
+    state = read_json(path, RunError, hint="resume from another checkpoint of the run")  # an object, or RunError
+    for key, (types, expected, valid) in STATE_FIELDS.items():
+        if key not in state and key not in ("global_step", "log_history"):
+            continue
+        value = state.get(key)
+        if not isinstance(value, types) or isinstance(value, bool) or not valid(value):
+            found = "nothing" if key not in state else json.dumps(value)[:80]
+            raise RunError(f"{path}: \"{key}\" holds {found}, where this toolkit writes {expected}. The file was "
+                           "edited or written by another tool: resume from another checkpoint of the run, or "
+                           "pass --resume_only_model true to start a new run from its adapter alone.")
+    return state
 
 
 def rng_state(device) -> dict:
@@ -346,9 +383,7 @@ def check_resume(a, world: int) -> Path | None:
     if a.resume_only_model:
         check_unused(a)
         return ckpt
-    state = read_json(ckpt / "trainer_state.json", RunError, hint="resume from another checkpoint of the run")
-    if not isinstance(state.get("global_step"), int) or "log_history" not in state:
-        raise RunError(f"{ckpt / 'trainer_state.json'} lacks global_step or log_history; resume from another checkpoint.")
+    read_trainer_state(ckpt / "trainer_state.json")
     saved = read_json(ckpt / "args.json", RunError) if (ckpt / "args.json").exists() else {}
     now = dict(vars(a), accumulation_x_ranks=a.gradient_accumulation_steps * world)
     saved["accumulation_x_ranks"] = saved.get("gradient_accumulation_steps", 1) * saved.get("world_size", 1)
@@ -444,7 +479,7 @@ def continued_step(ckpt: Path, a) -> dict:
 
 def restore(ckpt: Path, model, optimizer, device, states=None) -> dict:
     """Load a checkpoint's adapter, optimizer and random state; its trainer_state."""
-    state = read_json(ckpt / "trainer_state.json", RunError)
+    state = read_trainer_state(ckpt / "trainer_state.json")
     try:
         (states or WholeState()).load(model, optimizer, load_file(ckpt / "adapter_model.safetensors", device=str(device)),
                                       torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))

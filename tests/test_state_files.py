@@ -1,0 +1,89 @@
+"""Issue 34: state files that lie. A checkpoint's trainer_state.json is read before anything loads,
+every field checked; whatever it says, pruning deletes only this toolkit's checkpoint-N folders
+inside the run folder."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import runs
+import train
+
+
+def write_rows(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"query": f"q{i}", "response": f"answer {i}"}) + "\n" for i in range(6)))
+    return path
+
+
+def argv(tmp_path, *extra):
+    return ["--model", "tiny", "--dataset", str(write_rows(tmp_path / "d.jsonl")), "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", "--gradient_accumulation_steps", "1", "--max_steps", "4", "--save_steps", "1",
+            *map(str, extra)]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A run of 3 steps with a checkpoint at each: (its run folder, the command that made it)."""
+    base = argv(tmp_path)
+    assert train.main(base[:-6] + ["--max_steps", "3", "--save_steps", "1"]) == 0
+    (run,) = (tmp_path / "out").glob("v0-*")
+    return run, base[:-6] + ["--max_steps", "3", "--save_steps", "1"]
+
+
+def edit_state(ckpt: Path, **fields):
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state.update(fields)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("where", ["../../victim", "absolute"])
+def test_rotation_never_deletes_what_a_checkpoint_names_outside_the_run(tmp_path, trained, where, capsys):
+    run, _ = trained
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "trainer_state.json").write_text("{}")  # looks like a checkpoint: still not ours to delete
+    name = str(victim) if where == "absolute" else "../../victim"
+    edit_state(run / "checkpoint-3", checkpoints=[name, "checkpoint-3"])
+    code = train.main(argv(tmp_path, "--save_total_limit", 1, "--resume_from_checkpoint", run / "checkpoint-3"))
+    assert code == 2 and victim.is_dir()
+    err = capsys.readouterr().err
+    assert '"checkpoints" holds' in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run.name]  # nothing written
+
+
+def test_pruning_itself_deletes_only_checkpoint_folders_of_the_run(tmp_path):
+    run = tmp_path / "run"
+    outside = tmp_path / "outside"
+    for folder in (run / "checkpoint-1", run / "checkpoint-2", outside):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+    (run / "checkpoint-9").symlink_to(outside)  # a link named like a checkpoint: the link is no checkpoint
+    history = ["../outside", "checkpoint-9", "checkpoint-1", "checkpoint-2"]
+    runs.prune_checkpoints(run, 1, None, history)
+    assert history == ["checkpoint-2"] and outside.is_dir() and not (run / "checkpoint-1").exists()
+
+
+BAD_FIELDS = {  # issue 34's cases: each a traceback before
+    "checkpoints": "checkpoint-3", "elapsed": "12.5", "epoch": 0.5, "log_history": [1, 2], "loss_scale": "65536",
+    "global_step": -3, "best_checkpoint": "../x", "best_eval_loss": "nan", "step_in_epoch": None,
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_FIELDS))
+def test_a_trainer_state_field_of_the_wrong_kind_is_one_paragraph_before_anything_loads(tmp_path, trained, field, capsys):
+    run, command = trained
+    edit_state(run / "checkpoint-3", **{field: BAD_FIELDS[field]})
+    before = sorted(p.name for p in run.iterdir())
+    assert train.main(command + ["--max_steps", "4", "--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
+    err = capsys.readouterr().err
+    assert f'"{field}" holds {json.dumps(BAD_FIELDS[field])}, where this toolkit writes' in err, err
+    assert "Traceback" not in err and "loading" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run.name] and sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_trainer_state_that_is_not_an_object_is_refused(tmp_path, trained, capsys):
+    run, command = trained
+    (run / "checkpoint-3" / "trainer_state.json").write_text("[1, 2]")
+    assert train.main(command + ["--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
+    assert "trainer_state.json must hold a JSON object, not list" in capsys.readouterr().err
