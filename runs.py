@@ -70,9 +70,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint written last (after a resume from an earlier step, not the highest step)."""
+    """The checkpoint written last: the furthest step. A run folder's checkpoints are written in step
+    order (a resume writes a new run folder; a run into a folder that holds checkpoints is refused),
+    so the step says it, where file times do not survive a copy."""
     ckpts = complete_checkpoints(run_dir)
-    return max(ckpts, key=lambda p: (p / "trainer_state.json").stat().st_mtime_ns) if ckpts else None
+    return ckpts[-1] if ckpts else None
 
 
 def find_resume_checkpoint(path: str, adapter_only: bool = False) -> Path:

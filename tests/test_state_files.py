@@ -87,3 +87,12 @@ def test_a_trainer_state_that_is_not_an_object_is_refused(tmp_path, trained, cap
     (run / "checkpoint-3" / "trainer_state.json").write_text("[1, 2]")
     assert train.main(command + ["--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
     assert "trainer_state.json must hold a JSON object, not list" in capsys.readouterr().err
+
+
+def test_resuming_a_run_folder_takes_its_furthest_checkpoint_whatever_the_file_times(tmp_path, trained):
+    """A run folder copied without its timestamps (issue 34 item 6): the file times say nothing."""
+    import os
+    run, _ = trained
+    for age, name in enumerate(["checkpoint-3", "checkpoint-2", "checkpoint-1"]):  # the newest looks oldest
+        os.utime(run / name / "trainer_state.json", (1_000_000 + age, 1_000_000 + age))
+    assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-3"
