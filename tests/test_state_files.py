@@ -96,3 +96,23 @@ def test_resuming_a_run_folder_takes_its_furthest_checkpoint_whatever_the_file_t
     for age, name in enumerate(["checkpoint-3", "checkpoint-2", "checkpoint-1"]):  # the newest looks oldest
         os.utime(run / name / "trainer_state.json", (1_000_000 + age, 1_000_000 + age))
     assert runs.find_resume_checkpoint(str(run)).name == "checkpoint-3"
+
+
+@pytest.mark.parametrize("when", ["before training", "after training"])
+def test_ctrl_c_during_the_eval_answers_says_what_is_on_disk(tmp_path, monkeypatch, capsys, when):
+    """Issue 34 item 7: it said "interrupted before training started; nothing was written" although
+    checkpoints existed, and an interrupted start left an empty vN folder."""
+    def answers(label, *args):
+        if label == when:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "show_answers", answers)
+    assert train.main(argv(tmp_path, "--eval_prompts", "hi")) == 130
+    err = capsys.readouterr().err
+    if when == "before training":
+        assert "interrupted before the first checkpoint; the new run folder was removed again." in err
+        assert list((tmp_path / "out").iterdir()) == []
+    else:
+        (run,) = (tmp_path / "out").glob("v0-*")
+        assert f"interrupted; the run is kept in {run} (last checkpoint: {run / 'checkpoint-4'})." in err
+    assert "nothing was written" not in err
