@@ -275,6 +275,6 @@ def with_trained_thinking(template: Template, args: dict) -> Template:
     if template.thinks != "hybrid":
         return template
     recorded = args.get("enable_thinking")
-    if not isinstance(recorded, bool) and args.get("template") == "qwen3":
+    if not isinstance(recorded, bool) and args.get("template") in ("qwen3", "qwen3_5"):
         recorded = not args.get("add_non_thinking_prefix", True)
     return replace(template, enable_thinking=recorded) if isinstance(recorded, bool) else template
