@@ -10,6 +10,7 @@ when a conversation has none, and in thinking:
     qwen3              Qwen3-0.6B ... Qwen3-32B (hybrid) none            unless enable_thinking is false
     qwen3_nothinking   Qwen3-*-Instruct-2507             none            never
     qwen3_thinking     Qwen3-*-Thinking-2507             none            always
+    qwen3_5            Qwen3.5-*, Qwen3.6-* (hybrid)     none            unless enable_thinking is false
 
 A thinking model writes its reasoning before the answer, `<think>\\nREASONING\\n</think>\\n\\nANSWER`;
 a hybrid model told not to think gets the empty block `<think>\\n\\n</think>\\n\\n` written for it
@@ -125,8 +126,10 @@ class Template:
             if m["role"] != "assistant":
                 turns.append({"role": m["role"], "content": m["content"]})
                 continue
-            # ms-swift writes an earlier answer as it is (no empty think block added): it is not trained
-            turns.append({"role": "past", "content": m["content"]} if i < last else self.training_answer(m["content"]))
+            # ms-swift writes an earlier answer without an empty think block, and a thinking model's
+            # without its reasoning (as the Jinja template does): it is context, not trained
+            past = m["content"].split("</think>")[-1].strip() if self.thinks != "never" else m["content"]
+            turns.append({"role": "past", "content": past} if i < last else self.training_answer(m["content"]))
         return turns
 
     def training_answer(self, content: str) -> dict:
@@ -164,20 +167,60 @@ class ThinkingTemplate(Template):
         return super().training_answer(content)
 
 
+@dataclass(frozen=True)
+class Qwen35Template(ThinkingTemplate):
+    """Qwen3.5 and Qwen3.6: Qwen3's hybrid format, but the prompt opens the think block itself
+    (`<think>\\n`), every text is trimmed, and the answers after the last question always carry a
+    block (empty when there is no reasoning). preserve_thinking (Qwen3.6's template) keeps the
+    reasoning of every earlier answer too; Qwen3.5's own template ignores it."""
+
+    preserve_thinking: bool = False
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        return super().with_system([trimmed(m) for m in messages])
+
+    def prompt_turns(self, messages: list[dict]) -> list[dict]:
+        messages = self.with_system(messages)
+        query, turns = last_query(messages), []
+        for i, m in enumerate(messages):
+            reasoning, answer = split_reasoning(m) if m["role"] == "assistant" else ("", m["content"])
+            keep = m["role"] == "assistant" and (self.preserve_thinking or i > query)
+            turns.append({"role": m["role"], "content": think_block(reasoning.strip()) + answer if keep else answer})
+        return turns
+
+    def generation_prompt(self) -> str:
+        return "<think>\n" if self.enable_thinking else EMPTY_THINK
+
+
+def trimmed(message: dict) -> dict:
+    """A message as Qwen3.5's template reads it (and ms-swift's qwen3_5): its text without surrounding
+    whitespace, and an assistant's think block rewritten with the template's own newlines."""
+    content = message["content"].strip()
+    if message["role"] != "assistant":
+        return {**message, "content": content}
+    if "<think>" in content and "</think>" in content and not isinstance(message.get("reasoning_content"), str):
+        reasoning, answer = split_reasoning({"content": content})
+        content = think_block(reasoning.strip()) + answer
+    return {**message, "content": content}
+
+
 TEMPLATES = {
     "qwen2_5": Template("qwen2_5", default_system=QWEN25_SYSTEM),
     "qwen3": ThinkingTemplate("qwen3", thinks="hybrid", loss_scale="ignore_empty_think"),
     "qwen3_nothinking": Template("qwen3_nothinking"),
     "qwen3_thinking": ThinkingTemplate("qwen3_thinking", thinks="always"),
+    "qwen3_5": Qwen35Template("qwen3_5", thinks="hybrid", loss_scale="ignore_empty_think"),
 }
 
 
 def template_name_of(model_dir, model_type: str) -> str:
     """The template of a checkpoint: recognised in tokenizer_config.json's chat_template, else the
-    one of its model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3)."""
+    one of its model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3, qwen3_5: qwen3_5)."""
     path = Path(model_dir) / "tokenizer_config.json"
     jinja = read_json(path, TemplateError).get("chat_template") if path.exists() else None
     jinja = jinja if isinstance(jinja, str) else ""
+    if "enable_thinking" in jinja and "render_content" in jinja:  # Qwen3.5 / 3.6: vision content, thinking
+        return "qwen3_5"
     if "enable_thinking" in jinja:
         return "qwen3"
     if "<|im_start|>assistant\\n<think>\\n" in jinja:  # the generation prompt opens the think block
@@ -186,12 +229,12 @@ def template_name_of(model_dir, model_type: str) -> str:
         return "qwen2_5"
     if model_type == "qwen3" and "<|im_start|>" in jinja:  # ChatML that never thinks: Instruct-2507
         return "qwen3_nothinking"
-    return "qwen3" if model_type == "qwen3" else "qwen2_5"
+    return {"qwen3": "qwen3", "qwen3_5": "qwen3_5"}.get(model_type, "qwen2_5")
 
 
 def choose_template(model_dir, model_type: str, name: str | None = None, system: str | None = None,
                     enable_thinking: bool | None = None, loss_scale: str | None = None,
-                    add_non_thinking_prefix: bool = True) -> Template:
+                    add_non_thinking_prefix: bool = True, preserve_thinking: bool | None = None) -> Template:
     """The template for this checkpoint (or --template `name`) with the run's settings; a setting
     the template cannot take is a TemplateError that says why."""
     detected = template_name_of(model_dir, model_type)
@@ -209,6 +252,11 @@ def choose_template(model_dir, model_type: str, name: str | None = None, system:
             raise TemplateError(f"--enable_thinking false: the {name} template (Qwen3-*-Thinking-2507) always thinks: its "
                                 "prompt opens the <think> block. Leave the flag out, or use Qwen3-*-Instruct-2507 "
                                 "for answers without reasoning.")
+    if preserve_thinking is not None and not isinstance(t, Qwen35Template):
+        raise TemplateError(f"--preserve_thinking: the {name} template has no such setting (Qwen3.6's template, "
+                            "qwen3_5, has). Leave the flag out.")
+    if preserve_thinking is not None:
+        t = replace(t, preserve_thinking=preserve_thinking)
     if loss_scale is not None and loss_scale not in LOSS_SCALES:
         raise TemplateError(f"--loss_scale {loss_scale}: the loss scales here are {', '.join(LOSS_SCALES)}.")
     if t.thinks == "hybrid" and loss_scale in ("default", "last_round", "all"):  # ms-swift >= 4.3.1 adds it for hybrid models
@@ -227,6 +275,6 @@ def with_trained_thinking(template: Template, args: dict) -> Template:
     if template.thinks != "hybrid":
         return template
     recorded = args.get("enable_thinking")
-    if not isinstance(recorded, bool) and args.get("template") == "qwen3":
+    if not isinstance(recorded, bool) and args.get("template") in ("qwen3", "qwen3_5"):
         recorded = not args.get("add_non_thinking_prefix", True)
     return replace(template, enable_thinking=recorded) if isinstance(recorded, bool) else template
