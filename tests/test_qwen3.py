@@ -248,6 +248,22 @@ MS_SWIFT[("qwen3_thinking", (("loss_scale", "all"),))] = [
     f"{S}user\na{E}{A}<think>\nr1\n</think>\n\nA1{E}{U}b{E}{A}<think>\nr2\n</think>\n\nA2{E}⟧",
     f"{S}user\n1+1?{E}{A}2{E}⟧",
     f"{S}system\nYou are a bot.{E}{U}x{E}{A}y{E}⟧"]
+MS_SWIFT[("qwen3", (("loss_scale", "last_round"),))] = [  # ms-swift 4.6: earlier answers lose their reasoning
+    "<|im_start|>user\n你是谁?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦我是小黄,由魔搭开发的大语言模型。<|im_end|>\n⟧",
+    "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nOne plus one.\n</think>\n\n2<|im_end|>\n⟧",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦Hello!<|im_end|>\n⟧",
+    "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n⟦<think>\nr2\n</think>\n\nA2<|im_end|>\n⟧",
+    "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nOne plus one.\n</think>\n\n2<|im_end|>\n⟧",
+    "<|im_start|>system\nYou are a bot.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n⟦y<|im_end|>\n⟧",
+]
+MS_SWIFT[("qwen3_thinking", (("loss_scale", "last_round"),))] = [  # ms-swift 4.6: earlier answers lose their reasoning
+    "<|im_start|>user\n你是谁?<|im_end|>\n<|im_start|>assistant\n⟦我是小黄,由魔搭开发的大语言模型。<|im_end|>\n⟧",
+    "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nOne plus one.\n</think>\n\n2<|im_end|>\n⟧",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n⟦<think>\n\n</think>\n\nHello!<|im_end|>\n⟧",
+    "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nb<|im_end|>\n<|im_start|>assistant\n⟦<think>\nr2\n</think>\n\nA2<|im_end|>\n⟧",
+    "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n⟦<think>\nOne plus one.\n</think>\n\n2<|im_end|>\n⟧",
+    "<|im_start|>system\nYou are a bot.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n⟦y<|im_end|>\n⟧",
+]
 MS_SWIFT[("qwen3_thinking", ())] = MS_SWIFT[("qwen3_nothinking", ())]  # the same rows, as written
 MS_SWIFT[("qwen3", (("enable_thinking", False),))] = MS_SWIFT[("qwen3", ())]  # training rows do not change
 
