@@ -21,6 +21,7 @@ writes; all ranks agree on when.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -419,6 +420,26 @@ def check_resume(a, world: int) -> Path | None:
                        "a new run from its adapter weights.")
     check_unused(a)
     return ckpt
+
+
+def check_same_data(a, rows: list):
+    """The training rows' fingerprint into `a` (and so into args.json); a resume whose data changed
+    since its checkpoint (a dataset file edited in place) is refused before the model loads: the
+    steps, the epochs and the rows already trained would no longer be the ones counted."""
+    digest = hashlib.blake2b(digest_size=12)
+    for row in rows:  # data.Row: its token ids and which are trained
+        digest.update(row.ids.tobytes())
+        digest.update(row.trained.tobytes())
+    a.data_fingerprint = f"{len(rows)} rows, {digest.hexdigest()}"
+    if not a.resume_from_checkpoint or a.resume_only_model:
+        return
+    ckpt = find_resume_checkpoint(a.resume_from_checkpoint)
+    saved = read_json(ckpt / "args.json", RunError).get("data_fingerprint") if (ckpt / "args.json").exists() else None
+    if saved is not None and saved != a.data_fingerprint:
+        raise RunError(f"{ckpt} was trained on other data: its run read {saved}, the datasets now give "
+                       f"{a.data_fingerprint}. A dataset file changed since, so the steps and the rows already "
+                       "trained would not be the ones counted. Put the data back as it was, or pass "
+                       "--resume_only_model true to start a new run from its adapter on the data as it is now.")
 
 
 def check_unused(a):

@@ -116,3 +116,22 @@ def test_ctrl_c_during_the_eval_answers_says_what_is_on_disk(tmp_path, monkeypat
         (run,) = (tmp_path / "out").glob("v0-*")
         assert f"interrupted; the run is kept in {run} (last checkpoint: {run / 'checkpoint-4'})." in err
     assert "nothing was written" not in err
+
+
+def test_resuming_on_a_dataset_edited_since_is_refused_before_the_model_loads(tmp_path, capsys):
+    """Issue 34 item 5: it went on, overshot --max_steps ([35/30]) and never saved the extra steps."""
+    command = argv(tmp_path)[:-4] + ["--max_steps", "6", "--save_steps", "3"]
+    assert train.main(command[:-4] + ["--max_steps", "3", "--save_steps", "3"]) == 0
+    (run,) = (tmp_path / "out").glob("v0-*")
+    assert json.loads((run / "checkpoint-3" / "args.json").read_text())["data_fingerprint"].startswith("6 rows, ")
+    data = tmp_path / "d.jsonl"
+    rows = data.read_text()
+    resume = ["--resume_from_checkpoint", str(run / "checkpoint-3")]
+    data.write_text(rows + json.dumps({"query": "one more", "response": "row"}) + "\n")
+    capsys.readouterr()
+    assert train.main(command + resume) == 2
+    err = capsys.readouterr().err
+    assert "was trained on other data: its run read 6 rows, " in err and "the datasets now give 7 rows, " in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run.name]
+    data.write_text(rows)  # put back: it resumes
+    assert train.main(command + resume) == 0
