@@ -463,6 +463,12 @@ def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
         value = d.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or (key == "r" and value != int(value)):
             raise LoraError(f"{cfg_file}: {key} is {value!r}, not a number; fix it (e.g. 16, not \"16\").")
+    if not isinstance(d.get("use_rslora", False), bool):  # "false", a string, would read as true
+        raise LoraError(f"{cfg_file}: use_rslora is {d['use_rslora']!r}, not true or false; fix it (false, not \"false\").")
+    targets = d.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or isinstance(targets, list) and all(
+            isinstance(t, str) for t in targets)):
+        raise LoraError(f"{cfg_file}: target_modules is {targets!r}; peft writes a list of module names (or a string).")
     cfg = LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
                      target_modules=d.get("target_modules") or "all-linear", use_rslora=bool(d.get("use_rslora")))
     try:

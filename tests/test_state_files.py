@@ -135,3 +135,19 @@ def test_resuming_on_a_dataset_edited_since_is_refused_before_the_model_loads(tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [run.name]
     data.write_text(rows)  # put back: it resumes
     assert train.main(command + resume) == 0
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("use_rslora", "false", 'use_rslora is \'false\', not true or false; fix it (false, not "false")'),
+    ("target_modules", [1, 2], "target_modules is [1, 2]; peft writes a list of module names"),
+    ("r", "16", 'r is \'16\', not a number'),
+])
+def test_an_adapter_config_field_of_the_wrong_type_is_refused_not_misread(tmp_path, trained, field, value, says, capsys):
+    """Issue 34 item 10: use_rslora "false" was read as true (rsLoRA's scale, silently)."""
+    import infer
+    run, _ = trained
+    config = run / "checkpoint-3" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    assert infer.main(["--adapters", str(run / "checkpoint-3"), "--prompt", "hi", "--max_new_tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
