@@ -262,9 +262,17 @@ def set_derived_defaults(a):
         a.output_dir = str(Path("output") / Path(a.model.rstrip("/")).name)
     if a.adapters:  # ms-swift's --adapters: a new run from that adapter, with its LoRA shape
         cfg, _, _ = lora.read_adapter(a.adapters)
-        a.lora_rank, a.lora_alpha, a.use_rslora = cfg.r, cfg.lora_alpha, cfg.use_rslora
         targets = cfg.target_modules
-        a.target_modules = [targets] if isinstance(targets, str) else list(targets)
+        shape = {"lora_rank": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.use_rslora,
+                 "target_modules": [targets] if isinstance(targets, str) else list(targets)}
+        defaults = train_parser()
+        for name, value in shape.items():  # a flag given that the adapter contradicts is not dropped in silence
+            given = sorted(getattr(a, name)) if name == "target_modules" else getattr(a, name)
+            if given not in (defaults.get_default(name), sorted(value) if name == "target_modules" else value):
+                raise UsageError(f"--adapters {a.adapters} goes on training that adapter, whose {name} is {value}: "
+                                 f"--{name} {getattr(a, name)} cannot change it. Leave --{name} out, or train a new "
+                                 "adapter without --adapters.")
+            setattr(a, name, value)
         a.resume_from_checkpoint, a.resume_only_model = a.adapters, True
     if a.torch_dtype is None:  # the dtype it trains in, for merge.py and for reading args.json
         a.torch_dtype = str(cli.pick_dtype(None, cli.pick_device(a.device))).removeprefix("torch.")

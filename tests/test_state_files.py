@@ -151,3 +151,12 @@ def test_an_adapter_config_field_of_the_wrong_type_is_refused_not_misread(tmp_pa
     assert infer.main(["--adapters", str(run / "checkpoint-3"), "--prompt", "hi", "--max_new_tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+def test_adapters_refuses_a_lora_flag_that_contradicts_the_adapter(tmp_path, trained, capsys):
+    """Issue 34 item 10: --adapters CK silently ignored an explicit --lora_rank (the adapter's rank won)."""
+    run, command = trained
+    ckpt = str(run / "checkpoint-3")
+    assert train.main(command + ["--adapters", ckpt, "--lora_rank", "16", "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "whose lora_rank is 8: --lora_rank 16 cannot change it" in capsys.readouterr().err
+    assert train.main(command + ["--adapters", ckpt, "--lora_rank", "8", "--output_dir", str(tmp_path / "o3")]) == 0
