@@ -282,14 +282,15 @@ class Run:
 
     def save(self, model, optimizer, limit: int | None):
         """A checkpoint of this step (rank 0), then --save_total_limit's pruning. Weights that are
-        no longer finite are never saved. Ctrl-C must not cut a save in half: it is ignored until
+        no longer finite are never saved. Ctrl-C must not cut a save in half: it waits until
         the checkpoint is in place."""
         model, optimizer_state = self.states.gather(model, optimizer)  # on every rank
         adapter = lora.lora_state_dict(model)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
             self.diverged("the adapter's weights became inf or NaN")
         if self.rank == 0:
-            handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+            arrived = []  # a signal during the save waits for its end (ignoring it lost it: issue 34)
+            handlers = {s: signal.signal(s, lambda number, frame: arrived.append(number)) for s in STOP_SIGNALS}
             try:
                 name = f"checkpoint-{self.state['global_step']}"
                 history = self.state.setdefault("checkpoints", [])
@@ -300,6 +301,8 @@ class Run:
             finally:
                 for s, h in handlers.items():
                     signal.signal(s, h)
+                for number in arrived[:1]:  # now to StopSignals: stop after the step in progress
+                    signal.raise_signal(number)
         self.barrier()
 
     def summary(self) -> dict:

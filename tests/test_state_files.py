@@ -160,3 +160,21 @@ def test_adapters_refuses_a_lora_flag_that_contradicts_the_adapter(tmp_path, tra
     assert train.main(command + ["--adapters", ckpt, "--lora_rank", "16", "--output_dir", str(tmp_path / "o2")]) == 2
     assert "whose lora_rank is 8: --lora_rank 16 cannot change it" in capsys.readouterr().err
     assert train.main(command + ["--adapters", ckpt, "--lora_rank", "8", "--output_dir", str(tmp_path / "o3")]) == 0
+
+
+def test_a_ctrl_c_that_lands_during_a_save_is_not_dropped(tmp_path, monkeypatch, capsys):
+    """Issue 34 item 2: a signal during a checkpoint save was ignored, and training ran on."""
+    import os
+    import signal
+    real, sent = runs.save_checkpoint, []
+
+    def save_with_a_signal(*args):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGINT))  # lands mid-save
+        return real(*args)
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_with_a_signal)
+    assert train.main(argv(tmp_path, "--max_steps", 6)) == 130
+    (run,) = (tmp_path / "out").glob("v0-*")
+    assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]  # the next step, then stop
+    assert "stopped at step 2. Resume with:" in capsys.readouterr().out
