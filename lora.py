@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import TEXT_PREFIX
 from util import read_json, short_list
 
 # What `all-linear` means: every nn.Linear of every layer, never lm_head (peft's choice). Qwen2 / Qwen3: the
@@ -485,6 +486,9 @@ def _same_model(a: str, b: str) -> bool:
 def load_adapter(model, path, name: str = "default", base_model_name_or_path: str | None = None) -> LoraConfig:
     """Add adapter `name` from a peft / ms-swift checkpoint folder, load its weights, and make it active."""
     cfg, sd, saved_base = read_adapter(path)
+    # One trained on Qwen3.5's vision-language model (ms-swift's, or peft's on Qwen3_5ForConditionalGeneration)
+    # names the text model's layers as that checkpoint does: model.language_model.layers.N...
+    sd = {k.replace(KEY_PREFIX + TEXT_PREFIX, KEY_PREFIX + "model.", 1): t for k, t in sd.items()}
     weights = Path(path) / "adapter_model.safetensors"
     targets, bad = {}, []
     for k in sd:

@@ -101,6 +101,23 @@ def test_peft_adapter_loads_in_ours_with_the_same_logits(qwen3_5, tmp_path):
         assert_close(m(x), theirs.eval()(x).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_of_the_vision_language_model_loads_on_its_text_model(hf_checkpoint, tmp_path):
+    """peft on Qwen3_5ForConditionalGeneration (as ms-swift trains Qwen3.5) names the layers
+    model.language_model.layers.N...: they load onto ours, with the same logits."""
+    from peft import LoraConfig, get_peft_model
+    folder, hf = hf_checkpoint(family="qwen3_5_vl", initializer_range=0.1)
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.ALL_LINEAR),
+                                           init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    assert any(".language_model.layers.0.linear_attn.in_proj_a." in k for k in load_file(
+        tmp_path / "peft" / "adapter_model.safetensors"))
+    m, _ = modeling.load_model(str(folder), dtype=torch.float32)
+    lora.load_adapter(m, tmp_path / "peft")
+    x = tokens()
+    with torch.no_grad():
+        assert_close(m(x), theirs(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Merging
 
