@@ -163,7 +163,7 @@ def pick_dtype(flag: str | None, device: torch.device) -> torch.dtype:
 
 
 def model_dir(name: str) -> Path:
-    """--model: `tiny` or `tiny-qwen3` (the built-in demo models, written on first use), a local
+    """--model: `tiny`, `tiny-qwen3` or `tiny-qwen3_5` (the built-in demo models, written on first use), a local
     folder, or a hub id such as Qwen/Qwen2.5-7B-Instruct (downloaded once into the Hugging Face cache)."""
     return tiny_dir(name) if name in tiny.BUILT_IN else modeling.resolve_model_dir(name)
 

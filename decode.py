@@ -27,16 +27,47 @@ class Decoder:
 
     speed.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
 
+    # Recurrent (DeltaNet) states kept at earlier positions, for a conversation to go back to: a few
+    # turns' worth (each is 50 MB for Qwen3.5-9B: 24 layers x 32 heads x a 128 x 128 float32 memory).
+    SNAPSHOTS = 4
+
     def __init__(self, model: modeling.QwenForCausalLM, max_len: int):
         self.model, self.max_len = model, max_len
         self.cache = model.new_cache(1, max_len)
+        self.snapshots = {}  # position -> the DeltaNet layers' (conv, recurrent) states after that many tokens
+
+    def resume_point(self, keep: int) -> int:
+        """Where a prefill can start when the cache holds the prompt's first `keep` tokens: `keep` for
+        keys and values, which are written by position. A DeltaNet layer's recurrent state holds the
+        whole text so far and cannot be rewound; a chat's next prompt usually goes on from where it
+        stands (the last answer), else (an answer whose reasoning the template drops, a turn stopped
+        with Ctrl-C) from the last snapshot at or before `keep`, the end of an earlier prompt or
+        answer, which the prefill puts back; with none, from position 0."""
+        cache = self.cache
+        if not any(s is not None for s in cache.linear) or keep == cache.linear_length:
+            return keep
+        start = max([p for p in self.snapshots if p <= keep], default=0)
+        if start:
+            cache.linear, cache.linear_length = list(self.snapshots[start]), start
+        self.snapshots = {p: s for p, s in self.snapshots.items() if p <= start}
+        return start
+
+    def snapshot(self):
+        """Keep the DeltaNet states as they stand. The layers replace their states and never write into
+        them (deltanet.GatedDeltaNet.mix), so a snapshot holds the tensors themselves, not copies."""
+        if any(s is not None for s in self.cache.linear):
+            self.snapshots[self.cache.linear_length] = list(self.cache.linear)
+            self.snapshots = dict(sorted(self.snapshots.items())[-self.SNAPSHOTS:])
 
     def prefill(self, input_ids, start: int = 0):
-        """Run the prompt (1, T) from position `start` (the cache holds the positions before it);
-        logits of its last position (vocab,)."""
+        """Run the prompt (1, T) from position `start` (the cache holds the positions before it;
+        resume_point says which it can be); logits of its last position (vocab,)."""
+        if start:
+            self.snapshot()  # the end of the last answer, before the prompt goes on from it
         self.cache.length = start
         position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
         h = self.model.model(input_ids, position_ids=position_ids, cache=self.cache)  # (1, T, hidden)
+        self.snapshot()  # the end of the prompt
         # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
         return self.model.lm_head(h[0, -1])
 
@@ -107,6 +138,9 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
             cached.clear()  # a new cache holds nothing
     max_new_tokens = min(max_new_tokens, decoder.max_len - len(input_ids))
     keep = reusable_prefix(cached, input_ids)
+    if cached is not None:
+        keep = decoder.resume_point(keep)  # a recurrent state goes back only to a snapshot
+        del cached[keep:]
     device = model.lm_head.weight.device
     prompt = torch.tensor([input_ids], device=device)  # (1, T)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)  # for the penalty

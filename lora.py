@@ -1,4 +1,4 @@
-"""lora.py: LoRA adapters for the Qwen2 decoder, saved and loaded in PEFT's file format.
+"""lora.py: LoRA adapters for the Qwen decoder, saved and loaded in PEFT's file format.
 
 LoRA (Hu et al., 2021) freezes each chosen weight W0 (out, in) and learns a low-rank update:
 
@@ -30,10 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import TEXT_PREFIX
 from util import read_json, short_list
 
-# What `all-linear` means for Qwen2: every projection of every layer, never lm_head.
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What `all-linear` means: every nn.Linear of every layer, never lm_head (peft's choice). Qwen2 / Qwen3: the
+# seven projections; Qwen3.5 adds the Gated DeltaNet's five (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a:
+# beta's and the decay's, one output per value head, and out_proj); its conv1d, A_log and dt_bias are not linear.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 INIT_WEIGHTS = {"true": True, "false": False, "gaussian": "gaussian"}  # ms-swift's --init_weights -> peft's
 KEY_PREFIX = "base_model.model."  # peft's prefix in front of the module path in saved keys
 
@@ -197,7 +201,7 @@ def _describe_linears(names: list[str]) -> str:
 def find_targets(model, target_modules) -> list[str]:
     """Module paths chosen by `target_modules`, in model order.
 
-    "all-linear" is the seven projections; a name matches a module path equal to it or ending in
+    "all-linear" is every projection of every layer (ALL_LINEAR); a name matches a module path equal to it or ending in
     "." + name (as in peft); a single string other than "all-linear" may also be a regex that
     matches the whole path (peft's rule for strings)."""
     names = _linear_names(model)
@@ -488,6 +492,9 @@ def _same_model(a: str, b: str) -> bool:
 def load_adapter(model, path, name: str = "default", base_model_name_or_path: str | None = None) -> LoraConfig:
     """Add adapter `name` from a peft / ms-swift checkpoint folder, load its weights, and make it active."""
     cfg, sd, saved_base = read_adapter(path)
+    # One trained on Qwen3.5's vision-language model (ms-swift's, or peft's on Qwen3_5ForConditionalGeneration)
+    # names the text model's layers as that checkpoint does: model.language_model.layers.N...
+    sd = {k.replace(KEY_PREFIX + TEXT_PREFIX, KEY_PREFIX + "model.", 1): t for k, t in sd.items()}
     weights = Path(path) / "adapter_model.safetensors"
     targets, bad = {}, []
     for k in sd:

@@ -9,6 +9,10 @@ vLLM, llama.cpp's converter) can load it. The output, `<checkpoint>-merged/` by 
 config.json, generation_config.json, the base model's tokenizer files, safetensors shards of at
 most 5 GB with model.safetensors.index.json, the checkpoint's args.json (its training system prompt;
 swift export keeps it too) and merge_info.json (what was merged into what, and that merge.py did it).
+A Qwen3.5 base in its official vision-language layout stays in it: the text model is merged and
+written back under its own names (model.language_model.*), the vision tower (model.visual.*) and
+the multi-token-prediction weights (mtp.*) are copied unchanged, and config.json is the base's, so
+the merged folder loads wherever the base does (Qwen3_5ForConditionalGeneration, vLLM, ms-swift).
 
 Only one copy of the base is ever in memory: it is loaded, merged in place and saved. Everything is
 written into a hidden sibling folder `.NAME.tmp-PID-XXXXXXXX` that is renamed into place at the end
@@ -60,6 +64,35 @@ def base_state_dict(model) -> dict:
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
+
+
+def checkpoint_tensors(model, model_dir: Path) -> dict:
+    """base_state_dict under the base checkpoint's own names. Qwen3.5's official checkpoints are
+    vision-language: the text model goes back under model.language_model., and the vision tower and
+    the multi-token-prediction tensors, which no adapter here touches, are copied from the base as
+    they are (their dtype too), so that the merged folder is the official layout again."""
+    from safetensors import safe_open
+
+    sd, files = base_state_dict(model), M.checkpoint_files(model_dir)
+    names = {M.text_name(k, model.config): k for f in files for k in M.shard_shapes(f)}  # ours -> the checkpoint's
+    if all(ours == theirs for ours, theirs in names.items()):
+        return sd
+    out = {names.get(k, k): v for k, v in sd.items()}
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys() if M.text_name(k, model.config) is None})
+    return out
+
+
+def config_json(config, model_dir: Path) -> dict:
+    """The merged folder's config.json: a vision-language base's own (text_config, vision_config and
+    the rest) with the merge's dtype; otherwise the text model's, as transformers writes it."""
+    base = json.loads((model_dir / "config.json").read_text())
+    if not isinstance(base.get("text_config"), dict):
+        return config.to_dict()
+    for d in (base, base["text_config"]):
+        d.update({key: config.torch_dtype for key in ("dtype", "torch_dtype") if key in d})
+    return base
 
 
 def written_by_merge(folder: Path) -> bool:
@@ -182,8 +215,8 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
 
 def write_folder(folder: Path, model, config, model_dir: Path, ckpt: Path, info: dict, max_shard_bytes: int) -> None:
     """Everything the merged model folder holds, written into `folder` (the hidden temporary one)."""
-    M.save_safetensors_sharded(base_state_dict(model), folder, max_shard_bytes)
-    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    M.save_safetensors_sharded(checkpoint_tensors(model, model_dir), folder, max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config_json(config, model_dir), indent=2) + "\n")
     for name in ("generation_config.json",) + TOKENIZER_FILES:
         if (model_dir / name).exists():
             shutil.copyfile(model_dir / name, folder / name)

@@ -23,8 +23,9 @@ from 4 + 32/64 = 4.5 bits to 4 + 8/64 + 32/(64*256) = 4.127.
 Where it goes:
 - load_quantized reads the official bf16 safetensors one tensor at a time and quantises each on
   the device as it arrives: neither host nor GPU ever holds the whole bf16 model.
-- Linear4bit replaces each of the seven projections of every decoder layer; embeddings and
-  lm_head stay in the compute dtype. A LoRALinear wraps a Linear4bit as it wraps an nn.Linear.
+- Linear4bit replaces each projection of every decoder layer (all-linear's: a Qwen3.5 DeltaNet's
+  in_proj_* and out_proj too; its conv1d, A_log and dt_bias stay); embeddings and lm_head stay in
+  the compute dtype. A LoRALinear wraps a Linear4bit as it wraps an nn.Linear.
 - The base is frozen, so its weight needs no gradient; backward only needs dX = dY W. So W is
   dequantised again in backward instead of being kept (DequantizedMatmul): autograd holds the
   packed codes, never a dequantised weight, with or without gradient checkpointing, and at most
@@ -46,6 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 import model as modeling
 from model import ModelError
 
@@ -286,13 +288,12 @@ class Linear4bit(nn.Module):
 
 
 def quantize_decoder(model, config: QuantConfig, dtype):
-    """Replace every nn.Linear of the decoder layers (the seven projections of each, all that LoRA's
-    all-linear targets) by a Linear4bit, quantising its weight now unless it is on the meta device."""
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Linear4bit(child, config, dtype))
+    """Replace every linear layer that LoRA's all-linear targets (lora.find_targets: the seven
+    projections of each layer, and a Qwen3.5 DeltaNet layer's five) by a Linear4bit, quantising its
+    weight now unless it is on the meta device."""
+    for path in lora.find_targets(model, "all-linear"):
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, Linear4bit(model.get_submodule(path), config, dtype))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -687,6 +687,7 @@ class CUDAGraphDecoder(decode.Decoder):
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
         tuning = coordinate_descent_tuning() if compile else contextlib.nullcontext()
         self.cache = StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
+        self.snapshots = {}  # decode.Decoder.resume_point's (a DeltaNet model's recurrent states)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
         self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
         stream = torch.cuda.Stream()  # warm up outside the default stream, as capture requires
@@ -784,13 +785,13 @@ def fuse_projections(model):
     fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
     weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
     """
-    layers = model.model.layers
     qkv, gate_up = _projections(model)
     if any(_live_adapter(lin) for group in qkv + gate_up for lin in group):
         raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
                          "merge it first (lora.merge_lora) or deactivate it.")
-    for layer, q_k_v, g_u in zip(layers, qkv, gate_up):
-        layer.self_attn.qkv_weight, layer.self_attn.qkv_bias = _fuse(q_k_v)
+    for attn, q_k_v in zip(_attention_layers(model), qkv):
+        attn.qkv_weight, attn.qkv_bias = _fuse(q_k_v)
+    for layer, g_u in zip(model.model.layers, gate_up):
         layer.mlp.gate_up_weight, _ = _fuse(g_u)
 
 
@@ -802,10 +803,14 @@ def plain_weights(model) -> bool:
                for group in qkv + gate_up for lin in group)
 
 
+def _attention_layers(model) -> list:
+    """Each layer's attention; a Qwen3.5 Gated DeltaNet layer has none (its projections stay apart)."""
+    return [layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn")]
+
+
 def _projections(model):
-    layers = model.model.layers
-    return ([[layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj] for layer in layers],
-            [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in layers])
+    return ([[attn.q_proj, attn.k_proj, attn.v_proj] for attn in _attention_layers(model)],
+            [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in model.model.layers])
 
 
 def _live_adapter(lin) -> bool:

@@ -2,7 +2,9 @@
 
 `--model tiny` anywhere means a tiny Qwen2.5-Instruct; `--model tiny-qwen3` a tiny hybrid-thinking
 Qwen3 (q_norm / k_norm, head_dim 48 where hidden / heads is 32, Qwen3's <think> tokens and chat
-template). Each is written once, on first use, to ~/.cache/qwen-lora/NAME-vN (or under
+template); `--model tiny-qwen3_5` a tiny Qwen3.5 text model (three Gated DeltaNet layers, then one of
+gated attention; zero-centred norms; Qwen3's tokens and, until template.py has Qwen3.5's own, Qwen3's
+chat template). Each is written once, on first use, to ~/.cache/qwen-lora/NAME-vN (or under
 $QWEN_LORA_HOME) in exactly the layout of an official download: config.json,
 generation_config.json, model.safetensors(.index.json), tokenizer.json, vocab.json, merges.txt,
 tokenizer_config.json. Every script then loads it through the same code it uses for
@@ -21,8 +23,8 @@ import torch
 from model import Config, QwenForCausalLM, save_safetensors_sharded
 from util import atomic_folder, round_up
 
-BUILT_IN = {"tiny": "qwen2", "tiny-qwen3": "qwen3"}  # --model NAME -> its model_type
-TINY_VERSION = {"qwen2": "tiny-v3", "qwen3": "tiny-qwen3-v1"}  # the folder each is written to
+BUILT_IN = {"tiny": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3_5": "qwen3_5"}  # --model NAME -> its model_type
+TINY_VERSION = {"qwen2": "tiny-v3", "qwen3": "tiny-qwen3-v1", "qwen3_5": "tiny-qwen3_5-v1"}  # the folder each is written to
 
 # Qwen2's pre-tokenizer regex, from its tokenizer.json.
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -192,7 +194,9 @@ What is the capital of France? Paris is the capital of France. One, two, three, 
 
 
 def tiny_config(vocab_size: int, im_end: int, endoftext: int, family: str = "qwen2") -> Config:
-    qwen3 = {"head_dim": 48, "attention_bias": False} if family == "qwen3" else {}
+    qwen3 = {"qwen2": {}, "qwen3": {"head_dim": 48, "attention_bias": False},
+             "qwen3_5": {"head_dim": 32, "partial_rotary_factor": 0.25, "linear_num_key_heads": 2,
+                         "linear_num_value_heads": 4, "linear_key_head_dim": 32, "linear_value_head_dim": 32}}[family]
     return Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
                   rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, torch_dtype="float32",
@@ -215,7 +219,7 @@ def build_tokenizer(bpe_vocab_size: int = 2000, family: str = "qwen2"):
                                   show_progress=False)
     tok.train_from_iterator(CORPUS.splitlines() * 4, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
-    if family == "qwen3":
+    if family != "qwen2":
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN3_ADDED_TOKENS])
     return tok
 
@@ -236,11 +240,11 @@ def make_tiny_checkpoint(out_dir, seed: int = 0, family: str = "qwen2") -> Path:
 
     (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     # Each family's published sampling defaults (Qwen2.5-7B-Instruct's; Qwen3-8B's, for thinking).
-    sampling = ({"temperature": 0.6, "top_p": 0.95, "top_k": 20} if family == "qwen3" else
+    sampling = ({"temperature": 0.6, "top_p": 0.95, "top_k": 20} if family != "qwen2" else
                 {"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
     gen = {"bos_token_id": eot, "pad_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], **sampling}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    tok_cfg = tokenizer_config(tok, QWEN3_CHAT_TEMPLATE if family == "qwen3" else QWEN25_CHAT_TEMPLATE)
+    tok_cfg = tokenizer_config(tok, QWEN3_CHAT_TEMPLATE if family != "qwen2" else QWEN25_CHAT_TEMPLATE)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     return out_dir
 
@@ -250,13 +254,16 @@ def tiny_weights(cfg: Config, seed: int) -> dict:
     torch.manual_seed(seed)
     model = QwenForCausalLM(cfg)
     state = {}
+    one = 0.0 if cfg.qwen3_5 else 1.0  # a scale of one: Qwen3.5's norms store it zero-centred (x * (1 + w))
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3's trained ones are far from 1
-            state[name] = 1 + torch.randn_like(p) * 0.1
-        elif name.endswith("norm.weight"):
-            state[name] = torch.ones_like(p)
+            state[name] = one + torch.randn_like(p) * 0.1
+        elif name.endswith(("norm.weight", "conv1d.weight", "dt_bias")):  # the layers' own init (DeltaNet's norm: ones)
+            state[name] = p.clone()
+        elif name.endswith("A_log"):  # decays of about e^-0.05 a token: the DeltaNet remembers a sentence or two
+            state[name] = torch.randn_like(p) * 0.5 - 3
         elif name.endswith(".bias"):
             state[name] = torch.zeros_like(p)
         elif name == "model.embed_tokens.weight":
