@@ -65,7 +65,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def model_flags(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local folder, hub id (Qwen/Qwen3-4B-Instruct-2507) or 'tiny' / 'tiny-qwen3' / 'tiny-qwen3_5' (built-in demos)")
+    g.add_argument("--model", required=True, help="folder, hub id (Qwen/Qwen3-4B-Instruct-2507) or a built-in demo (tiny, tiny-qwen3, tiny-qwen3_5)")
     g.add_argument("--train_type", "--tuner_type", default="lora", help="only 'lora' (--tuner_type: ms-swift 4.x's name)")
     device_flags(g)
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="replay each micro-batch as a CUDA graph (default: true on a GPU)")

@@ -20,7 +20,6 @@ folder under --output_dir; the earlier run's files are never written again. Unde
 writes; all ranks agree on when.
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -203,23 +202,23 @@ class Run:
         self.rng = rng_state(device)  # the random state after the last complete step
         self.loss_sum, self.epoch = 0.0, 0.0  # for the summary at the end: this run's step losses; the epoch
         self.tensorboard = TensorBoard(run_dir / "runs", args_dict.get("report_to"), rank)
+        self.created = bool(args_dict.get("add_version", True))  # a new vN folder, not --output_dir itself
 
-    @contextlib.contextmanager
-    def ctrl_c_said(self, created: bool):
-        """Ctrl-C outside the loop (the answers before or after training) says what is on disk; a
-        run folder this run created (created: a new vN folder) that holds no checkpoint yet is
+    def said_on_ctrl_c(self, work):
+        """work() outside the loop (the answers before or after training), a Ctrl-C in it saying what
+        is on disk; a run folder this run created (a new vN folder) that holds no checkpoint yet is
         removed again, so that an interrupted start leaves nothing behind."""
         try:
-            yield
+            work()
         except KeyboardInterrupt:
             last = self.last_checkpoint()
             if last:
                 raise KeyboardInterrupt(f"interrupted; the run is kept in {self.dir} (last checkpoint: {last}).") from None
-            if created and self.rank == 0:
+            if self.created and self.rank == 0:
                 self.tensorboard.close()
                 shutil.rmtree(self.dir, ignore_errors=True)
             raise KeyboardInterrupt("interrupted before the first checkpoint; " + (
-                "the new run folder was removed again." if created else "no checkpoint was written.")) from None
+                "the new run folder was removed again." if self.created else "no checkpoint was written.")) from None
 
     def end_step(self, epoch: int, steps_done_in_epoch: int, loss: float, tokens: int, loss_scale):
         """Count one optimizer step done: its loss must be finite; a float16 step that overflowed

@@ -507,8 +507,7 @@ def train(a) -> int:
     stop_ids = modeling.stop_ids(modeling.load_generation_config(model_dir), model.config, tok.im_end_id)
     answers = lambda: answer_prompts(model, tok, a.eval_prompts, template, stop_ids, parallel.decoder_for(sharded))
     if a.eval_prompts:
-        with run.ctrl_c_said(created=a.add_version):
-            show_answers("before training", a.eval_prompts, answers(), rank)
+        run.said_on_ctrl_c(lambda: show_answers("before training", a.eval_prompts, answers(), rank))
     evals, saves = runs.due(a.eval_strategy, a.eval_steps), runs.due(a.save_strategy, a.save_steps)
 
     model.train()
@@ -530,8 +529,7 @@ def train(a) -> int:
                 break
     run.finish(stop.requested)
     if a.eval_prompts and not stop.requested:
-        with run.ctrl_c_said(created=a.add_version):
-            show_answers("after training", a.eval_prompts, answers(), rank)
+        run.said_on_ctrl_c(lambda: show_answers("after training", a.eval_prompts, answers(), rank))
     return 130 if stop.requested else 0
 
 
