@@ -3,6 +3,7 @@ every field checked; whatever it says, pruning deletes only this toolkit's check
 inside the run folder."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,23 @@ def argv(tmp_path, *extra):
             *map(str, extra)]
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    command = argv(root)[:-4] + ["--max_steps", "3", "--save_steps", "1"]
+    assert train.main(command) == 0
+    (run,) = (root / "out").glob("v0-*")
+    return run, command
+
+
 @pytest.fixture
-def trained(tmp_path):
-    """A run of 3 steps with a checkpoint at each: (its run folder, the command that made it)."""
-    base = argv(tmp_path)
-    assert train.main(base[:-6] + ["--max_steps", "3", "--save_steps", "1"]) == 0
-    (run,) = (tmp_path / "out").glob("v0-*")
-    return run, base[:-6] + ["--max_steps", "3", "--save_steps", "1"]
+def trained(tmp_path, trained_once):
+    """A run of 3 steps with a checkpoint at each, copied for this test: (its run folder, the command
+    that made it, writing into this test's out/)."""
+    run, command = trained_once
+    shutil.copytree(run, tmp_path / "out" / run.name)
+    at = command.index("--output_dir") + 1
+    return tmp_path / "out" / run.name, command[:at] + [str(tmp_path / "out")] + command[at + 1:]
 
 
 def edit_state(ckpt: Path, **fields):
