@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from util import read_json, short_list
+from util import read_json, save_safetensors, short_list
 
 
 class ModelError(Exception):
@@ -92,7 +92,6 @@ def shard_shapes(path: Path) -> dict:
 
 def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5 * 1024**3):
     """Write `model.safetensors` or `model-0000K-of-0000N.safetensors` + index, as transformers does."""
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     shards, current, size = [], {}, 0
@@ -106,12 +105,12 @@ def save_safetensors_sharded(state_dict: dict, out_dir, max_shard_bytes: int = 5
     shards.append(current)
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out_dir / fname, metadata={"format": "pt"})
+        save_safetensors(shard, out_dir / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import TEXT_PREFIX
-from util import read_json, short_list
+from util import read_json, save_safetensors, short_list
 
 # What `all-linear` means: every nn.Linear of every layer, never lm_head (peft's choice). Qwen2 / Qwen3: the
 # seven projections; Qwen3.5 adds the Gated DeltaNet's five (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a:
@@ -418,8 +418,6 @@ def _saved_targets(model, name) -> list[str]:
 
 def save_adapter(model, out_dir, name: str = "default", base_model_name_or_path: str = ""):
     """Write adapter_config.json + adapter_model.safetensors exactly as peft's save_pretrained does."""
-    from safetensors.torch import save_file
-
     _check_name(model, name)
     cfg = model.lora_configs[name]
     out = Path(out_dir)
@@ -433,7 +431,7 @@ def save_adapter(model, out_dir, name: str = "default", base_model_name_or_path:
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     sd = {k: t.to("cpu", torch.float32).contiguous() for k, t in lora_state_dict(model, name).items()}
-    save_file(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_safetensors(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:

@@ -295,7 +295,7 @@ class Run:
                 history = self.state.setdefault("checkpoints", [])
                 history[:] = [n for n in history if n != name] + [name]
                 self.state["elapsed"] = round(self.elapsed_before + time.time() - self.t0, 1)
-                save_checkpoint(self.dir, model, optimizer_state, self.state, self.args, self.rng)
+                self.write_checkpoint(model, optimizer_state)
                 prune_checkpoints(self.dir, limit, self.state["best_checkpoint"], history)
             finally:
                 for s, h in handlers.items():
@@ -303,6 +303,18 @@ class Run:
                 for number in arrived[:1]:  # now to StopSignals: stop after the step in progress
                     signal.raise_signal(number)
         self.barrier()
+
+    def write_checkpoint(self, model, optimizer_state):
+        """save_checkpoint, a failure (a full disk) said with what is kept and how to go on."""
+        try:
+            save_checkpoint(self.dir, model, optimizer_state, self.state, self.args, self.rng)
+        except (OSError, RuntimeError) as e:  # torch.save says a full disk with a RuntimeError
+            self.state["checkpoints"].pop()
+            last = self.last_checkpoint()
+            raise RunError(f"checkpoint-{self.state['global_step']} could not be written ({e}); nothing of it was "
+                           f"kept. Is the disk full? The last complete checkpoint is {last or '(none yet)'}" + (
+                               f": free some space, then python train.py ... --resume_from_checkpoint {last}"
+                               if last else ".")) from None
 
     def summary(self) -> dict:
         """The line the HF Trainer logs at the end, for the steps of this run (after a resume, those

@@ -34,6 +34,17 @@ def read_json(path, error: type[Exception], want=dict, hint: str = "fix or re-cr
     return value
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None):
+    """safetensors' save_file, whose failures (a full disk, above all) are OSErrors, as they are:
+    its own SafetensorError would end in a traceback where an OSError gets a clear message."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"could not write {path}: {str(e).splitlines()[0]}") from None
+
+
 def round_up(n: int, multiple: int) -> int:
     """n rounded up to a multiple of `multiple` (65 -> 128 for 64)."""
     return -(-n // multiple) * multiple

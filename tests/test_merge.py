@@ -544,3 +544,19 @@ def test_a_killed_replacement_leaves_an_old_folder_that_the_next_merge_removes(t
     assert r.returncode == 0, r.stderr
     assert not stale.exists() and (tmp_path / "m" / "merge_info.json").exists()
     assert (snapshot(unmarked), snapshot(legacy)) == before
+
+
+def test_a_full_disk_while_merging_is_one_line_and_leaves_no_folder(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Issue 34 item 3: a raw SafetensorError traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint(tiny_dir, ckpt, "tiny", targets=["o_proj"])
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    err = merge_error(capsys, "--adapters", ckpt, "--output_dir", tmp_path / "m", "--device", "cpu")
+    assert "No space left on device" in err and "that the disk has room" in err
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))

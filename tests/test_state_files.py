@@ -189,3 +189,24 @@ def test_a_ctrl_c_that_lands_during_a_save_is_not_dropped(tmp_path, monkeypatch,
     (run,) = (tmp_path / "out").glob("v0-*")
     assert [p.name for p in runs.complete_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]  # the next step, then stop
     assert "stopped at step 2. Resume with:" in capsys.readouterr().out
+
+
+def test_a_full_disk_during_a_save_is_one_paragraph_naming_the_last_complete_checkpoint(tmp_path, monkeypatch, capsys):
+    """Issue 34 item 3: a raw SafetensorError traceback, no resume hint."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if ".checkpoint-2." in str(path):
+            raise SafetensorError("No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    assert train.main(argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    (run,) = (tmp_path / "out").glob("v0-*")
+    assert "checkpoint-2 could not be written (could not write " in err and "No space left on device" in err
+    assert f"The last complete checkpoint is {run / 'checkpoint-1'}: free some space, then python train.py ... " \
+           f"--resume_from_checkpoint {run / 'checkpoint-1'}" in err and "Traceback" not in err
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no half of checkpoint-2
