@@ -286,7 +286,8 @@ class Run:
         model, optimizer_state = self.states.gather(model, optimizer)  # on every rank
         adapter = lora.lora_state_dict(model)
         if not all(bool(torch.isfinite(t).all()) for t in adapter.values()):
-            self.diverged("the adapter's weights became inf or NaN")
+            step = self.state["global_step"]  # the forward of this step was finite, its update was not
+            self.diverged(f"the adapter's weights became inf or NaN at step {step}", trusted=step - 1)
         if self.rank == 0:
             arrived = []  # a signal during the save waits for its end (ignoring it lost it: issue 34)
             handlers = {s: signal.signal(s, lambda number, frame: arrived.append(number)) for s in STOP_SIGNALS}
@@ -327,19 +328,26 @@ class Run:
                 "train_loss": round(self.loss_sum / max(1, steps), 6), "epoch": round(self.epoch, 4)}
 
     def check_finite(self, loss: float):
+        """A loss that is not finite stops the run. The checkpoint of the step before holds the
+        weights that gave it (resuming there meets it again): the one to name is older."""
         if loss != loss or abs(loss) == float("inf"):
-            self.diverged(f"the loss became {loss}")
+            step = self.state["global_step"] + 1
+            self.diverged(f"the loss became {loss} at step {step}", trusted=step - 2)
 
-    def diverged(self, what: str):
-        last = self.last_checkpoint()
+    def diverged(self, what: str, trusted: int):
+        """Stop: `what` went wrong; the checkpoints of steps up to `trusted` hold weights whose next
+        step was finite, and the newest of them is the one to go back to."""
+        last = self.last_checkpoint(trusted)
         raise FloatingPointError(
-            f"{what} at step {self.state['global_step'] + 1}: training stopped and nothing more was saved. "
-            f"The last good checkpoint is {last or '(none yet)'}. Lower --learning_rate, use --torch_dtype "
+            f"{what}: training stopped and nothing more was saved. The last good checkpoint (one whose weights "
+            f"gave a finite next step) is {last or '(none)'}. Lower --learning_rate, use --torch_dtype "
             "bfloat16 rather than float16, or check the data.")
 
-    def last_checkpoint(self) -> Path | None:
-        """The checkpoint this run wrote last (every one it wrote had finite weights)."""
-        history = [n for n in self.state.get("checkpoints", []) if (self.dir / n / "trainer_state.json").exists()]
+    def last_checkpoint(self, up_to: int | None = None) -> Path | None:
+        """The checkpoint this run wrote last (every one it wrote had finite weights); with up_to,
+        the last of a step up to that."""
+        history = [n for n in self.state.get("checkpoints", []) if (self.dir / n / "trainer_state.json").exists()
+                   and (up_to is None or int(n.split("-")[-1]) <= up_to)]
         return self.dir / history[-1] if history else None
 
     def barrier(self):

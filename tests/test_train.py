@@ -382,11 +382,17 @@ def test_nan_loss_stops_with_a_message_keeping_the_last_good_checkpoint(tmp_path
                                 "--weight_decay", 0))
     err = capsys.readouterr().err
     assert code == 1
-    assert "the loss became" in err and "last good checkpoint is" in err
+    import re
+    step = int(re.search(r"the loss became \S+ at step (\d+)", err).group(1))
     run = run_dir_of(tmp_path / "out")
-    good = runs.complete_checkpoints(run)
-    assert good and str(good[-1]) in err
-    assert all(torch.isfinite(t).all() for t in adapter(good[-1]).values())
+    saved = [int(p.name.split("-")[1]) for p in runs.complete_checkpoints(run)]
+    # The checkpoint of the step before holds the weights that gave the bad loss (issue 34: resuming it met
+    # NaN again): the one named is older, the newest whose next step was finite.
+    assert saved[-1] == step - 1
+    named = max((s for s in saved if s <= step - 2), default=None)
+    assert f"is {run / f'checkpoint-{named}'}. Lower" in err if named else "is (none). Lower" in err
+    if named:
+        assert all(torch.isfinite(t).all() for t in adapter(run / f"checkpoint-{named}").values())
 
 
 def test_batches_drop_the_mask_only_where_causal_attention_alone_is_exact(tiny_dir):
