@@ -53,14 +53,24 @@ class RunError(Exception):
 
 
 def new_run_dir(output_dir: str, add_version: bool) -> Path:
+    """--output_dir itself, or a new vN-TIMESTAMP folder in it, N one more than the highest there.
+    Runs started together may pick the same N: each makes its folder, and where two share an N,
+    all but the first by name give theirs up and try the next (issue 34: 7 of 80 failed)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not add_version:
         return out
-    versions = [int(p.name[1:].split("-")[0]) for p in out.glob("v*-*") if p.name[1:].split("-")[0].isdigit()]
-    run = out / f"v{max(versions, default=-1) + 1}-{datetime.now():%Y%m%d-%H%M%S}"
-    run.mkdir()
-    return run
+    version = lambda p: int(p.name[1:].split("-")[0]) if p.name[1:].split("-")[0].isdigit() else -1
+    while True:
+        n = max((version(p) for p in out.glob("v*-*")), default=-1) + 1
+        run = out / f"v{n}-{datetime.now():%Y%m%d-%H%M%S}"
+        try:
+            run.mkdir()
+        except FileExistsError:  # another run took this name this second
+            continue
+        if min(p.name for p in out.glob(f"v{n}-*")) == run.name:
+            return run
+        run.rmdir()
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -466,12 +476,41 @@ def check_same_data(a, rows: list):
 
 def check_unused(a):
     """A run (a resumed one too: a new run folder, as in ms-swift) never writes into a folder that
-    holds another run's checkpoints (--add_version false): it would write over or prune them."""
+    holds another run's checkpoints (--add_version false): it would write over or prune them. Two
+    runs started into one such folder at once: the second is refused (lock_folder)."""
+    if not a.add_version and int(os.environ.get("RANK", "0")) == 0:
+        lock_folder(Path(a.output_dir))
     if not a.add_version and complete_checkpoints(Path(a.output_dir)):
         goes_on = "" if a.resume_from_checkpoint else f" (to go on with that run: --resume_from_checkpoint {a.output_dir})"
         raise RunError(f"--output_dir {a.output_dir} already holds checkpoints of a run, which this run would write "
                        "over or prune. Write this run to another folder: another --output_dir, or --add_version true "
                        f"for a new vN-... folder in it{goes_on}.")
+
+
+LOCKS = []  # the folders this process writes its run into, locked until it exits
+
+
+def lock_folder(folder: Path):
+    """Hold `folder` (an --add_version false run's) for this process: a second run into it, while
+    this one lives, is refused. An flock, which the system lets go of when the process ends."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(Path(held.name) == folder / ".train.lock" for held in LOCKS):
+        return  # held already (the flags are checked before the model loads and again as the run opens)
+    lock = open(folder / ".train.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunError(f"--output_dir {folder}: another train.py ({holder}) is writing its run into this folder now; "
+                       "two runs there would mix their checkpoints. Wait for it, or write this run to another "
+                       "folder (another --output_dir, or --add_version true).") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    LOCKS.append(lock)
 
 
 def check_writable(folder: Path, flag: str):

@@ -210,3 +210,44 @@ def test_a_full_disk_during_a_save_is_one_paragraph_naming_the_last_complete_che
     assert f"The last complete checkpoint is {run / 'checkpoint-1'}: free some space, then python train.py ... " \
            f"--resume_from_checkpoint {run / 'checkpoint-1'}" in err and "Traceback" not in err
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no half of checkpoint-2
+
+
+def test_runs_started_together_each_get_their_own_version(tmp_path):
+    """Issue 34 item 9: 7 of 80 concurrent creations failed (two runs computed the same vN)."""
+    import threading
+    start, made, failed = threading.Barrier(40), [], []
+
+    def create():
+        start.wait()
+        try:
+            made.append(runs.new_run_dir(str(tmp_path), True).name)
+        except OSError as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=create) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    versions = sorted(int(name[1:].split("-")[0]) for name in made)
+    assert not failed and versions == list(range(40)) and len(list(tmp_path.iterdir())) == 40
+
+
+def test_a_second_run_into_a_folder_another_run_writes_into_is_refused(tmp_path, capsys):
+    """Issue 34 item 9: two --add_version false runs into one folder interleaved their checkpoints."""
+    folder = tmp_path / "out"
+    import fcntl
+    folder.mkdir()
+    first = open(folder / ".train.lock", "a+")  # a first run, still going: its lock, as lock_folder takes it
+    fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.write("pid 12345")
+    first.flush()
+    try:
+        assert train.main(argv(tmp_path, "--add_version", "false")) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {folder}: another train.py (pid 12345) is writing" in err and "Traceback" not in err
+        assert not list(folder.glob("checkpoint-*"))
+    finally:
+        first.close()
+    assert train.main(argv(tmp_path, "--add_version", "false", "--max_steps", 1)) == 0  # once it is gone
+    runs.LOCKS.pop().close()
