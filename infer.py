@@ -282,7 +282,8 @@ class Chat:
 # ----------------------------------------------------------------------------------------------
 # The REPL, one-shot and piped use
 
-HELP = ("commands: clear (forget the conversation), /system TEXT (set the system prompt; /system alone shows it), "
+HELP = ("commands: clear (forget the conversation), /system TEXT (set the system prompt; /system alone shows it, "
+        "/system default goes back to the adapter's or the model's), "
         "/adapter NAME or /adapter base (switch), /adapters (list), /think on|off (a hybrid Qwen3 model: reason "
         "first, or answer straight away), exit or quit. Ctrl-C stops an answer, Ctrl-D exits.")
 
@@ -292,7 +293,7 @@ def run_command(chat: Chat, line: str):
     arg = arg.strip()
     if cmd == "/system":
         if arg:
-            chat.system = arg
+            chat.system = None if arg == "default" else arg  # clear keeps it; "default" is the way back
         system = chat.current_system()
         system = chat.template.default_system if system is None else system
         note(f"system prompt: {system or '(none)'}")

@@ -491,6 +491,8 @@ def test_repl_keeps_the_conversation_until_clear_and_applies_system(terminal, ch
     assert "<|im_start|>system\nYou are a pirate.<|im_end|>" in shown and "<|im_start|>user\nHello" in shown
     assert expected_answer(m, tok, "Hello", system="You are a pirate.", history=[
         {"role": "user", "content": "Hello"}, {"role": "assistant", "content": expected_answer(m, tok, "Hello")}]) in shown
+    assert "cleared" in term.ask("clear")  # clear keeps the system prompt; /system default is the way back
+    assert "system prompt: You are Qwen, created by Alibaba Cloud." in term.ask("/system default")  # issue 34 item 12
     term.type("exit\n")
     assert term.exit_code() == 0
 
