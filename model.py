@@ -47,6 +47,7 @@ class Config:
     """The fields of a Qwen2, Qwen3 or Qwen3.5 config.json that change the computation (Qwen3.5's
     vision-language config.json: those of its text_config)."""
 
+    SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
     # model_type -> the architecture transformers names it with. Everything else is refused.
     FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM"}
     # Qwen3.5's keys, dropped from the other families' config.json (to_dict)
@@ -120,12 +121,9 @@ class Config:
         mixers = {"full_attention", "linear_attention"} if d["model_type"] == "qwen3_5" else {"full_attention"}
         sliding = d.get("use_sliding_window") or any(t not in mixers for t in d.get("layer_types") or [])
         if sliding:
-            raise ModelError(
-                f"{where} turns on sliding-window attention. Every released Qwen2.5 and Qwen3 model uses full "
-                "attention and this decoder implements only that, so it refuses to run an "
-                "approximation. Set use_sliding_window to false if the checkpoint was trained "
-                "without it."
-            )
+            raise ModelError(f"{where} turns on sliding-window attention. Every released Qwen2.5 and Qwen3 model uses full "
+                             "attention and this decoder implements only that, so it refuses to run an approximation. "
+                             "Set use_sliding_window to false if the checkpoint was trained without it.")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ModelError(f"{where} sets hidden_act={act!r}; Qwen uses 'silu' and nothing else is implemented.")
@@ -143,6 +141,9 @@ class Config:
             want = {int: int, float: (int, float)}.get(int if f.name == "head_dim" else f.type if isinstance(f.type, type) else None)
             if want and d.get(f.name) is not None and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
                 raise ModelError(f"{where}: {f.name} is {d[f.name]!r}, not a number; fix it (e.g. 128, not \"128\").")
+        bad = next((k for k in cls.SIZES if d.get(k) is not None and not 1 <= d[k] <= (2**10 if "layers" in k else 2**24)), None)
+        if bad:  # each layer is built before any weight is read: a broken count must stop here, not fill the memory
+            raise ModelError(f"{where}: {bad} is {d[bad]}, which no Qwen model has: take the model's own config.json.")
         cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
                   extra={k: v for k, v in d.items() if k not in names})
         if cfg.num_attention_heads % cfg.num_key_value_heads or "head_dim" not in d and cfg.hidden_size % cfg.num_attention_heads:

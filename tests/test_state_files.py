@@ -251,3 +251,16 @@ def test_a_second_run_into_a_folder_another_run_writes_into_is_refused(tmp_path,
         first.close()
     assert train.main(argv(tmp_path, "--add_version", "false", "--max_steps", 1)) == 0  # once it is gone
     runs.LOCKS.pop().close()
+
+
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 10**7), ("num_attention_heads", 0), ("vocab_size", -5)])
+def test_a_config_json_with_an_impossible_size_stops_before_building_anything(tmp_path, tiny_dir, key, value, capsys):
+    """Issue 34 item 10: a huge num_hidden_layers hung while memory grew (a layer object for each)."""
+    import infer
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} is {value}, which no Qwen model has" in err and "Traceback" not in err
