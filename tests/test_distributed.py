@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import both_families
@@ -68,7 +69,6 @@ def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(t
 def test_two_gpus_replay_micro_batches_and_train_the_same_adapter(tmp_path, tiny_dir):
     """torchrun on two GPUs: micro-batches replayed as CUDA graphs by default (the gradient sum runs
     after them, outside the graphs), the same adapter as one GPU with double accumulation."""
-    import pytest
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs: run on the GPU machine (nvidia-h200-x2)")
     data = tmp_path / "qa.json"
