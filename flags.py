@@ -247,15 +247,13 @@ def set_derived_defaults(a):
         a.eval_steps = a.save_steps
     if a.eval_strategy is None:
         a.eval_strategy = a.save_strategy
-    if a.eval_strategy == "no" and a.split_dataset_ratio:  # as ms-swift: nothing held out that is never evaluated
+    # As ms-swift: no rows held out that are never evaluated, or where --val_dataset's rows evaluate.
+    no_split = ("--eval_strategy is no" if a.eval_strategy == "no" else "--val_dataset is given (every --dataset "
+                "row trains, and --val_dataset's rows evaluate)" if a.val_dataset else None)
+    if no_split and a.split_dataset_ratio:
         a.split_dataset_ratio = 0.0
         if cli.rank_and_world()[0] == 0:
-            print("Because --eval_strategy is no, setting split_dataset_ratio: 0.0", flush=True)
-    if a.val_dataset and a.split_dataset_ratio:  # ms-swift's DataArguments: the rows given, no split
-        a.split_dataset_ratio = 0.0
-        if cli.rank_and_world()[0] == 0:
-            print("Because --val_dataset is given, setting split_dataset_ratio: 0.0 (as ms-swift: every --dataset row "
-                  "trains, and --val_dataset's rows evaluate)", flush=True)
+            print(f"Because {no_split}, setting split_dataset_ratio: 0.0", flush=True)
     if a.max_tokens_per_pass is None:  # packed passes need no more memory than one row of --max_length
         a.max_tokens_per_pass = a.max_length
     if a.output_dir is None:

@@ -73,10 +73,17 @@ def new_run_dir(output_dir: str, add_version: bool) -> Path:
         run.rmdir()
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]+")
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint-STEP folder (half-written ones never carry this name)."""
+    return bool(CHECKPOINT_NAME.fullmatch(folder.name)) and (folder / "trainer_state.json").is_file()
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """checkpoint-STEP folders of a run, oldest first. Half-written ones never carry this name."""
-    ckpts = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-             and (p / "trainer_state.json").exists()]
+    """checkpoint-STEP folders of a run, oldest first."""
+    ckpts = [p for p in Path(run_dir).glob("checkpoint-*") if is_checkpoint(p)]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -125,13 +132,12 @@ def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None, histor
         keep = {best} | set(history[-max(1, limit - 1):])
     for name in [n for n in history if n not in keep]:
         history.remove(name)
-        folder = run_dir / name
-        if CHECKPOINT_NAME.fullmatch(name) and not folder.is_symlink() and (folder / "trainer_state.json").is_file():
+        folder = run_dir / name  # a name, not a path: nothing outside run_dir, and no link out of it
+        if folder.name == name and is_checkpoint(folder) and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
 
 
 # trainer_state.json as save_checkpoint writes it: each field's JSON types, and what a value must be.
-CHECKPOINT_NAME = re.compile(r"checkpoint-[0-9]+")
 STATE_FIELDS = {
     "global_step": ((int,), "a whole number of steps, at least 1", lambda v: v >= 1),
     "epoch": ((int,), "a whole number of epochs, 0 or more", lambda v: v >= 0),

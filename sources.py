@@ -657,7 +657,7 @@ def pick_rows(sizes: list[tuple[int, int | None]], specs: list[str], seed: int, 
     if ratio == 1:
         return [], validation_rows(sizes, specs)
     for spec, (n_rows, n) in zip(specs, sizes):
-        held = max(int(min(n_rows, n or n_rows) * ratio), 1) if ratio else 0
+        held = held_out_count(n_rows, n or n_rows, ratio)
         if (n or n_rows) <= held:
             raise DataError(f"--split_dataset_ratio {ratio:g} holds out {held} of the {n or n_rows} rows of {spec}, "
                             "which leaves none to train on (each source is split apart, as in ms-swift): use a "
@@ -683,13 +683,19 @@ def mixture(sizes: list[tuple[int, int | None]], seed: int, ratio: float = 0.0) 
     for n_rows, n in sizes:
         n, _ = (n_rows if n is None else n), draw()
         order = np.random.default_rng(draw()).permutation(n_rows).tolist() if ratio else list(range(n_rows))
-        held = order[:max(int(min(n_rows, n) * ratio), 1)] if ratio else []
+        held = order[:held_out_count(n_rows, n, ratio)]
         rest = order[len(held):]
         train += [start + rest[i] for i in sample_indices(len(rest), n - len(held), rng)]
         val += [start + i for i in held]
         start += n_rows
     shuffled = lambda rows: [rows[i] for i in np.random.default_rng(draw()).permutation(len(rows))] if rows else []
     return shuffled(train), shuffled(val)
+
+
+def held_out_count(n_rows: int, n: int, ratio: float) -> int:
+    """How many of a source's rows a split holds out: max(1, int(min(rows, N) x ratio)), as ms-swift's
+    post_process; none without a ratio."""
+    return max(int(min(n_rows, n) * ratio), 1) if ratio else 0
 
 
 def validation_rows(sizes: list[tuple[int, int | None]], specs: list[str]) -> list[int]:
