@@ -248,3 +248,44 @@ def marked_text(tok, ids, labels) -> str:
         out.append(f"⟦{text}⟧" if labels[i] != IGNORE_INDEX else text)
         i = j
     return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(_isolated_home):
+    """The built-in tiny hybrid Qwen3 (its tokenizer and Qwen3-8B's chat template)."""
+    import tiny
+    return tiny.tiny_model_dir("tiny-qwen3")
+
+
+def with_template(src, dst, chat_template):
+    """A copy of a model folder whose tokenizer_config.json holds another chat template (None: none)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def random_tokens(batch=2, length=13, seed=0, vocab=900):
+    """(batch, length) token ids drawn from a seeded generator."""
+    import torch
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_left_padded_decoding_matches_rows_alone(m):
+    """A left-padded batch of two rows, prefilled into a cache and then given one token each, gives
+    each row's logits as that row alone does."""
+    import torch
+    a, b = random_tokens(1, 8, seed=1)[0], random_tokens(1, 5, seed=2)[0]
+    ids = torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])])
+    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
+    nxt = torch.tensor([[11], [12]])
+    with torch.no_grad():
+        cache = m.new_cache(2, 16)
+        m(ids, attention_mask=mask, cache=cache)
+        step = m(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)[:, -1]
+        torch.testing.assert_close(step[0], m(torch.cat([a, nxt[0]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+

@@ -8,18 +8,14 @@ import torch
 
 import model
 import speed
-from conftest import compile_without_inductor, make_hf_checkpoint, both_families, hf_families
+from conftest import (assert_left_padded_decoding_matches_rows_alone, compile_without_inductor, make_hf_checkpoint,
+                      both_families, hf_families, random_tokens as tokens)
 from model import Config, ModelError, load_model
 
 
 def compiled_layers(m, checkpoint_inside=False):
     """speed.compiled_layers without CUDA graphs (CPU inductor), the checkpoint inside or outside."""
     return [speed.CompiledLayer(layer.compiled, checkpoint_inside) for layer in speed.compiled_layers(m)]
-
-
-def tokens(batch=2, length=13, seed=0, vocab=900):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
 
 
 @pytest.mark.parametrize("family,tied,kv_heads", [("qwen2", False, 2), ("qwen2", True, 2), ("qwen2", False, 4),
@@ -85,16 +81,7 @@ def test_padded_batch_equals_each_row_alone(hf_checkpoint, side):
 def test_left_padded_cached_decoding_matches_rows_alone(hf_checkpoint):
     folder, _ = hf_checkpoint()
     m, _ = load_model(str(folder), dtype=torch.float32)
-    a, b = tokens(1, 8, seed=1)[0], tokens(1, 5, seed=2)[0]
-    ids = torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])])
-    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
-    nxt = torch.tensor([[11], [12]])
-    with torch.no_grad():
-        cache = m.new_cache(2, 16)
-        m(ids, attention_mask=mask, cache=cache)
-        step = m(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)[:, -1]
-        torch.testing.assert_close(step[0], m(torch.cat([a, nxt[0]])[None])[0, -1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+    assert_left_padded_decoding_matches_rows_alone(m)
 
 
 def test_tiny_model_loads_through_the_official_layout(tiny_dir):

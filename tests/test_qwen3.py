@@ -18,17 +18,11 @@ import model as modeling
 import sources
 import template as T
 import train
-from conftest import marked_text
+from conftest import marked_text, with_template
 from data import encode_chat, render_chat
 
 HERE = Path(__file__).resolve().parent / "qwen3"  # official files: config.json of each size, 2507 chat templates
 DENSE = ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-4B-Instruct-2507"]
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(_isolated_home):
-    import tiny
-    return tiny.tiny_model_dir("tiny-qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +41,6 @@ def jinja(name: str) -> str:
     import tiny
     return tiny.QWEN3_CHAT_TEMPLATE if name == "qwen3" else (HERE / {
         "qwen3_nothinking": "Qwen3-4B-Instruct-2507.jinja", "qwen3_thinking": "Qwen3-4B-Thinking-2507.jinja"}[name]).read_text()
-
-
-def with_template(src: Path, dst: Path, chat_template) -> Path:
-    """A copy of a model folder whose tokenizer_config.json holds another chat template (None: none)."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template")
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------

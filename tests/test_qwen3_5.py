@@ -14,14 +14,10 @@ import decode
 import deltanet
 import model as modeling
 import train
+from conftest import assert_left_padded_decoding_matches_rows_alone, random_tokens as tokens
 from model import Config, ModelError, load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tokens(batch=2, length=13, seed=0, vocab=900):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch, length), generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +101,7 @@ def test_a_recurrent_state_is_not_rewound(qwen3_5):
 def test_left_padded_cached_decoding_matches_rows_alone(qwen3_5):
     """Padding is zeroed before the DeltaNet: it writes nothing, so the state starts at the row."""
     _, _, m = qwen3_5
-    a, b = tokens(1, 8, seed=1)[0], tokens(1, 5, seed=2)[0]
-    ids = torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])])
-    mask = torch.tensor([[1] * 8, [0] * 3 + [1] * 5])
-    nxt = torch.tensor([[11], [12]])
-    with torch.no_grad():
-        cache = m.new_cache(2, 16)
-        m(ids, attention_mask=mask, cache=cache)
-        step = m(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)[:, -1]
-        torch.testing.assert_close(step[0], m(torch.cat([a, nxt[0]])[None])[0, -1], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
+    assert_left_padded_decoding_matches_rows_alone(m)
 
 
 # ---------------------------------------------------------------------------------------------

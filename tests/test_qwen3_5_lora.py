@@ -20,12 +20,13 @@ import model as modeling
 import quant
 import tiny
 import train
+from conftest import random_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tokens(batch=2, length=40, seed=0):
-    return torch.randint(0, 900, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(batch, length, seed)
 
 
 def randomize(m, name="default", seed=0, std=0.2):

@@ -4,8 +4,6 @@ as ms-swift 4.6.0 trains them. No real Qwen3.5 tokenizer is reachable offline: t
 tiny Qwen3 tokenizer, which has the same special tokens (<|im_start|>, <|im_end|>, <think>, </think>,
 the vision tokens); the format itself does not depend on the vocabulary."""
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,12 @@ import pytest
 import data
 import sources
 import template as T
-from conftest import marked_text
+from conftest import marked_text, with_template
+from test_qwen3 import ROWS as QWEN3_ROWS
 from data import encode_chat, render_chat
 
 HERE = Path(__file__).resolve().parent / "templates"  # where each Jinja file came from: its first lines
 JINJA = {"Qwen3.5": (HERE / "Qwen3.5.jinja").read_text(), "Qwen3.6": (HERE / "Qwen3.6.jinja").read_text()}
-
-
-@pytest.fixture(scope="module")
-def qwen3_dir(_isolated_home):
-    import tiny
-    return tiny.tiny_model_dir("tiny-qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +84,6 @@ def test_thinking_is_in_the_prompt_by_default_and_false_prefills_the_empty_block
         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def with_template(src: Path, dst: Path, chat_template, model_type="qwen3") -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template")
-    if chat_template is not None:
-        cfg["chat_template"] = chat_template
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_the_qwen3_5_template_comes_from_the_jinja_template_or_the_model_type(qwen3_dir, tmp_path):
     for checkpoint, text in JINJA.items():
         assert T.template_name_of(with_template(qwen3_dir, tmp_path / checkpoint, text), "qwen3") == "qwen3_5"
@@ -118,14 +101,7 @@ def test_preserve_thinking_is_refused_where_the_template_has_no_such_setting():
 # qwen3_5 on a tiny qwen3_5 checkpoint holding the tiny tokenizer; trained spans in ⟦ ⟧). ms-swift needs
 # qwen_vl_utils for a qwen3_5 model: it was stubbed out, as no image is encoded.
 
-ROWS = [
-    [{"role": "user", "content": "你是谁?"}, {"role": "assistant", "content": "我是小黄,由魔搭开发的大语言模型。"}],
-    [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>\nOne plus one.\n</think>\n\n2"}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nHello!"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
-     {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nA2"}],
-    [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": "One plus one."}],
-    [{"role": "system", "content": "You are a bot."}, {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+ROWS = QWEN3_ROWS + [  # and one whose texts carry spaces, which qwen3_5 trims
     [{"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "  q \n"},
      {"role": "assistant", "content": "\n<think> why \n</think>\nA \n"}],
 ]
