@@ -98,17 +98,14 @@ class SlotCache(modeling.KVCache):
     def __init__(self, config, slots: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
         self.slot, self.positions, self.span = None, None, 0
-        self.whole = False  # attend over all max_len positions (a recorded CUDA graph), not just the filled ones
 
     def prefill(self, slot: int):
         self.slot, self.positions = slot, None
 
-    def decode(self, positions: torch.Tensor):
-        """positions (B,): where row b's new token goes. The keys a step attends over (span), worked
-        out once for all layers: up to the furthest row's position (beyond it no row looks), or all
-        of them for a recorded graph, whose shapes cannot depend on the data."""
-        self.slot, self.positions = None, positions
-        self.span = self.max_len if self.whole else int(positions.max()) + 1
+    def decode(self, positions: torch.Tensor, span: int):
+        """positions (B,): where row b's new token goes. span: how many positions of each slot the
+        step attends over (at least the furthest row's position + 1: beyond it no row looks)."""
+        self.slot, self.positions, self.span = None, positions, span
 
     def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
         B, T = input_ids.shape
@@ -231,9 +228,11 @@ class Engine:
         seqs = self.running[:B]
         live = [s is not None and s.pending is not None for s in seqs]
         tokens = torch.tensor([[s.pending if ok else 0] for s, ok in zip(seqs, live)], device=self.device)  # (B, 1)
-        positions = torch.tensor([s.length if ok else 0 for s, ok in zip(seqs, live)], device=self.device)  # (B,)
+        lengths = [s.length if ok else 0 for s, ok in zip(seqs, live)]
+        positions = torch.tensor(lengths, device=self.device)  # (B,)
         adapters = lora.row_index(self.model, [s.request.adapter if ok else None for s, ok in zip(seqs, live)])
-        logits = self.forward(tokens, positions, adapters.to(self.device) if self.adapters else None)  # (B, vocab)
+        adapters = adapters.to(self.device) if self.adapters else None
+        logits = self.forward(tokens, positions, adapters, max(lengths) + 1)  # (B, vocab)
         greedy = logits.float().argmax(-1).tolist()
         for slot, (seq, ok) in enumerate(zip(seqs, live)):
             if ok:
@@ -241,12 +240,13 @@ class Engine:
                 if seq.accept(seq.choose(logits[slot], greedy[slot])):
                     self.running[slot] = None
 
-    def eager_forward(self, tokens, positions, adapters=None):
+    def eager_forward(self, tokens, positions, adapters, span: int):
         """Logits (B, vocab) of one new token (B, 1) for each row, at its own position (B,), through
-        its own adapter (B,) (lora.row_index; None: no adapter is loaded)."""
+        its own adapter (B,) (lora.row_index; None: no adapter is loaded), attending over the first
+        `span` positions of each slot."""
         if adapters is not None:
             lora.use_row_index(self.model, adapters)
-        self.cache.decode(positions)
+        self.cache.decode(positions, span)
         h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
         return self.model.lm_head(h[:, -1])
 

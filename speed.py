@@ -718,12 +718,15 @@ class CUDAGraphDecoder(decode.Decoder):
 
 class CUDAGraphBatchDecoding:
     """engine.Engine's decode step (one token for each of B rows) replayed as a CUDA graph, one
-    recorded per batch-size bucket (1, 2, 4, 8, ...: a batch of B runs in the smallest bucket that
-    holds it, its spare rows harmless dummies), as CUDAGraphDecoder does for one prompt.
+    recorded per bucket of batch size and of span, as CUDAGraphDecoder does for one prompt.
 
-    The tokens, positions and adapter rows live in fixed buffers filled before each replay, and a
-    recorded step attends over every cached position (SlotCache.whole), masked after each row's own.
-    Graphs are recorded as buckets are first needed, on a side stream, sharing one memory pool."""
+    A graph's shapes cannot depend on the data, so a step runs in the smallest recorded shape that
+    holds it: B rows in the next power of two (the spare rows harmless dummies), and a span (the
+    positions each row attends over) in the next power of two from 256, masked after each row's own
+    position. A step then reads at most twice the cache it needs; attending over every slot's whole
+    length instead read all of a 32,768-position cache each step however short the answers.
+    The tokens, positions and adapter rows live in fixed buffers filled before each replay. Graphs
+    are recorded as buckets are first needed, on a side stream, sharing one memory pool."""
 
     def __init__(self, engine):
         self.engine, slots, device = engine, engine.slots, engine.device
@@ -731,25 +734,27 @@ class CUDAGraphBatchDecoding:
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.adapters = torch.zeros(slots, dtype=torch.long, device=device)
         self.graphs, self.logits, self.pool = {}, {}, torch.cuda.graph_pool_handle()
-        engine.cache.whole = True
 
-    def bucket(self, B: int) -> int:
-        return min(self.engine.slots, 1 << (B - 1).bit_length())
+    def bucket(self, B: int, span: int) -> tuple[int, int]:
+        return (min(self.engine.slots, 1 << (B - 1).bit_length()),
+                min(self.engine.max_len, max(256, 1 << (span - 1).bit_length())))
 
-    def __call__(self, tokens, positions, adapters=None):
-        B, b = tokens.shape[0], self.bucket(tokens.shape[0])
+    def __call__(self, tokens, positions, adapters, span: int):
+        B, key = tokens.shape[0], self.bucket(tokens.shape[0], span)
+        b = key[0]
         for buffer, values in ((self.tokens, tokens), (self.positions, positions), (self.adapters, adapters)):
             if values is not None:
                 buffer[B:b] = 0  # dummy rows: position 0 of their own slot, no adapter
                 buffer[:B] = values
-        if b not in self.graphs:
-            self.record(b)
-        self.graphs[b].replay()
-        return self.logits[b][:B]
+        if key not in self.graphs:
+            self.record(*key)
+        self.graphs[key].replay()
+        return self.logits[key][:B]
 
-    def record(self, b: int):
+    def record(self, b: int, span: int):
         e = self.engine
-        step = lambda: e.eager_forward(self.tokens[:b], self.positions[:b], self.adapters[:b] if e.adapters else None)
+        step = lambda: e.eager_forward(self.tokens[:b], self.positions[:b], self.adapters[:b] if e.adapters else None,
+                                       span)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -757,8 +762,8 @@ class CUDAGraphBatchDecoding:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            self.logits[b] = step()
-        self.graphs[b] = graph
+            self.logits[b, span] = step()
+        self.graphs[b, span] = graph
 
 
 def plan_batch_decoding(engine, cuda_graph: bool | None):

@@ -118,8 +118,9 @@ def test_slots_come_from_free_memory_on_a_gpu(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
 def test_cuda_graph_batches_give_the_eager_tokens(tiny_dir):
-    """Decode steps replayed per batch-size bucket (speed.CUDAGraphBatchDecoding) give the eager
-    engine's tokens, with two adapters and the base mixed in the batch (float32, a decisive lm_head)."""
+    """Decode steps replayed per bucket of batch size and span (speed.CUDAGraphBatchDecoding) give
+    the eager engine's tokens, with two adapters and the base mixed in the batch (float32, a
+    decisive lm_head), and rows that cross from the 256-position span into the 512 one."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
     m.eval()
     lora.add_adapter(m, lora.LoraConfig(r=8), "a")
@@ -130,11 +131,14 @@ def test_cuda_graph_batches_give_the_eager_tokens(tiny_dir):
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     ps = prompts(m.config.vocab_size, seed=4)
+    ps[1] = prompts(m.config.vocab_size, [250], seed=5)[0]  # its answer crosses position 256
     names = ["a", None, "b", "a", None, "b", "a"]
     runs = []
     for graph in (False, True):
-        e = engine.Engine(m, max_batch_size=5, max_len=256, cuda_graph=graph)
+        e = engine.Engine(m, max_batch_size=5, max_len=600, cuda_graph=graph)
         runs.append([r.tokens for r in e.run([engine.Request(p, 20, adapter=n) for p, n in zip(ps, names)])])
         e.close()
     assert runs[0] == runs[1]
-    assert set(e.forward.graphs) <= {1, 2, 4, 5} and len(e.forward.graphs) >= 2  # one graph a bucket used
+    buckets = set(e.forward.graphs)  # one graph a bucket used
+    assert {b for b, _ in buckets} <= {1, 2, 4, 5} and len({b for b, _ in buckets}) >= 2
+    assert {s for _, s in buckets} == {256, 512}
