@@ -7,8 +7,9 @@ at a time. Engine does the same work for many prompts at once, and that is all i
                 max_len positions, and a sequence keeps its slot from prefill to its last token);
                 how many slots is decided from free GPU memory (plan_slots), so 1,000 prompts
                 never run out of memory: the rest wait for a slot
-    step()      first each waiting prompt that finds a free slot is prefilled alone (its own
-                length, no padding) and picks its first token; then every running sequence
+    step()      first the waiting prompts that find a free slot are prefilled, packed one after
+                another into one row (no padding; each attends to itself alone), and each picks
+                its first token; then every running sequence
                 decodes one token in a single batched forward: row b of the batch is slot b, with
                 its own position, attending only to its own slot's keys (a mask per row)
     leaving     a sequence that meets one of its stop ids or its max_new_tokens leaves at once,
@@ -92,34 +93,43 @@ class Sequence:
 class SlotCache(modeling.KVCache):
     """Keys and values of `slots` sequences side by side, each up to max_len positions.
 
-    Before each forward the engine says what runs: prefill(slot, T) a prompt alone, or
-    decode(positions) one new token for each of slots 0 .. B-1 at its own position."""
+    Before each forward the engine says what runs: prefill(slots, lengths) prompts packed one
+    after another into one row, each into its own slot from position 0, or decode(positions, span)
+    one new token for each of slots 0 .. B-1 at its own position."""
 
     def __init__(self, config, slots: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
-        self.slot, self.positions, self.span = None, None, 0
+        self.device, self.positions, self.span, self.packed = device, None, 0, None
+        self.packed_mask = None  # how packed prompts attend: model.block_mask, or speed.VarlenAttention on a GPU
 
-    def prefill(self, slot: int):
-        self.slot, self.positions = slot, None
+    def prefill(self, slots: list[int], lengths: list[int]):
+        """Prompts of these lengths, packed in this order, into these slots. Where each packed token
+        goes (its slot and position) is worked out once for all layers."""
+        device, self.positions = self.device, None
+        self.cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0)  # where each prompt starts, then the end
+        self.packed = (torch.tensor(slots, device=device).repeat_interleave(torch.tensor(lengths, device=device)),
+                       torch.cat([torch.arange(n, device=device) for n in lengths]))  # (sum T,) each: slot, position
 
     def decode(self, positions: torch.Tensor, span: int):
         """positions (B,): where row b's new token goes. span: how many positions of each slot the
         step attends over (at least the furthest row's position + 1: beyond it no row looks)."""
-        self.slot, self.positions, self.span = None, positions, span
+        self.positions, self.span = positions, span
 
     def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
         B, T = input_ids.shape
-        if self.positions is None:  # a prompt alone, from position 0: causal attention, no mask
-            return torch.arange(T, device=input_ids.device)[None], None, T > 1
+        if self.positions is None:  # prompts packed into one row: each from position 0, attending to itself
+            if len(self.cu_seqlens) == 2:
+                return self.packed[1][None], None, T > 1  # one prompt: plain causal attention, no mask
+            return self.packed[1][None], (self.packed_mask or modeling.block_mask)(self.cu_seqlens, T), False
         keys = torch.arange(self.span, device=input_ids.device)
         mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
         return self.positions[:, None], mask, False
 
     def update(self, layer: int, k, v):
-        if self.positions is None:  # k, v (1, nkv, T, hd) into this slot's first T positions
-            T = k.shape[2]
-            self.k[layer][self.slot, :, :T], self.v[layer][self.slot, :, :T] = k[0], v[0]
-            return self.k[layer][self.slot:self.slot + 1, :, :T], self.v[layer][self.slot:self.slot + 1, :, :T]
+        if self.positions is None:  # k, v (1, nkv, sum T, hd): each token into its slot at its position
+            slot, position = self.packed
+            self.k[layer][slot, :, position], self.v[layer][slot, :, position] = k[0].transpose(0, 1), v[0].transpose(0, 1)
+            return k, v  # attention over the packed prompts themselves
         B, span = k.shape[0], self.span
         rows = torch.arange(B, device=k.device)
         self.k[layer][rows, :, self.positions] = k[:, :, 0]  # (B, nkv, hd) each at its row's position
@@ -157,8 +167,11 @@ class Engine:
         self.merged = lora.active_adapter(model) if any(m.merged for m in layers) else None  # --merge_lora
         self.adapters = bool(lora.adapter_names(model)) and self.merged is None
         if self.adapters:  # every loaded adapter stacked once; each forward then only says which row takes which
-            lora.set_row_adapters(model, [None])
+            lora.set_row_adapters(model, [None], p.dtype)
         self.forward = self.eager_forward  # on a GPU, CUDA graphs of it (speed.plan_batch_decoding)
+        # Prompts packed into one prefill attend through a (T, T) block mask, so a few at a time; on
+        # a GPU through varlen attention, no mask, and thousands (speed.plan_batch_decoding)
+        self.prefill_tokens = 512
         speed.plan_batch_decoding(self, cuda_graph)
 
     @property
@@ -194,13 +207,20 @@ class Engine:
             self.decode_step(rows[-1] + 1)
 
     def admit(self):
-        for slot in range(self.slots):
-            if self.running[slot] is not None:
-                continue
+        """Waiting prompts into the free slots, prefilled together: up to prefill_tokens prompt
+        tokens in one forward (a longer prompt alone)."""
+        group, tokens = [], 0
+        for slot in [slot for slot, seq in enumerate(self.running) if seq is None]:
             request = self.next_waiting()
             if request is None:
-                return
-            self.prefill(slot, request)
+                break
+            if group and tokens + len(request.prompt) > self.prefill_tokens:
+                self.prefill(group)
+                group, tokens = [], 0
+            group.append((slot, request))
+            tokens += len(request.prompt)
+        if group:
+            self.prefill(group)
 
     def next_waiting(self) -> Request | None:
         """The oldest waiting request not cancelled meanwhile, or None."""
@@ -211,16 +231,22 @@ class Engine:
                     return request
         return None
 
-    def prefill(self, slot: int, request: Request):
-        seq = Sequence(request, self.device, self.model.config.vocab_size)
-        self.use_adapters([request.adapter])
-        self.cache.prefill(slot)
-        ids = torch.tensor([request.prompt], device=self.device)  # (1, T)
-        h = self.model.model(ids, cache=self.cache)  # (1, T, hidden)
-        logits = self.model.lm_head(h[0, -1])  # (vocab,)
-        seq.length = len(request.prompt)
-        if not seq.accept(seq.choose(logits, int(logits.float().argmax()))):
-            self.running[slot] = seq
+    def prefill(self, group: list[tuple[int, Request]]):
+        """Each (slot, request)'s prompt into its slot, all in one forward, packed one after another
+        into one row (each attends only to itself); each picks its first token from its last position."""
+        requests = [request for _, request in group]
+        lengths = [len(r.prompt) for r in requests]
+        seqs = [Sequence(r, self.device, self.model.config.vocab_size) for r in requests]
+        self.use_adapters([[r.adapter for r in requests for _ in r.prompt]])  # (1, sum T): each token its prompt's
+        self.cache.prefill([slot for slot, _ in group], lengths)
+        ids = torch.tensor([[t for r in requests for t in r.prompt]], device=self.device)  # (1, sum T)
+        h = self.model.model(ids, cache=self.cache)  # (1, sum T, hidden)
+        logits = self.model.lm_head(h[0, self.cache.cu_seqlens[1:] - 1])  # (prompts, vocab): each one's last position
+        greedy = logits.float().argmax(-1).tolist()
+        for i, ((slot, _), seq) in enumerate(zip(group, seqs)):
+            seq.length = lengths[i]
+            if not seq.accept(seq.choose(logits[i], greedy[i])):
+                self.running[slot] = seq
 
     def decode_step(self, B: int):
         """One token for each running sequence in slots 0 .. B-1 (a free slot among them runs a
@@ -250,10 +276,11 @@ class Engine:
         h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
         return self.model.lm_head(h[:, -1])
 
-    def use_adapters(self, names: list[str | None]):
-        """Each row through its own adapter (none loaded: nothing to do)."""
+    def use_adapters(self, names: list[list[str | None]]):
+        """Each token of each row (B, T) through its own adapter (none loaded: nothing to do)."""
         if self.adapters:
-            lora.use_row_index(self.model, lora.row_index(self.model, names).to(self.device))
+            index = torch.stack([lora.row_index(self.model, row) for row in names])
+            lora.use_row_index(self.model, index.to(self.device))
 
     def close(self):
         """Give the model back as it was: one active adapter for every row."""

@@ -126,9 +126,11 @@ class LoRALinear(nn.Module):
         every loaded adapter's A at once (n x r columns), the other adapters' columns zeroed row by row,
         then through every B at once. A zeroed column adds exact zeros, so each row gets its own
         x A^T B^T. It costs n adapters' small matmuls and gathers or copies nothing per row (gathering
-        each row's A and B would read ~5 GB a decode step at 128 rows of the 7B shape)."""
+        each row's A and B would read ~5 GB a decode step at 128 rows of the 7B shape).
+        index may also be (B, T): a token's own adapter (prompts packed into one row)."""
         A, B, owner, index = self.rows  # (n r, in), (out, n r) scale included, (n r,): column -> adapter, (B,)
-        keep = (owner[None, :] == index[:, None]).to(x.dtype)[:, None, :]  # (B, 1, n r)
+        index = index[:, None] if index.dim() == 1 else index  # (B, 1) or (B, T)
+        keep = (owner == index[..., None]).to(x.dtype)  # (B, 1 or T, n r)
         return F.linear(F.linear(x, A.to(x.dtype)) * keep, B.to(x.dtype))  # (B, T, out)
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,10 +306,11 @@ def unmerge_lora(model):
 
 
 @torch.no_grad()
-def set_row_adapters(model, names: list[str | None] | None):
+def set_row_adapters(model, names: list[str | None] | None, dtype=torch.float32):
     """Several adapters in one batch (the S-LoRA / Punica idea): until called with None, row b of
     every forward uses adapter names[b] (None: the base), none of them merged and none swapped.
-    use_row_index(model, index) then changes the rows' adapters without rebuilding anything."""
+    use_row_index(model, index) then changes the rows' adapters without rebuilding anything.
+    dtype: the stacks', the activations' (so that no step casts them again)."""
     layers = _lora_layers(model).values()
     if names is None:
         for layer in layers:
@@ -320,7 +323,8 @@ def set_row_adapters(model, names: list[str | None] | None):
     loaded = adapter_names(model)
     index = row_index(model, names).to(next(iter(next(iter(layers)).lora_A.values())).weight.device)
     for layer in layers:
-        layer.rows = (*layer.stacked(loaded), index)
+        A, B, owner = layer.stacked(loaded)
+        layer.rows = (A.to(dtype), B.to(dtype), owner, index)
     return index
 
 

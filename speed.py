@@ -767,11 +767,14 @@ class CUDAGraphBatchDecoding:
 
 
 def plan_batch_decoding(engine, cuda_graph: bool | None):
-    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU."""
+    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU. Prompts prefilled
+    together attend through varlen_attn where it runs (no (T, T) mask, so 8,192 tokens at once)."""
     if cuda_graph is None:
         cuda_graph = engine.device.type == "cuda"
     if cuda_graph:
         engine.forward = CUDAGraphBatchDecoding(engine)
+    if varlen_available(engine.device, engine.model.lm_head.weight.dtype):
+        engine.cache.packed_mask, engine.prefill_tokens = VarlenAttention, 8192
     return engine
 
 

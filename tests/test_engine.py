@@ -29,12 +29,15 @@ def alone(m, prompt, n, stop=(), **sampling):
     return list(decode.generate(m, prompt, n, set(stop), generator=generator, **sampling))
 
 
-def test_greedy_rows_equal_decoding_each_alone(tiny_model):
+@pytest.mark.parametrize("prefill_tokens", [512, 50, 1])
+def test_greedy_rows_equal_decoding_each_alone(tiny_model, prefill_tokens):
     """Seven prompts of 1 to 120 tokens through 3 slots: each finished one leaves and the next
-    prompt's prefill takes its slot; every answer is the one decoding it alone gives."""
+    prompt's prefill takes its slot; every answer is the one decoding it alone gives, whether the
+    prompts admitted together are prefilled packed into one forward (512; 50: some split) or alone."""
     ps = prompts(tiny_model.config.vocab_size)
     want = [alone(tiny_model, p, 24) for p in ps]
     e = engine.Engine(tiny_model, max_batch_size=3)
+    e.prefill_tokens = prefill_tokens
     assert [r.tokens for r in e.run([engine.Request(p, 24) for p in ps])] == want
     assert e.idle() and e.slots == 3
 
