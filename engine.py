@@ -101,6 +101,12 @@ class SlotCache(modeling.KVCache):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
         self.device, self.positions, self.span, self.packed = device, None, 0, None
         self.packed_mask = None  # how packed prompts attend: model.block_mask, or speed.VarlenAttention on a GPU
+        c = config  # a Qwen3.5 DeltaNet layer: each slot's convolution inputs and recurrent state
+        conv = (slots, 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads
+                * c.linear_value_head_dim, c.linear_conv_kernel_dim - 1)
+        state = (slots, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
+        self.linear = [(torch.zeros(conv, device=device, dtype=dtype), torch.zeros(state, device=device))
+                       if mixer == "linear_attention" else None for mixer in config.mixers]
 
     def prefill(self, slots: list[int], lengths: list[int]):
         """Prompts of these lengths, packed in this order, into these slots. Where each packed token
@@ -124,6 +130,18 @@ class SlotCache(modeling.KVCache):
         keys = torch.arange(self.span, device=input_ids.device)
         mask = (keys[None, :] <= self.positions[:, None])[:, None, None, :]  # (B, 1, 1, span)
         return self.positions[:, None], mask, False
+
+    def linear_state(self, layer: int):
+        """A DeltaNet layer's states: none for a prompt (it starts a text), rows 0 .. B-1's to decode."""
+        if self.positions is None:
+            return None, None
+        conv, state = self.linear[layer]
+        return conv[:len(self.positions)], state[:len(self.positions)]
+
+    def set_linear_state(self, layer: int, conv, state):
+        """Into the prompt's slot (one prompt a prefill: its final state is its own), or rows 0 .. B-1."""
+        rows = slice(0, len(self.positions)) if self.positions is not None else self.packed[0][:1]
+        self.linear[layer][0][rows], self.linear[layer][1][rows] = conv, state
 
     def update(self, layer: int, k, v):
         if self.positions is None:  # k, v (1, nkv, sum T, hd): each token into its slot at its position
@@ -171,7 +189,8 @@ class Engine:
         self.forward = self.eager_forward  # on a GPU, CUDA graphs of it (speed.plan_batch_decoding)
         # Prompts packed into one prefill attend through a (T, T) block mask, so a few at a time; on
         # a GPU through varlen attention, no mask, and thousands (speed.plan_batch_decoding)
-        self.prefill_tokens = 512
+        # A Qwen3.5 DeltaNet layer carries one recurrent state through a forward: one prompt a prefill
+        self.prefill_tokens = 0 if "linear_attention" in config.mixers else 512
         speed.plan_batch_decoding(self, cuda_graph)
 
     @property

@@ -773,7 +773,7 @@ def plan_batch_decoding(engine, cuda_graph: bool | None):
         cuda_graph = engine.device.type == "cuda"
     if cuda_graph:
         engine.forward = CUDAGraphBatchDecoding(engine)
-    if varlen_available(engine.device, engine.model.lm_head.weight.dtype):
+    if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
         engine.cache.packed_mask, engine.prefill_tokens = VarlenAttention, 8192
     return engine
 

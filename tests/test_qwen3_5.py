@@ -283,3 +283,30 @@ def test_qwen3_5_moe_is_refused_naming_what_is_supported():
         Config.from_dict(d, "Qwen3.5-35B-A3B/config.json")
     assert "(a mixture-of-experts model)" in str(e.value)
     assert "Qwen3.5 / 3.6 / 3.8 dense (model_type 'qwen3_5'" in str(e.value)
+
+
+def test_the_engine_keeps_each_slots_recurrent_state(qwen3_5):
+    """Seven prompts (1 to 120 tokens, past one 64-token chunk) through 3 slots of engine.Engine:
+    each slot keeps its own convolution and recurrent state, so every answer is the one decoding
+    it alone gives, as rows finish and new prompts take their slots (each prefilled alone)."""
+    import engine
+    _, _, ours = qwen3_5
+    ps = [tokens(1, n, seed=10 + n)[0].tolist() for n in (3, 40, 7, 120, 1, 15, 64)]
+    want = [list(decode.generate(ours, p, 12, set())) for p in ps]
+    e = engine.Engine(ours, max_batch_size=3)
+    assert e.prefill_tokens == 0
+    assert [r.tokens for r in e.run([engine.Request(p, n) for p, n in zip(ps, (12, 5, 12, 9, 12, 12, 12))])] == \
+        [w[:n] for w, n in zip(want, (12, 5, 12, 9, 12, 12, 12))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
+def test_the_engines_cuda_graphs_carry_the_recurrent_state(qwen3_5):
+    """The engine's decode steps replayed as CUDA graphs (float32) give the eager engine's tokens:
+    the DeltaNet states are read and written in place, inside the recorded step."""
+    import copy
+    import engine
+    m = copy.deepcopy(qwen3_5[2]).cuda()
+    ps = [tokens(1, n, seed=20 + n)[0].tolist() for n in (3, 40, 7, 120, 1)]
+    runs = [[r.tokens for r in engine.Engine(m, max_batch_size=3, cuda_graph=graph).run(
+        [engine.Request(p, 10) for p in ps])] for graph in (False, True)]
+    assert runs[0] == runs[1]
