@@ -226,19 +226,22 @@ class Engine:
             self.decode_step(rows[-1] + 1)
 
     def admit(self):
-        """Waiting prompts into the free slots, prefilled together: up to prefill_tokens prompt
-        tokens in one forward (a longer prompt alone)."""
-        group, tokens = [], 0
+        """Waiting prompts into the free slots, prefilled together: those of one adapter, up to
+        prefill_tokens prompt tokens in one forward (a longer prompt alone)."""
+        admitted = []
         for slot in [slot for slot, seq in enumerate(self.running) if seq is None]:
             request = self.next_waiting()
             if request is None:
                 break
-            if group and tokens + len(request.prompt) > self.prefill_tokens:
-                self.prefill(group)
-                group, tokens = [], 0
-            group.append((slot, request))
-            tokens += len(request.prompt)
-        if group:
+            admitted.append((slot, request))
+        for adapter in dict.fromkeys(r.adapter for _, r in admitted):  # a packed row goes through one adapter
+            group, tokens = [], 0
+            for slot, request in [(s, r) for s, r in admitted if r.adapter == adapter]:
+                if group and tokens + len(request.prompt) > self.prefill_tokens:
+                    self.prefill(group)
+                    group, tokens = [], 0
+                group.append((slot, request))
+                tokens += len(request.prompt)
             self.prefill(group)
 
     def next_waiting(self) -> Request | None:
@@ -256,7 +259,7 @@ class Engine:
         requests = [request for _, request in group]
         lengths = [len(r.prompt) for r in requests]
         seqs = [Sequence(r, self.device, self.model.config.vocab_size) for r in requests]
-        self.use_adapters([[r.adapter for r in requests for _ in r.prompt]])  # (1, sum T): each token its prompt's
+        self.use_adapters([requests[0].adapter])  # one adapter for the packed row (admit groups them so)
         self.cache.prefill([slot for slot, _ in group], lengths)
         ids = torch.tensor([[t for r in requests for t in r.prompt]], device=self.device)  # (1, sum T)
         h = self.model.model(ids, cache=self.cache)  # (1, sum T, hidden)
@@ -295,11 +298,16 @@ class Engine:
         h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
         return self.model.lm_head(h[:, -1])
 
-    def use_adapters(self, names: list[list[str | None]]):
-        """Each token of each row (B, T) through its own adapter (none loaded: nothing to do)."""
+    def warm_up(self):
+        """On a GPU, record the decode steps' CUDA graphs of every batch size now, not as the first
+        requests arrive (speed.CUDAGraphBatchDecoding.record_buckets; eager decoding: nothing to do)."""
+        if hasattr(self.forward, "record_buckets"):
+            self.forward.record_buckets()
+
+    def use_adapters(self, names: list[str | None]):
+        """Each row through its own adapter (none loaded: nothing to do)."""
         if self.adapters:
-            index = torch.stack([lora.row_index(self.model, row) for row in names])
-            lora.use_row_index(self.model, index.to(self.device))
+            lora.use_row_index(self.model, lora.row_index(self.model, names).to(self.device))
 
     def close(self):
         """Give the model back as it was: one active adapter for every row."""

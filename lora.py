@@ -126,11 +126,9 @@ class LoRALinear(nn.Module):
         every loaded adapter's A at once (n x r columns), the other adapters' columns zeroed row by row,
         then through every B at once. A zeroed column adds exact zeros, so each row gets its own
         x A^T B^T. It costs n adapters' small matmuls and gathers or copies nothing per row (gathering
-        each row's A and B would read ~5 GB a decode step at 128 rows of the 7B shape).
-        index may also be (B, T): a token's own adapter (prompts packed into one row)."""
+        each row's A and B would read ~5 GB a decode step at 128 rows of the 7B shape)."""
         A, B, owner, index = self.rows  # (n r, in), (out, n r) scale included, (n r,): column -> adapter, (B,)
-        index = index[:, None] if index.dim() == 1 else index  # (B, 1) or (B, T)
-        keep = (owner == index[..., None]).to(x.dtype)  # (B, 1 or T, n r)
+        keep = (owner[None, :] == index[:, None]).to(x.dtype)[:, None, :]  # (B, 1, n r)
         return F.linear(F.linear(x, A.to(x.dtype)) * keep, B.to(x.dtype))  # (B, T, out)
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

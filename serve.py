@@ -802,6 +802,7 @@ def main(argv=None) -> int:
         try:
             chat = infer.load_chat(chat_args(args))
             batches = engine.Engine(chat.model, args.max_batch_size, slot_length(args, chat), args.cuda_graph)
+            batches.warm_up()  # on a GPU: every batch size's decode step recorded before the first client
             server = Server(chat, served_models(args, chat), batches, args)
             httpd.app = server
             announce(server, args.host, httpd.server_address[1])
