@@ -150,3 +150,18 @@ def test_cuda_graph_batches_give_the_eager_tokens(tiny_dir):
     buckets = set(e.forward.graphs)  # one graph a bucket used
     assert {b for b, _ in buckets} <= {1, 2, 4, 5} and len({b for b, _ in buckets}) >= 2
     assert {s for _, s in buckets} == {256, 512} and {(b, 256) for b in (1, 2, 4, 5)} <= buckets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention needs a GPU: run on the GPU machine")
+def test_prompts_prefilled_packed_through_varlen_attention_give_each_ones_first_token(tiny_dir):
+    """bfloat16 on a GPU: the prompts of one step prefilled packed into one row through varlen
+    attention (speed.plan_batch_decoding) pick the first token each one's own prefill picks."""
+    m, _ = modeling.load_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
+    m.eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(50)
+    ps = prompts(m.config.vocab_size, seed=6)
+    want = [alone(m, p, 1) for p in ps]
+    e = engine.Engine(m, max_batch_size=len(ps))
+    assert e.cache.packed_mask is not None and e.prefill_tokens > sum(map(len, ps))  # one packed forward
+    assert [r.tokens for r in e.run([engine.Request(p, 1) for p in ps])] == want
