@@ -1,5 +1,6 @@
 """Qwen3.5 / 3.6 chat format (template.py's qwen3_5): prompts byte for byte what the checkpoints' Jinja
-templates render (tests/templates/, rendered by transformers' apply_chat_template), and training rows
+templates render (Qwen3.5's in tiny.py, Qwen3.6's in tests/templates/; rendered by transformers'
+apply_chat_template), and training rows
 as ms-swift 4.6.0 trains them. No real Qwen3.5 tokenizer is reachable offline: the ids are checked on the
 tiny Qwen3 tokenizer, which has the same special tokens (<|im_start|>, <|im_end|>, <think>, </think>,
 the vision tokens); the format itself does not depend on the vocabulary."""
@@ -11,12 +12,13 @@ import pytest
 import data
 import sources
 import template as T
+import tiny
 from conftest import marked_text, with_template
 from test_qwen3 import ROWS as QWEN3_ROWS
 from data import encode_chat, render_chat
 
-HERE = Path(__file__).resolve().parent / "templates"  # where each Jinja file came from: its first lines
-JINJA = {"Qwen3.5": (HERE / "Qwen3.5.jinja").read_text(), "Qwen3.6": (HERE / "Qwen3.6.jinja").read_text()}
+HERE = Path(__file__).resolve().parent / "templates"  # where each Jinja text came from: its first lines
+JINJA = {"Qwen3.5": tiny.QWEN35_CHAT_TEMPLATE, "Qwen3.6": (HERE / "Qwen3.6.jinja").read_text()}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,11 @@ def test_training_rows_are_ms_swifts(tok, flags):
     assert ours == expected
     batched = sources.encode_chats(tok, conversations, template=template)
     assert [marked_text(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
+
+
+def test_the_built_in_tiny_qwen3_5_carries_qwen3_5s_template():
+    """`--model tiny-qwen3_5` is chosen the qwen3_5 template from its own tokenizer_config.json, as a
+    real Qwen3.5 checkpoint is (not Qwen3's, which it carried before)."""
+    folder = tiny.tiny_model_dir("tiny-qwen3_5")
+    assert T.template_name_of(folder, "qwen3_5") == "qwen3_5"
+    assert (folder.name, tiny.TINY_VERSION["qwen3_5"]) == ("tiny-qwen3_5-v2", "tiny-qwen3_5-v2")
