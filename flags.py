@@ -92,6 +92,8 @@ def data_flags(p):
                    help="hybrid Qwen3: think before the --eval_prompts answers (rows train as written)")
     g.add_argument("--add_non_thinking_prefix", type=str2bool, default=True,
                    help="hybrid Qwen3: an empty think block before each answer without one, as ms-swift")
+    g.add_argument("--preserve_thinking", type=str2bool, default=None,
+                   help="Qwen3.6: keep earlier answers' reasoning in multi-turn rows (default: false)")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
     g.add_argument("--columns", default=None,
@@ -309,6 +311,8 @@ def infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system prompt (default: the adapter's training one, else the template's; Qwen3: none)")
     g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
     g.add_argument("--enable_thinking", type=str2bool, default=None, help="hybrid Qwen3: reason before answering (default: true, as the model's template)")
+    g.add_argument("--preserve_thinking", type=str2bool, default=None,
+                   help="Qwen3.6: keep earlier answers' reasoning (default: as the adapter was trained, else false)")
     g.add_argument("--show_thinking", type=str2bool, default=None, help="print the reasoning before the answer (default: in the REPL only; piped: a 'reasoning' field)")
     g.add_argument("--stream", type=str2bool, default=None, help="print the answer as it is generated (default: true; not with --val_dataset)")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")

@@ -168,3 +168,23 @@ def test_the_built_in_tiny_qwen3_5_carries_qwen3_5s_template():
     folder = tiny.tiny_model_dir("tiny-qwen3_5")
     assert T.template_name_of(folder, "qwen3_5") == "qwen3_5"
     assert (folder.name, tiny.TINY_VERSION["qwen3_5"]) == ("tiny-qwen3_5-v2", "tiny-qwen3_5-v2")
+
+
+def test_preserve_thinking_reaches_train_and_infer_from_their_flags(tmp_path):
+    """--preserve_thinking true: train.py's template keeps an earlier answer's reasoning (the rows above
+    show what that renders), infer.py with an adapter trained so keeps it too unless told otherwise;
+    on Qwen2.5 it is refused."""
+    import flags
+    import infer
+    import train
+    folder, config = tiny.tiny_model_dir("tiny-qwen3_5"), type("Config", (), {"model_type": "qwen3_5"})
+    a = flags.train_parser().parse_args(["--model", "tiny-qwen3_5", "--dataset", "x.jsonl", "--preserve_thinking", "true"])
+    assert train.chat_template(a, folder, config).preserve_thinking and a.template == "qwen3_5"
+    trained = [{"template": "qwen3_5", "preserve_thinking": True}]  # the adapter's args.json
+    i = flags.infer_parser().parse_args(["--model", "tiny-qwen3_5"])
+    assert infer.chat_template(i, folder, config, trained).preserve_thinking
+    i = flags.infer_parser().parse_args(["--model", "tiny-qwen3_5", "--preserve_thinking", "false"])
+    assert not infer.chat_template(i, folder, config, trained).preserve_thinking
+    a = flags.train_parser().parse_args(["--model", "tiny", "--dataset", "x.jsonl", "--preserve_thinking", "true"])
+    with pytest.raises(T.TemplateError, match="--preserve_thinking: the qwen2_5 template has no such setting"):
+        train.chat_template(a, tiny.tiny_model_dir("tiny"), type("C", (), {"model_type": "qwen2"}))
