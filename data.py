@@ -42,6 +42,7 @@ Where ms-swift (the tool our users come from) does something surprising, we do t
 
 import bisect
 import contextlib
+import functools
 import re
 import sys
 from dataclasses import replace
@@ -97,6 +98,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The most characters one token spells (byte-level BPE: a character of a token is a byte), so
+        a text of n characters is at least n / longest_token tokens, whatever it tokenizes to."""
+        return max(map(len, self.tok.get_vocab(with_added_tokens=True)))
 
     def encode(self, text: str) -> list[int]:
         """Text with special tokens read as such ("<|im_end|>" -> its one id), as transformers does."""
@@ -272,7 +279,32 @@ def encode_dataset(tok: Tokenizer, conversations, max_length: int, truncation_st
     if not conversations:
         raise DataError("The dataset has no conversations to train on.")
     note_control_token_text(control_token_texts(tok, conversations))
+    if truncation_strategy == "delete":
+        conversations, clipped = clip_hopeless_texts(tok, conversations, max_length)
+        note_clipped(clipped, max_length)
     return fit_rows(encode_rows(tok, conversations, system, template), max_length, truncation_strategy)
+
+
+CLIP_OVER = 2**20  # characters: a text over this many, sure to be too long, is not tokenized whole
+
+
+def clip_hopeless_texts(tok: Tokenizer, conversations: list[list[dict]], max_length: int) -> tuple[list, int]:
+    """For --truncation_strategy delete: each message text cut to (max_length + 1) x tok.longest_token
+    characters, or CLIP_OVER if more. A longer text is over max_length tokens whatever it tokenizes to,
+    so its row is dropped either way; cut, it is dropped the same, without tokenizing the rest (a 180 MB
+    line took 9 GB). Under CLIP_OVER, texts are tokenized whole, so that the longest row's count the
+    notes give is exact. Returns the conversations and how many were cut (note_clipped says so)."""
+    limit = max((max_length + 1) * tok.longest_token, CLIP_OVER)
+    long = lambda m: isinstance(m.get("content"), str) and len(m["content"]) > limit
+    cut = [any(long(m) for m in messages) for messages in conversations]
+    return [[dict(m, content=m["content"][:limit]) if long(m) else m for m in messages] if c else messages
+            for messages, c in zip(conversations, cut)], sum(cut)
+
+
+def note_clipped(n: int, max_length: int):
+    if n:
+        print(f"{n} row(s) hold a text too long for --max_length {max_length} tokens whatever it tokenizes to: "
+              "only its start was tokenized, so the token count below is a lower bound for them.")
 
 
 def fit_rows(rows: list[Row], max_length: int, truncation_strategy: str, what: str = "rows") -> list[Row]:

@@ -75,7 +75,8 @@ from pathlib import Path
 import numpy as np
 
 from data import (LONE_SURROGATE, DataError, Row, Tokenizer, chat_pieces, chat_template, control_token_texts,
-                  fit_rows, layout_turns, note_control_token_text, turn_text)
+                  clip_hopeless_texts, fit_rows, layout_turns, note_clipped, note_control_token_text,
+                  turn_text)
 from template import Template, with_reasoning_in_content
 
 # ----------------------------------------------------------------------------------------------
@@ -840,15 +841,18 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
     size, split as pick_rows splits it by ratio. Each source is tokenized in batches while it is read,
     so only the compact rows are ever all in memory, not the text or the conversations; a source of
     progress_over bytes or more prints its progress every progress_every s."""
-    rows, spelled, pending = [], [], collections.deque()
+    rows, spelled, pending, clipped = [], [], collections.deque(), []
 
     def encode(conversations):
         # The tokenizer works on its own thread and lets go of Python meanwhile, so while it tokenizes this
         # batch, this thread lays out the batch before and reads the next: both cores stay busy. Only the
         # tokenizing runs there, so it starts on the next batch as soon as it is done with one.
+        spelled.extend(control_token_texts(tok, conversations))
+        if truncation_strategy == "delete":  # a row sure to be dropped: not all of its text tokenized
+            conversations, n = clip_hopeless_texts(tok, conversations, max_length)
+            clipped.append(n)
         batch = ChatBatch(conversations, system, template)
         pending.append((batch, pool.submit(tok.encode_texts, batch.texts)))
-        spelled.extend(control_token_texts(tok, conversations))
         if len(pending) > 1:
             batch, job = pending.popleft()
             rows.extend(batch.rows(tok, job.result()))
@@ -858,6 +862,7 @@ def load_dataset(tok: Tokenizer, specs: list[str], max_length: int, truncation_s
         picked = read_sources(specs, encode, seed, model_name, model_author, progress, columns, ratio)
         rows.extend(row for batch, job in pending for row in batch.rows(tok, job.result()))
     note_control_token_text([spelled[i] for order in picked for i in order])
+    note_clipped(sum(clipped), max_length)
     # repeats share their arrays; a part without rows says nothing
     return tuple(fit_rows([rows[i] for i in order], max_length, truncation_strategy, what) if order else []
                  for order, what in zip(picked, ("rows", "validation rows")))

@@ -201,3 +201,35 @@ def test_rows_are_int32_ids_and_a_bool_mask_and_repeats_share_them(tok, big):
 if __name__ == "__main__":
     out = write_big_jsonl(sys.argv[1], int(sys.argv[2]))
     print(f"{out}: {out.stat().st_size / 1e6:.0f} MB")
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_text_too_long_to_keep_is_not_tokenized_whole(tok, tmp_path, monkeypatch, capsys, streamed):
+    """Issue 34: one 180 MB line took 9 GB, tokenized whole only to be dropped. With --truncation_strategy
+    delete, a text of more than data.CLIP_OVER characters (and (max_length + 1) x the longest token's)
+    is over max_length whatever it tokenizes to: only that much is tokenized, the row is dropped the
+    same, the other rows are untouched. With left (the row is kept, cut), all of it is tokenized."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"messages": turns(f"question {i}", f"answer {i}")} for i in range(3)]
+    rows.insert(1, {"messages": turns("x " * 600_000, "ok")})  # 1,200,000 characters
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    monkeypatch.setattr(Tokenizer, "encode_texts", lambda self, texts, f=Tokenizer.encode_texts: (
+        seen.extend(map(len, texts)), f(self, texts))[1])
+    monkeypatch.setattr(Tokenizer, "encode_text", lambda self, text, f=Tokenizer.encode_text: (
+        seen.append(len(text)), f(self, text))[1])
+
+    def load(strategy):
+        seen.clear()
+        if streamed:
+            return sources.load_dataset(tok, [str(path)], 64, strategy)[0]
+        return data.encode_dataset(tok, sources.load_conversations([str(path)]), 64, strategy)
+
+    kept = load("delete")
+    assert max(seen) <= data.CLIP_OVER + 20 < 1_200_000 and len(kept) == 3  # (+ a role's header)
+    assert "only its start was tokenized" in capsys.readouterr().out
+    small = [c for c in sources.load_conversations([str(path)]) if len(c[0]["content"]) < 100]
+    assert sorted(r["input_ids"].tolist() for r in kept) == \
+        sorted(r["input_ids"].tolist() for r in data.encode_dataset(tok, small, 64))
+    load("left")
+    assert max(seen) >= 1_200_000
