@@ -438,13 +438,15 @@ def load_chat(args) -> Chat:
     decoding = speed.plan_decoding(args.cuda_graph, args.torch_compile, device, model)
     decoding.prepare(model)
     sampling = sampling_settings(args, gen_config)
+    limit = gen_config.get("max_new_tokens")  # the model's own default, as transformers' generate takes it
+    max_new_tokens = args.max_new_tokens or (limit if isinstance(limit, int) and limit > 0 else None)
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
                          f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k {sampling['top_k']}")
          + f", repetition_penalty {sampling['repetition_penalty']}, seed {args.seed}, max_new_tokens "
-         + str(args.max_new_tokens or f"{DEFAULT_MAX_NEW_TOKENS} (or the rest of the context)"))
+         + str(max_new_tokens or f"{DEFAULT_MAX_NEW_TOKENS} (or the rest of the context)"))
     interactive = args.prompt is None and sys.stdin.isatty()
     return Chat(model=model, tok=tok, stop_ids=modeling.stop_ids(gen_config, model.config, tok.im_end_id),
-                sampling=sampling, max_new_tokens=args.max_new_tokens,
+                sampling=sampling, max_new_tokens=max_new_tokens,
                 generator=torch.Generator(device=device).manual_seed(args.seed), adapter_systems=systems,
                 template=template, show_thinking=interactive if args.show_thinking is None else args.show_thinking,
                 base_system=merged_system(model_dir),

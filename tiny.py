@@ -24,7 +24,7 @@ from model import Config, QwenForCausalLM, save_safetensors_sharded
 from util import atomic_folder, round_up
 
 BUILT_IN = {"tiny": "qwen2", "tiny-qwen3": "qwen3", "tiny-qwen3_5": "qwen3_5"}  # --model NAME -> its model_type
-TINY_VERSION = {"qwen2": "tiny-v3", "qwen3": "tiny-qwen3-v1", "qwen3_5": "tiny-qwen3_5-v2"}  # the folder each is written to
+TINY_VERSION = {"qwen2": "tiny-v4", "qwen3": "tiny-qwen3-v2", "qwen3_5": "tiny-qwen3_5-v2"}  # the folder each is written to
 
 # Qwen2's pre-tokenizer regex, from its tokenizer.json.
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -410,7 +410,9 @@ def make_tiny_checkpoint(out_dir, seed: int = 0, family: str = "qwen2") -> Path:
     # Each family's published sampling defaults (Qwen2.5-7B-Instruct's; Qwen3-8B's, for thinking).
     sampling = ({"temperature": 0.6, "top_p": 0.95, "top_k": 20} if family != "qwen2" else
                 {"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
-    gen = {"bos_token_id": eot, "pad_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], **sampling}
+    # max_new_tokens: a random base model (`/adapter base` in the REPL) would otherwise write to the context's end
+    gen = {"bos_token_id": eot, "pad_token_id": eot, "do_sample": True, "eos_token_id": [im_end, eot], **sampling,
+           "max_new_tokens": 256}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     jinja = {"qwen2": QWEN25_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE, "qwen3_5": QWEN35_CHAT_TEMPLATE}[family]
     tok_cfg = tokenizer_config(tok, jinja)

@@ -283,6 +283,22 @@ def test_prompt_flag_prints_only_the_answer(chatty):
     assert f"loading {folder}" in err and "decoding: greedy" in err
 
 
+def test_without_max_new_tokens_the_models_generation_config_bounds_the_answer(chatty, tmp_path):
+    """generation_config.json's max_new_tokens is the default, as transformers' generate takes it (the
+    tiny models set 256, so a random base does not write to the end of a 32k context); the flag wins."""
+    import shutil
+    folder, m, tok = chatty
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    gen = json.loads((copy / "generation_config.json").read_text())
+    (copy / "generation_config.json").write_text(json.dumps(dict(gen, max_new_tokens=7)))
+    code, out, err = run_cli("--model", copy, "--prompt", QUESTION, *GREEDY)
+    assert code == 0 and out == expected_answer(m, tok, QUESTION, max_new_tokens=7) + "\n", err
+    assert "max_new_tokens 7" in err
+    code, out, err = run_cli("--model", copy, "--prompt", QUESTION, "--max_new_tokens", 9, *GREEDY)
+    assert out == expected_answer(m, tok, QUESTION, max_new_tokens=9) + "\n"
+
+
 def test_piped_lines_are_answered_one_by_one_on_stdout(chatty):
     folder, m, tok = chatty
     code, out, err = run_cli("--model", folder, "--max_new_tokens", 10, "--stream", "false", *GREEDY,
