@@ -42,9 +42,31 @@ def resolve_model_dir(name_or_path: str) -> Path:
         ) from None
 
 
+# What decoding reads from generation_config.json: each field's check and what it should be (null: unset)
+GENERATION_FIELDS = {
+    "temperature": (lambda v: _number(v) and v >= 0, "a number of 0 or more"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number over 0, at most 1"),
+    "top_k": (lambda v: _integer(v) and v >= 0, "a whole number of 0 or more"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number over 0"),
+    "max_new_tokens": (lambda v: _integer(v) and v >= 1, "a whole number of 1 or more"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "eos_token_id": (lambda v: _integer(v) or (isinstance(v, list) and all(map(_integer, v))),
+                     "a token id or a list of them"),
+}
+_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+_integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+
 def load_generation_config(model_dir) -> dict:
+    """generation_config.json, its decoding fields checked (GENERATION_FIELDS); {} where there is none."""
     path = Path(model_dir) / "generation_config.json"
-    return read_json(path, ModelError) if path.exists() else {}
+    config = read_json(path, ModelError) if path.exists() else {}  # (read_json: a JSON object, else ModelError)
+    for name, (ok, expected) in GENERATION_FIELDS.items():
+        if config.get(name) is not None and not ok(config[name]):
+            raise ModelError(f"{path}: \"{name}\" is {json.dumps(config[name])}, but decoding needs {expected}. "
+                             "Correct or remove that field (without it, the flags' defaults apply), or fetch the "
+                             "model again.")
+    return config
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

@@ -264,3 +264,24 @@ def test_a_config_json_with_an_impossible_size_stops_before_building_anything(tm
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"{key} is {value}, which no Qwen model has" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("temperature", "hot", "a number of 0 or more"), ("top_p", 0, "a number over 0, at most 1"),
+    ("top_k", 2.5, "a whole number of 0 or more"), ("max_new_tokens", -1, "a whole number of 1 or more"),
+    ("do_sample", "yes", "true or false"), ("eos_token_id", ["x"], "a token id or a list of them"),
+    ("repetition_penalty", True, "a number over 0")])
+def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, tiny_dir, key, value, expected, capsys):
+    """Issue 34 item 10: {"temperature": "hot"} in generation_config.json ended in a TypeError traceback
+    at the first token; every field decoding reads is checked as the file is read (checkpoints.GENERATION_FIELDS)."""
+    import infer
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, key: value}))
+    assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f'"{key}" is {json.dumps(value)}, but decoding needs {expected}' in err and "Traceback" not in err
+    (folder / "generation_config.json").write_text("[1, 2]")
+    assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
+    assert "generation_config.json must hold a JSON object, not list" in capsys.readouterr().err
