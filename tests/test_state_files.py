@@ -285,3 +285,18 @@ def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, 
     (folder / "generation_config.json").write_text("[1, 2]")
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     assert "generation_config.json must hold a JSON object, not list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,expected", [("model", 7, "a model id or folder"), ("system", 5, "a text"),
+                                                  ("enable_thinking", "no", "true or false"),
+                                                  ("split_dataset_ratio", 1.5, "a number from 0 up to 1")])
+def test_an_args_json_field_of_the_wrong_kind_is_one_paragraph(tmp_path, trained, field, value, expected, capsys):
+    """Issue 34 item 10: {"model": 7} in a checkpoint's args.json ended in a TypeError traceback, and
+    {"system": 5} was used as the system prompt "5"; every field inference reads is checked (lora.ARGS_FIELDS)."""
+    import infer
+    ckpt = trained[0] / "checkpoint-2"
+    args = json.loads((ckpt / "args.json").read_text())
+    (ckpt / "args.json").write_text(json.dumps({**args, field: value}))
+    assert infer.main(["--adapters", str(ckpt), "--prompt", "hi", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f'args.json: "{field}" is {json.dumps(value)}, but it must be {expected}' in err and "Traceback" not in err
