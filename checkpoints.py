@@ -7,7 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from util import read_json, save_safetensors, short_list
+from util import (check_fields, is_bool, is_number, is_text, is_texts, is_whole, read_json, save_safetensors,
+                  short_list)
 
 
 class ModelError(Exception):
@@ -42,30 +43,39 @@ def resolve_model_dir(name_or_path: str) -> Path:
         ) from None
 
 
-# What decoding reads from generation_config.json: each field's check and what it should be (null: unset)
+# What decoding reads from generation_config.json: each field's test and what it must be (null: unset)
 GENERATION_FIELDS = {
-    "temperature": (lambda v: _number(v) and v >= 0, "a number of 0 or more"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number over 0, at most 1"),
-    "top_k": (lambda v: _integer(v) and v >= 0, "a whole number of 0 or more"),
-    "repetition_penalty": (lambda v: _number(v) and v > 0, "a number over 0"),
-    "max_new_tokens": (lambda v: _integer(v) and v >= 1, "a whole number of 1 or more"),
-    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
-    "eos_token_id": (lambda v: _integer(v) or (isinstance(v, list) and all(map(_integer, v))),
+    "temperature": (lambda v: is_number(v) and v >= 0, "a number of 0 or more"),
+    "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number over 0, at most 1"),
+    "top_k": (lambda v: is_whole(v) and v >= 0, "a whole number of 0 or more"),
+    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number over 0"),
+    "max_new_tokens": (lambda v: is_whole(v) and v >= 1, "a whole number of 1 or more"),
+    "do_sample": (is_bool, "true or false"),
+    "eos_token_id": (lambda v: is_whole(v) or (isinstance(v, list) and all(map(is_whole, v))),
                      "a token id or a list of them"),
 }
-_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-_integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+# What inference reads from an adapter checkpoint's args.json (ours or ms-swift's): lora.checkpoint_args
+ARGS_FIELDS = {
+    "model": (is_text, "a model id or folder"), "model_id_or_path": (is_text, "a model id or folder"),
+    "system": (is_text, "a text"), "template": (is_text, "a template name"), "loss_scale": (is_text, "a name"),
+    "enable_thinking": (is_bool, "true or false"), "preserve_thinking": (is_bool, "true or false"),
+    "add_non_thinking_prefix": (is_bool, "true or false"),
+    "model_name": (is_texts, "a text or a list of texts"), "model_author": (is_texts, "a text or a list of texts"),
+    "dataset": (is_texts, "a list of dataset names"), "val_dataset": (is_texts, "a list of dataset names"),
+    "max_length": (lambda v: is_whole(v) and v >= 1, "a whole number of 1 or more"),
+    "data_seed": (is_whole, "a whole number"), "seed": (is_whole, "a whole number"),
+    "truncation_strategy": (is_text, "delete, left or right"),
+    "split_dataset_ratio": (lambda v: is_number(v) and 0 <= v < 1, "a number from 0 up to 1"),
+}
 
 
 def load_generation_config(model_dir) -> dict:
     """generation_config.json, its decoding fields checked (GENERATION_FIELDS); {} where there is none."""
     path = Path(model_dir) / "generation_config.json"
     config = read_json(path, ModelError) if path.exists() else {}  # (read_json: a JSON object, else ModelError)
-    for name, (ok, expected) in GENERATION_FIELDS.items():
-        if config.get(name) is not None and not ok(config[name]):
-            raise ModelError(f"{path}: \"{name}\" is {json.dumps(config[name])}, but decoding needs {expected}. "
-                             "Correct or remove that field (without it, the flags' defaults apply), or fetch the "
-                             "model again.")
+    check_fields(path, config, GENERATION_FIELDS, ModelError, "Correct or remove that field (without it, the flags' "
+                 "defaults apply), or fetch the model again.")
     return config
 
 

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import ARGS_FIELDS
 from model import TEXT_PREFIX
-from util import read_json, save_safetensors, short_list
+from util import check_fields, read_json, save_safetensors, short_list
 
 # What `all-linear` means: every nn.Linear of every layer, never lm_head (peft's choice). Qwen2 / Qwen3: the
 # seven projections; Qwen3.5 adds the Gated DeltaNet's five (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a:
@@ -526,26 +527,6 @@ def load_adapter(model, path, name: str = "default", base_model_name_or_path: st
     return cfg
 
 
-_text = lambda v: isinstance(v, str)
-_texts = lambda v: isinstance(v, str) or (isinstance(v, list) and all(map(_text, v)))
-_whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-# What inference reads from a checkpoint's args.json (ours or ms-swift's), and what each must be (null: unset)
-ARGS_FIELDS = {
-    "model": (_text, "a model id or folder"), "model_id_or_path": (_text, "a model id or folder"),
-    "system": (_text, "a text"), "template": (_text, "a template name"), "loss_scale": (_text, "a name"),
-    "enable_thinking": (lambda v: isinstance(v, bool), "true or false"),
-    "preserve_thinking": (lambda v: isinstance(v, bool), "true or false"),
-    "add_non_thinking_prefix": (lambda v: isinstance(v, bool), "true or false"),
-    "model_name": (_texts, "a text or a list of texts"), "model_author": (_texts, "a text or a list of texts"),
-    "dataset": (_texts, "a list of dataset names"), "val_dataset": (_texts, "a list of dataset names"),
-    "max_length": (lambda v: _whole(v) and v >= 1, "a whole number of 1 or more"),
-    "data_seed": (_whole, "a whole number"), "seed": (_whole, "a whole number"),
-    "truncation_strategy": (_text, "delete, left or right"),
-    "split_dataset_ratio": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
-                            "a number from 0 up to 1"),
-}
-
-
 def checkpoint_args(path) -> dict:
     """A checkpoint folder's args.json (ms-swift's or ours) with "model" and "system" filled in.
 
@@ -560,11 +541,8 @@ def checkpoint_args(path) -> dict:
     if not args_file.exists() and not adapter_file.exists():
         raise LoraError(f"{path} has neither args.json nor adapter_config.json, so it is not a training checkpoint.")
     args = read_json(args_file, LoraError) if args_file.exists() else {}
-    for name, (ok, expected) in ARGS_FIELDS.items():
-        if args.get(name) is not None and not ok(args[name]):
-            raise LoraError(f"{args_file}: \"{name}\" is {json.dumps(args[name])}, but it must be {expected}. The "
-                            "file was edited or damaged: correct that field (the run's own command line says what it "
-                            "was), or remove it to let the flags decide.")
+    check_fields(args_file, args, ARGS_FIELDS, LoraError, "The file was edited or damaged: correct that field (the "
+                 "run's own command line says what it was), or remove it to let the flags decide.")
     adapter = read_json(adapter_file, LoraError) if adapter_file.exists() else {}
     out = dict(args)
     out["model"] = args.get("model") or args.get("model_id_or_path") or adapter.get("base_model_name_or_path") or None

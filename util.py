@@ -151,3 +151,21 @@ def short_list(items, n: int = 8) -> str:
     """'a, b, c and 5 more': the first n items of a list for an error message."""
     items = list(items)
     return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking the fields of a JSON file a run reads: each field's test and what it must be (null: unset)
+
+is_text = lambda v: isinstance(v, str)
+is_texts = lambda v: isinstance(v, str) or (isinstance(v, list) and all(map(is_text, v)))
+is_whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+is_bool = lambda v: isinstance(v, bool)
+
+
+def check_fields(path, values: dict, fields: dict, error: type, fix: str):
+    """Each field of `values` that is set passes its test in `fields` ({name: (test, what it must be)}),
+    else `error`: one paragraph naming the file, the field, what it holds and what it must be, then `fix`."""
+    for name, (ok, expected) in fields.items():
+        if values.get(name) is not None and not ok(values[name]):
+            raise error(f"{path}: \"{name}\" is {json.dumps(values[name])}, but it must be {expected}. {fix}")

@@ -281,7 +281,7 @@ def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, 
     (folder / "generation_config.json").write_text(json.dumps({**config, key: value}))
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert f'"{key}" is {json.dumps(value)}, but decoding needs {expected}' in err and "Traceback" not in err
+    assert f'"{key}" is {json.dumps(value)}, but it must be {expected}' in err and "Traceback" not in err
     (folder / "generation_config.json").write_text("[1, 2]")
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     assert "generation_config.json must hold a JSON object, not list" in capsys.readouterr().err
@@ -292,7 +292,7 @@ def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, 
                                                   ("split_dataset_ratio", 1.5, "a number from 0 up to 1")])
 def test_an_args_json_field_of_the_wrong_kind_is_one_paragraph(tmp_path, trained, field, value, expected, capsys):
     """Issue 34 item 10: {"model": 7} in a checkpoint's args.json ended in a TypeError traceback, and
-    {"system": 5} was used as the system prompt "5"; every field inference reads is checked (lora.ARGS_FIELDS)."""
+    {"system": 5} was used as the system prompt "5"; every field inference reads is checked (checkpoints.ARGS_FIELDS)."""
     import infer
     ckpt = trained[0] / "checkpoint-2"
     args = json.loads((ckpt / "args.json").read_text())
