@@ -112,7 +112,8 @@ class SlotCache(modeling.KVCache):
         """Prompts of these lengths, packed in this order, into these slots. Where each packed token
         goes (its slot and position) is worked out once for all layers."""
         device, self.positions = self.device, None
-        self.cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0).int()  # where each prompt starts, then the end (int32: flash attention's)
+        # where each prompt starts, then the end (int32: flash attention's)
+        self.cu_seqlens = torch.tensor([0] + lengths, device=device).cumsum(0).int()
         self.packed = (torch.tensor(slots, device=device).repeat_interleave(torch.tensor(lengths, device=device)),
                        torch.cat([torch.arange(n, device=device) for n in lengths]))  # (sum T,) each: slot, position
 

@@ -426,9 +426,10 @@ def load_chat(args) -> Chat:
     named_in = None if args.model else (adapters[0][1], ckpt_args[0].get("model_dir"))
     model_dir = base_folder(model_name, named_in)
     template = chat_template(args, model_dir, modeling.Config.from_json(model_dir / "config.json"), ckpt_args)
+    gen_config = modeling.load_generation_config(model_dir)  # (checked: a bad field stops before the slow load)
     model = load_base(model_dir, model_name, named_in, cli.pick_dtype(args.torch_dtype, device), device,
                       quant.settings(args))
-    tok, gen_config = data.Tokenizer(model_dir), modeling.load_generation_config(model_dir)
+    tok = data.Tokenizer(model_dir)
     systems = load_adapters(model, adapters, ckpt_args, model_name, args.quant_bits)
     active = adapters[0][0] if adapters else None
     lora.set_active_adapter(model, active)
@@ -438,8 +439,8 @@ def load_chat(args) -> Chat:
     decoding = speed.plan_decoding(args.cuda_graph, args.torch_compile, device, model)
     decoding.prepare(model)
     sampling = sampling_settings(args, gen_config)
-    limit = gen_config.get("max_new_tokens")  # the model's own default, as transformers' generate takes it
-    max_new_tokens = args.max_new_tokens or (limit if isinstance(limit, int) and limit > 0 else None)
+    # the model's own default, as transformers' generate takes it (checked as the file was read)
+    max_new_tokens = args.max_new_tokens or gen_config.get("max_new_tokens")
     note("decoding: " + ("greedy" if sampling["temperature"] == 0 else
                          f"temperature {sampling['temperature']}, top_p {sampling['top_p']}, top_k {sampling['top_k']}")
          + f", repetition_penalty {sampling['repetition_penalty']}, seed {args.seed}, max_new_tokens "
@@ -472,7 +473,7 @@ def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
     else the checkpoint's own; with --enable_thinking."""
     trained = ckpt_args or ([lora.checkpoint_args(model_dir)] if (Path(model_dir) / "args.json").exists() else [])
     name = args.template or next((ck.get("template") for ck in trained if ck.get("template") in TEMPLATES), None)
-    preserve = next((ck["preserve_thinking"] for ck in trained if isinstance(ck.get("preserve_thinking"), bool)), None)
+    preserve = next((ck["preserve_thinking"] for ck in trained if ck.get("preserve_thinking") is not None), None)
     template = choose_template(model_dir, config.model_type, name, enable_thinking=args.enable_thinking,
                                preserve_thinking=preserve if args.preserve_thinking is None else args.preserve_thinking)
     if args.enable_thinking is None and trained:  # as the (first) adapter was trained to answer

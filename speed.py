@@ -754,9 +754,10 @@ class CUDAGraphBatchDecoding:
     def record_buckets(self):
         """Record now the graph of every batch-size bucket at the shortest span (a server's first
         clients then wait for none of them; the graph of a longer span is recorded when first needed)."""
+        span = self.bucket(1, 1)[1]
         for b in sorted({self.bucket(B, 1)[0] for B in range(1, self.engine.slots + 1)}):
-            if (b, self.bucket(1, 1)[1]) not in self.graphs:
-                self.record(b, self.bucket(1, 1)[1])
+            if (b, span) not in self.graphs:
+                self.record(b, span)
 
     def record(self, b: int, span: int):
         e = self.engine
@@ -765,15 +766,15 @@ class CUDAGraphBatchDecoding:
         # The warm-up step really runs: it writes the keys and values of each row's position again
         # (the same values), but it would advance a DeltaNet layer's recurrent state one token too far
         # (the replay advances it again), so those states are put back as they were.
-        states = [[t.clone() for t in pair] for pair in e.cache.linear if pair is not None]
+        states = [t for pair in e.cache.linear if pair is not None for t in pair]
+        saved = [t.clone() for t in states]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
             step()  # warm up outside the default stream, as capture requires
         torch.cuda.current_stream().wait_stream(stream)
-        for pair, saved in zip([p for p in e.cache.linear if p is not None], states):
-            for t, before in zip(pair, saved):
-                t.copy_(before)
+        for t, before in zip(states, saved):
+            t.copy_(before)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
             self.logits[b, span] = step()
