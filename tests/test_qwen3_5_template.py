@@ -14,6 +14,7 @@ import sources
 import template as T
 import tiny
 from conftest import marked_text, with_template
+from test_qwen3 import FULL, R1
 from test_qwen3 import ROWS as QWEN3_ROWS
 from data import encode_chat, render_chat
 
@@ -32,7 +33,6 @@ def hf_tok(qwen3_dir):
     return AutoTokenizer.from_pretrained(qwen3_dir)
 
 
-R1 = "<think>\nFirst I think.\n</think>\n\nAnswer one."
 PROMPTS = {
     "one question": [{"role": "user", "content": "你是谁？"}],
     "system": [{"role": "system", "content": "You are a bot."}, {"role": "user", "content": "hi"}],
@@ -46,13 +46,6 @@ PROMPTS = {
     "history with reasoning_content": [{"role": "user", "content": "a"},
                                        {"role": "assistant", "content": "Answer one.", "reasoning_content": " Hmm.\n"},
                                        {"role": "user", "content": "b"}],
-}
-FULL = {  # whole conversations, as the template renders them without a generation prompt
-    "answer with reasoning": [{"role": "user", "content": "a"}, {"role": "assistant", "content": R1}],
-    "answer without": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}],
-    "two turns, reasoning_content": [{"role": "user", "content": "a"}, {"role": "assistant", "content": R1},
-                                     {"role": "user", "content": "b"},
-                                     {"role": "assistant", "content": "\nB", "reasoning_content": "\nWhy.\n"}],
 }
 SETTINGS = [("Qwen3.5", {}), ("Qwen3.5", {"enable_thinking": True}), ("Qwen3.5", {"enable_thinking": False}),
             ("Qwen3.6", {}), ("Qwen3.6", {"enable_thinking": False}), ("Qwen3.6", {"preserve_thinking": True}),

@@ -42,10 +42,15 @@ def trained(tmp_path, trained_once):
     return tmp_path / "out" / run.name, command[:at] + [str(tmp_path / "out")] + command[at + 1:]
 
 
-def edit_state(ckpt: Path, **fields):
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    state.update(fields)
-    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+def edit_json(path: Path, **fields):
+    """The JSON object in `path` with these fields set (or replaced)."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def tiny_copy(tmp_path, tiny_dir) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    return folder
 
 
 @pytest.mark.parametrize("where", ["../../victim", "absolute"])
@@ -55,7 +60,7 @@ def test_rotation_never_deletes_what_a_checkpoint_names_outside_the_run(tmp_path
     victim.mkdir()
     (victim / "trainer_state.json").write_text("{}")  # looks like a checkpoint: still not ours to delete
     name = str(victim) if where == "absolute" else "../../victim"
-    edit_state(run / "checkpoint-3", checkpoints=[name, "checkpoint-3"])
+    edit_json(run / "checkpoint-3" / "trainer_state.json", checkpoints=[name, "checkpoint-3"])
     code = train.main(argv(tmp_path, "--save_total_limit", 1, "--resume_from_checkpoint", run / "checkpoint-3"))
     assert code == 2 and victim.is_dir()
     err = capsys.readouterr().err
@@ -84,7 +89,7 @@ BAD_FIELDS = {  # issue 34's cases: each a traceback before
 @pytest.mark.parametrize("field", list(BAD_FIELDS))
 def test_a_trainer_state_field_of_the_wrong_kind_is_one_paragraph_before_anything_loads(tmp_path, trained, field, capsys):
     run, command = trained
-    edit_state(run / "checkpoint-3", **{field: BAD_FIELDS[field]})
+    edit_json(run / "checkpoint-3" / "trainer_state.json", **{field: BAD_FIELDS[field]})
     before = sorted(p.name for p in run.iterdir())
     assert train.main(command + ["--max_steps", "4", "--resume_from_checkpoint", str(run / "checkpoint-3")]) == 2
     err = capsys.readouterr().err
@@ -157,8 +162,7 @@ def test_an_adapter_config_field_of_the_wrong_type_is_refused_not_misread(tmp_pa
     """Issue 34 item 10: use_rslora "false" was read as true (rsLoRA's scale, silently)."""
     import infer
     run, _ = trained
-    config = run / "checkpoint-3" / "adapter_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    edit_json(run / "checkpoint-3" / "adapter_config.json", **{field: value})
     assert infer.main(["--adapters", str(run / "checkpoint-3"), "--prompt", "hi", "--max_new_tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
@@ -257,10 +261,8 @@ def test_a_second_run_into_a_folder_another_run_writes_into_is_refused(tmp_path,
 def test_a_config_json_with_an_impossible_size_stops_before_building_anything(tmp_path, tiny_dir, key, value, capsys):
     """Issue 34 item 10: a huge num_hidden_layers hung while memory grew (a layer object for each)."""
     import infer
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    folder = tiny_copy(tmp_path, tiny_dir)
+    edit_json(folder / "config.json", **{key: value})
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"{key} is {value}, which no Qwen model has" in err and "Traceback" not in err
@@ -275,10 +277,8 @@ def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, 
     """Issue 34 item 10: {"temperature": "hot"} in generation_config.json ended in a TypeError traceback
     at the first token; every field decoding reads is checked as the file is read (checkpoints.GENERATION_FIELDS)."""
     import infer
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_dir, folder)
-    config = json.loads((folder / "generation_config.json").read_text())
-    (folder / "generation_config.json").write_text(json.dumps({**config, key: value}))
+    folder = tiny_copy(tmp_path, tiny_dir)
+    edit_json(folder / "generation_config.json", **{key: value})
     assert infer.main(["--model", str(folder), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f'"{key}" is {json.dumps(value)}, but it must be {expected}' in err and "Traceback" not in err
@@ -295,8 +295,7 @@ def test_an_args_json_field_of_the_wrong_kind_is_one_paragraph(tmp_path, trained
     {"system": 5} was used as the system prompt "5"; every field inference reads is checked (checkpoints.ARGS_FIELDS)."""
     import infer
     ckpt = trained[0] / "checkpoint-2"
-    args = json.loads((ckpt / "args.json").read_text())
-    (ckpt / "args.json").write_text(json.dumps({**args, field: value}))
+    edit_json(ckpt / "args.json", **{field: value})
     assert infer.main(["--adapters", str(ckpt), "--prompt", "hi", "--max_new_tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert f'args.json: "{field}" is {json.dumps(value)}, but it must be {expected}' in err and "Traceback" not in err
