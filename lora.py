@@ -129,8 +129,8 @@ class LoRALinear(nn.Module):
         x A^T B^T. It costs n adapters' small matmuls and gathers or copies nothing per row (gathering
         each row's A and B would read ~5 GB a decode step at 128 rows of the 7B shape)."""
         A, B, owner, index = self.rows  # (n r, in), (out, n r) scale included, (n r,): column -> adapter, (B,)
-        keep = (owner[None, :] == index[:, None]).to(x.dtype)[:, None, :]  # (B, 1, n r)
-        return F.linear(F.linear(x, A.to(x.dtype)) * keep, B.to(x.dtype))  # (B, T, out)
+        other = (owner[None, :] != index[:, None])[:, None, :]  # (B, 1, n r): another adapter's columns
+        return F.linear(F.linear(x, A.to(x.dtype)).masked_fill(other, 0), B.to(x.dtype))  # (B, T, out)
 
     def stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A (n r, in) and scale * B (out, n r) of the adapters `names` side by side, r the largest

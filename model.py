@@ -286,13 +286,13 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k (over head_dim) before RoPE; Qwen2 does not.
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
-        self.qkv_weight = self.qkv_bias = None  # q, k and v in one matrix, for decoding: speed.fuse_projections
+        self.fused_qkv = None  # q, k and v in one matmul, for decoding: speed.fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
-        if self.qkv_weight is not None:
+        if self.fused_qkv is not None:
             sizes = [self.q_proj.out_features, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)  # (B, T, nh*hd), 2 x (B, T, nkv*hd)
+            q, k, v = self.fused_qkv(x).split(sizes, dim=-1)  # (B, T, nh*hd), 2 x (B, T, nkv*hd)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.gated:  # (B, T, nh * 2hd): each head's query, then its gate
@@ -334,7 +334,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_weight = None  # gate and up in one matrix, for decoding: speed.fuse_projections
+        self.fused_gate_up = None  # gate and up in one matmul, for decoding: speed.fuse_projections
 
     def forward(self, x):  # (B, T, hidden)
         if x.shape[1] > self.chunk:
@@ -342,8 +342,8 @@ class MLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x):
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # 2 x (B, T, intermediate)
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)  # 2 x (B, T, intermediate)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)

@@ -782,10 +782,13 @@ class CUDAGraphBatchDecoding:
 
 
 def plan_batch_decoding(engine, cuda_graph: bool | None):
-    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU. Prompts prefilled
-    together attend through varlen_attn where it runs (no (T, T) mask, so 8,192 tokens at once)."""
+    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU. Projections fused
+    (fuse_projections) on every base but a 4-bit one. Prompts prefilled together attend through
+    varlen_attn where it runs (no (T, T) mask, so 8,192 tokens at once)."""
     if cuda_graph is None:
         cuda_graph = engine.device.type == "cuda"
+    if plain_base(engine.model):  # q/k/v and gate/up one matmul each, the row adapters inside them
+        fuse_projections(engine.model)
     if cuda_graph:
         engine.forward = CUDAGraphBatchDecoding(engine)
     if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
@@ -794,36 +797,89 @@ def plan_batch_decoding(engine, cuda_graph: bool | None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused projections. Replaces: three q, k, v matmuls (and two gate, up) with one, for decoding.
-# Proved equal by: tests/test_model.py::test_fused_projections_give_the_same_logits
+# Fused projections. Replaces: three q, k, v matmuls (and two gate, up) with one, for decoding, the
+# row adapters' (lora.LoRALinear.per_row) inside it.
+# Proved equal by: tests/test_model.py::test_fused_projections_change_neither_logits_nor_state_dict
+# and tests/test_engine.py::test_several_adapters_in_one_batch_equal_each_adapter_alone
 
 
 @torch.no_grad()
 def fuse_projections(model):
-    """Put q, k, v (and gate, up), which all read the same input, into one matrix each, for decoding.
+    """Put q, k, v (and gate, up), which all read the same input, into one matmul each, for decoding.
 
     A decode step reads every weight once for a single token, so its speed is memory bandwidth: one
     matmul over the fused matrix reads it at a better rate than three separate ones (the small k and
     v matrices especially) and launches fewer kernels. The separate weights become views into the
-    fused ones, so nothing is stored twice and state_dict() is unchanged. Only for inference on plain
-    weights: with no adapter, or one merged for good (the fused matmuls bypass LoRA wrappers).
+    fused ones, so nothing is stored twice and state_dict() is unchanged. Not on a 4-bit base, which
+    keeps codes instead of a weight (plain_base).
     """
+    if not plain_base(model):
+        raise ModelError("fuse_projections needs the base weights as matrices, and this base is in 4 bits.")
     qkv, gate_up = _projections(model)
-    if any(_live_adapter(lin) for group in qkv + gate_up for lin in group):
-        raise ModelError("fuse_projections needs plain weights, but an adapter is active and not merged: "
-                         "merge it first (lora.merge_lora) or deactivate it.")
     for attn, q_k_v in zip(_attention_layers(model), qkv):
-        attn.qkv_weight, attn.qkv_bias = _fuse(q_k_v)
+        attn.fused_qkv = attn.fused_qkv or FusedProjection(q_k_v)
     for layer, g_u in zip(model.model.layers, gate_up):
-        layer.mlp.gate_up_weight, _ = _fuse(g_u)
+        layer.mlp.fused_gate_up = layer.mlp.fused_gate_up or FusedProjection(g_u)
+
+
+class FusedProjection:
+    """x through projections that all read it (q, k, v; or gate, up) in one matmul, their outputs
+    side by side (B, T, sum of outs).
+
+    With adapters in rows (lora.set_row_adapters), each projection's stacked A sits below the
+    weights in the same matrix, so that one matmul also gives x A^T (B, T, R); each row keeps its
+    own adapter's columns (the others zeroed, as LoRALinear.per_row does), and the B's, one
+    block-diagonal (R, sum of outs) matrix, add their product into the outputs in place: two matmuls
+    for the group where each projection alone takes three, and no element-wise adds. With one
+    adapter active and unmerged (no rows), each projection runs as its LoRALinear does."""
+
+    def __init__(self, linears):
+        self.linears, self.out = linears, sum(lin.out_features for lin in linears)
+        self.build([None] * len(linears))
+
+    def build(self, rows):
+        """The fused matrix (the weights, then each projection's stacked A from its rows, if any)."""
+        self.weight, self.bias = _fuse(self.linears, [r[0] for r in rows if r is not None])
+        R = self.weight.shape[0] - self.out
+        self.lora_b = self.weight.new_zeros(R, self.out)  # each B^T in its own block
+        self.owner = torch.zeros(R, dtype=torch.long, device=self.weight.device)  # each column's adapter
+        col = row = 0
+        for lin, r in zip(self.linears, rows):
+            if r is not None:  # r: (A (n r, in), B (out, n r), owner (n r,), index) of set_row_adapters
+                self.lora_b[col:col + len(r[0]), row:row + lin.out_features] = r[1].t()
+                self.owner[col:col + len(r[0])] = r[2]
+                col += len(r[0])
+            row += lin.out_features
+        self.stacks = [r[0] if r is not None else None for r in rows]
+
+    def __call__(self, x):  # (B, T, in) -> (B, T, sum of outs)
+        rows = [getattr(lin, "rows", None) for lin in self.linears]
+        if all(r is None for r in rows):
+            if any(_live_adapter(lin) for lin in self.linears):
+                return torch.cat([lin(x) for lin in self.linears], dim=-1)
+            bias = None if self.bias is None else self.bias[:self.out]
+            return F.linear(x, self.weight[:self.out], bias)
+        if any((r[0] if r is not None else None) is not s for r, s in zip(rows, self.stacks)):
+            self.build(rows)  # new adapter stacks (set_row_adapters): once, before any step runs
+        index = next(r[3] for r in rows if r is not None)  # (B,): each row's adapter
+        y = F.linear(x, self.weight, self.bias)  # (B, T, out + R): the projections, then x A^T
+        xa = y[..., self.out:].masked_fill(self.owner != index[:, None, None], 0)  # (B, T, R)
+        out = y[..., :self.out]
+        out.view(-1, self.out).addmm_(xa.reshape(-1, xa.shape[-1]), self.lora_b)
+        return out
+
+
+def plain_base(model) -> bool:
+    """Whether every q/k/v and gate/up projection keeps a weight matrix (a 4-bit base keeps codes)."""
+    qkv, gate_up = _projections(model)
+    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) for group in qkv + gate_up for lin in group)
 
 
 def plain_weights(model) -> bool:
-    """Whether every q/k/v and gate/up projection is a plain matrix: no live (unmerged) adapter and
-    no 4-bit base, which keeps codes instead of a weight."""
+    """Whether every q/k/v and gate/up projection is a plain matrix: a plain base (plain_base) and no
+    live (unmerged) adapter."""
     qkv, gate_up = _projections(model)
-    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) and not _live_adapter(lin)
-               for group in qkv + gate_up for lin in group)
+    return plain_base(model) and not any(_live_adapter(lin) for group in qkv + gate_up for lin in group)
 
 
 def _attention_layers(model) -> list:
@@ -840,10 +896,13 @@ def _live_adapter(lin) -> bool:
     return getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged
 
 
-def _fuse(linears):
-    """One (sum of outs, in) matrix for nn.Linear-like modules; their weights become views into it."""
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+def _fuse(linears, extra=()):
+    """One (sum of outs + extra's rows, in) matrix for nn.Linear-like modules and then the `extra`
+    matrices; the modules' weights become views into it (a bias: zeros for extra's rows)."""
+    weight = torch.cat([lin.weight for lin in linears] + [e.to(linears[0].weight.dtype) for e in extra])
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([lin.bias for lin in linears] + [linears[0].bias.new_zeros(sum(map(len, extra)))])
     start = 0
     for lin in linears:
         n = lin.weight.shape[0]

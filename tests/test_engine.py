@@ -96,6 +96,8 @@ def test_several_adapters_in_one_batch_equal_each_adapter_alone(tiny_model, tiny
     assert len({tuple(w) for w in want}) == len(want)  # the adapters do change the answers
     e = engine.Engine(m, max_batch_size=4)
     assert [r.tokens for r in e.run([engine.Request(p, 16, adapter=n) for p, n in zip(ps, names)])] == want
+    qkv = m.model.layers[0].self_attn.fused_qkv  # q/k/v fused, a's and b's A inside (speed.FusedProjection)
+    assert qkv.owner.tolist() == ([1] * 8 + [2] * 8) * 3  # q, k, v: a, then b (rank 4 padded to 8; none on k)
     e.close()
     lora.set_active_adapter(m, "b")
     assert alone(m, ps[1], 16) == want[1]  # the model is as before: one active adapter

@@ -222,8 +222,10 @@ def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint, f
         for p in lora.lora_parameters(m):
             p.normal_(0, 0.05)
     x = tokens()
-    with pytest.raises(ModelError, match="merge it first"):  # the fused matmuls would skip a live LoRA
+    with torch.no_grad():
+        live = m(x)  # one adapter active, unmerged: each fused projection runs its LoRALinears
         speed.fuse_projections(m)
+        torch.testing.assert_close(m(x), live, rtol=1e-5, atol=1e-5)
     lora.merge_lora(m)
     with torch.no_grad():
         before, sd = m(x), {k: v.clone() for k, v in m.state_dict().items()}
@@ -231,8 +233,8 @@ def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint, f
         after = m(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     attn = m.model.layers[0].self_attn
-    assert attn.qkv_weight is not None and m.model.layers[0].mlp.gate_up_weight is not None
-    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()  # views: nothing stored twice
+    assert attn.fused_qkv is not None and m.model.layers[0].mlp.fused_gate_up is not None
+    assert attn.q_proj.weight.data_ptr() == attn.fused_qkv.weight.data_ptr()  # views: nothing stored twice
     assert sd.keys() == m.state_dict().keys()
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
 
