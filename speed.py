@@ -150,10 +150,9 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
     layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
     packed_mask, how = packed_attention(a, device)
-    if a.fsdp:  # train.py's --fsdp true: the model is split over the ranks (shard.py)
-        return TrainingPlan(message="\n".join(m for m in (
-            "eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
-            "recorded CUDA graph or a compiled layer cannot replay", how) if m), packed_mask=packed_mask)
+    eager = eager_only(a, device, config)
+    if eager:
+        return TrainingPlan(message="\n".join(m for m in (eager, how) if m), packed_mask=packed_mask)
     offload, offloading = use_offload(a, device, config, row_lengths)
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
@@ -177,6 +176,21 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     message = "\n".join(m for m in (message, offloading, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
                         fused=fused, offload=offload, host_embedding=host)
+
+
+def eager_only(a: PlanFlags, device, config) -> str:
+    """Why the layers must run as they are written ('' where a faster path applies): under --fsdp
+    each layer gathers its weights from all ranks as it runs; a Qwen3.5 DeltaNet layer unpacks a
+    batch's rows by their lengths (deltanet.rows_of), a shape known only from the data. Neither can
+    be replayed by a recorded CUDA graph or a compiled layer, and the fused and offloaded layers
+    are written for attention layers."""
+    if a.fsdp:  # train.py's --fsdp true: the model is split over the ranks (shard.py)
+        return ("eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
+                "recorded CUDA graph or a compiled layer cannot replay")
+    if device.type == "cuda" and config is not None and "linear_attention" in config.mixers:
+        return ("eager layers: a Qwen3.5 DeltaNet layer splits the batch into its rows by their lengths, "
+                "which a recorded CUDA graph or a compiled layer cannot replay")
+    return ""
 
 
 def use_host_embedding(device, config) -> tuple[bool, str]:

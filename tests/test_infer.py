@@ -578,7 +578,7 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
-@both_families
+@pytest.mark.parametrize("tiny_dir", ["tiny", "tiny-qwen3", "tiny-qwen3_5"], indirect=True)
 def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
     """speed.CUDAGraphDecoder replays decode.Decoder.decode_one: the same logits at every step,
     after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""

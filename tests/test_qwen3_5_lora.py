@@ -188,6 +188,31 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], again[k]) for k in full)
 
 
+def test_on_a_gpu_the_plan_runs_the_layers_as_written(qwen3_5):
+    """A DeltaNet layer unpacks the batch by its rows' lengths, which no recorded graph, compiled layer
+    or fused (attention) layer can replay: a Qwen3.5 run on a GPU is eager, and says why."""
+    import speed
+    flags = speed.PlanFlags.of(__import__("flags").train_parser().parse_args(["--model", "m", "--dataset", "x.json"]))
+    plan = speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, modeling.Config.from_json(qwen3_5[0] / "config.json"))
+    assert not (plan.graphs or plan.compiled or plan.fused or plan.offload)
+    assert "eager layers: a Qwen3.5 DeltaNet layer splits the batch into its rows" in plan.message
+    qwen2 = modeling.Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+    assert speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, qwen2).graphs  # Qwen2: graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the GPU machine")
+def test_train_py_trains_the_tiny_qwen3_5_on_a_gpu(tmp_path):
+    """The whole of train.py on a card, bf16, packed steps: it runs and the loss falls."""
+    out = tmp_path / "out"
+    argv = train_argv("tiny-qwen3_5", qa_file(tmp_path / "qa.json", 16), out, 6, "--padding_free", "true")
+    argv[argv.index("--device") + 1], argv[argv.index("--torch_dtype") + 1] = "cuda", "bfloat16"
+    assert train.main(argv) == 0
+    (run,) = out.glob("v*")
+    losses = [r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses[-1] < losses[0]
+
+
 def test_a_4bit_base_runs_trains_and_its_adapter_loads_in_peft(qwen3_5, tmp_path):
     """The DeltaNet's projections in NF4 too; the model equals the one built from its dequantised
     weights exactly, training lowers the loss, and peft on those weights gives our logits."""
