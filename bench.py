@@ -58,14 +58,28 @@ QWEN3_4B = dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_laye
                 num_key_value_heads=8, tie_word_embeddings=True)
 QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
 QWEN3_32B = dict(QWEN3_8B, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64)
+# Qwen3.5 (their model cards and config.json text_config): three Gated DeltaNet layers to one gated
+# attention layer, head_dim 256 with RoPE on a quarter of it, 16 key and 32 value heads of 128 a DeltaNet.
+QWEN3_5 = dict(vocab_size=248320, max_position_embeddings=262144, rope_theta=10000000.0, rms_norm_eps=1e-6,
+               model_type="qwen3_5", head_dim=256, attention_bias=False, partial_rotary_factor=0.25,
+               linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128)
+QWEN3_5_4B = dict(QWEN3_5, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+                  num_key_value_heads=4, tie_word_embeddings=True)
+QWEN3_5_9B = dict(QWEN3_5_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+QWEN3_5_27B = dict(QWEN3_5_9B, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+                   linear_num_value_heads=48)
 SHAPES = {"7b": QWEN25_7B, "14b": QWEN25_14B, "32b": QWEN25_32B, "72b": QWEN25_72B,
-          "qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B}
+          "qwen3-4b": QWEN3_4B, "qwen3-8b": QWEN3_8B, "qwen3-32b": QWEN3_32B,
+          "qwen3.5-4b": QWEN3_5_4B, "qwen3.5-9b": QWEN3_5_9B, "qwen3.5-27b": QWEN3_5_27B}
 
 
 def shape_of(a) -> dict:
     """--shape, or with --small a tiny shape of the same family (Qwen3's: head_dim 24, not 64 / 4)."""
     if not a.small:
         return SHAPES[a.shape]
+    if a.shape.startswith("qwen3.5"):
+        return {**SMALL, **{k: v for k, v in QWEN3_5.items() if k not in SMALL}, "num_hidden_layers": 4, "head_dim": 32,
+                "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16}
     return dict(SMALL, model_type="qwen3", head_dim=24, attention_bias=False) if a.shape.startswith("qwen3") else SMALL
 
 
@@ -477,10 +491,14 @@ def hf_tutorial(shape, device, a):
 def hf_model(shape, device, fp32=False):
     from peft import LoraConfig, get_peft_model
     import transformers
-    qwen3 = shape.get("model_type") == "qwen3"
-    Config, Model = ((transformers.Qwen3Config, transformers.Qwen3ForCausalLM) if qwen3 else
-                     (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
-    cfg = Config(**{k: v for k, v in shape.items() if k != "model_type"}, attn_implementation="sdpa", use_cache=False)
+    Config, Model = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                     "qwen3_5": (transformers.Qwen3_5TextConfig, transformers.Qwen3_5ForCausalLM)}[shape.get("model_type", "qwen2")]
+    fields = {k: v for k, v in shape.items() if k != "model_type"}
+    if shape.get("model_type") == "qwen3_5":  # transformers 5 takes RoPE's settings as one dict
+        fields["rope_parameters"] = dict(rope_type="default", rope_theta=fields.pop("rope_theta"),
+                                         partial_rotary_factor=fields.pop("partial_rotary_factor"))
+    cfg = Config(**fields, attn_implementation="sdpa", use_cache=False)
     torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" and not fp32 else torch.float32)
     with device:
         m = Model(cfg)
@@ -744,12 +762,32 @@ def decode_bytes_per_token(shape) -> int:
     short answer is small beside them and is left out."""
     D, I, L, hd = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], head_dim_of(shape)
     q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
-    layer = 2 * D * q + 2 * D * kv + 3 * D * I + 2 * D + (2 * hd if shape.get("model_type") == "qwen3" else q + 2 * kv)
-    return 2 * (L * layer + D + D * shape["vocab_size"])
+    small = 2 * D + (q + 2 * kv if shape.get("model_type", "qwen2") == "qwen2" else 2 * hd)  # norms, biases
+    return 2 * (sum(mixer_params(shape)) + L * (3 * D * I + small) + D + D * shape["vocab_size"])
 
 
 def head_dim_of(shape) -> int:
     return shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+
+
+def full_attention(shape) -> list[bool]:
+    """Which layers attend over the sequence (Qwen3.5: every fourth; the rest are Gated DeltaNet)."""
+    return [shape.get("model_type") != "qwen3_5" or i % 4 == 3 for i in range(shape["num_hidden_layers"])]
+
+
+def mixer_params(shape) -> list[int]:
+    """Each layer's token mixer's matrix parameters: attention's q, k, v and o (Qwen3.5's q with its
+    output gate), or a Gated DeltaNet's in_proj_qkv, _z, _b, _a and out_proj."""
+    D, hd = shape["hidden_size"], head_dim_of(shape)
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    gated = shape.get("model_type") == "qwen3_5"
+    attention = D * q * (3 if gated else 2) + 2 * D * kv
+    if not gated:
+        return [attention] * shape["num_hidden_layers"]
+    k, v, heads = (shape["linear_num_key_heads"] * shape["linear_key_head_dim"],
+                   shape["linear_num_value_heads"] * shape["linear_value_head_dim"], shape["linear_num_value_heads"])
+    deltanet = D * (2 * k + v) + D * v + 2 * D * heads + v * D
+    return [attention if full else deltanet for full in full_attention(shape)]
 
 
 def train_flops_per_token(shape, seq: int) -> float:
@@ -759,10 +797,9 @@ def train_flops_per_token(shape, seq: int) -> float:
     (forward, recomputation, and a backward of 2.5 forwards, as flash attention's)."""
     D, I, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     q = shape["num_attention_heads"] * head_dim_of(shape)
-    kv = shape["num_key_value_heads"] * head_dim_of(shape)
-    matmul_params = L * (2 * D * q + 2 * D * kv + 3 * D * I) + D * shape["vocab_size"]
-    attention_forward = L * 2 * seq * q  # QK^T and PV, each query over seq / 2 keys on average
-    return 6 * matmul_params + 4.5 * attention_forward
+    matmul_params = sum(mixer_params(shape)) + L * 3 * D * I + D * shape["vocab_size"]
+    attention_forward = sum(full_attention(shape)) * 2 * seq * q  # QK^T and PV, each query over seq / 2 keys on average
+    return 6 * matmul_params + 4.5 * attention_forward  # (a DeltaNet's own state updates are left out)
 
 
 def roofline_note(r: dict, shape, seq: int, peak: dict) -> str:

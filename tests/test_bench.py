@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,13 +38,15 @@ def test_bench_small_runs_every_workload_and_matches_the_reference_loss():
     assert "greedy tokens of the first prompt, ours, adapter unmerged vs transformers + peft: 16/16 identical" in out
 
 
-def test_bench_small_runs_the_qwen3_shape_against_transformers_qwen3():
-    r = subprocess.run([sys.executable, "bench.py", "--small", "--shape", "qwen3-8b", "--steps", "2", "--new_tokens", "8",
+@pytest.mark.parametrize("shape", ["qwen3-8b", "qwen3.5-9b"])
+def test_bench_small_runs_the_qwen3_shapes_against_transformers(shape):
+    """Qwen3ForCausalLM and Qwen3_5ForCausalLM (its PyTorch delta rule here) from the same weights."""
+    r = subprocess.run([sys.executable, "bench.py", "--small", "--shape", shape, "--steps", "2", "--new_tokens", "8",
                         "--workloads", "train", "decode"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "shape qwen3-8b" in r.stdout and "| memory bandwidth | a 2 GiB copy on the device |" in r.stdout
-    assert r.stdout.count(": OK") == 1 and "MISMATCH" not in r.stdout  # Qwen3ForCausalLM's first-step loss
+    assert f"shape {shape}" in r.stdout and "| memory bandwidth | a 2 GiB copy on the device |" in r.stdout
+    assert r.stdout.count(": OK") == 1 and "MISMATCH" not in r.stdout  # the same first-step loss as transformers
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 8/8 identical" in r.stdout
     assert "% of the bandwidth bound" in r.stdout
 
