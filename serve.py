@@ -36,6 +36,20 @@ Where ms-swift's `swift deploy` (4.6) differs, or leaves a choice, this file cho
   OpenAI does. max_tokens not given: the rest of the slot (--max_model_len), as in ms-swift.
 - Ctrl-C or SIGTERM: no new connections, the answers in flight get GRACE_S seconds to finish,
   the rest are cancelled (a second Ctrl-C cancels them at once); exit code 0.
+
+Limits, so that a client that misbehaves costs a bounded thread for a bounded time and the others
+go on (tests/test_serve_faults.py sends each fault):
+- A request line without its HTTP version, a header line without its colon, a Content-Length that
+  is not one number: 400. A request line or a header line over 64 KiB: 414 / 431, more than 100
+  headers: 431 (http.server's limits). A body over MAX_BODY: 413, before it is read. Each in
+  OpenAI's error body, and the connection closes.
+- A client silent for --client_timeout seconds (CLIENT_TIMEOUT_S) while it sends its request, or
+  that stops reading its answer, is cut off (mid-body: 408 first); so is an idle keep-alive one.
+- At most --max_connections connections at once (MAX_CONNECTIONS): a request on one more is
+  answered 503 and the connection closes (it waits at most LINGER_S for that request).
+- A connection closes without losing its last answer: what the client still sends (the rest of a
+  refused body) is read and dropped for up to LINGER_S seconds, since closing a socket with unread
+  data resets it, and the reset can overtake the answer.
 """
 
 import argparse
@@ -68,6 +82,9 @@ from template import TEMPLATES, Template, TemplateError, split_reasoning, with_t
 
 GRACE_S = 5.0  # on Ctrl-C / SIGTERM, how long the answers in flight may go on before they are cancelled
 MAX_BODY = 32 * 2**20  # the largest request body read, in bytes
+CLIENT_TIMEOUT_S = 60.0  # a client silent this long mid-request, or not reading its answer, is cut off (--client_timeout)
+MAX_CONNECTIONS = 512  # connections open at once; beyond them a request is answered 503 (--max_connections)
+LINGER_S = 2.0  # at a close, how long what the client still sends is read and dropped, so that it gets the answer
 DEFAULT_MAX_MODEL_LEN = 32768  # a slot's positions when --max_model_len is not given (or the context, if shorter)
 CHECK_CLIENT_S = 0.5  # how often a handler waiting for tokens looks whether its client is still there
 
@@ -143,6 +160,11 @@ def server_flags(p):
     g.add_argument("--max_batch_size", type=int, default=32, help="answers decoded together at most (fewer where GPU memory cannot hold them)")
     g.add_argument("--max_model_len", type=int, default=None,
                    help=f"prompt + answer positions of each slot (default: the model's context, at most {DEFAULT_MAX_MODEL_LEN:,})")
+    g.add_argument("--client_timeout", type=float, default=CLIENT_TIMEOUT_S,
+                   help="seconds a client may stay silent while it sends a request, or keep from reading its answer, "
+                        "before its connection is closed (also an idle keep-alive connection)")
+    g.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                   help="connections open at once; a request on one more is answered 503 and that connection closed")
     g.add_argument("--verbose", type=str2bool, default=True, help="log one line for each request to stderr")
 
 
@@ -160,6 +182,10 @@ def check_serve_args(args):
         raise UsageError("--api_key is empty: give the key clients must send, or leave the flag out.")
     if args.max_batch_size < 1:
         raise UsageError(f"--max_batch_size {args.max_batch_size}: must be 1 or more.")
+    if not args.client_timeout > 0:
+        raise UsageError(f"--client_timeout {args.client_timeout}: give the seconds a silent client is waited for, more than 0.")
+    if args.max_connections < 1:
+        raise UsageError(f"--max_connections {args.max_connections}: must be 1 or more.")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UsageError(f"--max_model_len {args.max_model_len}: a slot needs room for a prompt and an answer; give 2 or more.")
     unnamed = [spec for (_, path), spec in zip(flags.parse_adapters(args.adapters), args.adapters) if path == spec]
@@ -342,6 +368,14 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, f"The body must be a JSON object, got {type(body).__name__}.")
     return body
+
+
+def request_path(target: str) -> str:
+    """The route a request line's target names: /v1/models of /v1/models/?x=1 or http://host/v1/models."""
+    try:
+        return urlsplit(target).path.rstrip("/")
+    except ValueError as e:  # http://[ : not a URL
+        raise APIError(400, f"Invalid path {target[:100]!r} ({e}).") from None
 
 
 def range_text(low, high, above: bool, integer: bool) -> str:
@@ -600,6 +634,34 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     status = None  # the status sent, for the log line
+    refused = False  # the connection is one over --max_connections: each request on it is answered 503
+
+    def setup(self):
+        self.timeout = self.server.client_timeout  # StreamRequestHandler.setup gives the socket this timeout
+        super().setup()
+        self.refused = not self.server.admit()
+        if self.refused:  # waited for briefly: a flood of connections holds threads for seconds, not minutes
+            self.connection.settimeout(min(self.timeout, LINGER_S))
+
+    def finish(self):
+        if not self.refused:
+            self.server.release()
+        super().finish()
+
+    def parse_request(self) -> bool:
+        """http.server's reading of the request line and headers, made strict: a line without an HTTP
+        version (HTTP/0.9 has no headers, so nothing says where the request ends) and a header line
+        that is not NAME: VALUE (http.client would drop the headers after it) are refused."""
+        if len(self.raw_requestline.split()) == 2:
+            self.command, self.requestline = None, str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+            self.send_error(400, f"No HTTP version in the request line {self.requestline!r}: send METHOD PATH HTTP/1.1")
+            return False
+        if not super().parse_request():
+            return False
+        if self.headers.defects:
+            self.send_error(400, "A header line is not NAME: VALUE (no colon, or a space before it)")
+            return False
+        return True
 
     def do_GET(self):
         self.route()
@@ -608,43 +670,79 @@ class Handler(BaseHTTPRequestHandler):
         self.route()
 
     def route(self):
-        app, path = self.server.app, urlsplit(self.path).path.rstrip("/")
         self.status = None  # a new request on this connection
         try:
-            body = self.read_body() if self.command == "POST" else b""
-            if path == "/health" and self.command == "GET":
-                return self.send_json(200, app.health())
-            app.check_key(self.headers.get("Authorization"))
-            if app.stopping:
-                raise APIError(503, "The server is shutting down.", kind="server_error")
-            if (self.command, path) == ("GET", "/v1/models"):
-                return self.send_json(200, app.model_list())
-            if (self.command, path) == ("POST", "/v1/chat/completions"):
-                return self.chat_completion(parse_json(body))
-            known = path in ("/health", "/v1/models", "/v1/chat/completions")
-            raise APIError(405 if known else 404, f"No route {self.command} {path or '/'}: this server has GET "
-                           "/v1/models, POST /v1/chat/completions and GET /health.",
-                           code="method_not_allowed" if known else "unknown_url")
+            self.answer()
         except APIError as e:
-            self.send_json(e.status, e.body())
+            self.send_api_error(e)
         except (ClientGone, OSError):  # a write failed or the peer closed: nothing more to say to it
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 (a bug answers 500 and the server goes on)
             traceback.print_exc()
-            if self.status is None:
-                self.send_json(500, APIError(500, f"{type(e).__name__}: {e}", kind="server_error").body())
+            self.close_connection = True
+            self.send_api_error(APIError(500, f"{type(e).__name__}: {e}", kind="server_error"))
+
+    def answer(self):
+        """Read the request's body, then answer it by its route (an APIError: the error to answer)."""
+        app = self.server.app
+        if self.refused:
+            self.close_connection = True  # its body, if any, is left unread
+            raise APIError(503, f"The server has {self.server.max_connections} connections open, its most "
+                                "(--max_connections): retry in a moment.", kind="server_error", code="too_many_connections")
+        body, path = self.read_body(), request_path(self.path)
+        if path == "/health" and self.command == "GET":
+            return self.send_json(200, app.health())
+        app.check_key(self.headers.get("Authorization"))
+        if app.stopping:
+            raise APIError(503, "The server is shutting down.", kind="server_error")
+        if (self.command, path) == ("GET", "/v1/models"):
+            return self.send_json(200, app.model_list())
+        if (self.command, path) == ("POST", "/v1/chat/completions"):
+            return self.chat_completion(parse_json(body))
+        known = path in ("/health", "/v1/models", "/v1/chat/completions")
+        raise APIError(405 if known else 404, f"No route {self.command} {path or '/'}: this server has GET "
+                       "/v1/models, POST /v1/chat/completions and GET /health.",
+                       code="method_not_allowed" if known else "unknown_url")
+
+    def send_api_error(self, e: APIError):
+        """The error in OpenAI's body; once an answer has begun, or the client is gone, the connection just closes."""
+        if self.status is not None:
+            self.close_connection = True
+            return
+        try:
+            self.send_json(e.status, e.body())
+        except OSError:
             self.close_connection = True
 
     def read_body(self) -> bytes:
+        """The body, as long as its Content-Length says. One that cannot be read whole (too long, cut
+        short, too slow to come) is an APIError, and the connection closes: where the next request
+        would begin is not known."""
+        length = self.body_length()
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True  # the body's end is unknown: this connection cannot go on
-            raise APIError(413 if length > MAX_BODY else 400, f"Send the body with a Content-Length of at most "
-                                                              f"{MAX_BODY} bytes.")
-        return self.rfile.read(length)
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise APIError(408, f"The body stopped coming: nothing for {self.server.client_timeout:g} s "
+                                "(--client_timeout). Send it whole, at once.", code="request_timeout") from None
+        if len(body) < length:
+            self.close_connection = True
+            raise APIError(400, f"The body ended after {len(body)} of the {length} bytes its Content-Length gives.")
+        return body
+
+    def body_length(self) -> int:
+        """Content-Length: one header, digits only; at most MAX_BODY (checked before a byte is read)."""
+        lengths = self.headers.get_all("Content-Length") or ["0"]
+        given = lengths[0].strip()
+        if len(set(lengths)) > 1 or not (given.isascii() and given.isdigit()) or "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise APIError(400, f"Send the body with one Content-Length header, its size in bytes (given: "
+                                f"{', '.join(lengths)[:40]}; chunked transfer encoding is not read here).")
+        if len(given) > len(str(MAX_BODY)) or int(given) > MAX_BODY:  # (a 5,000-digit number is not parsed)
+            self.close_connection = True
+            raise APIError(413, f"The body is longer than {MAX_BODY:,} bytes, the most this server reads.",
+                           code="request_too_large")
+        return int(given)
 
     def chat_completion(self, body: dict):
         app = self.server.app
@@ -731,7 +829,18 @@ class Handler(BaseHTTPRequestHandler):
         self.status = code
         super().send_response(code, message)
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, too long a line, too many headers, an
+        unknown method) in OpenAI's error body, as every error here; the connection then closes."""
+        message = message or self.responses.get(code, ("Bad request",))[0]
+        self.log_error("code %d, message %s", code, message)
+        self.request_version = "HTTP/1.1"  # a status line and headers even for a request line without a version
+        self.close_connection = True
+        self.send_json(code, APIError(code, f"{message}.").body())
+
     def log_request(self, code="-", size="-"):
+        if not getattr(self, "command", None):  # a malformed request line: send_error logged it
+            return
         app = self.server.app
         if (app.verbose and self.command != "POST") or code not in (200, "-"):  # a completion logs its own line
             note(f"{self.command} {self.path} {code}")
@@ -745,9 +854,50 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class HTTPServer(ThreadingHTTPServer):
+    """http.server's server, a thread a connection, with what many clients need: a deep accept queue,
+    a cap on the connections open at once, and closes that do not lose the last answer."""
+
     # The kernel's queue of connections not yet accepted: socketserver's 5 resets the rest of a burst
     # of clients that connect at once (32 streaming clients did); accepting takes no time, so be generous.
     request_queue_size = 1024
+    client_timeout = CLIENT_TIMEOUT_S  # each connection's socket timeout (main sets the flags' values)
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections, self.connections_lock = 0, threading.Lock()  # open and admitted
+
+    def admit(self) -> bool:
+        """Count one more connection open; False when max_connections are already (then refuse it)."""
+        with self.connections_lock:
+            if self.connections >= self.max_connections:
+                return False
+            self.connections += 1
+            return True
+
+    def release(self):
+        with self.connections_lock:
+            self.connections -= 1
+
+    def shutdown_request(self, request):
+        """Close a connection without losing its last answer: tell the client the answer is whole (FIN),
+        then read and drop what it still sends until it closes too, for up to LINGER_S. Closing a socket
+        with unread data resets the connection, and a client still sending a body refused unread (413,
+        503) would meet the reset, not the answer."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            while select.select([request], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                if not request.recv(65536) or time.monotonic() > deadline:
+                    break
+        except OSError:  # the client reset the connection, or is gone
+            pass
+        self.close_request(request)
+
+    def handle_error(self, request, client_address):
+        """An exception no handler answered: a client that went away mid-write is worth no traceback."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def listen(host: str, port: int) -> ThreadingHTTPServer:
@@ -799,6 +949,7 @@ def main(argv=None) -> int:
         args = serve_parser().parse_args(argv)
         check_serve_args(args)
         httpd = listen(args.host, args.port)
+        httpd.client_timeout, httpd.max_connections = args.client_timeout, args.max_connections
         try:
             chat = infer.load_chat(chat_args(args))
             batches = engine.Engine(chat.model, args.max_batch_size, slot_length(args, chat), args.cuda_graph)

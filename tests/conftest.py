@@ -1,11 +1,16 @@
 """Shared fixtures: tiny Qwen2 checkpoints in the official layout, made by the tests themselves."""
 
 import contextlib
+import http.client
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -289,3 +294,55 @@ def assert_left_padded_decoding_matches_rows_alone(m):
         torch.testing.assert_close(step[0], m(torch.cat([a, nxt[0]])[None])[0, -1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
 
+
+# ----------------------------------------------------------------------------------------------
+# serve.py in a process of its own (tests/test_serve.py, tests/test_serve_faults.py)
+
+
+SERVER_KEY = "sk-test-key"  # the --api_key of tests/test_serve.py's server
+
+
+class ServerProcess:
+    """python serve.py ... in a subprocess on a free port; its stderr is collected line by line."""
+
+    def __init__(self, *args):
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # in-process expectations run on one thread too
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", "0", *map(str, args)],
+                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self.collect, daemon=True).start()
+        started = self.wait_for(r"serving .* at (http://\S+/v1)", timeout=60)
+        self.url = started.group(1)
+        self.host, self.port = re.match(r"http://(.+):(\d+)/v1", self.url).groups()
+
+    def collect(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, pattern: str, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None:  # exited: its last lines are read within a moment
+                time.sleep(0.2)
+                deadline = min(deadline, time.monotonic())
+            time.sleep(0.02)
+        raise AssertionError(f"no line matching {pattern!r} from serve.py; it wrote:\n{''.join(self.lines)}")
+
+    def request(self, method, path, body=None, key=SERVER_KEY, raw: bytes | None = None):
+        """(status, parsed JSON body) of one plain HTTP request."""
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        conn.request(method, path, body=raw if raw is not None else None if body is None else json.dumps(body),
+                     headers=headers)
+        response = conn.getresponse()
+        status, content = response.status, response.read()
+        conn.close()
+        return status, json.loads(content)
+
+    def stop(self, how=signal.SIGINT):
+        if self.proc.poll() is None:
+            self.proc.send_signal(how)
+        return self.proc.wait(timeout=30)

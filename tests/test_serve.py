@@ -3,15 +3,10 @@ server process (the tiny model with two adapters), its answers compared with dec
 
 import http.client
 import json
-import os
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
@@ -24,10 +19,8 @@ import lora
 import model as modeling
 import serve
 from template import TEMPLATES
-from conftest import random_adapter
+from conftest import SERVER_KEY as KEY, ServerProcess, random_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-test-key"
 QUESTION = [{"role": "user", "content": "Who are you?"}]
 PENALTY = 1.05  # the tiny model's generation_config.json: what a request that gives none decodes with
 SLOT = ["--max_model_len", "512", "--max_batch_size", "4", "--device", "cpu"]
@@ -37,52 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ----------------------------------------------------------------------------------------------
 # A server process, adapters, and the answers decode.generate gives
-
-
-class ServerProcess:
-    """python serve.py ... in a subprocess on a free port; its stderr is collected line by line."""
-
-    def __init__(self, *args):
-        env = dict(os.environ, OMP_NUM_THREADS="1")  # in-process expectations run on one thread too
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--port", "0", *map(str, args)],
-                                     cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self.collect, daemon=True).start()
-        started = self.wait_for(r"serving .* at (http://\S+/v1)", timeout=60)
-        self.url = started.group(1)
-        self.host, self.port = re.match(r"http://(.+):(\d+)/v1", self.url).groups()
-
-    def collect(self):
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def wait_for(self, pattern: str, timeout=20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None:  # exited: its last lines are read within a moment
-                time.sleep(0.2)
-                deadline = min(deadline, time.monotonic())
-            time.sleep(0.02)
-        raise AssertionError(f"no line matching {pattern!r} from serve.py; it wrote:\n{''.join(self.lines)}")
-
-    def request(self, method, path, body=None, key=KEY, raw: bytes | None = None):
-        """(status, parsed JSON body) of one plain HTTP request."""
-        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-        conn.request(method, path, body=raw if raw is not None else None if body is None else json.dumps(body),
-                     headers=headers)
-        response = conn.getresponse()
-        status, content = response.status, response.read()
-        conn.close()
-        return status, json.loads(content)
-
-    def stop(self, how=signal.SIGINT):
-        if self.proc.poll() is None:
-            self.proc.send_signal(how)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +298,8 @@ def test_ctrl_c_finishes_the_answers_in_flight_and_exits_0(merged_server):
 @pytest.mark.parametrize("flags,message", [
     (["--port", "70000"], "--port 70000"),
     (["--max_batch_size", "0"], "--max_batch_size 0"),
+    (["--client_timeout", "0"], "--client_timeout 0"),
+    (["--max_connections", "0"], "--max_connections 0"),
     (["--api_key", ""], "--api_key is empty"),
     (["--ssl_keyfile", "key.pem"], "TLS proxy"),
     (["--adapters", "ckpt-1", "ckpt-2"], "name all but one"),
