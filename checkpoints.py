@@ -1,7 +1,12 @@
 """checkpoints.py: the files of a model folder, for model.py: finding the folder (a local path or a
 Hugging Face hub id), its generation config, its safetensors shards and their headers, and writing
 weights in the same layout. model.py imports these names, and the rest of the project uses them
-from there (model.resolve_model_dir, model.checkpoint_files, ...)."""
+from there (model.resolve_model_dir, model.checkpoint_files, ...).
+
+It also says what each JSON file read back must hold, checked as the file is read so that a broken
+one is one paragraph and never a traceback or a silently different run: config.json, generation_config.json,
+tokenizer_config.json's chat_template, and a checkpoint's adapter_config.json and args.json (ours or
+ms-swift's). trainer_state.json's schema is in runs.py and merge_info.json's in merge.py, which write them."""
 
 import json
 import os
@@ -45,17 +50,18 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 # What decoding reads from generation_config.json: each field's test and what it must be (null: unset)
 GENERATION_FIELDS = {
-    "temperature": (lambda v: is_number(v) and v >= 0, "a number of 0 or more"),
+    "temperature": (lambda v: is_number(v) and 0 <= v <= 100, "a number from 0 to 100"),
     "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number over 0, at most 1"),
     "top_k": (lambda v: is_whole(v) and v >= 0, "a whole number of 0 or more"),
-    "repetition_penalty": (lambda v: is_number(v) and v > 0, "a number over 0"),
+    "repetition_penalty": (lambda v: is_number(v) and 0 < v <= 100, "a number over 0, at most 100"),
     "max_new_tokens": (lambda v: is_whole(v) and v >= 1, "a whole number of 1 or more"),
     "do_sample": (is_bool, "true or false"),
     "eos_token_id": (lambda v: is_whole(v) or (isinstance(v, list) and all(map(is_whole, v))),
                      "a token id or a list of them"),
 }
 
-# What inference reads from an adapter checkpoint's args.json (ours or ms-swift's): lora.checkpoint_args
+DTYPE_NAMES = ("bfloat16", "bf16", "float16", "fp16", "float32", "fp32")  # --torch_dtype's (cli.DTYPES)
+# What inference and merge.py read from a checkpoint's args.json (ours or ms-swift's): lora.checkpoint_args
 ARGS_FIELDS = {
     "model": (is_text, "a model id or folder"), "model_id_or_path": (is_text, "a model id or folder"),
     "system": (is_text, "a text"), "template": (is_text, "a template name"), "loss_scale": (is_text, "a name"),
@@ -67,7 +73,94 @@ ARGS_FIELDS = {
     "data_seed": (is_whole, "a whole number"), "seed": (is_whole, "a whole number"),
     "truncation_strategy": (is_text, "delete, left or right"),
     "split_dataset_ratio": (lambda v: is_number(v) and 0 <= v < 1, "a number from 0 up to 1"),
+    "torch_dtype": (lambda v: is_text(v) and v.removeprefix("torch.") in DTYPE_NAMES, "bfloat16, float16 or float32"),
 }
+
+
+# What model.Config reads from config.json (a vision-language one's text_config) before its numbers:
+# each field's test and what it must be (null: unset)
+is_texts_list = lambda v: isinstance(v, list) and all(map(is_text, v))
+is_token_ids = lambda v: is_whole(v) and v >= 0 or isinstance(v, list) and all(is_whole(i) and i >= 0 for i in v)
+CONFIG_FIELDS = {
+    "model_type": (is_text, 'a model type such as "qwen2"'), "architectures": (is_texts_list, "a list of class names"),
+    "rope_parameters": (lambda v: isinstance(v, dict), "an object of RoPE settings"),
+    "rope_scaling": (lambda v: isinstance(v, dict), "an object of RoPE settings"),
+    "layer_types": (is_texts_list, "a list of each layer's type"), "hidden_act": (is_text, '"silu"'),
+    "use_sliding_window": (is_bool, "true or false"), "tie_word_embeddings": (is_bool, "true or false"),
+    "attention_bias": (is_bool, "true or false"), "torch_dtype": (is_text, 'a dtype name such as "bfloat16"'),
+    "dtype": (is_text, 'a dtype name such as "bfloat16"'), "bos_token_id": (is_token_ids, "a token id"),
+    "eos_token_id": (is_token_ids, "a token id or a list of them"),
+    "full_attention_interval": (lambda v: is_whole(v) and v >= 1, "a whole number of 1 or more"),
+}
+# ... and its numbers, once they are known to be numbers (check_config_numbers): sizes a Qwen model has
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+CONFIG_NUMBERS = {
+    "rms_norm_eps": (lambda v: is_number(v) and 0 < v < 1, "a number over 0 and under 1 (Qwen's: 1e-06)"),
+    "rope_theta": (lambda v: is_number(v) and v > 0, "a number over 0 (Qwen's: 1000000.0)"),
+    "partial_rotary_factor": (lambda v: is_number(v) and 0 < v <= 1, "a number over 0, at most 1"),
+    "head_dim": (lambda v: 1 <= v <= 2**12, "a whole number from 1 to 4096"),
+    "max_position_embeddings": (lambda v: 1 <= v <= 2**31, "a whole number from 1 to 2**31"),
+    **{k: (lambda v: 1 <= v <= 2**12, "a whole number from 1 to 4096") for k in (
+        "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+        "linear_num_value_heads")},
+}
+CONFIG_FIX = "Correct that field from the model's own config.json, or fetch the model again."
+
+
+def check_config(d: dict, where: str) -> None:
+    """config.json's fields that are no numbers (CONFIG_FIELDS), checked before anything reads them."""
+    check_fields(where, d, CONFIG_FIELDS, ModelError, CONFIG_FIX)
+
+
+def check_config_numbers(d: dict, where: str, types: dict) -> None:
+    """config.json's numbers ({name: int or float}, model.Config's fields): each a number of its type, and
+    of a size a Qwen model has. Each layer is built before any weight is read: a broken count must stop
+    here, not fill the memory."""
+    for name, want in types.items():
+        value = d.get(name)
+        if value is not None and (not isinstance(value, {int: int, float: (int, float)}[want]) or is_bool(value)):
+            raise ModelError(f"{where}: {name} is {value!r}, not a number; fix it (e.g. 128, not \"128\").")
+    bad = next((k for k in SIZES if d.get(k) is not None and not 1 <= d[k] <= (2**10 if "layers" in k else 2**24)), None)
+    if bad:
+        raise ModelError(f"{where}: {bad} is {d[bad]}, which no Qwen model has: take the model's own config.json.")
+    check_fields(where, d, CONFIG_NUMBERS, ModelError, CONFIG_FIX)
+    layers, head = d.get("layer_types"), d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+    if layers is not None and len(layers) != d["num_hidden_layers"]:
+        raise ModelError(f"{where}: layer_types names {len(layers)} layers, but num_hidden_layers is "
+                         f"{d['num_hidden_layers']}. {CONFIG_FIX}")
+    turned = int(head * d.get("partial_rotary_factor", 1.0))  # RoPE turns pairs of dims (model.Config.rotary_dim)
+    if turned < 2 or turned % 2:
+        raise ModelError(f"{where}: RoPE would turn {turned} dims of each head (head_dim {head} times "
+                         f"partial_rotary_factor), which must be an even number of 2 or more. {CONFIG_FIX}")
+
+
+# What lora.read_adapter reads from adapter_config.json (lora.save_adapter writes it as peft does), once
+# r, lora_alpha and lora_dropout are known to be numbers: the sizes LoRA takes, and the base model
+ADAPTER_FIELDS = {
+    "r": (lambda v: 1 <= v <= 2**16, "a whole number from 1 to 65536"),
+    "lora_alpha": (lambda v: is_number(v) and 0 < v <= 2**16, "a number over 0, at most 65536"),
+    "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number from 0 up to 1"),
+    "base_model_name_or_path": (is_text, "a model id or folder"),
+}
+
+
+def check_adapter_config(path, d: dict, error: type) -> None:
+    """adapter_config.json's fields that lora.read_adapter reads: r, lora_alpha and lora_dropout numbers
+    of the sizes LoRA takes and the base model's name (ADAPTER_FIELDS), use_rslora true or false
+    ("false" would read as true), target_modules module names; else `error` naming the file, the
+    field and what to do."""
+    for key, default in (("r", 8), ("lora_alpha", 8), ("lora_dropout", 0.0)):
+        value = d.get(key, default)
+        whole = is_number(value) and value == int(value)
+        if not isinstance(value, (int, float)) or is_bool(value) or key == "r" and not whole:
+            raise error(f"{path}: {key} is {value!r}, not a number; fix it (e.g. 16, not \"16\").")
+    check_fields(path, d, ADAPTER_FIELDS, error, "The file was edited or damaged: correct that field, or use "
+                 "another checkpoint.")
+    if not is_bool(d.get("use_rslora", False)):
+        raise error(f"{path}: use_rslora is {d['use_rslora']!r}, not true or false; fix it (false, not \"false\").")
+    targets = d.get("target_modules")
+    if targets is not None and not is_texts(targets):
+        raise error(f"{path}: target_modules is {targets!r}; peft writes a list of module names (or a string).")
 
 
 def load_generation_config(model_dir) -> dict:
@@ -79,6 +172,20 @@ def load_generation_config(model_dir) -> dict:
     return config
 
 
+def chat_template(model_dir, error: type) -> str:
+    """tokenizer_config.json's chat_template ("" where there is none): a text, or the list of named
+    templates ({"name", "template"}) transformers writes for several, of which "default" is taken."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    jinja = (read_json(path, error) if path.exists() else {}).get("chat_template")
+    if isinstance(jinja, list) and all(isinstance(t, dict) and is_text(t.get("name")) and is_text(t.get("template"))
+                                       for t in jinja):
+        jinja = next((t["template"] for t in jinja if t["name"] == "default"), "")
+    check_fields(path, {"chat_template": jinja}, {"chat_template": (is_text, "a text, the Jinja chat template")}, error,
+                 "Correct or remove that field (without it, the template of the model's type is used), or fetch the "
+                 "model again.")
+    return jinja or ""
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint, single-file or sharded with an index."""
     index = model_dir / "model.safetensors.index.json"
@@ -87,11 +194,11 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ModelError(f"{index} is not a valid index: it needs a \"weight_map\" of tensor name -> file.")
         files = sorted(set(weight_map.values()))
-        outside = [f for f in files if Path(f).name != f]  # a path, not a file of this folder
+        outside = [f for f in files if Path(f).name != f or f in ("", "..")]  # a path, not a file of this folder
         if outside:
             raise ModelError(f"{index} names shard(s) outside {model_dir}: {short_list(outside)}. A model's index "
                              "names files of its own folder; this one is broken or hostile: fetch the model again.")
-        absent = [f for f in files if not (model_dir / f).exists()]
+        absent = [f for f in files if not (model_dir / f).is_file()]
         if absent:
             raise ModelError(f"{index} names shard(s) that are not in {model_dir}: {', '.join(absent)}. The download is incomplete; fetch the model again.")
         return [model_dir / f for f in files]

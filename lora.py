@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import ARGS_FIELDS
+from checkpoints import ARGS_FIELDS, check_adapter_config
 from model import TEXT_PREFIX
 from util import check_fields, read_json, save_safetensors, short_list
 
@@ -464,23 +464,19 @@ def read_adapter(path) -> tuple[LoraConfig, dict, str | None]:
         pickled = " It holds adapter_model.bin, a pickle file, which is not loaded for safety: re-save it with " \
                   "peft's save_pretrained(safe_serialization=True)." if (path / "adapter_model.bin").exists() else ""
         raise LoraError(f"{path} has adapter_config.json but no adapter_model.safetensors.{pickled}")
-    for key, default in (("r", 8), ("lora_alpha", 8), ("lora_dropout", 0.0)):
-        value = d.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or (key == "r" and value != int(value)):
-            raise LoraError(f"{cfg_file}: {key} is {value!r}, not a number; fix it (e.g. 16, not \"16\").")
-    if not isinstance(d.get("use_rslora", False), bool):  # "false", a string, would read as true
-        raise LoraError(f"{cfg_file}: use_rslora is {d['use_rslora']!r}, not true or false; fix it (false, not \"false\").")
-    targets = d.get("target_modules")
-    if targets is not None and not (isinstance(targets, str) or isinstance(targets, list) and all(
-            isinstance(t, str) for t in targets)):
-        raise LoraError(f"{cfg_file}: target_modules is {targets!r}; peft writes a list of module names (or a string).")
+    check_adapter_config(cfg_file, d, LoraError)  # r, lora_alpha, ...: their types and sizes
     cfg = LoraConfig(r=int(d.get("r", 8)), lora_alpha=d.get("lora_alpha", 8), lora_dropout=d.get("lora_dropout", 0.0),
                      target_modules=d.get("target_modules") or "all-linear", use_rslora=bool(d.get("use_rslora")))
     try:
-        return cfg, load_file(weights), d.get("base_model_name_or_path")
+        tensors = load_file(weights)
     except SafetensorError as e:
         raise LoraError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0]}): it was cut short "
                         "or is damaged. Use another checkpoint, or save the adapter again.") from None
+    ranks = sorted({t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight") and t.dim() == 2})
+    if ranks and ranks != [cfg.r]:  # before the adapter's layers are built at the rank the file says
+        raise LoraError(f"{cfg_file} says r {cfg.r}, but {weights.name} holds LoRA weights of rank "
+                        f"{short_list(ranks)}. The file was edited or belongs to another adapter: correct r.")
+    return cfg, tensors, d.get("base_model_name_or_path")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -544,6 +540,7 @@ def checkpoint_args(path) -> dict:
     check_fields(args_file, args, ARGS_FIELDS, LoraError, "The file was edited or damaged: correct that field (the "
                  "run's own command line says what it was), or remove it to let the flags decide.")
     adapter = read_json(adapter_file, LoraError) if adapter_file.exists() else {}
+    check_adapter_config(adapter_file, adapter, LoraError)
     out = dict(args)
     out["model"] = args.get("model") or args.get("model_id_or_path") or adapter.get("base_model_name_or_path") or None
     out["system"] = args.get("system")  # "" stays "": inference must also leave the system turn out

@@ -32,8 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from checkpoints import (ModelError, checkpoint_files, load_generation_config, resolve_model_dir,  # noqa: F401
-                         save_safetensors_sharded, shard_shapes)  # the folder's files; used as model.X elsewhere
+from checkpoints import (ModelError, check_config, check_config_numbers, checkpoint_files,  # noqa: F401
+                         load_generation_config, resolve_model_dir, save_safetensors_sharded,
+                         shard_shapes)  # the folder's files; used as model.X elsewhere
 from deltanet import GatedDeltaNet, segments_of
 from util import read_json, short_list
 
@@ -47,7 +48,6 @@ class Config:
     """The fields of a Qwen2, Qwen3 or Qwen3.5 config.json that change the computation (Qwen3.5's
     vision-language config.json: those of its text_config)."""
 
-    SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
     # model_type -> the architecture transformers names it with. Everything else is refused.
     FAMILIES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM"}
     # Qwen3.5's keys, dropped from the other families' config.json (to_dict)
@@ -117,6 +117,7 @@ class Config:
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
         d = text_config_of(d)
         where = source
+        check_config(d, where)  # its texts, flags and objects, before they are read (checkpoints.CONFIG_FIELDS)
         d["model_type"] = cls.family(d, where)
         mixers = {"full_attention", "linear_attention"} if d["model_type"] == "qwen3_5" else {"full_attention"}
         sliding = d.get("use_sliding_window") or any(t not in mixers for t in d.get("layer_types") or [])
@@ -134,16 +135,10 @@ class Config:
             d["num_key_value_heads"] = d["num_attention_heads"]
         names = [f.name for f in fields(cls) if f.name != "extra"]
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-        missing = [k for k in required if k not in d]
+        missing = [k for k in required if d.get(k) is None]
         if missing:
             raise ModelError(f"{where} lacks the key(s) {', '.join(missing)} that every Qwen config has.")
-        for f in fields(cls):
-            want = {int: int, float: (int, float)}.get(int if f.name == "head_dim" else f.type if isinstance(f.type, type) else None)
-            if want and d.get(f.name) is not None and (not isinstance(d[f.name], want) or isinstance(d[f.name], bool)):
-                raise ModelError(f"{where}: {f.name} is {d[f.name]!r}, not a number; fix it (e.g. 128, not \"128\").")
-        bad = next((k for k in cls.SIZES if d.get(k) is not None and not 1 <= d[k] <= (2**10 if "layers" in k else 2**24)), None)
-        if bad:  # each layer is built before any weight is read: a broken count must stop here, not fill the memory
-            raise ModelError(f"{where}: {bad} is {d[bad]}, which no Qwen model has: take the model's own config.json.")
+        check_config_numbers(d, where, {"head_dim": int, **{f.name: f.type for f in fields(cls) if f.type in (int, float)}})
         cfg = cls(**{k: d[k] for k in names if k in d and d[k] is not None},
                   extra={k: v for k, v in d.items() if k not in names})
         if cfg.num_attention_heads % cfg.num_key_value_heads or "head_dim" not in d and cfg.hidden_size % cfg.num_attention_heads:

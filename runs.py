@@ -41,7 +41,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import lora
-from util import atomic_folder, read_json, remove_stale_temporaries
+from checkpoints import ARGS_FIELDS
+from util import atomic_folder, check_fields, is_whole, read_json, remove_stale_temporaries
 
 
 class RunError(Exception):
@@ -138,10 +139,11 @@ def prune_checkpoints(run_dir: Path, limit: int | None, best: str | None, histor
 
 
 # trainer_state.json as save_checkpoint writes it: each field's JSON types, and what a value must be.
+MAX_STEPS = 10**12  # more than any run takes; TensorBoard's steps are 64-bit
 STATE_FIELDS = {
-    "global_step": ((int,), "a whole number of steps, at least 1", lambda v: v >= 1),
-    "epoch": ((int,), "a whole number of epochs, 0 or more", lambda v: v >= 0),
-    "step_in_epoch": ((int,), "a whole number of steps, 0 or more", lambda v: v >= 0),
+    "global_step": ((int,), "a whole number of steps from 1 to 10**12", lambda v: 1 <= v <= MAX_STEPS),
+    "epoch": ((int,), "a whole number of epochs from 0 to 10**12", lambda v: 0 <= v <= MAX_STEPS),
+    "step_in_epoch": ((int,), "a whole number of steps from 0 to 10**12", lambda v: 0 <= v <= MAX_STEPS),
     "log_history": ((list,), "a list of logged steps (objects)", lambda v: all(isinstance(e, dict) for e in v)),
     "checkpoints": ((list,), "a list of this run's checkpoint folder names (checkpoint-N)",
                     lambda v: all(isinstance(n, str) and CHECKPOINT_NAME.fullmatch(n) for n in v)),
@@ -151,21 +153,28 @@ STATE_FIELDS = {
     "elapsed": ((int, float), "seconds, a finite number of 0 or more", lambda v: math.isfinite(v) and v >= 0),
     "loss_scale": ((int, float), "a finite number above 0", lambda v: math.isfinite(v) and v > 0),
 }
+# Written into every checkpoint since the first (the checkpoints' history came later: restore makes it up)
+REQUIRED_STATE = ("global_step", "epoch", "step_in_epoch", "log_history", "best_checkpoint", "best_eval_loss")
+STATE_FIX = ("The file was edited or written by another tool: resume from another checkpoint of the run, or pass "
+             "--resume_only_model true to start a new run from its adapter alone.")
 
 
 def read_trainer_state(path: Path) -> dict:
-    """A checkpoint's trainer_state.json, every field checked against STATE_FIELDS (global_step and
-    log_history required), or a RunError naming the field, what it holds and what it should."""
+    """A checkpoint's trainer_state.json, every field checked against STATE_FIELDS (REQUIRED_STATE
+    required) and its step against its folder's name, or a RunError naming the field, what it holds
+    and what it should."""
     state = read_json(path, RunError, hint="resume from another checkpoint of the run")  # an object, or RunError
     for key, (types, expected, valid) in STATE_FIELDS.items():
-        if key not in state and key not in ("global_step", "log_history"):
+        if key not in state and key not in REQUIRED_STATE:
             continue
         value = state.get(key)
-        if not isinstance(value, types) or isinstance(value, bool) or not valid(value):
+        if key not in state or not isinstance(value, types) or isinstance(value, bool) or not valid(value):
             found = "nothing" if key not in state else json.dumps(value)[:80]
-            raise RunError(f"{path}: \"{key}\" holds {found}, where this toolkit writes {expected}. The file was "
-                           "edited or written by another tool: resume from another checkpoint of the run, or "
-                           "pass --resume_only_model true to start a new run from its adapter alone.")
+            raise RunError(f"{path}: \"{key}\" holds {found}, where this toolkit writes {expected}. {STATE_FIX}")
+    folder = path.parent.name
+    if CHECKPOINT_NAME.fullmatch(folder) and int(folder.split("-")[1]) != state["global_step"]:
+        raise RunError(f"{path}: \"global_step\" holds {state['global_step']}, but the folder is {folder}, "
+                       f"named by the step it was saved at. {STATE_FIX}")
     return state
 
 
@@ -419,6 +428,9 @@ RESUME_MUST_MATCH = ("model", "dataset", "val_dataset", "split_dataset_ratio", "
 UNSET_MEANS_SAVED = ("template", "loss_scale")  # unset, they are the model's own: the checkpoint's, as recorded
 # The ms-swift release whose args.json ours follows (the keys `swift infer --adapters` reads).
 SWIFT_ARGS_VERSION = "4.6.0"
+# What a resume reads from the checkpoint's args.json (open_run writes it), beyond what inference reads
+RESUME_ARGS_FIELDS = {**ARGS_FIELDS, **{key: (lambda v: is_whole(v) and v >= 1, "a whole number of 1 or more")
+                                        for key in ("gradient_accumulation_steps", "world_size")}}
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "rng_state.pt", "trainer_state.json")
 
 
@@ -440,10 +452,13 @@ def check_resume(a, world: int) -> Path | None:
                        "otherwise). Resume from a checkpoint of this toolkit, or pass --resume_only_model true to "
                        "start a new run from its adapter weights alone.")
     if a.resume_only_model:
+        continued_step(ckpt, a)  # (its step, checked before the model loads)
         check_unused(a)
         return ckpt
     read_trainer_state(ckpt / "trainer_state.json")
     saved = read_json(ckpt / "args.json", RunError) if (ckpt / "args.json").exists() else {}
+    check_fields(ckpt / "args.json", saved, RESUME_ARGS_FIELDS, RunError, "The file was edited or damaged: correct "
+                 "that field (the run's own command line says what it was), or pass --resume_only_model true.")
     now = dict(vars(a), accumulation_x_ranks=a.gradient_accumulation_steps * world)
     saved["accumulation_x_ranks"] = saved.get("gradient_accumulation_steps", 1) * saved.get("world_size", 1)
     changed = [f"--{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_MUST_MATCH + ("accumulation_x_ranks",)
@@ -460,10 +475,11 @@ def check_resume(a, world: int) -> Path | None:
     return ckpt
 
 
-def check_same_data(a, rows: list):
+def check_same_data(a, rows: list, steps_per_epoch: int):
     """The training rows' fingerprint into `a` (and so into args.json); a resume whose data changed
     since its checkpoint (a dataset file edited in place) is refused before the model loads: the
-    steps, the epochs and the rows already trained would no longer be the ones counted."""
+    steps, the epochs and the rows already trained would no longer be the ones counted. So is one
+    whose place in the epoch is past the epoch's end (it would train on past --max_steps)."""
     digest = hashlib.blake2b(digest_size=12)
     for row in rows:  # data.Row: its token ids and which are trained
         digest.update(row.ids.tobytes())
@@ -478,6 +494,11 @@ def check_same_data(a, rows: list):
                        f"{a.data_fingerprint}. A dataset file changed since, so the steps and the rows already "
                        "trained would not be the ones counted. Put the data back as it was, or pass "
                        "--resume_only_model true to start a new run from its adapter on the data as it is now.")
+    path = ckpt / "trainer_state.json"
+    place = read_trainer_state(path)["step_in_epoch"]
+    if place > steps_per_epoch:
+        raise RunError(f"{path}: \"step_in_epoch\" holds {place}, but an epoch of this run has {steps_per_epoch} "
+                       f"steps. {STATE_FIX}")
 
 
 def check_unused(a):
@@ -581,8 +602,14 @@ def continued_step(ckpt: Path, a) -> dict:
     path = ckpt / "trainer_state.json"
     if a.adapters or a.ignore_data_skip or not path.is_file():
         return {}
-    step = read_json(path, RunError).get("global_step")
-    return {"global_step": step, "epoch": None, "step_in_epoch": None} if isinstance(step, int) and step > 0 else {}
+    state = read_json(path, RunError)  # ours, or the HF Trainer's (ms-swift's checkpoints)
+    step = state.get("global_step")
+    if not (is_whole(step) and 0 <= step <= MAX_STEPS):
+        found = json.dumps(step)[:80] if "global_step" in state else "nothing"
+        raise RunError(f"{path}: \"global_step\" holds {found}, where a trainer_state.json holds a "
+                       "whole number of steps. The file was edited or damaged: fix that field, or pass "
+                       "--ignore_data_skip true to start the new run at step 0.")
+    return {"global_step": step, "epoch": None, "step_in_epoch": None} if step else {}
 
 
 def restore(ckpt: Path, model, optimizer, device, states=None) -> dict:

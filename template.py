@@ -34,9 +34,8 @@ config.json's model_type, and --template NAME overrides both.
 
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from util import read_json
+from checkpoints import chat_template
 
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what a hybrid model reads when it is told not to think
@@ -216,9 +215,7 @@ TEMPLATES = {
 def template_name_of(model_dir, model_type: str) -> str:
     """The template of a checkpoint: recognised in tokenizer_config.json's chat_template, else the
     one of its model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3, qwen3_5: qwen3_5)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    jinja = read_json(path, TemplateError).get("chat_template") if path.exists() else None
-    jinja = jinja if isinstance(jinja, str) else ""
+    jinja = chat_template(model_dir, TemplateError)  # (checked: a text, else one paragraph)
     if "enable_thinking" in jinja and "render_content" in jinja:  # Qwen3.5 / 3.6: vision content, thinking
         return "qwen3_5"
     if "enable_thinking" in jinja:

@@ -482,8 +482,8 @@ def train(a) -> int:
     tok, template = data.Tokenizer(model_dir), chat_template(a, model_dir, config)
     log0(rank, f"chat template: {template.name}" + (f" (loss_scale {template.loss_scale})" if template.loss_scale != "default" else ""))
     train_rows, val_rows = load_data(a, tok, template)
-    runs.check_same_data(a, train_rows)  # a resume on data edited since: refused before the model loads
     steps_per_epoch, total_steps, warmup = schedule(a, len(train_rows), world)
+    runs.check_same_data(a, train_rows, steps_per_epoch)  # a resume on data edited since: refused before the model loads
     log0(rank, f"data: {len(train_rows)} training rows, {len(val_rows)} validation rows; "
                f"{steps_per_epoch} optimizer steps per epoch, {total_steps} in all")
     plan = speed.plan_training(speed.PlanFlags.of(a), device, [len(r["input_ids"]) for r in train_rows],

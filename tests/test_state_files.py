@@ -269,10 +269,10 @@ def test_a_config_json_with_an_impossible_size_stops_before_building_anything(tm
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("temperature", "hot", "a number of 0 or more"), ("top_p", 0, "a number over 0, at most 1"),
+    ("temperature", "hot", "a number from 0 to 100"), ("top_p", 0, "a number over 0, at most 1"),
     ("top_k", 2.5, "a whole number of 0 or more"), ("max_new_tokens", -1, "a whole number of 1 or more"),
     ("do_sample", "yes", "true or false"), ("eos_token_id", ["x"], "a token id or a list of them"),
-    ("repetition_penalty", True, "a number over 0")])
+    ("repetition_penalty", True, "a number over 0, at most 100")])
 def test_a_generation_config_field_of_the_wrong_kind_is_one_paragraph(tmp_path, tiny_dir, key, value, expected, capsys):
     """Issue 34 item 10: {"temperature": "hot"} in generation_config.json ended in a TypeError traceback
     at the first token; every field decoding reads is checked as the file is read (checkpoints.GENERATION_FIELDS)."""
