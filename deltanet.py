@@ -95,6 +95,18 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk: int = 64):
     return out.transpose(1, 2), state
 
 
+def state_buffers(config, batch: int, device=None, dtype=torch.float32) -> list:
+    """Zeroed states to decode in place, one (conv inputs (batch, C, K - 1) in `dtype`, recurrent state
+    (batch, H, dk, dv) float32) per DeltaNet layer, None for an attention layer: for caches whose
+    tensors must stay where they are (a recorded CUDA graph reads and writes fixed memory)."""
+    c = config
+    conv = (batch, 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim,
+            c.linear_conv_kernel_dim - 1)
+    state = (batch, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
+    return [(torch.zeros(conv, device=device, dtype=dtype), torch.zeros(state, device=device))
+            if mixer == "linear_attention" else None for mixer in config.mixers]
+
+
 # ----------------------------------------------------------------------------------------------
 # Packed rows: each sample a row of its own, then back
 

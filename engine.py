@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 import decode
+import deltanet
 import lora
 import model as modeling
 import speed
@@ -101,12 +102,7 @@ class SlotCache(modeling.KVCache):
         super().__init__(config, slots, max_len, device=device, dtype=dtype)
         self.device, self.positions, self.span, self.packed = device, None, 0, None
         self.packed_mask = None  # how packed prompts attend: model.block_mask, or speed.VarlenAttention on a GPU
-        c = config  # a Qwen3.5 DeltaNet layer: each slot's convolution inputs and recurrent state
-        conv = (slots, 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads
-                * c.linear_value_head_dim, c.linear_conv_kernel_dim - 1)
-        state = (slots, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)
-        self.linear = [(torch.zeros(conv, device=device, dtype=dtype), torch.zeros(state, device=device))
-                       if mixer == "linear_attention" else None for mixer in config.mixers]
+        self.linear = deltanet.state_buffers(config, slots, device, dtype)  # each slot's, for a DeltaNet layer
 
     def prefill(self, slots: list[int], lengths: list[int]):
         """Prompts of these lengths, packed in this order, into these slots. Where each packed token

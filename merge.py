@@ -35,7 +35,8 @@ import torch
 import cli
 import lora
 import model as M
-from util import atomic_folder, remove_stale_temporaries, short_list
+from template import template_name_of
+from util import atomic_folder, check_fields, is_text, read_json, remove_stale_temporaries, short_list
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
@@ -87,7 +88,7 @@ def checkpoint_tensors(model, model_dir: Path) -> dict:
 def config_json(config, model_dir: Path) -> dict:
     """The merged folder's config.json: a vision-language base's own (text_config, vision_config and
     the rest) with the merge's dtype; otherwise the text model's, as transformers writes it."""
-    base = json.loads((model_dir / "config.json").read_text())
+    base = read_json(model_dir / "config.json", M.ModelError)  # (checked already, by Config.from_json)
     if not isinstance(base.get("text_config"), dict):
         return config.to_dict()
     for d in (base, base["text_config"]):
@@ -95,12 +96,23 @@ def config_json(config, model_dir: Path) -> dict:
     return base
 
 
+# merge_info.json as write_folder writes it: each field's test and what it must be
+MERGE_INFO_FIELDS = {"written_by": (is_text, f'"{MARKER}"'), "adapters": (is_text, "the merged checkpoint's path"),
+                     "base_model": (is_text, "the base model's id or folder"),
+                     "torch_dtype": (lambda v: is_text(v) and v in cli.DTYPES, "bfloat16, float16 or float32")}
+NOT_REPLACED = ("--exist_ok replaces only a folder whose merge_info.json says merge.py wrote it, so nothing was "
+                "changed: choose another --output_dir, or delete that folder yourself if you are sure")
+
+
 def written_by_merge(folder: Path) -> bool:
-    try:
-        info = json.loads((folder / "merge_info.json").read_text())
-    except (OSError, ValueError):
+    """Whether merge_info.json says merge.py wrote `folder`; one that is damaged, or whose fields are
+    not what merge.py writes (MERGE_INFO_FIELDS), is a MergeError: it vouches for nothing."""
+    path = folder / "merge_info.json"
+    if not path.is_file():
         return False
-    return isinstance(info, dict) and info.get("written_by") == MARKER
+    info = read_json(path, MergeError, hint=NOT_REPLACED)
+    check_fields(path, info, MERGE_INFO_FIELDS, MergeError, NOT_REPLACED[0].upper() + NOT_REPLACED[1:] + ".")
+    return info.get("written_by") == MARKER
 
 
 def holds_only_merged_files(folder: Path) -> bool:
@@ -197,6 +209,8 @@ def merge(adapters, base=None, output_dir=None, exist_ok=False, device="cpu", dt
     inputs = {"adapter": ckpt, "base model": model_dir}
     check_output(out, exist_ok, inputs)  # the base's folder is known only now (a hub id, tiny)
     config = M.Config.from_json(model_dir / "config.json")
+    M.load_generation_config(model_dir)  # the files the merged folder copies, checked as loading it checks them:
+    template_name_of(model_dir, config.model_type)  # a broken one is refused here, not passed on
     dtype, why = merge_dtype(dtype, ckpt_args, config)
     config.torch_dtype = str(dtype).removeprefix("torch.")
     print(f"loading {base} ({config.torch_dtype}, {why}) on {device}", flush=True)
@@ -238,8 +252,8 @@ def main(argv=None) -> int:
                    "the checkpoint's args.json or adapter_config.json)")
     # Where to write it
     p.add_argument("--output_dir", default=None, help="folder to write (default: CHECKPOINT-merged beside the checkpoint)")
-    p.add_argument("--exist_ok", action="store_true", help="replace the output folder if an earlier merge.py wrote it "
-                   "(never a file, a training run, a checkpoint or a base model)")
+    p.add_argument("--exist_ok", nargs="?", const=True, default=False, type=cli.str2bool, help="replace an earlier merge.py's "
+                   "output folder (never a run, a checkpoint or a base model)")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     # How to compute it
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available); holds one copy of the base")

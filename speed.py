@@ -645,6 +645,10 @@ def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) ->
     """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
     launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
     plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
+    if model is not None and "linear_attention" in model.config.mixers:
+        # Qwen3.5: a DeltaNet layer replaces its states each token, and its snapshots for going back in a chat
+        # hold those tensors; a graph reads and writes fixed memory. Recording it is not done yet: eager.
+        cuda_graph = False
     return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
                       fuse=model is not None and plain_weights(model))
 

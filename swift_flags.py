@@ -208,7 +208,7 @@ FLAGS = {
     "vllm_max_model_len": refused("8192", NO_VLLM),
     "gpu_memory_utilization": refused("0.9", NO_VLLM),
     # Export
-    "exist_ok": SwiftFlag("", MERGE, "takes no value here (ms-swift: --exist_ok true)"),
+    "exist_ok": SwiftFlag("true", MERGE),
     "max_shard_size": SwiftFlag("5GB", MERGE),
     "push_to_hub": refused("true", NO_UPLOAD),
     "hub_model_id": refused("me/qwen-robot", NO_UPLOAD),

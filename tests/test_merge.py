@@ -183,9 +183,11 @@ def test_existing_output_folder_is_refused_without_exist_ok(tiny_dir, tmp_path, 
     merge.main(["--adapters", str(ckpt), "--max_shard_size", "200KB", "--device", "cpu"])
     out = tmp_path / "checkpoint-1-merged"
     before = snapshot(out)
-    err = merge_error(capsys, "--adapters", ckpt, "--device", "cpu")
-    assert f"the output folder {out} already exists. Pass --exist_ok" in err
+    for flag in ([], ["--exist_ok", "false"]):
+        err = merge_error(capsys, "--adapters", ckpt, "--device", "cpu", *flag)
+        assert f"the output folder {out} already exists. Pass --exist_ok" in err
     assert snapshot(out) == before
+    assert merge.main(["--adapters", str(ckpt), "--exist_ok", "true", "--device", "cpu"]) == 0  # as ms-swift writes it
     merge.main(["--adapters", str(ckpt), "--exist_ok", "--device", "cpu"])  # an earlier merge is replaced
     assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
     assert not list(out.glob("model-*-of-*.safetensors"))
