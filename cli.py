@@ -12,7 +12,9 @@ import argparse
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -191,11 +193,14 @@ def tiny_dir(name: str = "tiny") -> Path:
 ERRORS = (UsageError, DataError, ModelError, LoraError, RunError, TemplateError, FloatingPointError, OSError)
 
 
-def run_main(body, interrupted: str = "") -> int:
+def run_main(body, interrupted: str = "", term_as_ctrl_c: bool = False) -> int:
     """Run a script's body; its exit code. Errors a user can fix are one paragraph on stderr:
     exit 2 (1 when training diverged). Under torchrun every rank checks the same flags and data,
     so for those only rank 0 speaks. Ctrl-C prints `interrupted` (or the KeyboardInterrupt's own
-    message, when it carries one) and exits 130."""
+    message, when it carries one) and exits 130. term_as_ctrl_c: SIGTERM too (a batch scheduler's
+    stop), where it would otherwise kill the process mid-write with no word."""
+    if term_as_ctrl_c and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return body()
     except ERRORS as e:

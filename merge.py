@@ -271,7 +271,8 @@ def main(argv=None) -> int:
         return 0
 
     # A Ctrl-C once the new folder is in place says so itself (util.atomic_folder).
-    return cli.run_main(merge_and_say, "interrupted: nothing was written, and the output folder is as it was.")
+    return cli.run_main(merge_and_say, "interrupted: nothing was written, and the output folder is as it was.",
+                        term_as_ctrl_c=True)
 
 
 if __name__ == "__main__":

@@ -967,11 +967,36 @@ def use_offload(a: PlanFlags, device, config, row_lengths: list[int]) -> tuple[b
         if flag is None and (gib <= OFFLOAD_OVER_GIB or a.cuda_graph or not a.gradient_checkpointing):
             return False, ""
         saved = (f" ({config.num_hidden_layers} layers x {tokens:,} tokens x {config.hidden_size:,} x {size} bytes = "
-                 f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''})")
+                 f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''}"
+                 f"{check_host_memory(gib)})")
     return True, (f"offloaded checkpoints: each layer's saved input{saved} waits in pinned host memory from its "
                   "forward to its backward, copied on a side stream while the layers compute; no CUDA graphs (a "
                   "recorded graph keeps its tensors where they are, and a long row keeps the GPU busy without one); "
                   "--activation_cpu_offload false keeps the inputs on the GPU")
+
+
+def host_memory_gib() -> float | None:
+    """Host memory available now (MemAvailable of /proc/meminfo), in GiB; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) / 2**20  # kB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_host_memory(gib: float) -> str:
+    """', of X GiB available' for the start-up line; a UsageError, before anything loads, where the
+    offloaded inputs (pinned: the system cannot page them out) would take more than 80% of it."""
+    available = host_memory_gib()
+    if available is None:
+        return ""
+    if gib > 0.8 * available:
+        raise cli.UsageError(f"offloading this run's checkpoints takes {gib:.1f} GiB of pinned host memory a pass (one "
+                             f"layer input per layer, for the longest pass) and this machine has {available:.1f} GiB "
+                             "available: lower --max_length (or --max_tokens_per_pass), free host memory, or pass "
+                             "--activation_cpu_offload false to keep the inputs on the GPU.")
+    return f" of the {available:.0f} GiB of host memory available"
 
 
 def offload_problem(a: PlanFlags, device) -> str | None:

@@ -541,7 +541,7 @@ def main(argv=None) -> int:
         parallel.leave()
         return code
 
-    return cli.run_main(checked_train, "interrupted before training started; nothing was written.")
+    return cli.run_main(checked_train, "interrupted before training started; nothing was written.", term_as_ctrl_c=True)
 
 
 if __name__ == "__main__":

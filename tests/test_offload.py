@@ -126,13 +126,15 @@ def plan_flags(tokens: int, **flags):
     return speed.PlanFlags(**dict(dict(max_length=tokens, max_tokens_per_pass=tokens, padding_free=True), **flags))
 
 
-def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir):
+def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir, monkeypatch):
     """On a GPU by default from 2 GiB of saved inputs a pass (28 x 32,768 x 3,584 x 2 bytes on the
     7B shape is 6.1 GiB; 2,048 tokens are 0.4), without CUDA graphs then; the flag decides when given."""
     gpu = torch.device("cuda")
+    monkeypatch.setattr(speed, "host_memory_gib", lambda: 100.0)
     plan = speed.plan_training(plan_flags(32768), gpu, [500], 100, SEVEN_B)
     assert plan.offload and not plan.graphs and not plan.compiled and plan.pad_to == 1
-    assert "offloaded checkpoints: each layer's saved input (28 layers x 32,768 tokens x 3,584 x 2 bytes = 6.1 GiB a pass, over 2 GiB)" in plan.message
+    assert ("offloaded checkpoints: each layer's saved input (28 layers x 32,768 tokens x 3,584 x 2 bytes = 6.1 GiB a "
+            "pass, over 2 GiB of the 100 GiB of host memory available)") in plan.message
     assert "CUDA graphs:" not in plan.message and "--activation_cpu_offload false" in plan.message
     plan = speed.plan_training(plan_flags(2048), gpu, [500], 100, SEVEN_B)
     assert not plan.offload and plan.graphs and "offloaded" not in plan.message
@@ -194,3 +196,16 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
     torch.testing.assert_close(offloaded_loss, loss, rtol=1e-5, atol=0)
     assert (grads - plain).norm() <= 1e-5 * plain.norm()
     assert offloaded_peak < plain_peak - saved // 2, (offloaded_peak, plain_peak, saved)
+
+
+def test_offloading_more_than_the_host_can_pin_is_refused_before_anything_loads(monkeypatch):
+    """Pinned host memory cannot be paged out: 131,072 tokens of the 7B shape (24.5 GiB a pass) on a
+    host with 16 GiB available is one paragraph at planning, not a machine that swaps or dies."""
+    import cli
+    available = speed.host_memory_gib()  # the real reading, on this machine
+    assert available is None or available > 0
+    monkeypatch.setattr(speed, "host_memory_gib", lambda: 16.0)
+    with pytest.raises(cli.UsageError, match=r"takes 24\.5 GiB of pinned host memory a pass .* has 16\.0 GiB available"):
+        speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B)
+    monkeypatch.setattr(speed, "host_memory_gib", lambda: None)  # unknown: planned as before, nothing said
+    assert speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B).offload

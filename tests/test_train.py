@@ -156,6 +156,27 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, tiny_dir, one_thread):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_before_training_starts_is_said_like_ctrl_c(capsys):
+    """Before the loop takes over the signals (loading data or the model), SIGTERM killed train.py at
+    once with no word (exit -15: tests/soak.py); now it is Ctrl-C's: one line, exit 130."""
+    import os
+    import time
+
+    import cli
+
+    def loading():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the signal arrives here)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.run_main(loading, "interrupted before training started; nothing was written.", term_as_ctrl_c=True) == 130
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "interrupted before training started; nothing was written." in capsys.readouterr().err
+
+
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_dir, one_thread):
     """Batch schedulers and containers send SIGTERM before they kill: the step finishes and is saved."""
     data_file = write_qa(tmp_path / "qa.json", QA * 5)
