@@ -115,15 +115,30 @@ def _delete_replaced(old: Path, final: Path) -> None:
                                 f"replaced, {old}, may be deleted.") from None
 
 
-def _process_gone(pid: int) -> bool:
-    """Whether no process with this id runs here (signal 0 only asks whether it exists)."""
+def _process_gone(pid: int, wrote_at: float) -> bool:
+    """Whether the process `pid`, which last wrote at `wrote_at` (a file time), is gone: no process
+    has this id (signal 0 only asks), or the one that has it started after that write. Ids are
+    reused once they wrap around (at 32,768 by default, and every thread takes one), so a busy
+    machine soon gives a killed writer's id to another process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (OSError, OverflowError):  # another user's process, or no valid pid: not ours to judge
         return False
-    return False
+    return _started_at(pid) > wrote_at
+
+
+def _started_at(pid: int) -> float:
+    """When process `pid` started, as a file time (Linux's /proc: its start in clock ticks after boot,
+    the 22nd field of its stat line); 0.0 where it cannot be read, so that it counts as the writer."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
 
 
 def remove_stale_temporaries(final, is_ours=None) -> list[Path]:
@@ -140,7 +155,7 @@ def remove_stale_temporaries(final, is_ours=None) -> list[Path]:
         if not m or p.is_symlink() or not p.is_dir():
             continue
         # No pid: a .tmp written before the pid was in the name (a .old always has one).
-        gone = _process_gone(int(m[2])) if m[2] else m[1] == "tmp"
+        gone = _process_gone(int(m[2]), p.stat().st_mtime) if m[2] else m[1] == "tmp"
         if gone and (is_ours is None or is_ours(p)):
             shutil.rmtree(p, ignore_errors=True)  # cleaning up: a folder that cannot go blocks nothing
             removed += [] if p.exists() else [p]

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -362,6 +363,10 @@ def test_a_killed_merges_hidden_folder_is_removed_by_the_next_and_nothing_else(t
         (d / name).write_text("keep")
     other = tmp_path / ".n.tmp-abcdefgh"  # another output's
     other.mkdir()
+    reused = tmp_path / f".m.tmp-{os.getpid()}-reused00"  # written a day ago by a merge whose id this process has now
+    reused.mkdir()
+    (reused / "config.json").write_text("{}")
+    os.utime(reused, (time.time() - 86400,) * 2)  # (tests/soak.py met it: ids wrap around at 32,768)
     legacy = tmp_path / ".m.tmp-k3j2h1g0"  # killed merge.py from before the pid was in the name
     legacy.mkdir()
     (legacy / "config.json").write_text("{}")
@@ -370,6 +375,7 @@ def test_a_killed_merges_hidden_folder_is_removed_by_the_next_and_nothing_else(t
     assert r.returncode == 0, r.stderr
     assert f"removed {tmp_path / killed[0]}" in r.stdout
     assert not (tmp_path / killed[0]).exists() and not legacy.exists() and (out / "model.safetensors").exists()
+    assert not reused.exists()
     assert {d.name: snapshot(d) for d in (running, users, odd, other)} == before
 
 
