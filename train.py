@@ -527,7 +527,7 @@ def train(a) -> int:
                 run.save(model, optimizer, a.save_total_limit)
             if stopping:
                 break
-    run.finish(stop.requested)
+    run.said_on_ctrl_c(lambda: run.finish(stop.requested))  # (its curves and summary: a Ctrl-C says what is kept)
     if a.eval_prompts and not stop.requested:
         run.said_on_ctrl_c(lambda: show_answers("after training", a.eval_prompts, answers(), rank))
     return 130 if stop.requested else 0

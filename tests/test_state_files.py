@@ -134,6 +134,20 @@ def test_ctrl_c_during_the_eval_answers_says_what_is_on_disk(tmp_path, monkeypat
     assert "nothing was written" not in err
 
 
+def test_ctrl_c_as_the_finished_run_writes_its_summary_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    """tests/soak.py: a SIGINT after the last step, while the summary and curves were written, said
+    "interrupted before training started; nothing was written" of a complete run."""
+    def finish(self, interrupted):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs.Run, "finish", finish)
+    assert train.main(argv(tmp_path)) == 130
+    (run,) = (tmp_path / "out").glob("v0-*")
+    err = capsys.readouterr().err
+    assert f"interrupted; the run is kept in {run} (last checkpoint: {run / 'checkpoint-4'})." in err
+    assert "nothing was written" not in err
+
+
 def test_resuming_on_a_dataset_edited_since_is_refused_before_the_model_loads(tmp_path, capsys):
     """Issue 34 item 5: it went on, overshot --max_steps ([35/30]) and never saved the extra steps."""
     command = argv(tmp_path)[:-4] + ["--max_steps", "6", "--save_steps", "3"]
