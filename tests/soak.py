@@ -23,6 +23,7 @@ Everything happens in a temporary folder, removed at the end unless --keep.
 import argparse
 import http.client
 import json
+import os
 import random
 import re
 import resource
@@ -42,7 +43,6 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 8
-EXIT_CODES = {0, 1, 2, 130}  # README: done, diverged, an error a user can fix, interrupted
 
 
 class Soak:
@@ -184,7 +184,6 @@ class Soak:
 
 
 def env():
-    import os
     return dict(os.environ, **ENV)
 
 
