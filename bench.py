@@ -6,6 +6,7 @@
     python bench.py --workloads quant   # 4-bit base (QLoRA): 7B, 14B and 32B shapes on one GPU
     python bench.py --workloads fit     # which model trains on which card, computed (no GPU)
     python bench.py --shape qwen3-4b   # the same on another shape (qwen3-4b, qwen3-8b, qwen3-32b, 14b, ...)
+    python bench.py --memory_table --quant nf4   # long rows: where one step's memory goes at 64k, 128k, 256k tokens
 
 Every workload runs in its own process (clean peak-memory counters), ours and the reference
 alike, on the same card in the same run; the table gives each ratio. Weights are random (speed
@@ -572,7 +573,7 @@ def ours_batch(shape, device, a):
         lora.merge_lora(m)
         speed.plan_decoding(False, False, device, m).prepare(m)
     prompts = batch_prompts(shape["vocab_size"], a.prompts, a.small)
-    e = engine.Engine(m, max_batch_size=a.batch, max_len=max(map(len, prompts)) + a.new_tokens)
+    e = engine.Engine(m, max_batch_size=a.batch, max_len=max(map(len, prompts)) + a.new_tokens, compile=a.compile)
     requests = lambda n: [engine.Request(p, n, adapter=None if a.merged else names[i % len(names)])
                           for i, p in enumerate(prompts)]
     e.run(requests(2)[:a.batch])  # warm-up: the full batch's graph recorded
@@ -626,7 +627,8 @@ def serve_main(a):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "serve.py", "--model", model, "--port", str(port), "--max_batch_size",
                                  str(a.serve), "--max_model_len", str(512 + a.new_tokens) if a.small else "4096",
-                                 "--temperature", "0"], stderr=subprocess.PIPE, text=True)
+                                 "--temperature", "0", "--torch_compile", str(a.compile_engine).lower()],
+                                stderr=subprocess.PIPE, text=True)
         try:
             wait_until_serving(proc, port)
             model = json.loads(http_get(port, "/v1/models"))["data"][0]["id"]
@@ -718,6 +720,8 @@ def worker(a):
     """One workload in this process; its result (a dict)."""
     torch.manual_seed(0)
     device, shape, plan = torch.device(a.device), shape_of(a), PLANS[a.plan]
+    if a.worker.startswith("hf") and shape.get("model_type") == "qwen3_5":
+        use_fla(not a.no_fla and device.type == "cuda")
     workloads = {
         "ours_train": lambda: ours_train(shape, a.seq, a.steps, device, plan, a.quant, a.dequantized),
         "ours_train_ddp": lambda: ours_train_ddp(shape, a.seq, a.steps, plan),
@@ -735,6 +739,17 @@ def worker(a):
         "peak_copy": lambda: peak_copy(device),
     }
     return workloads[a.worker]()
+
+
+def use_fla(wanted: bool):
+    """transformers' Qwen3.5 picks fla's kernels at import when `fla` imports: block it, or make sure it does."""
+    if not wanted:
+        sys.modules["fla"] = None  # an import of fla now fails: transformers takes its PyTorch path
+        return
+    try:
+        import fla  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"the reference with fla's kernels needs fla-core installed ({e})") from None
 
 
 def peak_matmul(device, repeats=20):
@@ -866,6 +881,16 @@ def build_parser():
     p.add_argument("--write_tokenizer", nargs=2, metavar=("RANKS", "DIR"), default=None,
                    help="only write Qwen2.5's tokenizer.json rebuilt from Qwen's BPE ranks (qwen.tiktoken) into DIR")
     p.add_argument("--profile", action="store_true", help="only profile one training step of --plan at --seq tokens")
+    # long rows (issue 33): the plan train.py chooses for them, bf16 or with --quant nf4 a 4-bit base
+    p.add_argument("--memory_table", action="store_true", help="only train one step at each of --seqs tokens with the "
+                   "long-row plan (offloaded checkpoints, tiles) and print where memory goes")
+    p.add_argument("--longest_search", action="store_true", help="only find the longest row in --limit_gib with the "
+                   "long-row plan: doubling from --seq, then bisection; each length's loss checked against the plain forward's")
+    p.add_argument("--seqs", type=int, nargs="+", default=[65536, 131072, 262144], help="--memory_table: row lengths")
+    p.add_argument("--seq_max", type=int, default=262144, help="--longest_search: the longest length tried")
+    p.add_argument("--seq_quantum", type=int, default=4096, help="--longest_search: the answer is a multiple of this")
+    p.add_argument("--alloc_conf", default=None, help="--memory_table, --longest_search: PYTORCH_CUDA_ALLOC_CONF for the "
+                   "run ('default': PyTorch's own); unset: what the plan sets (speed.LONG_ROW_ALLOCATOR)")
     p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -876,12 +901,14 @@ def build_parser():
     p.add_argument("--graph", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fp32", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no_fla", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="7b", choices=list(SHAPES), help="the model shape (random weights of its exact sizes)")
-    p.add_argument("--quant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--quant", default=None, help="--memory_table, --longest_search: a 4-bit base of this type (nf4, fp4)")
     p.add_argument("--dequantized", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one_by_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompts", type=int, default=256, help="batch: how many prompts (20 to 400 tokens each)")
     p.add_argument("--batch", type=int, default=128, help="batch: the engine's slots")
+    p.add_argument("--compile_engine", action="store_true", help="batch: the engine's step compiled before recording")
     p.add_argument("--hf_batches", type=int, nargs="+", default=[64, 128], help="batch: the reference's batch sizes to try")
     p.add_argument("--adapters", type=int, default=1, help=argparse.SUPPRESS)
     return p
@@ -995,6 +1022,345 @@ def profile_main(a):
         print(f"{ms:9.2f} ms {n:6d}x  {name[:140]}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Long rows (issue 33): where one step's memory goes, and the longest row, with the plan train.py
+# chooses for a long row (offloaded checkpoints, tiles: speed.plan_training, tiles.py)
+#
+#   python bench.py --memory_table --seqs 65536 131072 [--quant nf4]   # the table, bf16 or 4-bit
+#   python bench.py --longest_search --seq 16384 --seq_max 262144 --seq_quantum 4096 [--quant nf4]
+
+
+class PhaseMemory:
+    """The peak of allocated GPU memory in each phase of a training step, read at the phases' borders
+    by tensor hooks (no snapshots): "forward" (the layers, their inputs' copies to host memory
+    staged), "loss" (the final norm and the loss chunks, forward and backward), "layer i backward"
+    (layer i recomputed and its gradients, its input brought back) and "optimizer"."""
+
+    def __init__(self, device):
+        self.device, self.peaks, self.current = device, {}, None
+
+    def switch(self, name):
+        """End the current phase (its peak since it began) and begin `name` (None: none)."""
+        cuda = self.device.type == "cuda"
+        if self.current is not None:  # on the CPU (--small) the phases are there, their numbers 0
+            self.peaks[self.current] = max(self.peaks.get(self.current, 0), torch.cuda.max_memory_allocated() if cuda else 0)
+            self.peaks["reserved"] = max(self.peaks.get("reserved", 0), torch.cuda.max_memory_reserved() if cuda else 0)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.current = name
+
+    def layers(self, layers) -> list:
+        """The training layers, each telling where its backward begins (a hook on its output's gradient)."""
+        return [PhaseLayer(layer, i, self, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
+
+
+class PhaseLayer:
+    """A training layer that marks PhaseMemory's borders: its output's gradient ends the phase before
+    its backward; the last layer's output ends the forward."""
+
+    def __init__(self, layer, index: int, phases: PhaseMemory, last: bool):
+        self.layer, self.index, self.phases, self.last = layer, index, phases, last
+
+    def __call__(self, h, *args, **kwargs):
+        out = self.layer(h, *args, **kwargs)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.phases.switch(f"layer {self.index} backward"))
+            if self.last:
+                self.phases.switch("loss")
+        return out
+
+
+def long_row_flags(a, seq: int) -> "speed.PlanFlags":
+    """train.py's flags for one row of `seq` tokens: --max_length seq, packed passes (a GPU's
+    default), --quant_bits 4 with --quant, and offloading, which train.py chooses itself for a row
+    past 2 GiB of layer inputs (10,700 tokens of the 7B), asked for so that shorter rows run the same plan."""
+    return speed.PlanFlags(max_length=seq, max_tokens_per_pass=seq, padding_free=True, quant_bits=4 if a.quant else None,
+                           activation_cpu_offload=True)
+
+
+def long_row_plan(a, device, config):
+    """The plan train.py chooses for a row of --seq tokens (its start-up lines printed; each length's
+    host memory is checked apart: host_refusal). On the CPU (--small) there is no host/device split to
+    plan for: the same layers are forced (offloaded checkpoints with speed.HostCopy's stand-in copies,
+    tiles), with tiles of 64 so the short rows run in them."""
+    import model as modeling
+    if device.type == "cuda":
+        plan = speed.plan_training(long_row_flags(a, a.seq), device, [a.seq], 1, config)
+    else:
+        modeling.MLP.chunk = 64
+        plan = speed.TrainingPlan(offload=True, message="the CPU (--small): offloaded checkpoints and tiles forced")
+    print(plan.message, flush=True)
+    return plan
+
+
+def long_row_setup(a, device):
+    """The model (7B shape, bf16 or --quant's 4 bits), its plan, AdamW with lr 0 (its moments are
+    allocated, and B stays 0, so every step's loss can be checked against the plain forward's), and
+    the step's parts; memory is read with PhaseMemory. A dict."""
+    import lora
+    import model as modeling
+    import train
+    shape = shape_of(a)
+    config = modeling.Config(**shape)
+    plan = long_row_plan(a, device, config)  # before the model: it may set the allocator
+    plan.prepare(device)
+    m = ours_model(shape, device, quant_type=a.quant)
+    m.train()
+    m.model.gradient_checkpointing = True
+    params = lora.lora_parameters(m)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=0.0, fused=device.type == "cuda")
+    phases = PhaseMemory(device)
+    layers = phases.layers(plan.training_layers(m) or list(m.model.layers))
+    loss_fn = train.CausalLMLoss(m, layers=layers, packed_mask=plan.packed_mask)
+    embed = plan.embedding(m)
+    free_cached_memory(device)  # building the weights' temporaries
+    lora_bytes = 2 * sum(p.numel() * p.element_size() for p in params)  # LoRA's parameters and gradients
+    weights = torch.cuda.memory_allocated() - lora_bytes if device.type == "cuda" else 0
+    return dict(a=a, device=device, shape=shape, config=config, model=m, params=params, opt=opt, phases=phases,
+                micro_batch=mean_loss_of(plan.micro_batch_fn(loss_fn, params, train.micro_batch), embed), embed=embed,
+                weights=weights)
+
+
+def plain_loss(s: dict, x) -> float:
+    """The mean loss of x through the model's own layers, without gradients or dropout, in chunks of
+    1,024 positions: the reference a long row's step must equal (bf16 rounding apart)."""
+    import train
+    m, n = s["model"], x.shape[1] - 1
+    batch = {"input_ids": x, "labels": x, "label_positions": torch.arange(n, device=x.device)}
+    if s["embed"] is not None:
+        batch["inputs_embeds"] = s["embed"](x)
+    m.eval()
+    with torch.no_grad():
+        loss = train.CausalLMLoss(m, chunk=1024)(**batch).item() / n
+    m.train()
+    return loss
+
+
+def host_refusal(s: dict, seq: int) -> str | None:
+    """Why train.py would refuse this length before loading anything (host memory for the pinned
+    copies: speed.use_offload), or None."""
+    import cli
+    try:
+        speed.use_offload(long_row_flags(s["a"], seq), s["device"], s["config"], [seq])
+    except cli.UsageError as e:
+        return f"refused: {str(e).split(':')[0]}"
+    return None
+
+
+def long_row_step(s: dict, seq: int) -> dict:
+    """One training step on a random row of seq tokens: the peak of each phase, the baseline, the
+    time, the loss and the plain forward's; "error" says where it ran out of memory."""
+    device, phases = s["device"], s["phases"]
+    refusal = host_refusal(s, seq)
+    if refusal:
+        return {"seq": seq, "error": refusal}
+    x = tokens(seq, s["shape"]["vocab_size"], device)
+    sync(device)
+    r = {"seq": seq, "baseline": torch.cuda.memory_allocated() if device.type == "cuda" else 0}
+    try:
+        t = time.perf_counter()
+        phases.switch("forward")
+        r["loss"] = s["micro_batch"](x).item()
+        phases.switch("optimizer")
+        s["opt"].step()
+        phases.switch(None)
+        sync(device)
+        r["s"] = time.perf_counter() - t
+        r.update(reserve(device))  # before the reference forward
+        r["reference"] = plain_loss(s, x)
+    except torch.OutOfMemoryError:
+        r["error"] = f"out of memory in {phases.current or 'the plain forward'}"
+        phases.switch(None)  # the failing phase's peak, up to the failure
+    s["opt"].zero_grad(set_to_none=False)
+    free_cached_memory(device)
+    return dict(r, **phase_peaks(phases))
+
+
+def free_cached_memory(device):
+    """What a failed or finished length leaves cached: the GPU allocator's free blocks, and the
+    pinned host buffers of its offloaded copies (which PyTorch keeps for reuse)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
+
+
+def phase_peaks(phases: PhaseMemory) -> dict:
+    """The peaks of the last step's phases: forward, loss, optimizer, and the largest layer backward."""
+    peaks, phases.peaks = phases.peaks, {}
+    layers = {k: v for k, v in peaks.items() if k.startswith("layer ")}
+    out = {f"peak_{k}": peaks[k] for k in ("forward", "loss", "optimizer") if k in peaks}
+    if peaks.get("reserved"):  # a GPU's
+        out["peak_reserved"] = peaks["reserved"]
+    if layers:
+        worst = max(layers, key=layers.get)
+        out.update(peak_layer_backward=layers[worst], worst_layer=worst.removesuffix(" backward"))
+    return out
+
+
+def reserve(device) -> dict:
+    """Reserved and allocated memory now: the allocator's reserve is their difference."""
+    if device.type != "cuda":
+        return {}
+    return {"reserved_now": torch.cuda.memory_reserved(), "allocated_now": torch.cuda.memory_allocated()}
+
+
+def lora_state_bytes(s: dict) -> int:
+    """The LoRA parameters, their gradients and AdamW's moments (allocated at its first step)."""
+    moments = [t for state in s["opt"].state.values() for t in state.values() if torch.is_tensor(t) and t.dim()]
+    return sum(t.numel() * t.element_size() for t in [*s["params"], *s["params"], *moments])
+
+
+def long_rows_main(a):
+    """--memory_table or --longest_search, with --alloc_conf set first: PyTorch reads it when CUDA
+    starts ("default": PyTorch's own setting, not the plan's)."""
+    if a.alloc_conf:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "" if a.alloc_conf == "default" else a.alloc_conf
+    return memory_table_main(a) if a.memory_table else longest_search_main(a)
+
+
+def cap_memory(a, device):
+    """The allocator capped at --limit_gib (0: uncapped), a 24 GB card's usable memory on a larger one."""
+    if device.type == "cuda" and a.limit_gib > 0:
+        torch.cuda.set_per_process_memory_fraction(a.limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+
+
+def memory_table_main(a):
+    """--memory_table: one step at each of --seqs tokens under --limit_gib, and where memory goes (GiB,
+    and in units of one (tokens x hidden) bf16 tensor: what speed.LONG_ROW_* estimate). Stops at the
+    first length that fails."""
+    device = torch.device(a.device)
+    a.seq = min(a.seqs)  # the plan's start-up lines for the shortest
+    s = long_row_setup(a, device)
+    cap_memory(a, device)
+    results = []
+    for seq in a.seqs:
+        results.append(long_row_step(s, seq))
+        print(f"[{seq:,} tokens] " + json.dumps(results[-1]), flush=True)
+        if "error" in results[-1]:
+            break
+    print(memory_table(s, results))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"card": card_name(device), "date": str(date.today()), "memory_table": results}, f, indent=1)
+
+
+def card_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+PHASE_ROWS = {"peak_forward": "forward: peak above the baseline (offload staging)",
+              "peak_layer_backward": "one layer's backward: peak above it (recomputation; the worst layer)",
+              "peak_loss": "loss: peak above it (final norm, loss chunks)",
+              "peak_optimizer": "optimizer step: peak above it"}
+
+
+def units(s: dict, r: dict, nbytes: float) -> float:
+    """nbytes in units of one (tokens x hidden) bf16 tensor of r's length: speed.LONG_ROW_*'s unit."""
+    return nbytes / (r["seq"] * s["shape"]["hidden_size"] * 2)
+
+
+def table_column(s: dict, r: dict) -> dict:
+    """One length's cells of the memory table (r: long_row_step's result), by row."""
+    gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+    cells = {"weights (on the GPU)": gib(s["weights"]), "LoRA state (params, grads, AdamW moments)": gib(lora_state_bytes(s))}
+    for key, row in PHASE_ROWS.items():
+        above = r[key] - r["baseline"] if key in r else None
+        cells[row] = "-" if above is None else f"{gib(above)} ({units(s, r, above):.1f} u)"
+    if "worst_layer" in r:
+        cells[PHASE_ROWS["peak_layer_backward"]] += f", {r['worst_layer']}"
+    if "peak_reserved" in r:
+        cells[f"peak reserved (cap: {s['a'].limit_gib:g} GiB; 0: none)"] = gib(r["peak_reserved"])
+        if "reserved_now" in r:
+            cells["reserve: reserved - allocated, after the step"] = gib(r["reserved_now"] - r["allocated_now"])
+        fits = r["peak_reserved"] <= s["a"].limit_gib * 2**30 and "error" not in r
+        cells[f"within {s['a'].limit_gib:g} GiB"] = "yes" if fits else "no"
+    cells["step"] = f"{r['s']:.1f} s, {r['seq'] / r['s']:,.0f} tok/s" if "s" in r else r.get("error", "-")
+    cells["loss / plain forward's"] = loss_check(r)
+    return cells
+
+
+def memory_table(s: dict, results: list) -> str:
+    """The markdown table, a row per quantity and a column per length, and the per-token figure that
+    speed.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS estimate, as measured."""
+    a, device = s["a"], s["device"]
+    columns = [table_column(s, r) for r in results]
+    names = list(dict.fromkeys(name for column in columns for name in column))
+    head = (f"\n{card_name(device)}, {date.today()}, torch {torch.__version__}, shape {a.shape}{' (small)' if a.small else ''}"
+            f"{', 4-bit ' + a.quant if a.quant else ', bf16'}; u: units of one (tokens x hidden) bf16 tensor; baseline: "
+            "allocated before the step\n\n| | " + " | ".join(f"{r['seq']:,} tokens" for r in results) + " |\n|---|"
+            + "---|" * len(results) + "\n")
+    table = head + "\n".join(f"| {name} | " + " | ".join(c.get(name, "-") for c in columns) + " |" for name in names)
+    done = [r for r in results if "peak_layer_backward" in r and "error" not in r and device.type == "cuda"]
+    if not done:
+        return table
+    r = done[-1]
+    largest = max(r[key] for key in PHASE_ROWS if key in r) - r["baseline"]
+    budget = speed.long_row_budget(s["config"], 4 if a.quant else None, 2, 8)
+    return table + (f"\n\nspeed.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS, {speed.LONG_ROW_STAGING_UNITS:g} + "
+                    f"{speed.LONG_ROW_RECOMPUTE_UNITS:g} now, measured at {r['seq']:,} tokens: {units(s, r, largest):.1f} u "
+                    "(the largest phase above the baseline, tile-sized work included); speed.longest_tokens's estimate "
+                    f"for {a.limit_gib:g} GiB: {speed.longest_tokens(budget, a.limit_gib):,} tokens")
+
+
+def loss_check(r: dict) -> str:
+    """'12.66046 / 12.66133 OK': the step's mean loss against the plain forward's, within bf16 rounding."""
+    if "reference" not in r:
+        return r.get("error", "-")
+    ok = math.isfinite(r["loss"]) and abs(r["loss"] - r["reference"]) <= LOSS_TOLERANCE * abs(r["reference"])
+    return f"{r['loss']:.5f} / {r['reference']:.5f} {'OK' if ok else 'MISMATCH'}"
+
+
+LOSS_TOLERANCE = 2e-3  # relative: tiles, fused layers and chunks round bf16 differently from the plain forward
+
+
+def step_fits(s: dict, seq: int, limit_gib: float) -> bool:
+    """Whether one step of seq tokens completes under the cap with the plain forward's loss."""
+    r = long_row_step(s, seq)
+    fits = "reference" in r and loss_check(r).endswith("OK") and r.get("peak_reserved", 0) <= limit_gib * 2**30
+    print(f"[{seq:,} tokens] {'fits' if fits else 'does not fit'}: " + json.dumps(r), flush=True)
+    return fits
+
+
+def longest_search(fits, start: int, stop: int, quantum: int) -> tuple[int, list]:
+    """The longest length that fits, in few probes: from start, doubled while it fits (stop is
+    probed last if the doubling passes it), then bisected between the longest that fit and the
+    shortest that did not, to a multiple of quantum. Returns (longest, or 0; [(length, fitted)])."""
+    probes = []
+
+    def probe(seq: int) -> bool:
+        probes.append((seq, fits(seq)))
+        return probes[-1][1]
+
+    fit, seq = 0, start
+    while seq <= stop and probe(seq):
+        fit, seq = seq, min(2 * seq, stop) if seq < stop else stop + quantum
+    failed = seq if seq <= stop else None
+    if failed is None:
+        return fit, probes
+    while failed - fit > quantum:
+        mid = fit + max(1, (failed - fit) // (2 * quantum)) * quantum  # a multiple of quantum between them
+        fit, failed = (mid, failed) if probe(mid) else (fit, mid)
+    return fit, probes
+
+
+def longest_search_main(a):
+    """--longest_search: the longest row in --limit_gib with the long-row plan, each length one
+    step whose loss must equal the plain forward's (doubling, then bisection: longest_search)."""
+    device = torch.device(a.device)
+    s = long_row_setup(a, device)
+    cap_memory(a, device)
+    seq_max = a.seq_max if device.type == "cuda" else 4 * a.seq
+    best, probes = longest_search(lambda seq: step_fits(s, seq, a.limit_gib if device.type == "cuda" else math.inf),
+                                  a.seq, seq_max, a.seq_quantum)
+    what = f"{a.shape}{', 4-bit ' + a.quant if a.quant else ', bf16'}"
+    print(f"\nlongest row in {a.limit_gib:g} GiB, {what}, offloaded checkpoints and tiles: {best:,} tokens "
+          f"({len(probes)} steps: " + ", ".join(f"{n:,} {'fits' if ok else 'no'}" for n, ok in probes) + ")")
+
+
 def main():
     a = build_parser().parse_args()
     a.device = a.device or ("cuda" if torch.cuda.is_available() and not a.small else "cpu")
@@ -1002,8 +1368,8 @@ def main():
         return write_checkpoint(*a.write_checkpoint)
     if a.write_tokenizer:
         return write_tokenizer(*a.write_tokenizer)
-    if a.profile:
-        return profile_main(a)
+    if a.profile or a.memory_table or a.longest_search:  # training steps looked into, in this process
+        return (profile_main if a.profile else long_rows_main)(a)
     if a.worker:  # a process of run_worker's: its result as a RESULT line (from rank 0 under torchrun)
         r = worker(a)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -1062,6 +1428,10 @@ OURS_TRAIN = {"ours (eager)": "eager", "ours (fused layers)": "fused",  # name -
 # The reference both ways: the bf16 model as is, and under bf16 autocast as the HF Trainer (and so
 # ms-swift) runs it. Every ratio is taken against the faster of the two in the same run.
 HF_TRAIN = {"transformers + peft": [], "transformers + peft (bf16 autocast)": ["--autocast"]}
+# Qwen3.5: the reference as users run it, with flash-linear-attention's kernels for its DeltaNet layers
+# (carry the fla-core wheel to the GPU machine); and, for scale, transformers' PyTorch fallback without them.
+HF_TRAIN_FLA = {"transformers + peft (fla kernels)": [], "transformers + peft (fla kernels, bf16 autocast)": ["--autocast"]}
+HF_NO_FLA = "transformers + peft (PyTorch fallback, no fla)"
 OURS_DECODE = {"ours, adapter unmerged (eager)": [], "ours, adapter merged (eager)": ["--merged"],
                "ours, adapter unmerged (CUDA graph)": ["--graph"], "ours, adapter merged (CUDA graph)": ["--merged", "--graph"],
                "ours, adapter unmerged (compiled, CUDA graph)": ["--graph", "--compile"],
@@ -1071,21 +1441,29 @@ HF_DECODE = "transformers + peft, adapter unmerged"
 
 def train_jobs(a, seqs) -> list:
     """(result key, workload, implementation, worker arguments) of each training workload."""
-    cuda, jobs = a.device == "cuda", []
+    jobs, linear = [], SHAPES[a.shape].get("model_type") == "qwen3_5"
     for seq in seqs:
         if f"train{seq}" in a.skip:
             continue
-        names = [] if "eager" in a.skip else ["ours (eager)"] + (["ours (fused layers)"] if cuda else [])
-        names += ["ours (default: fused layers, CUDA graphs)"] if cuda else []
-        names += ["ours (plain layers, CUDA graphs)"] if cuda and "plain" not in a.skip else []
-        if cuda and "compiled" not in a.skip:
-            names.append("ours (compiled, CUDA graphs)")
-            if seq == seqs[0] or "eager" not in a.skip:
-                names.append("ours (compiled, no graphs)")
+        names = ["ours (eager)"] if linear else ours_train_names(a, seq == seqs[0])  # Qwen3.5: speed.eager_only's plan
         variants = [(n, ["ours_train", "--seq", seq, "--plan", OURS_TRAIN[n]]) for n in names]
-        variants += [] if "hf" in a.skip else [(n, ["hf_train", "--seq", seq, *f]) for n, f in HF_TRAIN.items()]
+        hf = {**HF_TRAIN_FLA, HF_NO_FLA: ["--no_fla"]} if linear and a.device == "cuda" else HF_TRAIN  # fla: GPU only
+        variants += [] if "hf" in a.skip else [(n, ["hf_train", "--seq", seq, *f]) for n, f in hf.items()]
         jobs += [(f"train{seq} {name}", f"train, {seq} tokens", name, args) for name, args in variants]
     return jobs
+
+
+def ours_train_names(a, first: bool) -> list:
+    """Our training plans measured at one length (on the CPU: eager only)."""
+    cuda = a.device == "cuda"
+    names = [] if "eager" in a.skip else ["ours (eager)"] + (["ours (fused layers)"] if cuda else [])
+    names += ["ours (default: fused layers, CUDA graphs)"] if cuda else []
+    names += ["ours (plain layers, CUDA graphs)"] if cuda and "plain" not in a.skip else []
+    if cuda and "compiled" not in a.skip:
+        names.append("ours (compiled, CUDA graphs)")
+        if first or "eager" not in a.skip:
+            names.append("ours (compiled, no graphs)")
+    return names
 
 
 BATCH_OURS = {"ours, adapter unmerged": [], "ours, adapter merged": ["--merged"], "ours, four adapters mixed": ["--adapters", 4]}
@@ -1094,7 +1472,8 @@ BATCH_OURS = {"ours, adapter unmerged": [], "ours, adapter merged": ["--merged"]
 def batch_jobs(a) -> list:
     """--prompts prompts through the engine (--batch slots) three ways, and transformers' generate."""
     common = ["--prompts", a.prompts, "--batch", a.batch]
-    variants = [(n, ["ours_batch", *common, *flags]) for n, flags in BATCH_OURS.items()]
+    compiled = (", compiled", ["--compile"]) if a.compile_engine else ("", [])
+    variants = [(n + compiled[0], ["ours_batch", *common, *flags, *compiled[1]]) for n, flags in BATCH_OURS.items()]
     variants += [] if "hf" in a.skip else [("transformers + peft", ["hf_batch", *common, "--hf_batches", *a.hf_batches])]
     what = f"batch: {a.prompts} prompts x {a.new_tokens} tokens"
     return [(f"batch {name}", what, name, args) for name, args in variants]
@@ -1178,8 +1557,8 @@ def print_ratios(results: dict, seqs):
         o, b = results.get(ours, {}), results.get(ref, {})
         return f"{o[key] / b[key]:.2f}x" if key in o and key in b and b[key] else "-"
 
-    def train_reference(seq):  # the key of the faster reference at this length
-        keys = [f"train{seq} {name}" for name in HF_TRAIN]
+    def train_reference(seq):  # the key of the faster reference at this length (Qwen3.5: with fla's kernels)
+        keys = [f"train{seq} {name}" for name in (*HF_TRAIN, *HF_TRAIN_FLA)]
         return max(keys, key=lambda k: results.get(k, {}).get("tok_s", 0))
 
     print("\n| ratio against transformers + peft (same run) | |\n|---|---|")
@@ -1188,15 +1567,19 @@ def print_ratios(results: dict, seqs):
         for name in OURS_TRAIN:
             if f"train{seq} {name}" in results:
                 print(f"| train {seq}, {name}: tok/s against {ref.split(' ', 1)[1]} | {ratio(f'train{seq} {name}', ref, 'tok_s')} |")
+                if f"train{seq} {HF_NO_FLA}" in results:
+                    print(f"| train {seq}, {name}: tok/s against {HF_NO_FLA} | "
+                          f"{ratio(f'train{seq} {name}', f'train{seq} {HF_NO_FLA}', 'tok_s')} |")
     for name in OURS_DECODE:
         if f"decode {name}" in results:
             print(f"| decode, {name}: tok/s | {ratio(f'decode {name}', f'decode {HF_DECODE}', 'tok_s')} |")
-    for name in BATCH_OURS:
+    for name in (n + c for c in ("", ", compiled") for n in BATCH_OURS):
         if f"batch {name}" in results:
             print(f"| batch, {name}: output tok/s | {ratio(f'batch {name}', 'batch transformers + peft', 'tok_s')} |")
-    if "batch ours, four adapters mixed" in results:
-        print(f"| batch, four adapters mixed against one merged | "
-              f"{ratio('batch ours, four adapters mixed', 'batch ours, adapter merged', 'tok_s')} |")
+    for c in ("", ", compiled"):
+        if f"batch ours, four adapters mixed{c}" in results:
+            print(f"| batch, four adapters mixed{c} against one merged | "
+                  f"{ratio(f'batch ours, four adapters mixed{c}', f'batch ours, adapter merged{c}', 'tok_s')} |")
     if "longest ours" in results:
         print(f"| longest trainable sequence | {ratio('longest ours', 'longest transformers + peft', 'longest')} |")
     if f"longest {OFFLOADED}" in results:

@@ -48,26 +48,36 @@ class Decoder:
             return keep
         start = max([p for p in self.snapshots if p <= keep], default=0)
         if start:
-            cache.linear, cache.linear_length = list(self.snapshots[start]), start
+            self.put_back(start)
         self.snapshots = {p: s for p, s in self.snapshots.items() if p <= start}
         return start
 
-    def snapshot(self):
-        """Keep the DeltaNet states as they stand. The layers replace their states and never write into
-        them (deltanet.GatedDeltaNet.mix), so a snapshot holds the tensors themselves, not copies."""
+    def snapshot(self, position: int):
+        """Keep the DeltaNet states as they stand after `position` tokens (the last few such)."""
         if any(s is not None for s in self.cache.linear):
-            self.snapshots[self.cache.linear_length] = list(self.cache.linear)
+            self.snapshots[position] = self.states()
             self.snapshots = dict(sorted(self.snapshots.items())[-self.SNAPSHOTS:])
+
+    def states(self) -> list:
+        """The DeltaNet states as they stand, to keep. The layers replace their states and never write
+        into them (deltanet.GatedDeltaNet.mix), so these are the tensors themselves, not copies
+        (speed.CUDAGraphDecoder, whose states stay in fixed buffers written in place, keeps copies)."""
+        return list(self.cache.linear)
+
+    def put_back(self, position: int):
+        """Make the cache's DeltaNet states the ones kept after `position` tokens."""
+        self.cache.linear, self.cache.linear_length = list(self.snapshots[position]), position
 
     def prefill(self, input_ids, start: int = 0):
         """Run the prompt (1, T) from position `start` (the cache holds the positions before it;
         resume_point says which it can be); logits of its last position (vocab,)."""
+        end = start + input_ids.shape[1]
         if start:
-            self.snapshot()  # the end of the last answer, before the prompt goes on from it
+            self.snapshot(start)  # the end of the last answer, before the prompt goes on from it
         self.cache.length = start
-        position_ids = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        position_ids = torch.arange(start, end, device=input_ids.device)[None]  # (1, T)
         h = self.model.model(input_ids, position_ids=position_ids, cache=self.cache)  # (1, T, hidden)
-        self.snapshot()  # the end of the prompt
+        self.snapshot(end)  # the end of the prompt
         # Only the last position's logits are needed: skip lm_head on the others, a (T, vocab) matmul.
         return self.model.lm_head(h[0, -1])
 

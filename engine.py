@@ -169,7 +169,8 @@ def plan_slots(config, max_batch_size: int, max_len: int, device, dtype, memory_
 class Engine:
     """Continuous batching over one model: add() requests from any thread, step() until idle."""
 
-    def __init__(self, model, max_batch_size: int = 32, max_len: int | None = None, cuda_graph: bool | None = None):
+    def __init__(self, model, max_batch_size: int = 32, max_len: int | None = None, cuda_graph: bool | None = None,
+                 compile: bool = False):
         config, p = model.config, model.lm_head.weight
         self.model, self.device = model, p.device
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
@@ -188,7 +189,7 @@ class Engine:
         # a GPU through varlen attention, no mask, and thousands (speed.plan_batch_decoding)
         # A Qwen3.5 DeltaNet layer carries one recurrent state through a forward: one prompt a prefill
         self.prefill_tokens = 0 if "linear_attention" in config.mixers else 512
-        speed.plan_batch_decoding(self, cuda_graph)
+        speed.plan_batch_decoding(self, cuda_graph, compile)
 
     @property
     def slots(self) -> int:
@@ -289,9 +290,17 @@ class Engine:
         """Logits (B, vocab) of one new token (B, 1) for each row, at its own position (B,), through
         its own adapter (B,) (lora.row_index; None: no adapter is loaded), attending over the first
         `span` positions of each slot."""
+        self.set_rows(positions, adapters, span)
+        return self.logits(tokens)
+
+    def set_rows(self, positions, adapters, span: int):
+        """What a decode step's rows are: their positions, adapters and span (eager_forward's first half)."""
         if adapters is not None:
             lora.use_row_index(self.model, adapters)
         self.cache.decode(positions, span)
+
+    def logits(self, tokens):
+        """The model on the rows set_rows described (eager_forward's second half): (B, 1) -> (B, vocab)."""
         h = self.model.model(tokens, cache=self.cache)  # (B, 1, hidden)
         return self.model.lm_head(h[:, -1])
 

@@ -285,6 +285,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
+        q, k, v, gate = self.heads(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
+        y = attend(q, k, v, mask, is_causal).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y * torch.sigmoid(gate) if self.gated else y)
+
+    def heads(self, x, cos, sin):  # each position alone (tiles.SplitLayer runs a long row through it in tiles)
+        B, T, _ = x.shape
         if self.fused_qkv is not None:
             sizes = [self.q_proj.out_features, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
             q, k, v = self.fused_qkv(x).split(sizes, dim=-1)  # (B, T, nh*hd), 2 x (B, T, nkv*hd)
@@ -296,11 +304,7 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_norm(k.view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
-        y = attend(q, k, v, mask, is_causal).transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o_proj(y * torch.sigmoid(gate) if self.gated else y)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate if self.gated else None
 
 
 def attend(q, k, v, mask, is_causal):

@@ -410,7 +410,8 @@ def on_token(chat, row: Row, i: int, request: Request, out: ResultFile, progress
 def run_engine(chat, requests: list[Request], slots: int, max_len: int, out: ResultFile, progress: ProgressLine):
     """The requests through the engine until all are answered. Ctrl-C stops it: every line written stays,
     and the message says how to go on."""
-    engine = Engine(chat.model, slots, min(max_len, chat.context), cuda_graph=chat.decoding.cuda_graph)
+    engine = Engine(chat.model, slots, min(max_len, chat.context), cuda_graph=chat.decoding.cuda_graph,
+                    compile=chat.decoding.compile)
     try:
         for request in requests:
             engine.add(request)

@@ -135,6 +135,8 @@ def model_flags(p):
     g.add_argument("--merge_lora", type=str2bool, default=False,
                    help="merge the (single) adapter into the weights at load: the base model's speed, and one id served")
     g.add_argument("--cuda_graph", type=str2bool, default=None, help="decode each batch step as one CUDA graph replay (default: true on a GPU)")
+    g.add_argument("--torch_compile", type=str2bool, default=False,
+                   help="compile the batch step before recording its graphs (start-up: a minute or two more)")
     g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
     g.add_argument("--enable_thinking", type=str2bool, default=None,
                    help="hybrid Qwen3: reason before answering (default: as each adapter was trained, else true)")
@@ -952,7 +954,8 @@ def main(argv=None) -> int:
         httpd.client_timeout, httpd.max_connections = args.client_timeout, args.max_connections
         try:
             chat = infer.load_chat(chat_args(args))
-            batches = engine.Engine(chat.model, args.max_batch_size, slot_length(args, chat), args.cuda_graph)
+            batches = engine.Engine(chat.model, args.max_batch_size, slot_length(args, chat), args.cuda_graph,
+                                    compile=chat.decoding.compile)
             batches.warm_up()  # on a GPU: every batch size's decode step recorded before the first client
             server = Server(chat, served_models(args, chat), batches, args)
             httpd.app = server

@@ -6,10 +6,10 @@ micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), o
 function it replaces and the test that proves they agree, and is chosen in one place:
 
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
-                    layers, compiled layers, or eager; each layer's checkpointed input kept in host
-                    memory for long rows), how packed rows attend (VarlenAttention on a GPU) and
-                    where the input embedding lives (HostEmbedding), printed at start-up with the
-                    reason
+                    layers, compiled layers, or eager; for long rows each layer's checkpointed input
+                    kept in host memory and the layer run in tiles: tiles.py), how packed rows
+                    attend (VarlenAttention on a GPU) and where the input embedding lives
+                    (HostEmbedding), printed at start-up with the reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 Why: a micro-batch of short rows launches thousands of small kernels one by one from Python,
@@ -20,6 +20,7 @@ measured by bench.py and recorded in BENCHMARKS.md (and docs/performance.md), no
 import contextlib
 import functools
 import inspect
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, fields
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 
 import cli
 import decode
+import deltanet
 import model as modeling
+import tiles
 from model import ModelError
 from util import round_up
 
@@ -87,12 +90,17 @@ class TrainingPlan:
 
     def training_layers(self, model):
         """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own;
-        offloaded ones around whichever with offload."""
+        offloaded ones around whichever with offload, rows longer than the MLP's chunk then run in
+        tiles (the model's own layers as tiles.SplitLayer; and the model's final norm is replaced
+        by tiles.TiledNorm here, the same weight)."""
         if self.compiled:
             layers = compiled_layers(model, self.layer_graphs)
         else:
             layers = fused_layers(model, split_long_rows=self.offload) if self.fused else None
-        return offloaded_layers(layers or model.model.layers) if self.offload else layers
+        if not self.offload:
+            return layers
+        tiles.tile_final_norm(model)
+        return offloaded_layers(layers or tiles.split_layers(model))
 
     def embedding(self, model):
         """With host_embedding, model's input embedding moved to host memory (a HostEmbedding,
@@ -138,6 +146,7 @@ class PlanFlags:
     activation_cpu_offload: bool | None = None
     fsdp: bool = False
     quant_bits: int | None = None
+    lora_rank: int = 8
 
     @classmethod
     def of(cls, a) -> "PlanFlags":
@@ -171,9 +180,11 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
         message = (f"compiled layers{' replayed as CUDA graphs' if layer_graphs else ''}: {padding}; "
                    f"each is compiled the first time it comes, so early steps are slow{why}")
     else:
-        message = f"eager{' fused' if fused else ''} layers{why}" if why or fused else ""
+        unfused = " (a 4-bit base has no matrices to fuse)" if a.quant_bits and offload else ""
+        message = f"eager{' fused' if fused else ''} layers{unfused}{why}" if why or fused or offload else ""
     host, hosting = use_host_embedding(device, config)
-    message = "\n".join(m for m in (message, offloading, hosting, how) if m)
+    longer = long_rows(a, device, config, pass_tokens(a, row_lengths)) if offload else ""
+    message = "\n".join(m for m in (message, offloading, longer, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
                         fused=fused, offload=offload, host_embedding=host)
 
@@ -425,13 +436,12 @@ class FusedLayer:
         if not self.split_long_rows or h.shape[1] <= chunk:
             return torch.utils.checkpoint.checkpoint(self.forward, h, cos, sin, mask, is_causal, use_reentrant=False)
         # split_long_rows (with offloaded checkpoints): the attention half and each MLP piece are
-        # checkpointed apart, so that backward recomputes and holds one piece at a time. A whole
+        # checkpointed apart, and the attention half's per-position work runs in tiles, so that
+        # backward recomputes and holds one piece at a time (tiles.py says what that saves). A whole
         # layer's recomputation holds every MLP piece's activations at once, about 430 MB a piece
         # of 2,048 tokens on the 7B shape (6.9 GB at 32,768 tokens); the pieces' inputs are
         # checkpoints like the layer's input, which offloading keeps in host memory too.
-        h = torch.utils.checkpoint.checkpoint(self.attention, h, cos, sin, mask, is_causal, use_reentrant=False)
-        return torch.cat([torch.utils.checkpoint.checkpoint(self.mlp_piece, piece, use_reentrant=False)
-                          for piece in h.split(chunk, dim=1)], dim=1)
+        return tiles.split_layer(self, h, cos, sin, mask, is_causal, chunk)
 
     def forward(self, h, cos, sin, mask, is_causal):  # h (B, T, hidden)
         h = self.attention(h, cos, sin, mask, is_causal)
@@ -440,19 +450,26 @@ class FusedLayer:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def attention(self, h, cos, sin, mask, is_causal):  # (B, T, hidden) -> h + attention(norm(h))
+        B, T, _ = h.shape
+        y = modeling.attend(*self.heads(h, cos, sin), mask, is_causal)  # (B, nh, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1), h)
+
+    def heads(self, h, cos, sin):  # (B, T, hidden) -> q (B, nh, T, hd), k and v (B, nkv, T, hd)
         B, T, D = h.shape
         attn = self.layer.self_attn
         nh, nkv, hd = attn.n_head, attn.n_kv, attn.head_dim
-        x = rms_norm(self.layer.input_layernorm, h).view(B * T, D)
+        x = rms_norm(self.layer.input_layernorm, h).reshape(B * T, D)
         qkv = project(self.qkv, x, self.qkv_weight, self.qkv_bias).view(B, T, nh + 2 * nkv, hd)
         qk = qkv[:, :, :nh + nkv]
         if isinstance(attn.q_norm, modeling.RMSNorm):  # Qwen3: each head of q and of k normalised first
             qk = torch.cat([rms_norm(attn.q_norm, qk[:, :, :nh]), rms_norm(attn.k_norm, qk[:, :, nh:])], dim=2)
         qk = rope_heads(qk, cos, sin)  # (B, T, nh + nkv, hd)
-        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]
-        y = modeling.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, is_causal)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B * T, nh * hd)
-        return project([attn.o_proj], y, attn.o_proj.weight, attn.o_proj.bias, residual=h.view(B * T, D)).view(B, T, D)
+        return qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2)
+
+    def out(self, y, h):  # y (B, T, nh * hd), h (B, T, hidden) -> h + o(y), the residual added inside the matmul
+        B, T, D = h.shape
+        o = self.layer.self_attn.o_proj
+        return project([o], y.reshape(B * T, -1), o.weight, o.bias, residual=h.reshape(B * T, D)).view(B, T, D)
 
     def mlp_piece(self, h):  # (B, n, hidden) -> h + down(silu(gate(x)) * up(x)), x = norm(h)
         B, n, D = h.shape
@@ -643,29 +660,39 @@ class DecodePlan:
 
 def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) -> DecodePlan:
     """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
-    launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
-    plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
-    if model is not None and "linear_attention" in model.config.mixers:
-        # Qwen3.5: a DeltaNet layer replaces its states each token, and its snapshots for going back in a chat
-        # hold those tensors; a graph reads and writes fixed memory. Recording it is not done yet: eager.
-        cuda_graph = False
+    launch-bound: BENCHMARKS.md, decode rows), Qwen3.5 included (its DeltaNet states are written in
+    place: StaticKVCache). Projections are fused where the model's weights are plain
+    (plain_weights): no adapter, or one merged, and no 4-bit base."""
     return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
                       fuse=model is not None and plain_weights(model))
 
 
 # ----------------------------------------------------------------------------------------------
 # CUDA-graph decoding. Replaces: decode.Decoder.decode_one.
-# Proved equal by: tests/test_infer.py::test_cuda_graph_decoding_gives_the_eager_tokens (GPU)
+# Proved equal by: tests/test_infer.py::test_cuda_graph_decoding_gives_the_eager_logits (GPU) and, the step
+# run without recording on a Qwen3.5 model over a chat, tests/test_qwen3_5_lora.py::
+# test_the_static_decoder_gives_the_plain_logits_across_a_chat
 
 
 class StaticKVCache(modeling.KVCache):
-    """A KV cache whose shapes never change, for decoding as one CUDA graph replay (batch 1).
+    """A KV cache whose tensors never move, for decoding as one CUDA graph replay (batch 1).
 
     New keys and values are written at `positions` (a tensor, so the graph can be replayed for
     any position) and attention always spans the whole buffer, masked after each query's own
-    position, so stale entries are never seen."""
+    position, so stale entries are never seen.
+
+    A Qwen3.5 DeltaNet layer's convolution and recurrent states live in fixed buffers too
+    (deltanet.state_buffers), and its new states are copied into them (set_linear_state), where
+    KVCache takes the new tensors in their place: a graph reads and writes the memory it was
+    recorded with, so a state that moved would be left behind at the next replay. Zeros there are
+    what KVCache's None is, the start of a text. `linear_length` is the caller's to keep
+    (CUDAGraphDecoder): a replayed graph runs no Python."""
 
     positions = None  # (T,) set by attention_inputs before each forward
+
+    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__(config, batch_size, max_len, device=device, dtype=dtype)
+        self.linear = deltanet.state_buffers(config, batch_size, device, dtype)
 
     def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
         if position_ids is None:  # a prefill from position 0
@@ -680,6 +707,31 @@ class StaticKVCache(modeling.KVCache):
         self.v[layer].index_copy_(2, self.positions, v)
         return self.k[layer], self.v[layer]
 
+    def linear_state(self, layer: int):
+        return self.linear[layer]
+
+    def set_linear_state(self, layer: int, conv, state):
+        self.linear[layer][0].copy_(conv)
+        self.linear[layer][1].copy_(state)
+
+    def copies(self) -> list:
+        """Copies of the DeltaNet states as they stand (None for an attention layer): the buffers
+        themselves are overwritten by the next token."""
+        return [None if s is None else (s[0].clone(), s[1].clone()) for s in self.linear]
+
+    def put(self, states: list):
+        """Copy states (as copies() gives them) into the buffers."""
+        for buffers, kept in zip(self.linear, states):
+            if buffers is not None:
+                buffers[0].copy_(kept[0])
+                buffers[1].copy_(kept[1])
+
+    def zero_linear(self):
+        """Zero the DeltaNet states: a text's start (KVCache's None)."""
+        for buffers in self.linear:
+            for t in buffers or ():
+                t.zero_()
+
 
 def coordinate_descent_tuning():
     import torch._inductor.config  # with torch._dynamo: 1.5 s, paid only when compiling
@@ -692,10 +744,12 @@ class CUDAGraphDecoder(decode.Decoder):
 
     A graph replays fixed work on fixed memory, so the cache is a StaticKVCache of `max_len`
     positions and the token and its position live in fixed buffers that are filled before each
-    replay. The prefill runs eagerly. The graph holds whatever adapter was active at capture: make
-    a new one after switching."""
+    replay. The prefill runs eagerly, into the same buffers. A Qwen3.5 model's snapshots (for going
+    back in a chat: decode.Decoder.resume_point) are copies, put back by copying. The graph holds
+    whatever adapter was active at capture: make a new one after switching. record=False runs the
+    step eagerly instead, on the same memory (the CPU tests' way to check it)."""
 
-    def __init__(self, model, max_len: int, compile: bool = False):
+    def __init__(self, model, max_len: int, compile: bool = False, record: bool = True):
         p = model.lm_head.weight
         self.model, self.max_len = model, max_len
         # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
@@ -703,30 +757,61 @@ class CUDAGraphDecoder(decode.Decoder):
         # Coordinate-descent tuning (as gpt-fast) then tries each kernel's block sizes: faster
         # replays, for more seconds of compiling.
         self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
-        tuning = coordinate_descent_tuning() if compile else contextlib.nullcontext()
         self.cache = StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
         self.snapshots = {}  # decode.Decoder.resume_point's (a DeltaNet model's recurrent states)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
         self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        stream = torch.cuda.Stream()  # warm up outside the default stream, as capture requires
+        tuning = coordinate_descent_tuning() if compile else contextlib.nullcontext()
+        self.graph = self.record(tuning) if record else None
+
+    def record(self, tuning) -> torch.cuda.CUDAGraph:
+        """The step, recorded. Two warm-up runs first, outside the default stream as capture requires
+        (a compiled step compiles in them). They really run: they write keys and values at position
+        0 (the prefill writes them again) and would advance the DeltaNet states two tokens, so those
+        are put back as they were (as CUDAGraphBatchDecoding.record does)."""
+        states = self.cache.copies()
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad(), tuning:  # a compiled step compiles here
+        with torch.cuda.stream(stream), torch.no_grad(), tuning:
             for _ in range(2):
                 self.step_fn()
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        self.cache.put(states)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
             self.logits = self.step_fn()
+        return graph
 
     def _step(self):
         h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
         return self.model.lm_head(h[0, -1])
 
+    def prefill(self, input_ids, start: int = 0):
+        """decode.Decoder.prefill, eagerly, on the fixed buffers. From position 0 the DeltaNet states
+        are zeroed (a KVCache drops them); from a later one they hold `start` positions already
+        (decode.Decoder.resume_point chose it). The count is kept here and in decode_one."""
+        if start == 0:
+            self.cache.zero_linear()
+        logits = super().prefill(input_ids, start)
+        self.cache.linear_length = start + input_ids.shape[1]
+        return logits
+
     def decode_one(self, token, position: int):
         self.token.copy_(token.view(1, 1))
         self.position.fill_(position)
-        self.graph.replay()
+        if self.graph is None:
+            self.logits = self.step_fn()
+        else:
+            self.graph.replay()
+        self.cache.linear_length = position + 1
         return self.logits
+
+    def states(self) -> list:
+        return self.cache.copies()  # the buffers are written in place by every later token
+
+    def put_back(self, position: int):
+        self.cache.put(self.snapshots[position])
+        self.cache.linear_length = position
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,15 +831,23 @@ class CUDAGraphBatchDecoding:
     The tokens, positions and adapter rows live in fixed buffers filled before each replay. Graphs
     are recorded as buckets are first needed, on a side stream, sharing one memory pool."""
 
-    def __init__(self, engine):
-        self.engine, slots, device = engine, engine.slots, engine.device
+    def __init__(self, engine, compile: bool = False, capture: bool = True):
+        self.engine, slots, device, self.capture = engine, engine.slots, engine.device, capture
+        # torch.compile fuses the step's element-wise kernels (norms, RoPE, SiLU, the row adapters'
+        # masks) before capture, as CUDAGraphDecoder's compile does. One compiled graph for every
+        # bucket: the batch size and span are symbolic (dynamic=True), so a new bucket only records.
+        self.logits_of = torch.compile(engine.logits, dynamic=True) if compile else engine.logits
+        # and no size taken as equal to another because they were equal once (the largest bucket's
+        # rows and the cache's slots: "duck sizing" would compile again for every smaller bucket)
+        self.symbolic = torch.fx.experimental._config.patch(use_duck_shape=False)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.adapters = torch.zeros(slots, dtype=torch.long, device=device)
-        self.graphs, self.logits, self.pool = {}, {}, torch.cuda.graph_pool_handle()
+        self.graphs, self.logits, self.pool = {}, {}, torch.cuda.graph_pool_handle() if capture else None
 
     def bucket(self, B: int, span: int) -> tuple[int, int]:
-        return (min(self.engine.slots, 1 << (B - 1).bit_length()),
+        # Two rows at least: compiled, a step of one row would be compiled again (size 1 is never symbolic)
+        return (min(self.engine.slots, 1 << max(1, (B - 1).bit_length())),
                 min(self.engine.max_len, max(256, 1 << (span - 1).bit_length())))
 
     def __call__(self, tokens, positions, adapters, span: int):
@@ -779,8 +872,14 @@ class CUDAGraphBatchDecoding:
 
     def record(self, b: int, span: int):
         e = self.engine
-        step = lambda: e.eager_forward(self.tokens[:b], self.positions[:b], self.adapters[:b] if e.adapters else None,
-                                       span)
+
+        def step():
+            e.set_rows(self.positions[:b], self.adapters[:b] if e.adapters else None, span)
+            with self.symbolic:
+                return self.logits_of(self.tokens[:b])
+        if not self.capture:  # capture=False: the same step on the same buffers, run instead of replayed (CPU tests)
+            self.graphs[b, span] = Rerun(lambda: self.logits.__setitem__((b, span), step()))
+            return
         # The warm-up step really runs: it writes the keys and values of each row's position again
         # (the same values), but it would advance a DeltaNet layer's recurrent state one token too far
         # (the replay advances it again), so those states are put back as they were.
@@ -789,7 +888,7 @@ class CUDAGraphBatchDecoding:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
-            step()  # warm up outside the default stream, as capture requires
+            step()  # warm up outside the default stream, as capture requires (compiled: compiles)
         torch.cuda.current_stream().wait_stream(stream)
         for t, before in zip(states, saved):
             t.copy_(before)
@@ -799,8 +898,16 @@ class CUDAGraphBatchDecoding:
         self.graphs[b, span] = graph
 
 
-def plan_batch_decoding(engine, cuda_graph: bool | None):
-    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU. Projections fused
+class Rerun:
+    """CUDAGraphBatchDecoding's stand-in for a recorded graph where nothing is captured: replay() runs the step."""
+
+    def __init__(self, step):
+        self.replay = step
+
+
+def plan_batch_decoding(engine, cuda_graph: bool | None, compile: bool = False):
+    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU; --torch_compile:
+    the step compiled before its graphs are recorded (CUDAGraphBatchDecoding). Projections fused
     (fuse_projections) on every base but a 4-bit one. Prompts prefilled together attend through
     varlen_attn where it runs (no (T, T) mask, so 8,192 tokens at once)."""
     if cuda_graph is None:
@@ -808,7 +915,7 @@ def plan_batch_decoding(engine, cuda_graph: bool | None):
     if plain_base(engine.model):  # q/k/v and gate/up one matmul each, the row adapters inside them
         fuse_projections(engine.model)
     if cuda_graph:
-        engine.forward = CUDAGraphBatchDecoding(engine)
+        engine.forward = CUDAGraphBatchDecoding(engine, compile)
     if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
         engine.cache.packed_mask, engine.prefill_tokens = VarlenAttention, 8192
     return engine
@@ -960,19 +1067,29 @@ def use_offload(a: PlanFlags, device, config, row_lengths: list[int]) -> tuple[b
         return False, ""
     saved = ""
     if config is not None:
-        tokens = (max(a.max_tokens_per_pass, max(row_lengths)) if a.padding_free
-                  else a.per_device_train_batch_size * max(row_lengths))
+        tokens = pass_tokens(a, row_lengths)
         size = cli.pick_dtype(a.torch_dtype, device).itemsize
         gib = config.num_hidden_layers * tokens * config.hidden_size * size / 2**30
         if flag is None and (gib <= OFFLOAD_OVER_GIB or a.cuda_graph or not a.gradient_checkpointing):
             return False, ""
+        # A row in tiles (longer than the MLP's chunk) keeps each MLP's input in host memory too.
+        host = gib * (2 if tokens > modeling.MLP.chunk else 1)
+        pinned = f"; {host:.1f} GiB with each MLP's input" if host > gib else ""
         saved = (f" ({config.num_hidden_layers} layers x {tokens:,} tokens x {config.hidden_size:,} x {size} bytes = "
                  f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''}"
-                 f"{check_host_memory(gib)})")
+                 f"{pinned}{check_host_memory(host)})")
     return True, (f"offloaded checkpoints: each layer's saved input{saved} waits in pinned host memory from its "
                   "forward to its backward, copied on a side stream while the layers compute; no CUDA graphs (a "
                   "recorded graph keeps its tensors where they are, and a long row keeps the GPU busy without one); "
                   "--activation_cpu_offload false keeps the inputs on the GPU")
+
+
+def pass_tokens(a: PlanFlags, row_lengths: list[int]) -> int:
+    """Tokens of the run's largest pass: --max_tokens_per_pass or the longest row packed; else a
+    micro-batch of the longest rows."""
+    if a.padding_free:
+        return max(a.max_tokens_per_pass, max(row_lengths))
+    return a.per_device_train_batch_size * max(row_lengths)
 
 
 def host_memory_gib() -> float | None:
@@ -992,11 +1109,11 @@ def check_host_memory(gib: float) -> str:
     if available is None:
         return ""
     if gib > 0.8 * available:
-        raise cli.UsageError(f"offloading this run's checkpoints takes {gib:.1f} GiB of pinned host memory a pass (one "
-                             f"layer input per layer, for the longest pass) and this machine has {available:.1f} GiB "
-                             "available: lower --max_length (or --max_tokens_per_pass), free host memory, or pass "
-                             "--activation_cpu_offload false to keep the inputs on the GPU.")
-    return f" of the {available:.0f} GiB of host memory available"
+        raise cli.UsageError(f"offloading this run's checkpoints takes {gib:.1f} GiB of pinned host memory a pass (each "
+                             f"layer's input, and its MLP's for a row in tiles, for the longest pass) and this machine has "
+                             f"{available:.1f} GiB available: lower --max_length (or --max_tokens_per_pass), free host "
+                             "memory, or pass --activation_cpu_offload false to keep the inputs on the GPU.")
+    return f", of the {available:.0f} GiB of host memory available"
 
 
 def offload_problem(a: PlanFlags, device) -> str | None:
@@ -1015,6 +1132,128 @@ def offload_problem(a: PlanFlags, device) -> str | None:
     if a.fsdp:
         return f"{flag} is not available with --fsdp (its layers gather their weights as they run): drop one of them."
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Long rows: with offloaded checkpoints, a row longer than the MLP's chunk runs in tiles (tiles.py),
+# the CUDA allocator grows its segments instead of cutting them (LONG_ROW_ALLOCATOR), and the
+# start-up log estimates the longest row this card would train so (longest_row).
+
+# A long row's step makes and frees tensors from a tile's few MB to a whole row's GBs, their sizes
+# changing from phase to phase. The caching allocator cuts a free block of one segment to serve a
+# smaller request, and a later larger one may find only pieces: memory reserved, free, and not
+# usable under the card's limit. With expandable segments it maps pages into one growing range
+# instead. PyTorch reads the setting when CUDA starts, so the plan sets it before anything touches
+# CUDA, and only where the user has not set one. bench.py --memory_table --alloc_conf default
+# measures the step without it (its "reserve" row: reserved but not allocated).
+LONG_ROW_ALLOCATOR = "expandable_segments:True"
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads either
+
+# What a long row's step holds on the GPU besides weights, LoRA state and tile-sized work, in units
+# of one (tokens x hidden) tensor of the compute dtype (0.88 GiB at 131,072 tokens on the 7B shape
+# in bf16). ESTIMATES until bench.py --memory_table measures them on a GPU (replace them with its
+# figures): every tensor of one layer's recomputation and backward tracked on the CPU at the 7B's
+# proportions, plus flash attention's backward workspace for one K/V head group as its code allocates it.
+LONG_ROW_STAGING_UNITS = 2.0  # the batch's embeddings, and one layer input on its way to or from host memory
+LONG_ROW_RECOMPUTE_UNITS = 7.0  # one layer's backward at its peak, in attention's: its output's gradient, q, k,
+#                                 v, attention's output and their gradients, one head group's flash workspace
+LONG_ROW_FIXED_GIB = 1.5  # not growing with the row: a loss chunk's logits, the CUDA context, the allocator's reserve
+MLP_TILE_TENSORS = 8  # (tile x intermediate) tensors a recomputed MLP tile holds: gate, up, their product, gradients
+
+
+def long_rows(a: PlanFlags, device, config, tokens: int) -> str:
+    """What the start-up log says of a run with offloaded checkpoints besides them: the tiles, the
+    allocator setting, and the longest row this card would train so (against the run's longest
+    pass, `tokens`)."""
+    chunk = modeling.MLP.chunk
+    tiled = (f"long rows in tiles: a row longer than {chunk:,} tokens runs each layer's norms, projections, RoPE and "
+             f"MLP {chunk:,} positions at a time and attention one K/V head group at a time, each tile recomputed alone "
+             "in backward, so that a layer's backward holds a few (tokens x hidden) tensors, not dozens (tiles.py)")
+    allocator = use_long_row_allocator()  # before card_gib, which starts CUDA
+    return "\n".join(m for m in (tiled, allocator, longest_row(a, device, config, tokens) if config else "") if m)
+
+
+def use_long_row_allocator() -> str:
+    """Set LONG_ROW_ALLOCATOR as PYTORCH_CUDA_ALLOC_CONF unless the user set the allocator or CUDA has
+    started (PyTorch has read its setting then); what to print."""
+    mine = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if name in os.environ]
+    if mine:
+        return f"the CUDA allocator as you set it ({', '.join(mine)})"
+    if torch.cuda.is_initialized():
+        return (f"the CUDA allocator as PyTorch sets it: CUDA had started before the plan, too late for "
+                f"PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR}; set it yourself before the run")
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = LONG_ROW_ALLOCATOR
+    return (f"PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR} (set by the plan): freed memory serves tensors of any "
+            "size, where a long row's changing sizes would otherwise leave it in pieces")
+
+
+def longest_row(a: PlanFlags, device, config, needed: int) -> str:
+    """The start-up line that estimates the longest row this card trains with offloaded checkpoints and
+    tiles (longest_tokens); what host memory allows (two pinned copies a layer, 80% of what is
+    available); and a warning where the run's longest pass (`needed` tokens) is longer."""
+    itemsize = cli.pick_dtype(a.torch_dtype, device).itemsize
+    budget = long_row_budget(config, a.quant_bits, itemsize, a.lora_rank)
+    card, host = card_gib(device), host_memory_gib()
+    if card is None:
+        return ""
+    tokens = longest_tokens(budget, card)
+    host_line = ""
+    if host is not None:
+        pinned = 2 * config.num_hidden_layers * config.hidden_size * itemsize  # bytes a token
+        host_line = f"; host memory allows {round_down(0.8 * host * 2**30 / pinned, 1024):,}"
+    warn = (f"; this run's passes reach {needed:,} tokens and may run out of memory: lower --max_length "
+            "(or --max_tokens_per_pass)") if tokens < needed else ""
+    return (f"longest row on this card with this plan, estimated: {tokens:,} tokens ({card:.1f} GiB: weights "
+            f"{budget['weights']:.1f} GiB, LoRA state {budget['lora']:.1f}, fixed {budget['fixed']:.1f}, then "
+            f"{LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS:g} x {config.hidden_size:,} x {itemsize} bytes a token; "
+            f"per-token estimates until bench.py --memory_table measures them){host_line}{warn}")
+
+
+def long_row_budget(config, quant_bits: int | None, itemsize: int, rank: int) -> dict:
+    """What a long row's step needs on the GPU besides its per-token cost (GiB: weights, lora, fixed),
+    and that cost (per_token, bytes): LONG_ROW_* and a tile's MLP, in the compute dtype."""
+    fixed = LONG_ROW_FIXED_GIB + modeling.MLP.chunk * config.intermediate_size * MLP_TILE_TENSORS * itemsize / 2**30
+    if quant_bits:  # the largest weight dequantised, in forward and in backward
+        fixed += 2 * config.hidden_size * config.intermediate_size * itemsize / 2**30
+    return {"weights": weights_gib(config, quant_bits, itemsize), "lora": lora_state_gib(config, rank), "fixed": fixed,
+            "per_token": (LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS) * config.hidden_size * itemsize}
+
+
+def longest_tokens(budget: dict, card_gib: float) -> int:
+    """The longest row (a multiple of 1,024 tokens) whose step fits card_gib, by long_row_budget."""
+    left = card_gib - budget["weights"] - budget["lora"] - budget["fixed"]
+    return max(0, round_down(left * 2**30 / budget["per_token"], 1024))
+
+
+def round_down(x: float, multiple: int) -> int:
+    return int(x // multiple) * multiple
+
+
+def card_gib(device) -> float | None:
+    """The GPU's memory in GiB, None without one. It starts CUDA: the allocator's setting comes first."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def weights_gib(config, quant_bits: int | None, itemsize: int) -> float:
+    """The weights a training step keeps on the GPU: the decoder's projections (4-bit: NF4 codes and
+    double-quantised scales, 4.127 bits a weight; else the compute dtype), norms, biases and lm_head;
+    an untied input embedding stays in host memory (use_host_embedding)."""
+    D, L = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    linear = L * (D * (q + 2 * kv) + q * D + 3 * D * config.intermediate_size)
+    per_weight = (0.5 + 1 / 64 + 4 / (64 * 256)) if quant_bits else itemsize
+    rest = L * (2 * D + q + 2 * kv) + D + config.vocab_size * D  # norms, q/k/v biases, the final norm, lm_head
+    return (linear * per_weight + rest * itemsize) / 2**30
+
+
+def lora_state_gib(config, rank: int) -> float:
+    """An all-linear adapter of this rank: float32 A and B, their gradients and AdamW's two moments."""
+    D, I = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = rank * (2 * (D + q) + 2 * (D + kv) + 3 * (D + I))  # q, o; k, v; gate, up, down
+    return config.num_hidden_layers * per_layer * 4 * 4 / 2**30
 
 
 def offloaded_layers(layers) -> list:

@@ -295,6 +295,50 @@ def assert_left_padded_decoding_matches_rows_alone(m):
         torch.testing.assert_close(step[1], m(torch.cat([b, nxt[1]])[None])[0, -1], rtol=1e-5, atol=1e-5)
 
 
+def chat_logits(m, decoder) -> tuple[list, list]:
+    """(copies of every logits `decoder` gives, its snapshot positions after each turn) over a chat
+    as infer.py runs it (decode.generate, greedy, the cache reused between turns): an answer; a
+    prompt that goes on from it, stopped after two tokens (Ctrl-C); a prompt that leaves the first
+    answer after three tokens, so that a Qwen3.5 model goes back to its snapshot at the end of the
+    first prompt; a new text, from position 0. 40 positions at most."""
+    import decode
+    kept, cached, turns = LogitsKept(decoder), [], []
+    ask = lambda ids, n: decode.generate(m, ids, n, set(), decoder=kept, cached=cached)
+    first = random_tokens(1, 20, seed=1)[0].tolist()
+    answer = list(ask(first, 6))
+    turns.append(sorted(decoder.snapshots))
+    for i, _ in enumerate(ask(first + answer + random_tokens(1, 7, seed=2)[0].tolist(), 6)):
+        if i == 2:
+            break
+    turns.append(sorted(decoder.snapshots))
+    list(ask(first + answer[:3] + random_tokens(1, 5, seed=3)[0].tolist(), 6))
+    turns.append(sorted(decoder.snapshots))
+    list(ask(random_tokens(1, 10, seed=4)[0].tolist(), 6))
+    turns.append(sorted(decoder.snapshots))
+    return kept.logits, turns
+
+
+class LogitsKept:
+    """A decoder that keeps a copy of the logits of each prefill and decode_one (a CUDA graph's
+    logits are overwritten by its next replay)."""
+
+    def __init__(self, decoder):
+        self.decoder, self.logits = decoder, []
+
+    def __getattr__(self, name):  # max_len, resume_point: the decoder's own
+        return getattr(self.decoder, name)
+
+    def prefill(self, input_ids, start=0):
+        return self.kept(self.decoder.prefill(input_ids, start))
+
+    def decode_one(self, token, position):
+        return self.kept(self.decoder.decode_one(token, position))
+
+    def kept(self, logits):
+        self.logits.append(logits.clone())
+        return logits
+
+
 # ----------------------------------------------------------------------------------------------
 # serve.py in a process of its own (tests/test_serve.py, tests/test_serve_faults.py)
 

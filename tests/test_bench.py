@@ -104,3 +104,37 @@ def test_bench_serve_measures_streaming_clients_against_the_real_server():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "server, 3 streaming clients at once (tiny): time to first token median" in r.stdout
     assert "output tok/s" in r.stdout
+
+
+def test_bench_small_measures_a_long_row_step_phase_by_phase_and_searches_by_doubling():
+    """--memory_table and --longest_search (issue 33) on the CPU, through the code the GPU runs: the
+    long-row plan's layers (offloaded checkpoints with stand-in host copies, tiles of 64 positions),
+    one step a length, every row of the table, each step's loss equal to the plain forward's; the
+    search doubles from --seq (the numbers are a GPU's: zero here)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "bench.py", "--memory_table", "--small", "--seqs", "256", "512", "--quant", "nf4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "offloaded checkpoints and tiles forced" in r.stdout and "4-bit nf4" in r.stdout
+    assert "| | 256 tokens | 512 tokens |" in r.stdout
+    for row in ("weights (on the GPU)", "LoRA state", "forward: peak", "one layer's backward: peak", "loss: peak", "step"):
+        assert f"| {row}" in r.stdout, row
+    assert "(0.0 u), layer 1 |" in r.stdout and r.stdout.count(" OK |") == 2 and "MISMATCH" not in r.stdout
+    r = subprocess.run([sys.executable, "bench.py", "--longest_search", "--small", "--seq", "128"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "offloaded checkpoints and tiles: 512 tokens (3 steps: 128 fits, 256 fits, 512 fits)" in r.stdout
+
+
+def test_the_longest_search_doubles_then_bisects_to_a_multiple_of_its_quantum():
+    """Where every length up to 100,000 fits: 10 steps from 16,384 to the answer 99,328 (a multiple of
+    1,024), where stepping by 1,024 took 82; one that fits all the way stops at the longest allowed;
+    one where the start fails halves it."""
+    sys.path.insert(0, str(ROOT))
+    import bench
+    best, probes = bench.longest_search(lambda n: n <= 100_000, 16384, 262144, 1024)
+    assert best == 99328 and len(probes) == 10
+    assert [n for n, _ in probes[:4]] == [16384, 32768, 65536, 131072] and probes[3] == (131072, False)
+    assert bench.longest_search(lambda n: True, 16384, 100_000, 4096) == (100_000, [(16384, True), (32768, True),
+                                                                                 (65536, True), (100_000, True)])
+    assert bench.longest_search(lambda n: n <= 5000, 16384, 262144, 1024)[0] == 4096

@@ -21,7 +21,7 @@ import infer
 import lora
 import model as modeling
 import speed
-from conftest import both_families, hf_families
+from conftest import chat_logits, hf_families
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Who are you?"
@@ -371,12 +371,13 @@ def test_bad_flag_values_are_clear_errors(capsys, flags, message):
 
 
 @pytest.mark.parametrize("tiny_dir", ["tiny-qwen3_5"], indirect=True)
-def test_a_qwen3_5_model_decodes_eagerly_on_a_gpu_too(tiny_dir):
-    """Not recorded as a CUDA graph (yet): its DeltaNet states move each token; replayed, a graph read
-    the states it was recorded with (an H100, tests/test_infer.py's graph test on tiny-qwen3_5)."""
+def test_a_qwen3_5_model_decodes_with_a_cuda_graph_on_a_gpu_too(tiny_dir):
+    """Its DeltaNet states are written in place (speed.StaticKVCache), so its step is recorded as any
+    other's; --cuda_graph false still decodes eagerly."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cpu")
-    assert not speed.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
-    assert not speed.plan_decoding(True, False, torch.device("cuda"), m).cuda_graph
+    assert speed.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
+    assert not speed.plan_decoding(False, False, torch.device("cuda"), m).cuda_graph
+    assert not speed.plan_decoding(None, False, torch.device("cpu"), m).cuda_graph
 
 
 def test_cuda_graph_is_the_default_on_a_gpu_only():
@@ -587,10 +588,12 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
-@both_families
+@pytest.mark.parametrize("tiny_dir", ["tiny", "tiny-qwen3", "tiny-qwen3_5"], indirect=True)
 def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
     """speed.CUDAGraphDecoder replays decode.Decoder.decode_one: the same logits at every step,
-    after a prefill and after a second prefill that reuses the cache (a chat's next turn)."""
+    after a prefill and after a second prefill that reuses the cache (a chat's next turn); and over
+    a chat through decode.generate that stops an answer, goes back to a snapshot (Qwen3.5's DeltaNet
+    states, copied out of the graph's buffers and back) and starts a new text (conftest.chat_logits)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as float32 (an earlier test may have allowed TF32)
     try:
@@ -612,6 +615,11 @@ def compare_graph_and_eager_decoding(tiny_dir):
             token = a.argmax()
             a, b = eager.decode_one(token, position), graphed.decode_one(token, position).clone()
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    want, want_turns = chat_logits(m, decode.Decoder(m, 64))
+    got, got_turns = chat_logits(m, speed.CUDAGraphDecoder(m, 64))
+    assert got_turns == want_turns and len(got) == len(want)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_a_line_that_is_not_utf8_is_skipped_and_the_others_answered(tiny_dir):

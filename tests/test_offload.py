@@ -13,10 +13,19 @@ import data
 import lora
 import model as modeling
 import speed
+import tiles
 import train
 from conftest import lora_for_training, loss_and_gradients, random_rows, both_families
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading to host memory needs a GPU: run on the GPU machine")
+
+
+@pytest.fixture(autouse=True)
+def _allocator_setting_restored(monkeypatch):
+    """A plan for long rows sets PYTORCH_CUDA_ALLOC_CONF (speed.use_long_row_allocator): each test here
+    starts without one and leaves the process's environment as it found it."""
+    for name in speed.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 def dropout_model(tiny_dir, device="cpu"):
@@ -134,7 +143,7 @@ def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir, monke
     plan = speed.plan_training(plan_flags(32768), gpu, [500], 100, SEVEN_B)
     assert plan.offload and not plan.graphs and not plan.compiled and plan.pad_to == 1
     assert ("offloaded checkpoints: each layer's saved input (28 layers x 32,768 tokens x 3,584 x 2 bytes = 6.1 GiB a "
-            "pass, over 2 GiB of the 100 GiB of host memory available)") in plan.message
+            "pass, over 2 GiB; 12.2 GiB with each MLP's input, of the 100 GiB of host memory available)") in plan.message
     assert "CUDA graphs:" not in plan.message and "--activation_cpu_offload false" in plan.message
     plan = speed.plan_training(plan_flags(2048), gpu, [500], 100, SEVEN_B)
     assert not plan.offload and plan.graphs and "offloaded" not in plan.message
@@ -199,13 +208,170 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
 
 
 def test_offloading_more_than_the_host_can_pin_is_refused_before_anything_loads(monkeypatch):
-    """Pinned host memory cannot be paged out: 131,072 tokens of the 7B shape (24.5 GiB a pass) on a
-    host with 16 GiB available is one paragraph at planning, not a machine that swaps or dies."""
+    """Pinned host memory cannot be paged out: 131,072 tokens of the 7B shape (24.5 GiB of layer inputs
+    a pass, 49.0 with each MLP's input, as a row in tiles keeps them) on a host with 16 GiB available
+    is one paragraph at planning, not a machine that swaps or dies."""
     import cli
     available = speed.host_memory_gib()  # the real reading, on this machine
     assert available is None or available > 0
     monkeypatch.setattr(speed, "host_memory_gib", lambda: 16.0)
-    with pytest.raises(cli.UsageError, match=r"takes 24\.5 GiB of pinned host memory a pass .* has 16\.0 GiB available"):
+    with pytest.raises(cli.UsageError, match=r"takes 49\.0 GiB of pinned host memory a pass .* has 16\.0 GiB available"):
         speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B)
     monkeypatch.setattr(speed, "host_memory_gib", lambda: None)  # unknown: planned as before, nothing said
     assert speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B).offload
+
+
+# ----------------------------------------------------------------------------------------------
+# Long rows in tiles (tiles.py): what train.py runs with offloaded checkpoints on a plain or 4-bit base
+
+
+def tiny_base(tiny_dir, base: str, dropout: float):
+    """The tiny model (float32, or its projections in 4 bits) with LoRA (B drawn), checkpointed."""
+    import quant
+    if base == "4-bit":
+        m, _ = quant.load_quantized(str(tiny_dir), quant.QuantConfig(), torch.float32, "cpu")
+    else:
+        m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    return lora_for_training(m, lora.LoraConfig(lora_dropout=dropout), 0.02, seed=0)
+
+
+def loss_and_all_gradients(m, batch, layers, seed: int):
+    """loss_and_gradients, plus the gradient of the input embeddings (the first layer's input)."""
+    embeds = m.model.embed_tokens(batch["input_ids"]).detach().requires_grad_()
+    loss, grads = loss_and_gradients(m, dict(batch, inputs_embeds=embeds), layers, seed)
+    return loss, torch.cat([g.flatten() for g in grads]), embeds.grad
+
+
+def long_batches():
+    """One row of 70 tokens (tiles of 16: four, then 6) and rows of 30, 25 and 15 packed into one."""
+    rows = random_rows([30, 25, 15], seed=4)
+    return {"one row": train.make_batch(random_rows([70], seed=3), 0, "cpu"),
+            "packed rows": train.make_batch([data.concat_rows(rows)], 0, "cpu")}
+
+
+@pytest.mark.parametrize("base", ["float32", "4-bit"])
+@both_families
+def test_split_layers_give_the_checkpointed_gradients(tiny_dir, base, monkeypatch):
+    """A row longer than the MLP's chunk (16 here) with offloaded checkpoints on a base without fused
+    layers: each layer's attention half with its norm, projections and RoPE in tiles, attention by K/V
+    head group, the MLP tile by tile, and the final norm in tiles. Loss, LoRA gradients and the input's
+    gradient are the plain checkpointed model's; the host copies are each layer's input and each MLP
+    tile's; the final norm keeps its weight and its name in the state dict."""
+    monkeypatch.setattr(modeling.MLP, "chunk", 16)
+    copies, make = [], speed.HostCopy.__init__
+
+    def spy(self, t):
+        make(self, t)
+        copies.append(tuple(t.shape))
+    monkeypatch.setattr(speed.HostCopy, "__init__", spy)
+    m = tiny_base(tiny_dir, base, dropout=0.0)
+    names, norm = list(m.state_dict()), m.model.norm
+    plain = {name: loss_and_all_gradients(m, batch, None, seed=5) for name, batch in long_batches().items()}
+    layers = speed.TrainingPlan(offload=True).training_layers(m)
+    assert [type(layer.layer) for layer in layers] == [tiles.SplitLayer] * m.config.num_hidden_layers
+    assert isinstance(m.model.norm, tiles.TiledNorm) and m.model.norm.weight is norm.weight and list(m.state_dict()) == names
+    for name, batch in long_batches().items():
+        copies.clear()
+        loss, grads, embeds = loss_and_all_gradients(m, batch, layers, seed=5)
+        want_loss, want, want_embeds = plain[name]
+        assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6), name
+        assert want.abs().sum() > 0 and (grads - want).norm() / want.norm() < 1e-5, name
+        assert (embeds - want_embeds).norm() / want_embeds.norm() < 1e-5, name
+        D = m.config.hidden_size
+        assert copies == ([(1, 70, D)] + [(1, 16, D)] * 4 + [(1, 6, D)]) * m.config.num_hidden_layers, name
+
+
+@pytest.mark.parametrize("kind", ["plain layers", "fused layers"])
+def test_split_layers_recompute_the_masks_their_forward_drew(tiny_dir, kind, monkeypatch):
+    """With LoRA dropout, tiles draw their masks in another order than the whole layer (so the plain
+    path's gradients are another draw), but each tile's recomputation in backward draws the masks its
+    forward drew: the same gradients as the same tiles run once, without checkpoints or offloading."""
+    monkeypatch.setattr(modeling.MLP, "chunk", 16)
+    m = tiny_base(tiny_dir, "float32", dropout=0.3)
+    plan = speed.TrainingPlan(offload=True, fused=kind == "fused layers")
+    batch = long_batches()["one row"]
+    loss, grads, embeds = loss_and_all_gradients(m, batch, plan.training_layers(m), seed=9)
+    with monkeypatch.context() as once:
+        once.setattr(tiles, "recompute", lambda fn, *args: fn(*args))  # each tile run once, nothing recomputed
+        layers = speed.fused_layers(m, split_long_rows=True) if plan.fused else tiles.split_layers(m)
+        want_loss, want, want_embeds = loss_and_all_gradients(m, batch, layers, seed=9)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
+    assert (grads - want).norm() / want.norm() < 1e-5 and (embeds - want_embeds).norm() / want_embeds.norm() < 1e-5
+    _, other, _ = loss_and_all_gradients(m, batch, plan.training_layers(m), seed=10)
+    assert (other - want).norm() / want.norm() > 1e-3  # the masks do matter
+
+
+def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(tiny_dir, monkeypatch):
+    """Issue 33's user: --quant_bits 4 --max_length 131072 and a 100,000-token row, on a 24 GB card. The
+    plan offloads and tiles without being asked, sets the allocator (keeping one the user set), says
+    how much host memory the pass pins, and estimates the longest row from the model's shape; train.py's
+    layers are then the model's own in tiles, offloaded, and the final norm tiled."""
+    import re
+    import os
+    import quant
+    monkeypatch.setattr(speed, "host_memory_gib", lambda: 200.0)
+    monkeypatch.setattr(speed, "card_gib", lambda device: 23.6)  # what a 24 GB card reports
+    a = plan_flags(131072, quant_bits=4)
+    plan = speed.plan_training(a, torch.device("cuda"), [100_000, 900], 10, SEVEN_B)
+    assert plan.offload and not plan.graphs and not plan.fused and not plan.compiled
+    assert plan.message.startswith("eager layers (a 4-bit base has no matrices to fuse)")
+    assert ("(28 layers x 131,072 tokens x 3,584 x 2 bytes = 24.5 GiB a pass, over 2 GiB; 49.0 GiB with each MLP's "
+            "input, of the 200 GiB of host memory available)") in plan.message
+    assert "long rows in tiles: a row longer than 2,048 tokens" in plan.message
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True" and "(set by the plan)" in plan.message
+    estimate = re.search(r"estimated: ([\d,]+) tokens \(23\.6 GiB: weights 4\.2 GiB, LoRA state 0\.3, fixed ([\d.]+),"
+                         r".*host memory allows ([\d,]+)", plan.message)
+    assert estimate, plan.message
+    longest, host = (int(estimate.group(i).replace(",", "")) for i in (1, 3))
+    per_token = (speed.LONG_ROW_STAGING_UNITS + speed.LONG_ROW_RECOMPUTE_UNITS) * 3584 * 2
+    assert longest % 1024 == 0 and abs(longest - (23.6 - 4.2 - 0.3 - float(estimate.group(2))) * 2**30 / per_token) < 2048
+    assert host == int(0.8 * 200 * 2**30 / (2 * 28 * 3584 * 2)) // 1024 * 1024
+    assert speed.weights_gib(SEVEN_B, None, 2) == pytest.approx(13.2, abs=0.05)  # bf16: lm_head and the projections
+    assert "may run out of memory" not in plan.message
+    monkeypatch.setattr(speed, "card_gib", lambda device: 16.0)  # bf16 on a 16 GB card: warned
+    bf16 = speed.plan_training(plan_flags(131072), torch.device("cuda"), [100_000], 10, SEVEN_B).message
+    assert "this run's passes reach 131,072 tokens and may run out of memory: lower --max_length" in bf16
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # a user's own setting stays
+    again = speed.plan_training(a, torch.device("cuda"), [100_000], 10, SEVEN_B).message
+    assert "the CUDA allocator as you set it (PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512)" in again
+    m4, _ = quant.load_quantized(str(tiny_dir), quant.QuantConfig(), torch.float32, "cpu")
+    layers = plan.training_layers(m4)
+    assert all(isinstance(layer, speed.OffloadedLayer) and isinstance(layer.layer, tiles.SplitLayer) for layer in layers)
+    assert isinstance(m4.model.norm, tiles.TiledNorm)
+
+
+@cuda_only
+def test_split_layers_on_a_gpu_give_the_plain_gradients_in_less_memory(monkeypatch):
+    """bf16 on a GPU, the model's own layers (as a 4-bit base runs them), a row of 8,192 tokens in tiles of 1,024:
+    the checkpointed model's loss and gradients within bf16 rounding, and a lower peak than the same
+    offloaded layers recomputed whole (one layer's backward held every MLP tile and the whole row's
+    projections at once)."""
+    monkeypatch.setattr(modeling.MLP, "chunk", 1024)
+    cfg = modeling.Config(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = modeling.QwenForCausalLM(cfg).to(torch.bfloat16)
+    lora_for_training(m, lora.LoraConfig(lora_dropout=0.0), 0.02, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
+    batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
+
+    def run(layers):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, grads = loss_and_gradients(m, batch, layers, seed=5)
+        torch.cuda.synchronize()
+        return loss, torch.cat([g.float().flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
+
+    whole = speed.offloaded_layers(m.model.layers)
+    run(whole)  # the pinned host buffers allocated
+    loss, plain, whole_peak = run(whole)
+    split = speed.TrainingPlan(offload=True).training_layers(m)
+    run(split)
+    split_loss, grads, split_peak = run(split)
+    torch.testing.assert_close(split_loss, loss, rtol=2e-3, atol=1e-2)
+    assert (grads - plain).norm() / plain.norm() < 2e-2
+    assert split_peak < whole_peak, (split_peak, whole_peak)

@@ -18,9 +18,10 @@ import lora
 import merge
 import model as modeling
 import quant
+import speed
 import tiny
 import train
-from conftest import random_tokens
+from conftest import chat_logits, random_tokens
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -191,7 +192,6 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path):
 def test_on_a_gpu_the_plan_runs_the_layers_as_written(qwen3_5):
     """A DeltaNet layer unpacks the batch by its rows' lengths, which no recorded graph, compiled layer
     or fused (attention) layer can replay: a Qwen3.5 run on a GPU is eager, and says why."""
-    import speed
     flags = speed.PlanFlags.of(__import__("flags").train_parser().parse_args(["--model", "m", "--dataset", "x.json"]))
     plan = speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, modeling.Config.from_json(qwen3_5[0] / "config.json"))
     assert not (plan.graphs or plan.compiled or plan.fused or plan.offload)
@@ -284,6 +284,25 @@ def test_a_stopped_answer_goes_back_to_the_last_snapshot(qwen3_5):
     assert list(decode.generate(m, third, 6, stop, decoder=decoder, cached=cached)) == \
         list(decode.generate(m, third, 6, stop))
     assert set(decoder.snapshots) == {20, 28}  # went back to 20: the later ones are gone, third's end is new
+
+
+def test_the_static_decoder_gives_the_plain_logits_across_a_chat(qwen3_5):
+    """speed.CUDAGraphDecoder's step run without recording it (record=False): its StaticKVCache, the
+    DeltaNet states copied into fixed buffers each token, its snapshots copies put back by copying.
+    It gives decode.Decoder's logits at every prefill and token of a chat that goes on from an answer,
+    stops one, goes back to a snapshot and starts a new text (conftest.chat_logits): float32, 1e-5."""
+    folder, _ = qwen3_5
+    m, _ = modeling.load_model(str(folder), dtype=torch.float32)
+    decoder = speed.CUDAGraphDecoder(m, 64, record=False)
+    buffers = lambda: [t.data_ptr() for states in decoder.cache.linear if states is not None for t in states]
+    before = buffers()
+    plain, plain_turns = chat_logits(m, decode.Decoder(m, 64))
+    static, static_turns = chat_logits(m, decoder)
+    assert static_turns == plain_turns == [[20], [20, 25, 33], [20, 28], [10]]
+    assert len(static) == len(plain) == 6 + 3 + 6 + 6  # each turn: a prefill, then each token but the last run
+    assert buffers() == before  # the states never moved: where a recorded graph reads and writes them
+    for a, b in zip(plain, static):
+        assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
