@@ -890,7 +890,7 @@ def build_parser():
     p.add_argument("--seq_max", type=int, default=262144, help="--longest_search: the longest length tried")
     p.add_argument("--seq_quantum", type=int, default=4096, help="--longest_search: the answer is a multiple of this")
     p.add_argument("--alloc_conf", default=None, help="--memory_table, --longest_search: PYTORCH_CUDA_ALLOC_CONF for the "
-                   "run ('default': PyTorch's own); unset: what the plan sets (speed.LONG_ROW_ALLOCATOR)")
+                   "run, e.g. expandable_segments:True ('default' or unset: PyTorch's own)")
     p.add_argument("--quant_type", default="nf4", choices=["nf4", "fp4"], help="4-bit type of --workloads quant")
     # worker mode (internal)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -1216,7 +1216,7 @@ def lora_state_bytes(s: dict) -> int:
 
 def long_rows_main(a):
     """--memory_table or --longest_search, with --alloc_conf set first: PyTorch reads it when CUDA
-    starts ("default": PyTorch's own setting, not the plan's)."""
+    starts ("default": PyTorch's own setting)."""
     if a.alloc_conf:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "" if a.alloc_conf == "default" else a.alloc_conf
     return memory_table_main(a) if a.memory_table else longest_search_main(a)

@@ -660,9 +660,12 @@ class DecodePlan:
 
 def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) -> DecodePlan:
     """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
-    launch-bound: BENCHMARKS.md, decode rows), Qwen3.5 included (its DeltaNet states are written in
-    place: StaticKVCache). Projections are fused where the model's weights are plain
-    (plain_weights): no adapter, or one merged, and no 4-bit base."""
+    launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
+    plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
+    if cuda_graph is None and model is not None and "linear_attention" in model.config.mixers:
+        # Qwen3.5: its recorded step (DeltaNet states written in place: StaticKVCache) equals the plain
+        # step on the CPU, but has not run on a card yet; until it has, only --cuda_graph true records it.
+        cuda_graph = False
     return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
                       fuse=model is not None and plain_weights(model))
 
@@ -816,7 +819,8 @@ class CUDAGraphDecoder(decode.Decoder):
 
 # ----------------------------------------------------------------------------------------------
 # CUDA-graph batched decoding. Replaces: engine.Engine.eager_forward.
-# Proved equal by: tests/test_engine.py::test_cuda_graph_batches_give_the_eager_tokens (GPU)
+# Proved equal by: tests/test_engine.py::test_cuda_graph_batches_give_the_eager_tokens (GPU: recorded, and
+# compiled first) and ::test_bucketed_steps_give_the_eager_tokens_on_the_cpu (buckets without capture)
 
 
 class CUDAGraphBatchDecoding:
@@ -914,6 +918,10 @@ def plan_batch_decoding(engine, cuda_graph: bool | None, compile: bool = False):
         cuda_graph = engine.device.type == "cuda"
     if plain_base(engine.model):  # q/k/v and gate/up one matmul each, the row adapters inside them
         fuse_projections(engine.model)
+        for layer in engine.model.model.layers:  # built for this engine's adapter stacks now, outside any graph
+            for fused in (getattr(layer, "self_attn", None) and layer.self_attn.fused_qkv, layer.mlp.fused_gate_up):
+                if fused is not None:
+                    fused.refresh()
     if cuda_graph:
         engine.forward = CUDAGraphBatchDecoding(engine, compile)
     if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
@@ -977,6 +985,13 @@ class FusedProjection:
             row += lin.out_features
         self.stacks = [r[0] if r is not None else None for r in rows]
 
+    def refresh(self, rows=None):
+        """Rebuild after new adapter stacks (set_row_adapters): once, before any step runs. Before a
+        step is compiled or recorded too (plan_batch_decoding), or the rebuild would be in the graph."""
+        rows = rows or [getattr(lin, "rows", None) for lin in self.linears]
+        if any((r[0] if r is not None else None) is not s for r, s in zip(rows, self.stacks)):
+            self.build(rows)
+
     def __call__(self, x):  # (B, T, in) -> (B, T, sum of outs)
         rows = [getattr(lin, "rows", None) for lin in self.linears]
         if all(r is None for r in rows):
@@ -984,8 +999,7 @@ class FusedProjection:
                 return torch.cat([lin(x) for lin in self.linears], dim=-1)
             bias = None if self.bias is None else self.bias[:self.out]
             return F.linear(x, self.weight[:self.out], bias)
-        if any((r[0] if r is not None else None) is not s for r, s in zip(rows, self.stacks)):
-            self.build(rows)  # new adapter stacks (set_row_adapters): once, before any step runs
+        self.refresh(rows)
         index = next(r[3] for r in rows if r is not None)  # (B,): each row's adapter
         y = F.linear(x, self.weight, self.bias)  # (B, T, out + R): the projections, then x A^T
         xa = y[..., self.out:].masked_fill(self.owner != index[:, None, None], 0)  # (B, T, R)
@@ -1142,10 +1156,11 @@ def offload_problem(a: PlanFlags, device) -> str | None:
 # A long row's step makes and frees tensors from a tile's few MB to a whole row's GBs, their sizes
 # changing from phase to phase. The caching allocator cuts a free block of one segment to serve a
 # smaller request, and a later larger one may find only pieces: memory reserved, free, and not
-# usable under the card's limit. With expandable segments it maps pages into one growing range
-# instead. PyTorch reads the setting when CUDA starts, so the plan sets it before anything touches
-# CUDA, and only where the user has not set one. bench.py --memory_table --alloc_conf default
-# measures the step without it (its "reserve" row: reserved but not allocated).
+# usable under the card's limit. Expandable segments (LONG_ROW_ALLOCATOR) map pages into one growing
+# range instead. The plan does not set it yet: with it, run 18's offloaded search failed at once
+# (docs/benchmark-runs.md), which nobody has looked into. The start-up log names it, and
+# bench.py --memory_table --alloc_conf compares a step with and without it (its "reserve" row:
+# reserved but not allocated). PyTorch reads the setting when CUDA starts: set it before the run.
 LONG_ROW_ALLOCATOR = "expandable_segments:True"
 ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads either
 
@@ -1174,17 +1189,13 @@ def long_rows(a: PlanFlags, device, config, tokens: int) -> str:
 
 
 def use_long_row_allocator() -> str:
-    """Set LONG_ROW_ALLOCATOR as PYTORCH_CUDA_ALLOC_CONF unless the user set the allocator or CUDA has
-    started (PyTorch has read its setting then); what to print."""
+    """What the start-up log says of the CUDA allocator for a long row: the user's setting, or
+    PyTorch's own and the one to try (LONG_ROW_ALLOCATOR: not set by the plan until measured)."""
     mine = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if name in os.environ]
     if mine:
         return f"the CUDA allocator as you set it ({', '.join(mine)})"
-    if torch.cuda.is_initialized():
-        return (f"the CUDA allocator as PyTorch sets it: CUDA had started before the plan, too late for "
-                f"PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR}; set it yourself before the run")
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = LONG_ROW_ALLOCATOR
-    return (f"PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR} (set by the plan): freed memory serves tensors of any "
-            "size, where a long row's changing sizes would otherwise leave it in pieces")
+    return (f"the CUDA allocator as PyTorch sets it; if a long row runs out of memory with much reserved but free, "
+            f"try PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR} (not yet measured with offloading)")
 
 
 def longest_row(a: PlanFlags, device, config, needed: int) -> str:

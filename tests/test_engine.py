@@ -8,6 +8,7 @@ import decode
 import engine
 import lora
 import model as modeling
+import speed
 
 LENGTHS = (3, 40, 7, 120, 1, 15, 64)
 
@@ -123,6 +124,22 @@ def test_slots_come_from_free_memory_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_slot // 2, 80 * 2**30))
     with pytest.raises(modeling.ModelError, match="lower --max_new_tokens"):
         engine.plan_slots(cfg, 4, 4096, gpu, torch.bfloat16)
+
+
+def test_bucketed_steps_give_the_eager_tokens_on_the_cpu(tiny_model):
+    """speed.CUDAGraphBatchDecoding's buckets without capture (capture=False: each bucket's step run on
+    the fixed buffers instead of replayed): rows padded to a power of two with dummy rows, spans
+    rounded up, one row run as two, and each row's tokens as the eager engine's."""
+    ps = prompts(tiny_model.config.vocab_size, seed=6)
+    ps[1] = prompts(tiny_model.config.vocab_size, [250], seed=7)[0]  # its answer crosses position 256
+    runs = []
+    for bucketed in (False, True):
+        e = engine.Engine(tiny_model, max_batch_size=5, max_len=600)
+        if bucketed:
+            e.forward = speed.CUDAGraphBatchDecoding(e, capture=False)
+        runs.append([r.tokens for r in e.run([engine.Request(p, 12) for p in ps])])
+    assert runs[0] == runs[1]
+    assert {b for b, _ in e.forward.graphs} <= {2, 4, 5} and {s for _, s in e.forward.graphs} == {256, 512}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")

@@ -371,11 +371,12 @@ def test_bad_flag_values_are_clear_errors(capsys, flags, message):
 
 
 @pytest.mark.parametrize("tiny_dir", ["tiny-qwen3_5"], indirect=True)
-def test_a_qwen3_5_model_decodes_with_a_cuda_graph_on_a_gpu_too(tiny_dir):
-    """Its DeltaNet states are written in place (speed.StaticKVCache), so its step is recorded as any
-    other's; --cuda_graph false still decodes eagerly."""
+def test_a_qwen3_5_model_decodes_with_a_cuda_graph_only_when_asked(tiny_dir):
+    """Its DeltaNet states are written in place (speed.StaticKVCache), so its step can be recorded;
+    until that has run on a card, a GPU decodes it eagerly unless --cuda_graph true."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cpu")
-    assert speed.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
+    assert not speed.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
+    assert speed.plan_decoding(True, False, torch.device("cuda"), m).cuda_graph
     assert not speed.plan_decoding(False, False, torch.device("cuda"), m).cuda_graph
     assert not speed.plan_decoding(None, False, torch.device("cpu"), m).cuda_graph
 
