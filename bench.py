@@ -1701,9 +1701,12 @@ QUANT_JOBS = [  # (name, shape, tokens, worker flags); QUANT stands for --quant_
     ("32B 4-bit", "32b", 1024, ["--quant", "QUANT"]),
     ("32B 4-bit", "32b", 2048, ["--quant", "QUANT"]),
     ("Qwen3-32B 4-bit", "qwen3-32b", 1024, ["--quant", "QUANT"]),
+    ("Qwen3.5-9B bf16", "qwen3.5-9b", 2048, []),
+    ("Qwen3.5-27B 4-bit", "qwen3.5-27b", 1024, ["--quant", "QUANT"]),
 ]
 QUANT_TARGETS_GIB = {("7B 4-bit", 2048): 8, ("14B 4-bit", 2048): 14, ("32B 4-bit", 1024): 22,  # issue #20
-                     ("Qwen3-32B 4-bit", 1024): 22}  # issue #28
+                     ("Qwen3-32B 4-bit", 1024): 22,  # issue #28
+                     ("Qwen3.5-9B bf16", 2048): 20, ("Qwen3.5-27B 4-bit", 1024): 22}  # issue #32
 
 
 def quant_main(a):
@@ -1711,8 +1714,6 @@ def quant_main(a):
     each shape, 7B speed against our bf16 path in the same run, and the first-step loss against the
     bf16 model built from the same 4-bit weights (the math must be that model's). The random
     weights are drawn and quantised on the GPU tensor by tensor (ours_model_4bit)."""
-    plan = "graphs" if a.device == "cuda" else "eager"
-    common = ["--device", a.device, "--steps", a.steps, "--plan", plan] + (["--small"] if a.small else [])
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
     results, rows = {}, []
     for name, shape, tokens, flags in QUANT_JOBS:
@@ -1721,6 +1722,9 @@ def quant_main(a):
         tokens = tokens // 8 if a.small else tokens
         t = time.time()
         args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]
+        # train.py's plan: CUDA graphs on a GPU, eager layers for Qwen3.5 (speed.eager_only) and on the CPU
+        plan = "graphs" if a.device == "cuda" and not shape.startswith("qwen3.5") else "eager"
+        common = ["--device", a.device, "--steps", a.steps, "--plan", plan] + (["--small"] if a.small else [])
         r = results[(name, tokens)] = run_worker(args, common)
         shown = name.replace("4-bit", f"4-bit {a.quant_type}") + (" (small shape)" if a.small else "")
         rows.append((f"train, {tokens} tokens", shown, *row_of(f"train{tokens}", r, {}, SHAPES[shape])))
