@@ -1,5 +1,6 @@
 """torchrun data parallelism on CPU (gloo): 2 ranks x accumulation k == 1 rank x accumulation 2k, and each
-rank's packed passes (--padding_free) == one micro-batch at a time."""
+rank's packed passes (--padding_free) == one micro-batch at a time. The runs on one rank are train.main in
+this process, on one thread (as a process with OMP_NUM_THREADS=1): a process start costs seconds here."""
 
 import json
 import os
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import both_families
+
+import train
+from conftest import both_families, single_torch_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 QA = [("你是谁？", "我是小黄。"), ("Who are you?", "I am Xiao Huang."), ("你能上网吗？", "不能。"),
@@ -23,6 +26,12 @@ def run(args, nproc=1):
     r = subprocess.run(launcher + ["train.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
+
+
+def run_here(args):
+    """train.py on one rank, as train.main in this process on one thread."""
+    with single_torch_thread():
+        assert train.main([str(a) for a in args]) == 0
 
 
 def common(data, out, accum, steps=4):
@@ -53,7 +62,7 @@ def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(t
     data = tmp_path / "qa.json"
     data.write_text(json.dumps([{"query": q, "response": r} for q, r in QA], ensure_ascii=False))
     two = run(common(data, tmp_path / "two", 2) + ["--padding_free", "true"], nproc=2)  # each rank packs its share
-    run(common(data, tmp_path / "one", 4) + ["--padding_free", "false"])  # one micro-batch at a time
+    run_here(common(data, tmp_path / "one", 4) + ["--padding_free", "false"])  # one micro-batch at a time
     run_dir, a = only_checkpoint(tmp_path / "two", 4)
     _, b = only_checkpoint(tmp_path / "one", 4)
     assert_same_adapter(a, b)
@@ -61,7 +70,7 @@ def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(t
     assert two.stdout.count("[4/4] loss") == 1
     assert len(list((tmp_path / "two").glob("v*-*"))) == 1
     # a 2-rank checkpoint resumes on 1 rank
-    run(common(data, tmp_path / "resumed", 4, steps=6) + ["--resume_from_checkpoint", run_dir / "checkpoint-4"])
+    run_here(common(data, tmp_path / "resumed", 4, steps=6) + ["--resume_from_checkpoint", run_dir / "checkpoint-4"])
     assert only_checkpoint(tmp_path / "resumed", 6)[1]  # a new run folder, as in ms-swift
 
 

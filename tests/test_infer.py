@@ -115,6 +115,15 @@ def run_cli(*args, stdin=""):
     return p.returncode, p.stdout.decode(), p.stderr.decode()
 
 
+def run_here(capsys, *args):
+    """infer.py as infer.main in this process, for tests of what it answers rather than of a process
+    (a process start costs seconds here): (exit code, stdout, stderr) as run_cli gives them."""
+    capsys.readouterr()
+    code = infer.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 # Greedy, on the CPU: expected_answer decodes in float32 on the CPU, and a GPU's bf16 rounding can
 # flip a greedy choice of these random weights (these tests are about the command line, not numerics).
 GREEDY = ["--temperature", "0", "--repetition_penalty", "1", "--device", "cpu"]
@@ -283,7 +292,7 @@ def test_prompt_flag_prints_only_the_answer(chatty):
     assert f"loading {folder}" in err and "decoding: greedy" in err
 
 
-def test_without_max_new_tokens_the_models_generation_config_bounds_the_answer(chatty, tmp_path):
+def test_without_max_new_tokens_the_models_generation_config_bounds_the_answer(chatty, tmp_path, capsys):
     """generation_config.json's max_new_tokens is the default, as transformers' generate takes it (the
     tiny models set 256, so a random base does not write to the end of a 32k context); the flag wins."""
     import shutil
@@ -292,10 +301,10 @@ def test_without_max_new_tokens_the_models_generation_config_bounds_the_answer(c
     shutil.copytree(folder, copy)
     gen = json.loads((copy / "generation_config.json").read_text())
     (copy / "generation_config.json").write_text(json.dumps(dict(gen, max_new_tokens=7)))
-    code, out, err = run_cli("--model", copy, "--prompt", QUESTION, *GREEDY)
+    code, out, err = run_here(capsys, "--model", copy, "--prompt", QUESTION, *GREEDY)
     assert code == 0 and out == expected_answer(m, tok, QUESTION, max_new_tokens=7) + "\n", err
     assert "max_new_tokens 7" in err
-    code, out, err = run_cli("--model", copy, "--prompt", QUESTION, "--max_new_tokens", 9, *GREEDY)
+    code, out, err = run_here(capsys, "--model", copy, "--prompt", QUESTION, "--max_new_tokens", 9, *GREEDY)
     assert out == expected_answer(m, tok, QUESTION, max_new_tokens=9) + "\n"
 
 
@@ -311,12 +320,13 @@ def test_piped_lines_are_answered_one_by_one_on_stdout(chatty):
         {"line": 3, "query": "你好", "response": expected_answer(m, tok, "你好", max_new_tokens=10)}]
 
 
-def test_checkpoint_args_supply_base_model_and_system_prompt(chatty, tmp_path):
+def test_checkpoint_args_supply_base_model_and_system_prompt(chatty, tmp_path, capsys):
     folder, m, tok = chatty
     ckpt = make_adapter(folder, tmp_path / "output" / "v0-20260101-000000" / "checkpoint-5", seed=4)
     system = "You are a pirate."
     (ckpt / "args.json").write_text(json.dumps({"model": str(folder), "system": system, "lora_rank": 4}))
-    code, out, err = run_cli("--adapters", ckpt, "--prompt", QUESTION, "--max_new_tokens", 10, "--show_prompt", "true", *GREEDY)
+    code, out, err = run_here(capsys, "--adapters", ckpt, "--prompt", QUESTION, "--max_new_tokens", 10, "--show_prompt", "true",
+                              *GREEDY)
     assert code == 0, err
     assert f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{QUESTION}" in err
     adapted = load(folder)
@@ -339,8 +349,8 @@ def test_chinese_streams_whole_characters(tiny_dir, tmp_path):
 # Errors: one `error: ...` paragraph on stderr, exit code 2
 
 
-def test_bad_model_path_is_a_clear_error_without_traceback(tmp_path):
-    code, out, err = run_cli("--model", tmp_path / "no-such-model", "--prompt", "hi")
+def test_bad_model_path_is_a_clear_error_without_traceback(tmp_path, capsys):
+    code, out, err = run_here(capsys, "--model", tmp_path / "no-such-model", "--prompt", "hi")
     assert code == 2 and out == ""
     assert "error: --model" in err and "no such folder" in err and "Traceback" not in err
 

@@ -40,8 +40,14 @@ def make_checkpoint(base_dir, ckpt, base_name, targets="all-linear", args_json=T
     return m
 
 
-def run_merge(*args):
-    return subprocess.run([sys.executable, "merge.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+def merged(capsys, *args) -> str:
+    """merge.py as merge.main in this process (a process start costs seconds here; the tests that need a
+    process of its own, to kill it, start one): what it printed, after checking that it exited 0."""
+    capsys.readouterr()
+    code = merge.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
 
 
 def hf_logits(folder, x):
@@ -52,14 +58,13 @@ def hf_logits(folder, x):
 
 
 @hf_families
-def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(hf_checkpoint, tmp_path, family):
+def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(hf_checkpoint, tmp_path, capsys, family):
     base_dir, _ = hf_checkpoint(family=family)
     ckpt = tmp_path / "output" / "v0" / "checkpoint-3"
     ref = make_checkpoint(base_dir, ckpt, str(base_dir))
-    r = run_merge("--adapters", ckpt, "--device", "cpu")  # base model from args.json
-    assert r.returncode == 0, r.stderr
+    said = merged(capsys, "--adapters", ckpt, "--device", "cpu")  # base model from args.json
     out = ckpt.parent / "checkpoint-3-merged"
-    assert f"merged model written to {out}" in r.stdout
+    assert f"merged model written to {out}" in said
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "vocab.json", "merges.txt"} <= files
@@ -71,12 +76,11 @@ def test_merged_folder_loads_in_transformers_and_matches_base_plus_adapter(hf_ch
     assert_close(hf_logits(out, x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_sharded_merge_of_a_tied_model_writes_an_index_and_no_lm_head(tiny_dir, tmp_path):
+def test_sharded_merge_of_a_tied_model_writes_an_index_and_no_lm_head(tiny_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ref = make_checkpoint(tiny_dir, ckpt, "tiny", targets=["q_proj", "up_proj"], args_json=False)
     out = tmp_path / "merged"
-    r = run_merge("--adapters", ckpt, "--model", "tiny", "--output_dir", out, "--max_shard_size", "200KB", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    merged(capsys, "--adapters", ckpt, "--model", "tiny", "--output_dir", out, "--max_shard_size", "200KB", "--device", "cpu")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     per_shard = {s: [k for k, v in index["weight_map"].items() if v == s] for s in shards}
@@ -345,7 +349,7 @@ merge.main(sys.argv[1:])
 """
 
 
-def test_a_killed_merges_hidden_folder_is_removed_by_the_next_and_nothing_else(tiny_dir, tmp_path):
+def test_a_killed_merges_hidden_folder_is_removed_by_the_next_and_nothing_else(tiny_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     make_checkpoint(tiny_dir, ckpt, "tiny", targets=["o_proj"])
     out = tmp_path / "m"
@@ -371,9 +375,7 @@ def test_a_killed_merges_hidden_folder_is_removed_by_the_next_and_nothing_else(t
     legacy.mkdir()
     (legacy / "config.json").write_text("{}")
     before = {d.name: snapshot(d) for d in (running, users, odd, other)}
-    r = run_merge("--adapters", ckpt, "--output_dir", out, "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert f"removed {tmp_path / killed[0]}" in r.stdout
+    assert f"removed {tmp_path / killed[0]}" in merged(capsys, "--adapters", ckpt, "--output_dir", out, "--device", "cpu")
     assert not (tmp_path / killed[0]).exists() and not legacy.exists() and (out / "model.safetensors").exists()
     assert not reused.exists()
     assert {d.name: snapshot(d) for d in (running, users, odd, other)} == before
@@ -386,12 +388,11 @@ def dead_pid() -> int:
     return p.pid
 
 
-def test_swift_exports_merge_lora_true_is_accepted(tiny_dir, tmp_path):
+def test_swift_exports_merge_lora_true_is_accepted(tiny_dir, tmp_path, capsys):
     """The tutorials' `swift export --adapters CKPT --merge_lora true` works after swapping the program."""
     ckpt = tmp_path / "checkpoint-2"
     make_checkpoint(tiny_dir, ckpt, "tiny", targets=["gate_proj"])
-    r = run_merge("--adapters", ckpt, "--merge_lora", "true", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    merged(capsys, "--adapters", ckpt, "--merge_lora", "true", "--device", "cpu")
     assert (tmp_path / "checkpoint-2-merged" / "model.safetensors").exists()
 
 
@@ -409,23 +410,22 @@ def test_merge_lora_false_is_a_clear_error_before_loading(tiny_dir, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_merging_the_current_folder_writes_beside_it(tiny_dir, tmp_path):
+def test_merging_the_current_folder_writes_beside_it(tiny_dir, tmp_path, capsys, monkeypatch):
     """`--adapters .` from inside the checkpoint: CHECKPOINT-merged goes beside it, not into it."""
     ckpt = tmp_path / "checkpoint-4"
     make_checkpoint(tiny_dir, ckpt, "tiny", targets=["v_proj"])
     before = snapshot(ckpt)
-    r = subprocess.run([sys.executable, ROOT / "merge.py", "--adapters", ".", "--device", "cpu"], cwd=ckpt,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(ckpt)
+    merged(capsys, "--adapters", ".", "--device", "cpu")
     assert (tmp_path / "checkpoint-4-merged" / "model.safetensors").exists()
     assert snapshot(ckpt) == before
 
 
-def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
-    r = run_merge("--adapters", tmp_path / "checkpoint-9", "--model", "tiny")
-    assert r.returncode == 2
-    assert r.stderr.startswith(f"error: checkpoint folder {tmp_path / 'checkpoint-9'} does not exist.")
-    assert "Traceback" not in r.stderr
+def test_missing_checkpoint_folder_is_a_clear_error(tmp_path, capsys):
+    assert merge.main(["--adapters", str(tmp_path / "checkpoint-9"), "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint folder {tmp_path / 'checkpoint-9'} does not exist.")
+    assert "Traceback" not in err
 
 
 def test_unknown_base_model_and_broken_adapter_are_errors(tiny_dir, tmp_path, capsys):
@@ -498,7 +498,7 @@ sys.exit(merge.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_while_deleting_the_replaced_merge_says_so_and_the_next_merge_finishes(tiny_dir, tmp_path):
+def test_ctrl_c_while_deleting_the_replaced_merge_says_so_and_the_next_merge_finishes(tiny_dir, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     make_checkpoint(tiny_dir, ckpt, "tiny", targets=["k_proj"])
     out = merge.merge(ckpt, device="cpu")
@@ -510,9 +510,7 @@ def test_ctrl_c_while_deleting_the_replaced_merge_says_so_and_the_next_merge_fin
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-merged.old-")]
     assert len(left) == 1 and f"{left[0]}, may be deleted." in r.stderr
     assert not (left[0] / "merge_info.json").exists() and (left[0] / "model.safetensors").exists()  # half deleted
-    r = run_merge("--adapters", ckpt, "--exist_ok", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
-    assert f"removed {left[0]}" in r.stdout
+    assert f"removed {left[0]}" in merged(capsys, "--adapters", ckpt, "--exist_ok", "--device", "cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt-merged"]
 
 
@@ -535,7 +533,7 @@ def test_every_flag_has_help(capsys):
         assert flag in text
 
 
-def test_a_killed_replacement_leaves_an_old_folder_that_the_next_merge_removes(tiny_dir, tmp_path):
+def test_a_killed_replacement_leaves_an_old_folder_that_the_next_merge_removes(tiny_dir, tmp_path, capsys):
     """Killed between moving the earlier merge aside and deleting it: .NAME.old-PID-XXXXXXXX stays."""
     ckpt = tmp_path / "ckpt"
     make_checkpoint(tiny_dir, ckpt, "tiny", targets=["o_proj"])
@@ -548,8 +546,7 @@ def test_a_killed_replacement_leaves_an_old_folder_that_the_next_merge_removes(t
     legacy = tmp_path / ".m.old-4e5f6a7b"  # no pid: util.atomic_folder always writes one into a .old name
     shutil.copytree(tiny_dir, legacy)
     before = snapshot(unmarked), snapshot(legacy)
-    r = run_merge("--adapters", ckpt, "--output_dir", tmp_path / "m", "--device", "cpu")
-    assert r.returncode == 0, r.stderr
+    merged(capsys, "--adapters", ckpt, "--output_dir", tmp_path / "m", "--device", "cpu")
     assert not stale.exists() and (tmp_path / "m" / "merge_info.json").exists()
     assert (snapshot(unmarked), snapshot(legacy)) == before
 

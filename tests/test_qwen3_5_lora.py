@@ -310,14 +310,16 @@ def test_the_static_decoder_gives_the_plain_logits_across_a_chat(qwen3_5):
 
 
 def test_two_ranks_train_the_same_adapter_as_one_rank_with_double_accumulation(tmp_path):
-    """torchrun on the CPU (gloo), tiny-qwen3_5: 2 ranks x accumulation 1, each packing its share,
-    equal 1 rank x accumulation 2 one micro-batch at a time (tests/test_distributed.py's tolerance)."""
-    from test_distributed import assert_same_adapter, run
+    """Two ranks on the CPU (gloo), as torchrun starts them (tests/test_fsdp.py's two_ranks), tiny-qwen3_5:
+    2 ranks x accumulation 1, each packing its share, equal 1 rank x accumulation 2 one micro-batch at a
+    time, here in this process (tests/test_distributed.py's tolerance)."""
+    from test_distributed import assert_same_adapter
+    from test_fsdp import two_ranks
     dataset = qa_file(tmp_path / "qa.json", 7)
     argv = lambda out, accum: train_argv("tiny-qwen3_5", dataset, out, 4, "--save_steps", 4, "--lora_dropout", 0,
                                          "--gradient_accumulation_steps", accum)
-    run(argv(tmp_path / "two", 1) + ["--padding_free", "true"], nproc=2)
-    run(argv(tmp_path / "one", 2) + ["--padding_free", "false"])
+    two_ranks(argv(tmp_path / "two", 1) + ["--padding_free", "true"])
+    assert train.main(argv(tmp_path / "one", 2) + ["--padding_free", "false"]) == 0
     (two,), (one,) = (tmp_path / "two").glob("v*"), (tmp_path / "one").glob("v*")
     assert_same_adapter(load_file(two / "checkpoint-4" / "adapter_model.safetensors"),
                         load_file(one / "checkpoint-4" / "adapter_model.safetensors"))
