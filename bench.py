@@ -371,8 +371,7 @@ def longest(train_fn, device, limit_gib, start=2048, stop=65536, step=1024):
     CPU (--small) nothing caps memory: four lengths, to run the search and its table."""
     if device.type != "cuda":
         step, stop = start, 4 * start
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(limit_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    cap_memory(limit_gib, device)
     best, seq = 0, start
     while seq <= stop:
         try:
@@ -1222,10 +1221,10 @@ def long_rows_main(a):
     return memory_table_main(a) if a.memory_table else longest_search_main(a)
 
 
-def cap_memory(a, device):
-    """The allocator capped at --limit_gib (0: uncapped), a 24 GB card's usable memory on a larger one."""
-    if device.type == "cuda" and a.limit_gib > 0:
-        torch.cuda.set_per_process_memory_fraction(a.limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+def cap_memory(limit_gib: float, device):
+    """The allocator capped at limit_gib (0: uncapped), a 24 GB card's usable memory on a larger one."""
+    if device.type == "cuda" and limit_gib > 0:
+        torch.cuda.set_per_process_memory_fraction(limit_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
 
 
 def memory_table_main(a):
@@ -1235,7 +1234,7 @@ def memory_table_main(a):
     device = torch.device(a.device)
     a.seq = min(a.seqs)  # the plan's start-up lines for the shortest
     s = long_row_setup(a, device)
-    cap_memory(a, device)
+    cap_memory(a.limit_gib, device)
     results = []
     for seq in a.seqs:
         results.append(long_row_step(s, seq))
@@ -1352,7 +1351,7 @@ def longest_search_main(a):
     step whose loss must equal the plain forward's (doubling, then bisection: longest_search)."""
     device = torch.device(a.device)
     s = long_row_setup(a, device)
-    cap_memory(a, device)
+    cap_memory(a.limit_gib, device)
     seq_max = a.seq_max if device.type == "cuda" else 4 * a.seq
     best, probes = longest_search(lambda seq: step_fits(s, seq, a.limit_gib if device.type == "cuda" else math.inf),
                                   a.seq, seq_max, a.seq_quantum)

@@ -917,11 +917,7 @@ def plan_batch_decoding(engine, cuda_graph: bool | None, compile: bool = False):
     if cuda_graph is None:
         cuda_graph = engine.device.type == "cuda"
     if plain_base(engine.model):  # q/k/v and gate/up one matmul each, the row adapters inside them
-        fuse_projections(engine.model)
-        for layer in engine.model.model.layers:  # built for this engine's adapter stacks now, outside any graph
-            for fused in (getattr(layer, "self_attn", None) and layer.self_attn.fused_qkv, layer.mlp.fused_gate_up):
-                if fused is not None:
-                    fused.refresh()
+        fuse_projections(engine.model)  # built for this engine's adapter stacks now, outside any graph
     if cuda_graph:
         engine.forward = CUDAGraphBatchDecoding(engine, compile)
     if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
@@ -951,8 +947,10 @@ def fuse_projections(model):
     qkv, gate_up = _projections(model)
     for attn, q_k_v in zip(_attention_layers(model), qkv):
         attn.fused_qkv = attn.fused_qkv or FusedProjection(q_k_v)
+        attn.fused_qkv.refresh()  # for the adapter stacks set now (set_row_adapters), not inside a later step
     for layer, g_u in zip(model.model.layers, gate_up):
         layer.mlp.fused_gate_up = layer.mlp.fused_gate_up or FusedProjection(g_u)
+        layer.mlp.fused_gate_up.refresh()
 
 
 class FusedProjection:
@@ -987,7 +985,8 @@ class FusedProjection:
 
     def refresh(self, rows=None):
         """Rebuild after new adapter stacks (set_row_adapters): once, before any step runs. Before a
-        step is compiled or recorded too (plan_batch_decoding), or the rebuild would be in the graph."""
+        step is compiled or recorded too (fuse_projections, which plan_batch_decoding calls), or the
+        rebuild would be in the graph."""
         rows = rows or [getattr(lin, "rows", None) for lin in self.linears]
         if any((r[0] if r is not None else None) is not s for r, s in zip(rows, self.stacks)):
             self.build(rows)

@@ -175,6 +175,18 @@ def test_offloading_where_it_cannot_run_stops_before_training(tmp_path, capsys, 
     assert needle in err and "Traceback" not in err
 
 
+def measured_step(m, batch, layers):
+    """On a GPU: (loss, every LoRA gradient in float32 side by side, the peak allocated over what was
+    allocated before) of one step of `layers`."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, grads = loss_and_gradients(m, batch, layers, seed=5)
+    torch.cuda.synchronize()
+    return loss, torch.cat([g.float().flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
+
+
 @cuda_only
 def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
     """Pinned host memory and a side stream: the checkpointed path's gradients (float32, dropout
@@ -189,14 +201,7 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
     batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
     saved = cfg.num_hidden_layers * 8192 * cfg.hidden_size * 4
 
-    def run(layers):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss, grads = loss_and_gradients(m, batch, layers, seed=5)
-        torch.cuda.synchronize()
-        return loss, torch.cat([g.flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
+    run = lambda layers: measured_step(m, batch, layers)
 
     offloaded = speed.offloaded_layers(m.model.layers)
     run(offloaded)  # the first pass allocates the pinned host buffers
@@ -357,14 +362,7 @@ def test_split_layers_on_a_gpu_give_the_plain_gradients_in_less_memory(monkeypat
     ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
     batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
 
-    def run(layers):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss, grads = loss_and_gradients(m, batch, layers, seed=5)
-        torch.cuda.synchronize()
-        return loss, torch.cat([g.float().flatten() for g in grads]), torch.cuda.max_memory_allocated() - base
+    run = lambda layers: measured_step(m, batch, layers)
 
     whole = speed.offloaded_layers(m.model.layers)
     run(whole)  # the pinned host buffers allocated
