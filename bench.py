@@ -1444,7 +1444,8 @@ def train_jobs(a, seqs) -> list:
     for seq in seqs:
         if f"train{seq}" in a.skip:
             continue
-        names = ["ours (eager)"] if linear else ours_train_names(a, seq == seqs[0])  # Qwen3.5: speed.eager_only's plan
+        names = ours_train_names(a, seq == seqs[0]) if not linear else ["ours (eager)"] + (  # Qwen3.5: unfused
+            ["ours (plain layers, CUDA graphs)", "ours (compiled, CUDA graphs)"] if a.device == "cuda" else [])
         variants = [(n, ["ours_train", "--seq", seq, "--plan", OURS_TRAIN[n]]) for n in names]
         hf = {**HF_TRAIN_FLA, HF_NO_FLA: ["--no_fla"]} if linear and a.device == "cuda" else HF_TRAIN  # fla: GPU only
         variants += [] if "hf" in a.skip else [(n, ["hf_train", "--seq", seq, *f]) for n, f in hf.items()]
@@ -1721,7 +1722,8 @@ def quant_main(a):
         tokens = tokens // 8 if a.small else tokens
         t = time.time()
         args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]
-        # train.py's plan: CUDA graphs on a GPU, eager layers for Qwen3.5 (speed.eager_only) and on the CPU
+        # train.py's default plan: CUDA graphs on a GPU, eager layers for Qwen3.5 (until its graphs are
+        # proven on a card: speed.deltanet_layers) and on the CPU
         plan = "graphs" if a.device == "cuda" and not shape.startswith("qwen3.5") else "eager"
         common = ["--device", a.device, "--steps", a.steps, "--plan", plan] + (["--small"] if a.small else [])
         r = results[(name, tokens)] = run_worker(args, common)

@@ -13,7 +13,8 @@ with the text. Training and prefill compute the same thing 64 tokens at a time (
 inside a chunk the writes depend on each other only through a small triangular system, solved at
 once, so only the chunks run one after another. A packed row (several samples one after another)
 must not carry S or the convolution from one sample into the next: rows_of unpacks each sample
-into a row of its own and packed_back puts the results where they came from.
+into a row of its own and packed_back puts the results where they came from (a shape known only
+from the data: compiled and recorded training plugs in packed_deltanet.py's fixed-shape equal).
 
 Checked against transformers' models/qwen3_5 (its PyTorch fallback: torch_chunk_gated_delta_rule,
 torch_recurrent_gated_delta_rule, causal_conv1d_fn) in tests/test_qwen3_5.py.
@@ -195,6 +196,7 @@ class GatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(v_heads))
         self.norm = GatedRMSNorm(dv, eps)
         self.out_proj = nn.Linear(v_heads * dv, hidden, bias=False)
+        self.packed_mix = None  # mix of packed rows in fixed shapes, set from outside (speed.py: packed_deltanet.mix)
 
     def forward(self, x, segments=None, cache=None, layer: int = 0):
         """segments (B, T): 0 on padding, else the id of the sample each token belongs to (1 for a
@@ -207,7 +209,9 @@ class GatedDeltaNet(nn.Module):
         beta = self.in_proj_b(x).sigmoid()  # (B, T, Hv)
         # g = -A * softplus(a + dt_bias) <= 0, in float32 (A = exp(A_log) would overflow in fp16)
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)  # (B, T, Hv)
-        if cache is None and segments is not None and bool((segments > 1).any()):  # packed samples
+        if cache is None and segments is not None and self.packed_mix is not None:  # the same, in fixed shapes
+            y = self.packed_mix(self, qkv, g, beta, segments)
+        elif cache is None and segments is not None and bool((segments > 1).any()):  # packed samples
             index, valid = rows_of(segments)
             rows = [t.flatten(0, 1)[index] for t in (qkv, g, beta)]  # (N, L, ...) each
             y, _, _ = self.mix(*rows)
@@ -225,14 +229,20 @@ class GatedDeltaNet(nn.Module):
         (None: the start of a text). Returns (y (B, T, Hv, dv), conv state, recurrent state)."""
         B, T, _ = qkv.shape
         qkv, conv = causal_conv(qkv, self.conv1d.weight, conv)
-        q, k, v = qkv.split([self.k_heads * self.dk, self.k_heads * self.dk, self.v_heads * self.dv], dim=-1)
-        q = l2norm(q.float().view(B, T, self.k_heads, self.dk)) * self.dk ** -0.5  # (B, T, Hk, dk)
-        k = l2norm(k.float().view(B, T, self.k_heads, self.dk))
-        v = v.float().view(B, T, self.v_heads, self.dv)  # (B, T, Hv, dv)
-        group = self.v_heads // self.k_heads  # consecutive value heads share a query / key head
-        q, k = q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)  # (B, T, Hv, dk)
+        q, k, v = self.heads(qkv)
         if state is None:
             state = q.new_zeros(B, self.v_heads, self.dk, self.dv)
         rule = recurrent_delta_rule if T == 1 else chunked_delta_rule
         y, state = rule(q, k, v, g, beta.float(), state.float())
         return y.to(qkv.dtype), conv, state
+
+    def heads(self, qkv):
+        """The convolved channels (B, T, conv_dim) -> float32 q, k (B, T, Hv, dk), normalised (q also
+        scaled), and v (B, T, Hv, dv)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split([self.k_heads * self.dk, self.k_heads * self.dk, self.v_heads * self.dv], dim=-1)
+        q = l2norm(q.float().view(B, T, self.k_heads, self.dk)) * self.dk ** -0.5  # (B, T, Hk, dk)
+        k = l2norm(k.float().view(B, T, self.k_heads, self.dk))
+        v = v.float().view(B, T, self.v_heads, self.dv)  # (B, T, Hv, dv)
+        group = self.v_heads // self.k_heads  # consecutive value heads share a query / key head
+        return q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2), v  # q, k (B, T, Hv, dk)

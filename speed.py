@@ -8,8 +8,9 @@ function it replaces and the test that proves they agree, and is chosen in one p
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
                     layers, compiled layers, or eager; for long rows each layer's checkpointed input
                     kept in host memory and the layer run in tiles: tiles.py), how packed rows
-                    attend (VarlenAttention on a GPU) and where the input embedding lives
-                    (HostEmbedding), printed at start-up with the reason
+                    attend (VarlenAttention on a GPU) and keep apart in Qwen3.5's DeltaNet layers
+                    (packed_deltanet.py, for compiled or recorded layers) and where the input
+                    embedding lives (HostEmbedding), printed at start-up with the reason
     plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
 
 Why: a micro-batch of short rows launches thousands of small kernels one by one from Python,
@@ -34,6 +35,7 @@ import cli
 import decode
 import deltanet
 import model as modeling
+import packed_deltanet
 import tiles
 from model import ModelError
 from util import round_up
@@ -76,7 +78,11 @@ class TrainingPlan:
     (offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move.
 
     host_embedding: the input embedding table lives in pinned host memory (HostEmbedding), and
-    batches carry their rows of it (train.make_batch's embed): the GPU keeps 1 GiB less on the 7B."""
+    batches carry their rows of it (train.make_batch's embed): the GPU keeps 1 GiB less on the 7B.
+
+    packed_deltanet: Qwen3.5's DeltaNet layers keep a packed row's samples apart by masks on the
+    batch's own (B, T) shape (packed_deltanet.mix, set as each one's packed_mix) instead of a row per
+    sample, whose shapes come from the data: with graphs or compiled layers, which replay fixed shapes."""
 
     graphs: bool = False
     compiled: bool = False
@@ -87,12 +93,18 @@ class TrainingPlan:
     fused: bool = False  # eager layers as FusedLayer: fewer kernels (the default on a GPU)
     offload: bool = False
     host_embedding: bool = False
+    packed_deltanet: bool = False
 
     def training_layers(self, model):
         """The layers for CausalLMLoss: compiled ones, fused ones, or None for the model's own;
         offloaded ones around whichever with offload, rows longer than the MLP's chunk then run in
         tiles (the model's own layers as tiles.SplitLayer; and the model's final norm is replaced
-        by tiles.TiledNorm here, the same weight)."""
+        by tiles.TiledNorm here, the same weight). With packed_deltanet, the model's DeltaNet layers
+        mix packed rows in fixed shapes from here on (evaluation too: the same results)."""
+        if self.packed_deltanet:
+            for layer in model.model.layers:
+                if hasattr(layer, "linear_attn"):
+                    layer.linear_attn.packed_mix = packed_deltanet.mix
         if self.compiled:
             layers = compiled_layers(model, self.layer_graphs)
         else:
@@ -157,20 +169,24 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     """Choose how the layers run from the flags (--cuda_graph, --torch_compile,
     --activation_cpu_offload), the device, the run's length and the model's shape (config, a
     model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
-    layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048)."""
+    layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048). A Qwen3.5
+    model's layers are recorded or compiled with packed_deltanet.py's fixed-shape DeltaNet, never
+    fused or offloaded (deltanet_layers)."""
     packed_mask, how = packed_attention(a, device)
     eager = eager_only(a, device, config)
     if eager:
         return TrainingPlan(message="\n".join(m for m in (eager, how) if m), packed_mask=packed_mask)
-    offload, offloading = use_offload(a, device, config, row_lengths)
+    linear = config is not None and "linear_attention" in config.mixers  # Qwen3.5's DeltaNet layers
+    offload, offloading = use_offload(a, device, config, row_lengths) if not linear else (False, "")
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
         row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
-    graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False and not offload
+    asked = a.cuda_graph is True if linear else a.cuda_graph is not False  # Qwen3.5: when asked (deltanet_layers)
+    graphs = device.type == "cuda" and not compiled and asked and not offload
     layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False and not offload
-    fused = device.type == "cuda" and not compiled and not a.quant_bits  # 4 bits: no matrices to fuse
+    fused = device.type == "cuda" and not compiled and not a.quant_bits and not linear  # 4 bits: no matrices to fuse
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
     padding = f"batches are padded to multiples of {pad} tokens, here at most {len(lengths)} lengths ({shown})"
     if graphs:
@@ -184,24 +200,40 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
         message = f"eager{' fused' if fused else ''} layers{unfused}{why}" if why or fused or offload else ""
     host, hosting = use_host_embedding(device, config)
     longer = long_rows(a, device, config, pass_tokens(a, row_lengths)) if offload else ""
-    message = "\n".join(m for m in (message, offloading, longer, hosting, how) if m)
+    deltanets = deltanet_layers(device, graphs or compiled, a.cuda_graph) if linear else ""
+    message = "\n".join(m for m in (message, deltanets, offloading, longer, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
-                        fused=fused, offload=offload, host_embedding=host)
+                        fused=fused, offload=offload, host_embedding=host, packed_deltanet=linear and (graphs or compiled))
 
 
 def eager_only(a: PlanFlags, device, config) -> str:
     """Why the layers must run as they are written ('' where a faster path applies): under --fsdp
-    each layer gathers its weights from all ranks as it runs; a Qwen3.5 DeltaNet layer unpacks a
-    batch's rows by their lengths (deltanet.rows_of), a shape known only from the data. Neither can
-    be replayed by a recorded CUDA graph or a compiled layer, and the fused and offloaded layers
-    are written for attention layers."""
+    each layer gathers its weights from all ranks as it runs, which neither a recorded CUDA graph
+    nor a compiled layer can replay. (A Qwen3.5 DeltaNet layer's packed rows, unpacked by lengths
+    known only from the data, no longer force eager layers: deltanet_layers.)"""
     if a.fsdp:  # train.py's --fsdp true: the model is split over the ranks (shard.py)
         return ("eager layers: under --fsdp each layer gathers its weights from all ranks as it runs, which a "
                 "recorded CUDA graph or a compiled layer cannot replay")
-    if device.type == "cuda" and config is not None and "linear_attention" in config.mixers:
-        return ("eager layers: a Qwen3.5 DeltaNet layer splits the batch into its rows by their lengths, "
-                "which a recorded CUDA graph or a compiled layer cannot replay")
     return ""
+
+
+def deltanet_layers(device, fixed_shapes: bool, cuda_graph) -> str:
+    """What the start-up log says of a Qwen3.5 model's DeltaNet layers. With recorded or compiled
+    layers (fixed_shapes), packed rows go through them as packed_deltanet.mix: the batch's own shape,
+    samples kept apart by masks (the plain layer unpacks a row per sample, by lengths only the data
+    knows). On a GPU, no layer is fused and no checkpoint offloaded: FusedLayer and the offloaded
+    checkpoints' long-row tiles (tiles.py) are written for Qwen2 / Qwen3 layers. Recorded only when
+    --cuda_graph true asks (cuda_graph None: not given): their graphs are proven on the CPU's
+    stand-in, not yet on a card."""
+    fixed = ("Qwen3.5's DeltaNet layers keep a packed row's samples apart by masks in the batch's own shape "
+             "(packed_deltanet.py) instead of a row per sample, so that they are recorded or compiled like the "
+             "attention layers") if fixed_shapes else ""
+    gpu = ("Qwen3.5's layers run unfused and keep their checkpointed inputs on the GPU (fused layers and the offloaded "
+           "checkpoints' long-row tiles are written for Qwen2 / Qwen3 layers)") if device.type == "cuda" else ""
+    unproven = ("Qwen3.5's layers run eagerly unless --cuda_graph true or --torch_compile true asks: recorded or "
+                "compiled, they are tested on the CPU but not yet on a card") if device.type == "cuda" and not (
+                    fixed_shapes or cuda_graph is False) else ""
+    return "\n".join(m for m in (fixed, gpu, unproven) if m)
 
 
 def use_host_embedding(device, config) -> tuple[bool, str]:
@@ -296,6 +328,7 @@ def use_compile(a: PlanFlags, device, micro_batches: int, n_lengths: int) -> tup
 # ----------------------------------------------------------------------------------------------
 # Compiled layers. Replaces: model.QwenModel's own layers in training steps.
 # Proved equal by: tests/test_train.py::test_compiled_layers_train_padded_batches_like_the_eager_ones
+# (Qwen3.5's, with packed_deltanet.py: tests/test_packed_deltanet.py::test_the_plan_compiles_qwen3_5_layers_with_the_fixed_shape_mix)
 
 
 def compiled_layers(model, cuda_graphs: bool = False) -> list:
@@ -329,7 +362,7 @@ class CompiledLayer:
     def __init__(self, compiled, checkpoint_inside: bool):
         self.compiled, self.checkpoint_inside = compiled, checkpoint_inside
 
-    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
+    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False, segments=None):
         if not h.requires_grad:
             # The embeddings are frozen, so the first layer's input would not require grad while
             # every later layer's does: torch.compile would compile each length twice. One version
@@ -338,8 +371,8 @@ class CompiledLayer:
             h.requires_grad_()
         if checkpoint and not self.checkpoint_inside:
             return torch.utils.checkpoint.checkpoint(self.compiled, h, cos, sin, mask, is_causal, cache, i,
-                                                     use_reentrant=False)
-        return self.compiled(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint)
+                                                     segments=segments, use_reentrant=False)
+        return self.compiled(h, cos, sin, mask, is_causal, cache, i, checkpoint=checkpoint, segments=segments)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -189,23 +189,47 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path):
     assert all(torch.equal(full[k], again[k]) for k in full)
 
 
-def test_on_a_gpu_the_plan_runs_the_layers_as_written(qwen3_5):
-    """A DeltaNet layer unpacks the batch by its rows' lengths, which no recorded graph, compiled layer
-    or fused (attention) layer can replay: a Qwen3.5 run on a GPU is eager, and says why."""
-    flags = speed.PlanFlags.of(__import__("flags").train_parser().parse_args(["--model", "m", "--dataset", "x.json"]))
-    plan = speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, modeling.Config.from_json(qwen3_5[0] / "config.json"))
-    assert not (plan.graphs or plan.compiled or plan.fused or plan.offload)
-    assert "eager layers: a Qwen3.5 DeltaNet layer splits the batch into its rows" in plan.message
+def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(qwen3_5):
+    """A DeltaNet layer unpacks packed rows by their lengths, which no recorded graph or compiled
+    layer can replay: on a GPU, Qwen3.5's layers keep packed samples apart in fixed shapes instead
+    (packed_deltanet.py), recorded as CUDA graphs with --cuda_graph true (eager by default until
+    that has run on a card) and compiled with --torch_compile true;
+    never fused or offloaded (written for attention layers), and eager under --fsdp. It says so."""
+    parse = __import__("flags").train_parser().parse_args
+    config = modeling.Config.from_json(qwen3_5[0] / "config.json")
+
+    def plan(*argv):
+        flags = speed.PlanFlags.of(parse(["--model", "m", "--dataset", "x.json", *argv]))
+        return speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, config)
+
+    default = plan()  # eager until the recorded layers have run on a card
+    assert not (default.graphs or default.compiled or default.packed_deltanet or default.fused)
+    assert "run eagerly unless --cuda_graph true or --torch_compile true" in default.message
+    graphs = plan("--cuda_graph", "true")
+    assert graphs.graphs and graphs.packed_deltanet and not (graphs.compiled or graphs.fused or graphs.offload)
+    assert "CUDA graphs: each micro-batch" in graphs.message and "(packed_deltanet.py)" in graphs.message
+    assert "run unfused and keep their checkpointed inputs on the GPU" in graphs.message
+    compiled = plan("--torch_compile", "true", "--activation_cpu_offload", "true")
+    assert compiled.compiled and compiled.layer_graphs and compiled.packed_deltanet and not compiled.offload
+    assert "compiled layers replayed as CUDA graphs" in compiled.message
+    eager = plan("--cuda_graph", "false", "--torch_compile", "false")
+    assert not (eager.graphs or eager.compiled or eager.packed_deltanet or eager.fused)
+    fsdp = plan("--fsdp", "true")
+    assert not (fsdp.graphs or fsdp.compiled or fsdp.packed_deltanet) and "eager layers: under --fsdp" in fsdp.message
     qwen2 = modeling.Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
-    assert speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, qwen2).graphs  # Qwen2: graphs
+    qwen2_plan = speed.plan_training(speed.PlanFlags.of(parse(["--model", "m", "--dataset", "x.json"])),
+                                     torch.device("cuda"), [40, 100], 10_000, qwen2)
+    assert qwen2_plan.graphs and qwen2_plan.fused and not qwen2_plan.packed_deltanet  # Qwen2: fused layers, as before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the GPU machine")
-def test_train_py_trains_the_tiny_qwen3_5_on_a_gpu(tmp_path):
-    """The whole of train.py on a card, bf16, packed steps: it runs and the loss falls."""
+@pytest.mark.parametrize("plan", [[], ["--cuda_graph", "true"], ["--torch_compile", "true"]], ids=["eager", "graphs", "compiled"])
+def test_train_py_trains_the_tiny_qwen3_5_on_a_gpu(tmp_path, plan):
+    """The whole of train.py on a card, bf16, packed steps, eager (the default), recorded and
+    compiled: it runs and the loss falls."""
     out = tmp_path / "out"
-    argv = train_argv("tiny-qwen3_5", qa_file(tmp_path / "qa.json", 16), out, 6, "--padding_free", "true")
+    argv = train_argv("tiny-qwen3_5", qa_file(tmp_path / "qa.json", 16), out, 6, "--padding_free", "true", *plan)
     argv[argv.index("--device") + 1], argv[argv.index("--torch_dtype") + 1] = "cuda", "bfloat16"
     assert train.main(argv) == 0
     (run,) = out.glob("v*")
