@@ -223,6 +223,26 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
     assert qwen2_plan.graphs and qwen2_plan.fused and not qwen2_plan.packed_deltanet  # Qwen2: fused layers, as before
 
 
+def test_train_py_with_the_embedding_in_host_memory_runs_as_without(tmp_path, monkeypatch):
+    """speed.use_host_embedding, chosen on a GPU for a model with an lm_head of its own, forced on for
+    the tiny Qwen3.5 on the CPU: packed steps through the DeltaNet layers from the host table's rows
+    give the same losses and the same adapter."""
+    dataset = qa_file(tmp_path / "qa.json", 8)
+    run = lambda out: train.main(train_argv("tiny-qwen3_5", dataset, tmp_path / out, 3, "--padding_free", "true"))
+    assert run("plain") == 0
+    looked_up = []
+    lookup = speed.HostEmbedding.lookup
+    monkeypatch.setattr(speed.HostEmbedding, "lookup", lambda self, ids: looked_up.append(ids.shape) or lookup(self, ids))
+    monkeypatch.setattr(speed, "use_host_embedding", lambda device, config: (True, "embedding in host memory"))
+    assert run("hosted") == 0 and len(looked_up) >= 3
+    runs = [next((tmp_path / out).glob("v*")) for out in ("plain", "hosted")]
+    losses = [[r["loss"] for r in map(json.loads, (run / "logging.jsonl").read_text().splitlines()) if "loss" in r]
+              for run in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    adapters = [load_file(sorted(run.glob("checkpoint-*"))[-1] / "adapter_model.safetensors") for run in runs]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: run on the GPU machine")
 @pytest.mark.parametrize("plan", [[], ["--cuda_graph", "true"], ["--torch_compile", "true"]], ids=["eager", "graphs", "compiled"])
 def test_train_py_trains_the_tiny_qwen3_5_on_a_gpu(tmp_path, plan):
