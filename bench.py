@@ -37,6 +37,8 @@ from functools import partial
 
 import torch
 
+import fast_decode
+import offload
 import speed
 from lora import ALL_LINEAR
 from template import TEMPLATES
@@ -134,7 +136,7 @@ def timed_steps(step, n_warmup, n_steps, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Ours: train.py's step and infer.py's decoding, run the way speed.py's plan says
+# Ours: train.py's step and infer.py's decoding, run the way the plans of speed.py and fast_decode.py say
 
 
 def ours_model(shape, device, fp32=False, quant_type=None, dequantized=False):
@@ -351,7 +353,7 @@ def ours_decode(shape, new_tokens, device, merged, graph, compile_step=False, fp
     decisive(m)
     if merged:  # as infer.py --merge_lora true
         lora.merge_lora(m)
-    plan = speed.plan_decoding(graph, compile_step, device, m)  # fused projections where merged
+    plan = fast_decode.plan_decoding(graph, compile_step, device, m)  # fused projections where merged
     prompt = tokens(32, shape["vocab_size"], device)[0].tolist()
     decoder = plan.new_decoder(plan.prepare(m), 32 + new_tokens)
 
@@ -570,7 +572,7 @@ def ours_batch(shape, device, a):
     if a.merged:
         lora.set_active_adapter(m, names[0])
         lora.merge_lora(m)
-        speed.plan_decoding(False, False, device, m).prepare(m)
+        fast_decode.plan_decoding(False, False, device, m).prepare(m)
     prompts = batch_prompts(shape["vocab_size"], a.prompts, a.small)
     e = engine.Engine(m, max_batch_size=a.batch, max_len=max(map(len, prompts)) + a.new_tokens, compile=a.compile)
     requests = lambda n: [engine.Request(p, n, adapter=None if a.merged else names[i % len(names)])
@@ -1080,7 +1082,7 @@ def long_row_flags(a, seq: int) -> "speed.PlanFlags":
 def long_row_plan(a, device, config):
     """The plan train.py chooses for a row of --seq tokens (its start-up lines printed; each length's
     host memory is checked apart: host_refusal). On the CPU (--small) there is no host/device split to
-    plan for: the same layers are forced (offloaded checkpoints with speed.HostCopy's stand-in copies,
+    plan for: the same layers are forced (offloaded checkpoints with offload.HostCopy's stand-in copies,
     tiles), with tiles of 64 so the short rows run in them."""
     import model as modeling
     if device.type == "cuda":
@@ -1139,10 +1141,10 @@ def plain_loss(s: dict, x) -> float:
 
 def host_refusal(s: dict, seq: int) -> str | None:
     """Why train.py would refuse this length before loading anything (host memory for the pinned
-    copies: speed.use_offload), or None."""
+    copies: offload.use_offload), or None."""
     import cli
     try:
-        speed.use_offload(long_row_flags(s["a"], seq), s["device"], s["config"], [seq])
+        offload.use_offload(long_row_flags(s["a"], seq), s["device"], s["config"], [seq])
     except cli.UsageError as e:
         return f"refused: {str(e).split(':')[0]}"
     return None
@@ -1229,7 +1231,7 @@ def cap_memory(limit_gib: float, device):
 
 def memory_table_main(a):
     """--memory_table: one step at each of --seqs tokens under --limit_gib, and where memory goes (GiB,
-    and in units of one (tokens x hidden) bf16 tensor: what speed.LONG_ROW_* estimate). Stops at the
+    and in units of one (tokens x hidden) bf16 tensor: what offload.LONG_ROW_* estimate). Stops at the
     first length that fails."""
     device = torch.device(a.device)
     a.seq = min(a.seqs)  # the plan's start-up lines for the shortest
@@ -1258,7 +1260,7 @@ PHASE_ROWS = {"peak_forward": "forward: peak above the baseline (offload staging
 
 
 def units(s: dict, r: dict, nbytes: float) -> float:
-    """nbytes in units of one (tokens x hidden) bf16 tensor of r's length: speed.LONG_ROW_*'s unit."""
+    """nbytes in units of one (tokens x hidden) bf16 tensor of r's length: offload.LONG_ROW_*'s unit."""
     return nbytes / (r["seq"] * s["shape"]["hidden_size"] * 2)
 
 
@@ -1284,7 +1286,7 @@ def table_column(s: dict, r: dict) -> dict:
 
 def memory_table(s: dict, results: list) -> str:
     """The markdown table, a row per quantity and a column per length, and the per-token figure that
-    speed.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS estimate, as measured."""
+    offload.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS estimate, as measured."""
     a, device = s["a"], s["device"]
     columns = [table_column(s, r) for r in results]
     names = list(dict.fromkeys(name for column in columns for name in column))
@@ -1298,11 +1300,11 @@ def memory_table(s: dict, results: list) -> str:
         return table
     r = done[-1]
     largest = max(r[key] for key in PHASE_ROWS if key in r) - r["baseline"]
-    budget = speed.long_row_budget(s["config"], 4 if a.quant else None, 2, 8)
-    return table + (f"\n\nspeed.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS, {speed.LONG_ROW_STAGING_UNITS:g} + "
-                    f"{speed.LONG_ROW_RECOMPUTE_UNITS:g} now, measured at {r['seq']:,} tokens: {units(s, r, largest):.1f} u "
-                    "(the largest phase above the baseline, tile-sized work included); speed.longest_tokens's estimate "
-                    f"for {a.limit_gib:g} GiB: {speed.longest_tokens(budget, a.limit_gib):,} tokens")
+    budget = offload.long_row_budget(s["config"], 4 if a.quant else None, 2, 8)
+    return table + (f"\n\noffload.LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS, {offload.LONG_ROW_STAGING_UNITS:g} + "
+                    f"{offload.LONG_ROW_RECOMPUTE_UNITS:g} now, measured at {r['seq']:,} tokens: {units(s, r, largest):.1f} u "
+                    "(the largest phase above the baseline, tile-sized work included); offload.longest_tokens's estimate "
+                    f"for {a.limit_gib:g} GiB: {offload.longest_tokens(budget, a.limit_gib):,} tokens")
 
 
 def loss_check(r: dict) -> str:

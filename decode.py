@@ -4,7 +4,7 @@
     decode_one: run only the token just chosen, attending to the cache; logits of the next one
 
 (Decoder holds the cache and the two steps; on a GPU decode_one is replayed as one CUDA graph,
-speed.CUDAGraphDecoder, the same step) and between the two, pick a token from the logits: the most
+fast_decode.CUDAGraphDecoder, the same step) and between the two, pick a token from the logits: the most
 likely one (temperature 0, greedy), or a sample after transformers' repetition penalty,
 temperature, top-k and top-p, in that order (next_token). `generate` loops over them; train.py
 answers its --eval_prompts with it, and infer.py, the chat program, its questions.
@@ -25,7 +25,7 @@ class Decoder:
         prefill:    run the prompt once, filling the cache; logits of its last position
         decode_one: run only the token just chosen, attending to the cache; logits of the next one
 
-    speed.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
+    fast_decode.CUDAGraphDecoder is this class with decode_one replayed as one CUDA graph."""
 
     # Recurrent (DeltaNet) states kept at earlier positions, for a conversation to go back to: a few
     # turns' worth (each is 50 MB for Qwen3.5-9B: 24 layers x 32 heads x a 128 x 128 float32 memory).
@@ -61,7 +61,7 @@ class Decoder:
     def states(self) -> list:
         """The DeltaNet states as they stand, to keep. The layers replace their states and never write
         into them (deltanet.GatedDeltaNet.mix), so these are the tensors themselves, not copies
-        (speed.CUDAGraphDecoder, whose states stay in fixed buffers written in place, keeps copies)."""
+        (fast_decode.CUDAGraphDecoder, whose states stay in fixed buffers written in place, keeps copies)."""
         return list(self.cache.linear)
 
     def put_back(self, position: int):
@@ -132,7 +132,7 @@ def generate(model, input_ids: list[int], max_new_tokens: int, stop_ids: set[int
     """Yield new token ids one at a time; a stop id is yielded too, as the last one.
 
     At most max_new_tokens, and never past the model's context (max_position_embeddings).
-    decoder: a Decoder (or speed.CUDAGraphDecoder) whose cache holds prompt and answer, to
+    decoder: a Decoder (or fast_decode.CUDAGraphDecoder) whose cache holds prompt and answer, to
     reuse between calls; by default a new one is made. cached: the token ids whose keys and values
     that decoder's cache already holds, from earlier calls (a chat's earlier turns). The prompt's
     common beginning with them is not run again; the list is kept up to date in place, also when

@@ -32,9 +32,9 @@ import torch
 
 import decode
 import deltanet
+import fast_decode
 import lora
 import model as modeling
-import speed
 from model import ModelError
 
 
@@ -184,12 +184,12 @@ class Engine:
         self.adapters = bool(lora.adapter_names(model)) and self.merged is None
         if self.adapters:  # every loaded adapter stacked once; each forward then only says which row takes which
             lora.set_row_adapters(model, [None], p.dtype)
-        self.forward = self.eager_forward  # on a GPU, CUDA graphs of it (speed.plan_batch_decoding)
+        self.forward = self.eager_forward  # on a GPU, CUDA graphs of it (fast_decode.plan_batch_decoding)
         # Prompts packed into one prefill attend through a (T, T) block mask, so a few at a time; on
-        # a GPU through varlen attention, no mask, and thousands (speed.plan_batch_decoding)
+        # a GPU through varlen attention, no mask, and thousands (fast_decode.plan_batch_decoding)
         # A Qwen3.5 DeltaNet layer carries one recurrent state through a forward: one prompt a prefill
         self.prefill_tokens = 0 if "linear_attention" in config.mixers else 512
-        speed.plan_batch_decoding(self, cuda_graph, compile)
+        fast_decode.plan_batch_decoding(self, cuda_graph, compile)
 
     @property
     def slots(self) -> int:
@@ -306,7 +306,7 @@ class Engine:
 
     def warm_up(self):
         """On a GPU, record the decode steps' CUDA graphs of every batch size now, not as the first
-        requests arrive (speed.CUDAGraphBatchDecoding.record_buckets; eager decoding: nothing to do)."""
+        requests arrive (fast_decode.CUDAGraphBatchDecoding.record_buckets; eager decoding: nothing to do)."""
         if hasattr(self.forward, "record_buckets"):
             self.forward.record_buckets()
 

@@ -18,6 +18,7 @@ import torch
 import cli
 import data
 import lora
+import offload
 import quant
 import runs
 import sources
@@ -200,7 +201,7 @@ def check_train_args(a):
         raise UsageError(problem)
     if a.cuda_graph and cli.pick_device(a.device).type != "cuda":
         raise UsageError("--cuda_graph true needs a GPU, and this run is on the CPU: drop the flag or pass --device cuda.")
-    problem = speed.offload_problem(speed.PlanFlags.of(a), cli.pick_device(a.device))
+    problem = offload.offload_problem(speed.PlanFlags.of(a), cli.pick_device(a.device))
     if problem:
         raise UsageError(problem)
     for spec in a.dataset + a.val_dataset:

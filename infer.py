@@ -9,7 +9,7 @@ adapter_config.json; --model and --system override them.
 
 Decoding (decode.py) is the autoregressive loop in its plainest form: prefill the prompt, then one
 token at a time against a KV cache (on a GPU each step replayed as one CUDA graph:
-speed.CUDAGraphDecoder), each token chosen greedily or sampled. This file is the chat program
+fast_decode.CUDAGraphDecoder), each token chosen greedily or sampled. This file is the chat program
 around it: which model and adapters, which template, and printing the answer.
 
 Where ms-swift's behaviour is not obvious, this file chooses:
@@ -36,11 +36,11 @@ import torch
 
 import cli
 import data
+import fast_decode
 import flags
 import lora
 import model as modeling
 import quant
-import speed
 from cli import UsageError
 from lora import LoraError
 from decode import Decoder, generate
@@ -203,7 +203,7 @@ class Chat:
     system: str | None = None  # from --system or /system; overrides the adapter's
     stream: bool = True
     show_prompt: bool = False
-    decoding: speed.DecodePlan = field(default_factory=speed.DecodePlan)  # eager, or CUDA graphs
+    decoding: fast_decode.DecodePlan = field(default_factory=fast_decode.DecodePlan)  # eager, or CUDA graphs
     # Kept between answers, so that a conversation's earlier turns are not run again:
     decoder: "Decoder | None" = None  # its KV cache, made for `kv_key`
     kv_key: tuple | None = None  # (adapter, positions)
@@ -436,7 +436,7 @@ def load_chat(args) -> Chat:
     if args.merge_lora:
         lora.merge_lora(model)
         note(f"adapter {active} merged into the weights")
-    decoding = speed.plan_decoding(args.cuda_graph, args.torch_compile, device, model)
+    decoding = fast_decode.plan_decoding(args.cuda_graph, args.torch_compile, device, model)
     decoding.prepare(model)
     sampling = sampling_settings(args, gen_config)
     # the model's own default, as transformers' generate takes it (checked as the file was read)

@@ -281,7 +281,7 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k (over head_dim) before RoPE; Qwen2 does not.
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.qwen3_5) if cfg.qk_norm else nn.Identity()
-        self.fused_qkv = None  # q, k and v in one matmul, for decoding: speed.fuse_projections
+        self.fused_qkv = None  # q, k and v in one matmul, for decoding: fast_decode.fuse_projections
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, layer=0):
         B, T, _ = x.shape
@@ -333,7 +333,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused_gate_up = None  # gate and up in one matmul, for decoding: speed.fuse_projections
+        self.fused_gate_up = None  # gate and up in one matmul, for decoding: fast_decode.fuse_projections
 
     def forward(self, x):  # (B, T, hidden)
         if x.shape[1] > self.chunk:

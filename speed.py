@@ -1,29 +1,29 @@
-"""speed.py: everything that exists only to be faster, and gives the plain path's results.
+"""speed.py: how training runs faster, giving the plain path's results.
 
-A first reading can skip this file. train.py and infer.py are written the plain way: one
-micro-batch is `micro_batch(loss_fn, batch, scale)` (forward, loss, backward), one decode step is
-`decode.Decoder.decode_one`. Each piece here replaces one of them from outside, names the plain
-function it replaces and the test that proves they agree, and is chosen in one place:
+A first reading can skip this file. train.py is written the plain way: one micro-batch is
+`micro_batch(loss_fn, batch, scale)` (forward, loss, backward). Each piece here replaces a plain
+function from outside, names the plain function it replaces and the test that proves they agree,
+and is chosen in one place:
 
     plan_training   how the decoder layers run in training (CUDA-graph micro-batches of fused
                     layers, compiled layers, or eager; for long rows each layer's checkpointed input
-                    kept in host memory and the layer run in tiles: tiles.py), how packed rows
-                    attend (VarlenAttention on a GPU) and keep apart in Qwen3.5's DeltaNet layers
-                    (packed_deltanet.py, for compiled or recorded layers) and where the input
+                    kept in host memory and the layer run in tiles: offload.py, tiles.py), how packed
+                    rows attend (VarlenAttention on a GPU) and keep apart in Qwen3.5's DeltaNet
+                    layers (packed_deltanet.py, for compiled or recorded layers) and where the input
                     embedding lives (HostEmbedding), printed at start-up with the reason
-    plan_decoding   how a token is decoded (a CUDA graph replay, or eager)
+
+Decoding's fast paths are in fast_decode.py (plan_decoding, plan_batch_decoding: CUDA-graph
+decoding, fused projections), and offloaded checkpoints with the plan for long rows in offload.py.
+The imports go one way: fast_decode.py imports this file, this file imports offload.py.
 
 Why: a micro-batch of short rows launches thousands of small kernels one by one from Python,
 and the GPU waits for them; replayed as one CUDA graph, it does not. What each path gains is
 measured by bench.py and recorded in BENCHMARKS.md (and docs/performance.md), not here.
 """
 
-import contextlib
 import functools
 import inspect
-import os
 import warnings
-import weakref
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -32,12 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import decode
-import deltanet
 import model as modeling
 import packed_deltanet
 import tiles
 from model import ModelError
+# By name: plan_training's own `offload` (whether to offload) would hide a module of that name.
+from offload import long_rows, offloaded_layers, pass_tokens, use_offload
 from util import round_up
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class TrainingPlan:
     model.attention_inputs: None for model.block_mask (a T x T mask for SDPA), or VarlenAttention.
 
     offload: each layer's checkpointed input waits in host memory from its forward to its backward
-    (offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move.
+    (offload.offloaded_layers, around whichever layers run); never with graphs, whose tensors cannot move.
 
     host_embedding: the input embedding table lives in pinned host memory (HostEmbedding), and
     batches carry their rows of it (train.make_batch's embed): the GPU keeps 1 GiB less on the 7B.
@@ -450,17 +450,17 @@ class FusedLayer:
     - RoPE on q and k together, before their heads are transposed (after Qwen3's q_norm and
       k_norm, as F.rms_norm over each head)
 
-    The weights are those of the layer: q, k, v become views into their fused matrix
-    (fuse_projections' _fuse), so nothing is stored twice and nothing is copied per step. Gate and
-    up stay apart: halves of one fused output would be strided, and SiLU and the product over
-    strided halves took much longer than over whole tensors (an H200 profile)."""
+    The weights are those of the layer: q, k, v become views into their fused matrix (fuse_linears,
+    which fast_decode.fuse_projections shares), so nothing is stored twice and nothing is copied
+    per step. Gate and up stay apart: halves of one fused output would be strided, and SiLU and the
+    product over strided halves took much longer than over whole tensors (an H200 profile)."""
 
     def __init__(self, layer, split_long_rows: bool = False):
         self.layer, self.split_long_rows = layer, split_long_rows
         attn = layer.self_attn
         self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         with torch.no_grad():
-            self.qkv_weight, self.qkv_bias = _fuse(self.qkv)
+            self.qkv_weight, self.qkv_bias = fuse_linears(self.qkv)
 
     def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
         if not checkpoint:
@@ -538,6 +538,23 @@ def fused_layers(model, split_long_rows: bool = False) -> list | None:
     if any(getattr(m, "base_layer", None) is not None for m in model.modules()):
         return None
     return [FusedLayer(layer, split_long_rows) for layer in model.model.layers]
+
+
+def fuse_linears(linears, extra=()):
+    """One (sum of outs + extra's rows, in) matrix for nn.Linear-like modules and then the `extra`
+    matrices; the modules' weights become views into it (a bias: zeros for extra's rows)."""
+    weight = torch.cat([lin.weight for lin in linears] + [e.to(linears[0].weight.dtype) for e in extra])
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([lin.bias for lin in linears] + [linears[0].bias.new_zeros(sum(map(len, extra)))])
+    start = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,755 +681,3 @@ class CUDAGraphMicroBatches:
         for p, g in zip(self.params, grads):
             p.grad.add_(g)
         return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------------
-# How decoding runs
-
-
-@dataclass
-class DecodePlan:
-    """How infer.py decodes: each token as one CUDA graph replay (CUDAGraphDecoder), or eagerly
-    (decode.Decoder); on plain weights, with q/k/v and gate/up fused (fuse_projections). Chosen by
-    plan_decoding."""
-
-    cuda_graph: bool = False
-    compile: bool = False  # torch.compile the step before recording it
-    fuse: bool = False  # one matrix for q, k, v and one for gate, up
-
-    def prepare(self, model):
-        if self.fuse:
-            fuse_projections(model)
-        return model
-
-    def new_decoder(self, model, max_len: int):
-        if self.cuda_graph:
-            return CUDAGraphDecoder(model, max_len, compile=self.compile)
-        return decode.Decoder(model, max_len)
-
-
-def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) -> DecodePlan:
-    """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
-    launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
-    plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
-    if cuda_graph is None and model is not None and "linear_attention" in model.config.mixers:
-        # Qwen3.5: its recorded step (DeltaNet states written in place: StaticKVCache) equals the plain
-        # step on the CPU, but has not run on a card yet; until it has, only --cuda_graph true records it.
-        cuda_graph = False
-    return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
-                      fuse=model is not None and plain_weights(model))
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA-graph decoding. Replaces: decode.Decoder.decode_one.
-# Proved equal by: tests/test_infer.py::test_cuda_graph_decoding_gives_the_eager_logits (GPU) and, the step
-# run without recording on a Qwen3.5 model over a chat, tests/test_qwen3_5_lora.py::
-# test_the_static_decoder_gives_the_plain_logits_across_a_chat
-
-
-class StaticKVCache(modeling.KVCache):
-    """A KV cache whose tensors never move, for decoding as one CUDA graph replay (batch 1).
-
-    New keys and values are written at `positions` (a tensor, so the graph can be replayed for
-    any position) and attention always spans the whole buffer, masked after each query's own
-    position, so stale entries are never seen.
-
-    A Qwen3.5 DeltaNet layer's convolution and recurrent states live in fixed buffers too
-    (deltanet.state_buffers), and its new states are copied into them (set_linear_state), where
-    KVCache takes the new tensors in their place: a graph reads and writes the memory it was
-    recorded with, so a state that moved would be left behind at the next replay. Zeros there are
-    what KVCache's None is, the start of a text. `linear_length` is the caller's to keep
-    (CUDAGraphDecoder): a replayed graph runs no Python."""
-
-    positions = None  # (T,) set by attention_inputs before each forward
-
-    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        super().__init__(config, batch_size, max_len, device=device, dtype=dtype)
-        self.linear = deltanet.state_buffers(config, batch_size, device, dtype)
-
-    def attention_inputs(self, input_ids, attention_mask=None, position_ids=None):
-        if position_ids is None:  # a prefill from position 0
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        self.positions = position_ids[0]  # (T,)
-        keys = torch.arange(self.max_len, device=input_ids.device)
-        mask = (keys[None, :] <= self.positions[:, None])[None, None]  # (1, 1, T, S)
-        return position_ids, mask, False
-
-    def update(self, layer: int, k, v):
-        self.k[layer].index_copy_(2, self.positions, k)
-        self.v[layer].index_copy_(2, self.positions, v)
-        return self.k[layer], self.v[layer]
-
-    def linear_state(self, layer: int):
-        return self.linear[layer]
-
-    def set_linear_state(self, layer: int, conv, state):
-        self.linear[layer][0].copy_(conv)
-        self.linear[layer][1].copy_(state)
-
-    def copies(self) -> list:
-        """Copies of the DeltaNet states as they stand (None for an attention layer): the buffers
-        themselves are overwritten by the next token."""
-        return [None if s is None else (s[0].clone(), s[1].clone()) for s in self.linear]
-
-    def put(self, states: list):
-        """Copy states (as copies() gives them) into the buffers."""
-        for buffers, kept in zip(self.linear, states):
-            if buffers is not None:
-                buffers[0].copy_(kept[0])
-                buffers[1].copy_(kept[1])
-
-    def zero_linear(self):
-        """Zero the DeltaNet states: a text's start (KVCache's None)."""
-        for buffers in self.linear:
-            for t in buffers or ():
-                t.zero_()
-
-
-def coordinate_descent_tuning():
-    import torch._inductor.config  # with torch._dynamo: 1.5 s, paid only when compiling
-    return torch._inductor.config.patch(coordinate_descent_tuning=True)
-
-
-class CUDAGraphDecoder(decode.Decoder):
-    """decode.Decoder with decode_one replayed as a single CUDA graph: the ~600 kernel launches of
-    one token become one.
-
-    A graph replays fixed work on fixed memory, so the cache is a StaticKVCache of `max_len`
-    positions and the token and its position live in fixed buffers that are filled before each
-    replay. The prefill runs eagerly, into the same buffers. A Qwen3.5 model's snapshots (for going
-    back in a chat: decode.Decoder.resume_point) are copies, put back by copying. The graph holds
-    whatever adapter was active at capture: make a new one after switching. record=False runs the
-    step eagerly instead, on the same memory (the CPU tests' way to check it)."""
-
-    def __init__(self, model, max_len: int, compile: bool = False, record: bool = True):
-        p = model.lm_head.weight
-        self.model, self.max_len = model, max_len
-        # torch.compile fuses the many small element-wise kernels (norms, RoPE, SiLU, LoRA's
-        # casts) before capture: a quarter of the kernels per token (BENCHMARKS.md, Qwen3 decode).
-        # Coordinate-descent tuning (as gpt-fast) then tries each kernel's block sizes: faster
-        # replays, for more seconds of compiling.
-        self.step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
-        self.cache = StaticKVCache(model.config, 1, max_len, device=p.device, dtype=p.dtype)
-        self.snapshots = {}  # decode.Decoder.resume_point's (a DeltaNet model's recurrent states)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        self.position = torch.zeros(1, 1, dtype=torch.long, device=p.device)
-        tuning = coordinate_descent_tuning() if compile else contextlib.nullcontext()
-        self.graph = self.record(tuning) if record else None
-
-    def record(self, tuning) -> torch.cuda.CUDAGraph:
-        """The step, recorded. Two warm-up runs first, outside the default stream as capture requires
-        (a compiled step compiles in them). They really run: they write keys and values at position
-        0 (the prefill writes them again) and would advance the DeltaNet states two tokens, so those
-        are put back as they were (as CUDAGraphBatchDecoding.record does)."""
-        states = self.cache.copies()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad(), tuning:
-            for _ in range(2):
-                self.step_fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.cache.put(states)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            self.logits = self.step_fn()
-        return graph
-
-    def _step(self):
-        h = self.model.model(self.token, position_ids=self.position, cache=self.cache)  # (1, 1, hidden)
-        return self.model.lm_head(h[0, -1])
-
-    def prefill(self, input_ids, start: int = 0):
-        """decode.Decoder.prefill, eagerly, on the fixed buffers. From position 0 the DeltaNet states
-        are zeroed (a KVCache drops them); from a later one they hold `start` positions already
-        (decode.Decoder.resume_point chose it). The count is kept here and in decode_one."""
-        if start == 0:
-            self.cache.zero_linear()
-        logits = super().prefill(input_ids, start)
-        self.cache.linear_length = start + input_ids.shape[1]
-        return logits
-
-    def decode_one(self, token, position: int):
-        self.token.copy_(token.view(1, 1))
-        self.position.fill_(position)
-        if self.graph is None:
-            self.logits = self.step_fn()
-        else:
-            self.graph.replay()
-        self.cache.linear_length = position + 1
-        return self.logits
-
-    def states(self) -> list:
-        return self.cache.copies()  # the buffers are written in place by every later token
-
-    def put_back(self, position: int):
-        self.cache.put(self.snapshots[position])
-        self.cache.linear_length = position
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA-graph batched decoding. Replaces: engine.Engine.eager_forward.
-# Proved equal by: tests/test_engine.py::test_cuda_graph_batches_give_the_eager_tokens (GPU: recorded, and
-# compiled first) and ::test_bucketed_steps_give_the_eager_tokens_on_the_cpu (buckets without capture)
-
-
-class CUDAGraphBatchDecoding:
-    """engine.Engine's decode step (one token for each of B rows) replayed as a CUDA graph, one
-    recorded per bucket of batch size and of span, as CUDAGraphDecoder does for one prompt.
-
-    A graph's shapes cannot depend on the data, so a step runs in the smallest recorded shape that
-    holds it: B rows in the next power of two (the spare rows harmless dummies), and a span (the
-    positions each row attends over) in the next power of two from 256, masked after each row's own
-    position. A step then reads at most twice the cache it needs; attending over every slot's whole
-    length instead read all of a 32,768-position cache each step however short the answers.
-    The tokens, positions and adapter rows live in fixed buffers filled before each replay. Graphs
-    are recorded as buckets are first needed, on a side stream, sharing one memory pool."""
-
-    def __init__(self, engine, compile: bool = False, capture: bool = True):
-        self.engine, slots, device, self.capture = engine, engine.slots, engine.device, capture
-        # torch.compile fuses the step's element-wise kernels (norms, RoPE, SiLU, the row adapters'
-        # masks) before capture, as CUDAGraphDecoder's compile does. One compiled graph for every
-        # bucket: the batch size and span are symbolic (dynamic=True), so a new bucket only records.
-        self.logits_of = torch.compile(engine.logits, dynamic=True) if compile else engine.logits
-        # and no size taken as equal to another because they were equal once (the largest bucket's
-        # rows and the cache's slots: "duck sizing" would compile again for every smaller bucket)
-        self.symbolic = torch.fx.experimental._config.patch(use_duck_shape=False)
-        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        self.adapters = torch.zeros(slots, dtype=torch.long, device=device)
-        self.graphs, self.logits, self.pool = {}, {}, torch.cuda.graph_pool_handle() if capture else None
-
-    def bucket(self, B: int, span: int) -> tuple[int, int]:
-        # Two rows at least: compiled, a step of one row would be compiled again (size 1 is never symbolic)
-        return (min(self.engine.slots, 1 << max(1, (B - 1).bit_length())),
-                min(self.engine.max_len, max(256, 1 << (span - 1).bit_length())))
-
-    def __call__(self, tokens, positions, adapters, span: int):
-        B, key = tokens.shape[0], self.bucket(tokens.shape[0], span)
-        b = key[0]
-        for buffer, values in ((self.tokens, tokens), (self.positions, positions), (self.adapters, adapters)):
-            if values is not None:
-                buffer[B:b] = 0  # dummy rows: position 0 of their own slot, no adapter
-                buffer[:B] = values
-        if key not in self.graphs:
-            self.record(*key)
-        self.graphs[key].replay()
-        return self.logits[key][:B]
-
-    def record_buckets(self):
-        """Record now the graph of every batch-size bucket at the shortest span (a server's first
-        clients then wait for none of them; the graph of a longer span is recorded when first needed)."""
-        span = self.bucket(1, 1)[1]
-        for b in sorted({self.bucket(B, 1)[0] for B in range(1, self.engine.slots + 1)}):
-            if (b, span) not in self.graphs:
-                self.record(b, span)
-
-    def record(self, b: int, span: int):
-        e = self.engine
-
-        def step():
-            e.set_rows(self.positions[:b], self.adapters[:b] if e.adapters else None, span)
-            with self.symbolic:
-                return self.logits_of(self.tokens[:b])
-        if not self.capture:  # capture=False: the same step on the same buffers, run instead of replayed (CPU tests)
-            self.graphs[b, span] = Rerun(lambda: self.logits.__setitem__((b, span), step()))
-            return
-        # The warm-up step really runs: it writes the keys and values of each row's position again
-        # (the same values), but it would advance a DeltaNet layer's recurrent state one token too far
-        # (the replay advances it again), so those states are put back as they were.
-        states = [t for pair in e.cache.linear if pair is not None for t in pair]
-        saved = [t.clone() for t in states]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            step()  # warm up outside the default stream, as capture requires (compiled: compiles)
-        torch.cuda.current_stream().wait_stream(stream)
-        for t, before in zip(states, saved):
-            t.copy_(before)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            self.logits[b, span] = step()
-        self.graphs[b, span] = graph
-
-
-class Rerun:
-    """CUDAGraphBatchDecoding's stand-in for a recorded graph where nothing is captured: replay() runs the step."""
-
-    def __init__(self, step):
-        self.replay = step
-
-
-def plan_batch_decoding(engine, cuda_graph: bool | None, compile: bool = False):
-    """--cuda_graph for the engine: given, or else on whenever it runs on a GPU; --torch_compile:
-    the step compiled before its graphs are recorded (CUDAGraphBatchDecoding). Projections fused
-    (fuse_projections) on every base but a 4-bit one. Prompts prefilled together attend through
-    varlen_attn where it runs (no (T, T) mask, so 8,192 tokens at once)."""
-    if cuda_graph is None:
-        cuda_graph = engine.device.type == "cuda"
-    if plain_base(engine.model):  # q/k/v and gate/up one matmul each, the row adapters inside them
-        fuse_projections(engine.model)  # built for this engine's adapter stacks now, outside any graph
-    if cuda_graph:
-        engine.forward = CUDAGraphBatchDecoding(engine, compile)
-    if engine.prefill_tokens and varlen_available(engine.device, engine.model.lm_head.weight.dtype):
-        engine.cache.packed_mask, engine.prefill_tokens = VarlenAttention, 8192
-    return engine
-
-
-# ----------------------------------------------------------------------------------------------
-# Fused projections. Replaces: three q, k, v matmuls (and two gate, up) with one, for decoding, the
-# row adapters' (lora.LoRALinear.per_row) inside it.
-# Proved equal by: tests/test_model.py::test_fused_projections_change_neither_logits_nor_state_dict
-# and tests/test_engine.py::test_several_adapters_in_one_batch_equal_each_adapter_alone
-
-
-@torch.no_grad()
-def fuse_projections(model):
-    """Put q, k, v (and gate, up), which all read the same input, into one matmul each, for decoding.
-
-    A decode step reads every weight once for a single token, so its speed is memory bandwidth: one
-    matmul over the fused matrix reads it at a better rate than three separate ones (the small k and
-    v matrices especially) and launches fewer kernels. The separate weights become views into the
-    fused ones, so nothing is stored twice and state_dict() is unchanged. Not on a 4-bit base, which
-    keeps codes instead of a weight (plain_base).
-    """
-    if not plain_base(model):
-        raise ModelError("fuse_projections needs the base weights as matrices, and this base is in 4 bits.")
-    qkv, gate_up = _projections(model)
-    for attn, q_k_v in zip(_attention_layers(model), qkv):
-        attn.fused_qkv = attn.fused_qkv or FusedProjection(q_k_v)
-        attn.fused_qkv.refresh()  # for the adapter stacks set now (set_row_adapters), not inside a later step
-    for layer, g_u in zip(model.model.layers, gate_up):
-        layer.mlp.fused_gate_up = layer.mlp.fused_gate_up or FusedProjection(g_u)
-        layer.mlp.fused_gate_up.refresh()
-
-
-class FusedProjection:
-    """x through projections that all read it (q, k, v; or gate, up) in one matmul, their outputs
-    side by side (B, T, sum of outs).
-
-    With adapters in rows (lora.set_row_adapters), each projection's stacked A sits below the
-    weights in the same matrix, so that one matmul also gives x A^T (B, T, R); each row keeps its
-    own adapter's columns (the others zeroed, as LoRALinear.per_row does), and the B's, one
-    block-diagonal (R, sum of outs) matrix, add their product into the outputs in place: two matmuls
-    for the group where each projection alone takes three, and no element-wise adds. With one
-    adapter active and unmerged (no rows), each projection runs as its LoRALinear does."""
-
-    def __init__(self, linears):
-        self.linears, self.out = linears, sum(lin.out_features for lin in linears)
-        self.build([None] * len(linears))
-
-    def build(self, rows):
-        """The fused matrix (the weights, then each projection's stacked A from its rows, if any)."""
-        self.weight, self.bias = _fuse(self.linears, [r[0] for r in rows if r is not None])
-        R = self.weight.shape[0] - self.out
-        self.lora_b = self.weight.new_zeros(R, self.out)  # each B^T in its own block
-        self.owner = torch.zeros(R, dtype=torch.long, device=self.weight.device)  # each column's adapter
-        col = row = 0
-        for lin, r in zip(self.linears, rows):
-            if r is not None:  # r: (A (n r, in), B (out, n r), owner (n r,), index) of set_row_adapters
-                self.lora_b[col:col + len(r[0]), row:row + lin.out_features] = r[1].t()
-                self.owner[col:col + len(r[0])] = r[2]
-                col += len(r[0])
-            row += lin.out_features
-        self.stacks = [r[0] if r is not None else None for r in rows]
-
-    def refresh(self, rows=None):
-        """Rebuild after new adapter stacks (set_row_adapters): once, before any step runs. Before a
-        step is compiled or recorded too (fuse_projections, which plan_batch_decoding calls), or the
-        rebuild would be in the graph."""
-        rows = rows or [getattr(lin, "rows", None) for lin in self.linears]
-        if any((r[0] if r is not None else None) is not s for r, s in zip(rows, self.stacks)):
-            self.build(rows)
-
-    def __call__(self, x):  # (B, T, in) -> (B, T, sum of outs)
-        rows = [getattr(lin, "rows", None) for lin in self.linears]
-        if all(r is None for r in rows):
-            if any(_live_adapter(lin) for lin in self.linears):
-                return torch.cat([lin(x) for lin in self.linears], dim=-1)
-            bias = None if self.bias is None else self.bias[:self.out]
-            return F.linear(x, self.weight[:self.out], bias)
-        self.refresh(rows)
-        index = next(r[3] for r in rows if r is not None)  # (B,): each row's adapter
-        y = F.linear(x, self.weight, self.bias)  # (B, T, out + R): the projections, then x A^T
-        xa = y[..., self.out:].masked_fill(self.owner != index[:, None, None], 0)  # (B, T, R)
-        out = y[..., :self.out]
-        out.view(-1, self.out).addmm_(xa.reshape(-1, xa.shape[-1]), self.lora_b)
-        return out
-
-
-def plain_base(model) -> bool:
-    """Whether every q/k/v and gate/up projection keeps a weight matrix (a 4-bit base keeps codes)."""
-    qkv, gate_up = _projections(model)
-    return all(isinstance(getattr(lin, "weight", None), torch.Tensor) for group in qkv + gate_up for lin in group)
-
-
-def plain_weights(model) -> bool:
-    """Whether every q/k/v and gate/up projection is a plain matrix: a plain base (plain_base) and no
-    live (unmerged) adapter."""
-    qkv, gate_up = _projections(model)
-    return plain_base(model) and not any(_live_adapter(lin) for group in qkv + gate_up for lin in group)
-
-
-def _attention_layers(model) -> list:
-    """Each layer's attention; a Qwen3.5 Gated DeltaNet layer has none (its projections stay apart)."""
-    return [layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn")]
-
-
-def _projections(model):
-    return ([[attn.q_proj, attn.k_proj, attn.v_proj] for attn in _attention_layers(model)],
-            [[layer.mlp.gate_proj, layer.mlp.up_proj] for layer in model.model.layers])
-
-
-def _live_adapter(lin) -> bool:
-    return getattr(lin, "active", None) in getattr(lin, "lora_A", {}) and not lin.merged
-
-
-def _fuse(linears, extra=()):
-    """One (sum of outs + extra's rows, in) matrix for nn.Linear-like modules and then the `extra`
-    matrices; the modules' weights become views into it (a bias: zeros for extra's rows)."""
-    weight = torch.cat([lin.weight for lin in linears] + [e.to(linears[0].weight.dtype) for e in extra])
-    bias = None
-    if linears[0].bias is not None:
-        bias = torch.cat([lin.bias for lin in linears] + [linears[0].bias.new_zeros(sum(map(len, extra)))])
-    start = 0
-    for lin in linears:
-        n = lin.weight.shape[0]
-        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
-        start += n
-    return weight, bias
-
-
-# ----------------------------------------------------------------------------------------------
-# Offloaded checkpoints. Replaces: keeping each checkpointed layer's input on the GPU (model.DecoderLayer
-# with checkpoint=True) from its forward to its backward.
-# Proved equal by: tests/test_offload.py::test_offloaded_layers_give_the_checkpointed_gradients (CPU, a
-# fake host/device split) and ::test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory (GPU)
-
-# What offloading frees is layers x tokens x hidden x 2 bytes a pass (bf16): 196 KiB a token on the
-# 7B shape, 6.1 GiB at 32,768 tokens: what grows with the row once for every layer (the working
-# memory of the one layer being computed grows too, but once; the MLP and the loss run in chunks
-# of fixed size). What it costs is two copies of that over PCIe a
-# step, on a side stream behind the layers' compute, as much pinned host memory, and the CUDA
-# graphs of the default path (a recorded graph cannot move its tensors). Under 2 GiB (10,700
-# tokens on the 7B shape) the inputs are under a tenth of a 24 GB card and the default path stays;
-# past it they decide what fits, and a row that long keeps the GPU busy enough to hide the copies
-# (bench.py's `longest` workload measures both).
-OFFLOAD_OVER_GIB = 2.0
-
-
-def use_offload(a: PlanFlags, device, config, row_lengths: list[int]) -> tuple[bool, str]:
-    """Whether the layers' checkpointed inputs wait in host memory (offloaded_layers), and what to
-    print. --activation_cpu_offload true or false when given (offload_problem refuses what cannot
-    run); by default on a GPU when one pass's inputs (its tokens: --max_tokens_per_pass or the
-    longest row packed; else a micro-batch of the longest rows) would pass OFFLOAD_OVER_GIB, unless
-    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split."""
-    flag = a.activation_cpu_offload
-    if flag is False or device.type != "cuda" or (flag is None and config is None):
-        return False, ""
-    saved = ""
-    if config is not None:
-        tokens = pass_tokens(a, row_lengths)
-        size = cli.pick_dtype(a.torch_dtype, device).itemsize
-        gib = config.num_hidden_layers * tokens * config.hidden_size * size / 2**30
-        if flag is None and (gib <= OFFLOAD_OVER_GIB or a.cuda_graph or not a.gradient_checkpointing):
-            return False, ""
-        # A row in tiles (longer than the MLP's chunk) keeps each MLP's input in host memory too.
-        host = gib * (2 if tokens > modeling.MLP.chunk else 1)
-        pinned = f"; {host:.1f} GiB with each MLP's input" if host > gib else ""
-        saved = (f" ({config.num_hidden_layers} layers x {tokens:,} tokens x {config.hidden_size:,} x {size} bytes = "
-                 f"{gib:.1f} GiB a pass{', over ' + format(OFFLOAD_OVER_GIB, 'g') + ' GiB' if flag is None else ''}"
-                 f"{pinned}{check_host_memory(host)})")
-    return True, (f"offloaded checkpoints: each layer's saved input{saved} waits in pinned host memory from its "
-                  "forward to its backward, copied on a side stream while the layers compute; no CUDA graphs (a "
-                  "recorded graph keeps its tensors where they are, and a long row keeps the GPU busy without one); "
-                  "--activation_cpu_offload false keeps the inputs on the GPU")
-
-
-def pass_tokens(a: PlanFlags, row_lengths: list[int]) -> int:
-    """Tokens of the run's largest pass: --max_tokens_per_pass or the longest row packed; else a
-    micro-batch of the longest rows."""
-    if a.padding_free:
-        return max(a.max_tokens_per_pass, max(row_lengths))
-    return a.per_device_train_batch_size * max(row_lengths)
-
-
-def host_memory_gib() -> float | None:
-    """Host memory available now (MemAvailable of /proc/meminfo), in GiB; None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) / 2**20  # kB
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def check_host_memory(gib: float) -> str:
-    """', of X GiB available' for the start-up line; a UsageError, before anything loads, where the
-    offloaded inputs (pinned: the system cannot page them out) would take more than 80% of it."""
-    available = host_memory_gib()
-    if available is None:
-        return ""
-    if gib > 0.8 * available:
-        raise cli.UsageError(f"offloading this run's checkpoints takes {gib:.1f} GiB of pinned host memory a pass (each "
-                             f"layer's input, and its MLP's for a row in tiles, for the longest pass) and this machine has "
-                             f"{available:.1f} GiB available: lower --max_length (or --max_tokens_per_pass), free host "
-                             "memory, or pass --activation_cpu_offload false to keep the inputs on the GPU.")
-    return f", of the {available:.0f} GiB of host memory available"
-
-
-def offload_problem(a: PlanFlags, device) -> str | None:
-    """Why --activation_cpu_offload true cannot run as asked (for flags.check_train_args), or None."""
-    if a.activation_cpu_offload is not True:
-        return None
-    flag = "--activation_cpu_offload true"
-    if device.type != "cuda":
-        return (f"{flag} moves each layer's saved input from the GPU to host memory, and this run is on the CPU: "
-                "drop the flag or pass --device cuda.")
-    if not a.gradient_checkpointing:
-        return f"{flag} offloads the layer inputs that gradient checkpointing keeps: it needs --gradient_checkpointing true."
-    if a.cuda_graph:
-        return (f"{flag} and --cuda_graph true exclude each other: a recorded graph keeps its tensors where they are. "
-                "Drop one of them.")
-    if a.fsdp:
-        return f"{flag} is not available with --fsdp (its layers gather their weights as they run): drop one of them."
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Long rows: with offloaded checkpoints, a row longer than the MLP's chunk runs in tiles (tiles.py),
-# the CUDA allocator grows its segments instead of cutting them (LONG_ROW_ALLOCATOR), and the
-# start-up log estimates the longest row this card would train so (longest_row).
-
-# A long row's step makes and frees tensors from a tile's few MB to a whole row's GBs, their sizes
-# changing from phase to phase. The caching allocator cuts a free block of one segment to serve a
-# smaller request, and a later larger one may find only pieces: memory reserved, free, and not
-# usable under the card's limit. Expandable segments (LONG_ROW_ALLOCATOR) map pages into one growing
-# range instead. The plan does not set it yet: with it, run 18's offloaded search failed at once
-# (docs/benchmark-runs.md), which nobody has looked into. The start-up log names it, and
-# bench.py --memory_table --alloc_conf compares a step with and without it (its "reserve" row:
-# reserved but not allocated). PyTorch reads the setting when CUDA starts: set it before the run.
-LONG_ROW_ALLOCATOR = "expandable_segments:True"
-ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads either
-
-# What a long row's step holds on the GPU besides weights, LoRA state and tile-sized work, in units
-# of one (tokens x hidden) tensor of the compute dtype (0.88 GiB at 131,072 tokens on the 7B shape
-# in bf16). ESTIMATES until bench.py --memory_table measures them on a GPU (replace them with its
-# figures): every tensor of one layer's recomputation and backward tracked on the CPU at the 7B's
-# proportions, plus flash attention's backward workspace for one K/V head group as its code allocates it.
-LONG_ROW_STAGING_UNITS = 2.0  # the batch's embeddings, and one layer input on its way to or from host memory
-LONG_ROW_RECOMPUTE_UNITS = 7.0  # one layer's backward at its peak, in attention's: its output's gradient, q, k,
-#                                 v, attention's output and their gradients, one head group's flash workspace
-LONG_ROW_FIXED_GIB = 1.5  # not growing with the row: a loss chunk's logits, the CUDA context, the allocator's reserve
-MLP_TILE_TENSORS = 8  # (tile x intermediate) tensors a recomputed MLP tile holds: gate, up, their product, gradients
-
-
-def long_rows(a: PlanFlags, device, config, tokens: int) -> str:
-    """What the start-up log says of a run with offloaded checkpoints besides them: the tiles, the
-    allocator setting, and the longest row this card would train so (against the run's longest
-    pass, `tokens`)."""
-    chunk = modeling.MLP.chunk
-    tiled = (f"long rows in tiles: a row longer than {chunk:,} tokens runs each layer's norms, projections, RoPE and "
-             f"MLP {chunk:,} positions at a time and attention one K/V head group at a time, each tile recomputed alone "
-             "in backward, so that a layer's backward holds a few (tokens x hidden) tensors, not dozens (tiles.py)")
-    allocator = use_long_row_allocator()  # before card_gib, which starts CUDA
-    return "\n".join(m for m in (tiled, allocator, longest_row(a, device, config, tokens) if config else "") if m)
-
-
-def use_long_row_allocator() -> str:
-    """What the start-up log says of the CUDA allocator for a long row: the user's setting, or
-    PyTorch's own and the one to try (LONG_ROW_ALLOCATOR: not set by the plan until measured)."""
-    mine = [f"{name}={os.environ[name]}" for name in ALLOCATOR_VARIABLES if name in os.environ]
-    if mine:
-        return f"the CUDA allocator as you set it ({', '.join(mine)})"
-    return (f"the CUDA allocator as PyTorch sets it; if a long row runs out of memory with much reserved but free, "
-            f"try PYTORCH_CUDA_ALLOC_CONF={LONG_ROW_ALLOCATOR} (not yet measured with offloading)")
-
-
-def longest_row(a: PlanFlags, device, config, needed: int) -> str:
-    """The start-up line that estimates the longest row this card trains with offloaded checkpoints and
-    tiles (longest_tokens); what host memory allows (two pinned copies a layer, 80% of what is
-    available); and a warning where the run's longest pass (`needed` tokens) is longer."""
-    itemsize = cli.pick_dtype(a.torch_dtype, device).itemsize
-    budget = long_row_budget(config, a.quant_bits, itemsize, a.lora_rank)
-    card, host = card_gib(device), host_memory_gib()
-    if card is None:
-        return ""
-    tokens = longest_tokens(budget, card)
-    host_line = ""
-    if host is not None:
-        pinned = 2 * config.num_hidden_layers * config.hidden_size * itemsize  # bytes a token
-        host_line = f"; host memory allows {round_down(0.8 * host * 2**30 / pinned, 1024):,}"
-    warn = (f"; this run's passes reach {needed:,} tokens and may run out of memory: lower --max_length "
-            "(or --max_tokens_per_pass)") if tokens < needed else ""
-    return (f"longest row on this card with this plan, estimated: {tokens:,} tokens ({card:.1f} GiB: weights "
-            f"{budget['weights']:.1f} GiB, LoRA state {budget['lora']:.1f}, fixed {budget['fixed']:.1f}, then "
-            f"{LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS:g} x {config.hidden_size:,} x {itemsize} bytes a token; "
-            f"per-token estimates until bench.py --memory_table measures them){host_line}{warn}")
-
-
-def long_row_budget(config, quant_bits: int | None, itemsize: int, rank: int) -> dict:
-    """What a long row's step needs on the GPU besides its per-token cost (GiB: weights, lora, fixed),
-    and that cost (per_token, bytes): LONG_ROW_* and a tile's MLP, in the compute dtype."""
-    fixed = LONG_ROW_FIXED_GIB + modeling.MLP.chunk * config.intermediate_size * MLP_TILE_TENSORS * itemsize / 2**30
-    if quant_bits:  # the largest weight dequantised, in forward and in backward
-        fixed += 2 * config.hidden_size * config.intermediate_size * itemsize / 2**30
-    return {"weights": weights_gib(config, quant_bits, itemsize), "lora": lora_state_gib(config, rank), "fixed": fixed,
-            "per_token": (LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS) * config.hidden_size * itemsize}
-
-
-def longest_tokens(budget: dict, card_gib: float) -> int:
-    """The longest row (a multiple of 1,024 tokens) whose step fits card_gib, by long_row_budget."""
-    left = card_gib - budget["weights"] - budget["lora"] - budget["fixed"]
-    return max(0, round_down(left * 2**30 / budget["per_token"], 1024))
-
-
-def round_down(x: float, multiple: int) -> int:
-    return int(x // multiple) * multiple
-
-
-def card_gib(device) -> float | None:
-    """The GPU's memory in GiB, None without one. It starts CUDA: the allocator's setting comes first."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
-
-
-def weights_gib(config, quant_bits: int | None, itemsize: int) -> float:
-    """The weights a training step keeps on the GPU: the decoder's projections (4-bit: NF4 codes and
-    double-quantised scales, 4.127 bits a weight; else the compute dtype), norms, biases and lm_head;
-    an untied input embedding stays in host memory (use_host_embedding)."""
-    D, L = config.hidden_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    linear = L * (D * (q + 2 * kv) + q * D + 3 * D * config.intermediate_size)
-    per_weight = (0.5 + 1 / 64 + 4 / (64 * 256)) if quant_bits else itemsize
-    rest = L * (2 * D + q + 2 * kv) + D + config.vocab_size * D  # norms, q/k/v biases, the final norm, lm_head
-    return (linear * per_weight + rest * itemsize) / 2**30
-
-
-def lora_state_gib(config, rank: int) -> float:
-    """An all-linear adapter of this rank: float32 A and B, their gradients and AdamW's two moments."""
-    D, I = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    per_layer = rank * (2 * (D + q) + 2 * (D + kv) + 3 * (D + I))  # q, o; k, v; gate, up, down
-    return config.num_hidden_layers * per_layer * 4 * 4 / 2**30
-
-
-def offloaded_layers(layers) -> list:
-    """Decoder layer callables (the model's own, compiled_layers, or any with their arguments) whose
-    checkpointed input is kept in host memory between forward and backward, for QwenModel(layers=...)."""
-    offloader = Offloader()
-    return [OffloadedLayer(layer, offloader) for layer in layers]
-
-
-class OffloadedLayer:
-    """A layer that checkpoints as it does (its recomputation in backward, dropout's masks drawn
-    again from the saved random state: torch.utils.checkpoint), with one change: the inputs that
-    its checkpoints keep for backward (the layer's input; with FusedLayer's split_long_rows, each
-    MLP piece's input too) are handed to the Offloader, which keeps them in host memory.
-    What a checkpoint saves goes through the saved-tensor hooks around it; what the layer saves
-    inside is the checkpoint's own business (its hooks come later and win)."""
-
-    def __init__(self, layer, offloader):
-        self.layer, self.offloader = layer, offloader
-
-    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
-        if not checkpoint:  # evaluation, or no checkpointing: no input is kept for a backward
-            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False)
-        # The hook is told where cos, sin and the mask lie, not given them: autograd keeps a pack
-        # hook as long as what it packed, and a hook holding a tensor keeps it on the device.
-        shared = {t.data_ptr() for t in (cos, sin, mask) if isinstance(t, torch.Tensor)}
-        if i == 0:
-            self.offloader.last = None  # a new pass: layer 0's first copy has none before it
-        with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, shared), self.offloader.unpack):
-            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True)
-
-
-class Offloader:
-    """Moves the layer inputs that checkpoints save to host memory and back (saved-tensor hooks).
-
-    Backward runs the layers last to first: when one layer's input is brought back, the copy of
-    the layer before it starts, so that it crosses while this layer's backward computes. cos, sin
-    and a mask, the same tensors for every layer, stay where they are."""
-
-    def __init__(self):
-        self.streams = {}  # device -> the side stream of its copies
-        self.last = None  # the latest layer's HostCopy (a weak reference): the one before the next
-
-    def pack(self, shared: set, t):
-        if t.data_ptr() in shared or t.numel() == 0:  # cos, sin, the mask; or torch 2.11's checkpoint's empty marker
-            return t
-        if t.device.type == "cuda":
-            if t.device not in self.streams:
-                self.streams[t.device] = torch.cuda.Stream(t.device)
-            copy = PinnedHostCopy(t, self.streams[t.device])
-        else:
-            copy = HostCopy(t)
-        copy.previous = self.last
-        self.last = weakref.ref(copy)
-        return copy
-
-    def unpack(self, saved):
-        if not isinstance(saved, HostCopy):
-            return saved
-        t = saved.bring_back()
-        previous = saved.previous and saved.previous()
-        if previous is not None:
-            previous.start_bringing_back()
-        return t
-
-
-class HostCopy:
-    """A layer input kept away from the device until its backward. This class is the CPU's
-    stand-in (the tests' fake host/device split): the "host" copy is a tensor of its own and the
-    "device" one a new copy of it, so backward can only use what was brought back."""
-
-    previous = None  # the layer before's HostCopy (a weak reference), brought back next
-
-    def __init__(self, t):
-        self.host, self.back = t.detach().clone(), None
-
-    def start_bringing_back(self):
-        if self.back is None:
-            self.back = self.host.clone()
-
-    def bring_back(self):
-        self.start_bringing_back()
-        back, self.back = self.back, None
-        return back
-
-
-class PinnedHostCopy(HostCopy):
-    """A GPU tensor copied to pinned host memory on a side stream, and back on it.
-
-    Out: the side stream waits for the compute stream (t is computed), and t.record_stream tells
-    the allocator that t's memory is read there, so it is not given to another tensor before the
-    copy has read it. Back: the device tensor is allocated on the compute stream, which the side
-    stream first waits for (the memory may have been freed by work still queued there); the
-    compute stream waits for the copy's event before using it."""
-
-    def __init__(self, t, stream):
-        self.stream, self.back, self.device = stream, None, t.device
-        stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(stream):
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t.detach(), non_blocking=True)
-        t.record_stream(stream)
-
-    def start_bringing_back(self):
-        if self.back is not None:
-            return
-        compute = torch.cuda.current_stream(self.device)
-        self.back = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
-        self.stream.wait_stream(compute)
-        with torch.cuda.stream(self.stream):
-            self.back.copy_(self.host, non_blocking=True)
-        self.back.record_stream(self.stream)  # should it be dropped unused, its memory waits for the copy
-        self.ready = self.stream.record_event()
-
-    def bring_back(self):
-        self.start_bringing_back()
-        torch.cuda.current_stream(self.device).wait_event(self.ready)
-        back, self.back = self.back, None
-        return back

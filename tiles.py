@@ -2,8 +2,8 @@
 backward holds at once is a few copies of the row, however long the row.
 
 A first reading can skip this file: it computes what model.DecoderLayer computes. It is the long-row
-half of speed.py's offloaded checkpoints, chosen with them (speed.plan_training) for rows longer than
-model.MLP.chunk; the layers' inputs wait in host memory (speed.Offloader), and this file decides what
+half of offload.py's offloaded checkpoints, chosen with them (speed.plan_training) for rows longer than
+model.MLP.chunk; the layers' inputs wait in host memory (offload.Offloader), and this file decides what
 backward recomputes at once.
 
 Why. A checkpointed layer keeps only its input, and backward recomputes the layer whole: everything
@@ -114,7 +114,7 @@ class PlainParts:
 
 
 class SplitLayer:
-    """A model.DecoderLayer for training steps with offloaded checkpoints (speed.offloaded_layers
+    """A model.DecoderLayer for training steps with offloaded checkpoints (offload.offloaded_layers
     around it), called like the layer: a checkpointed row longer than the layer's MLP chunk runs as
     split_layer; anything else, and Qwen3.5's gated attention and DeltaNet layers, as the layer runs."""
 

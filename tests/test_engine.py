@@ -6,9 +6,9 @@ import torch
 
 import decode
 import engine
+import fast_decode
 import lora
 import model as modeling
-import speed
 
 LENGTHS = (3, 40, 7, 120, 1, 15, 64)
 
@@ -97,7 +97,7 @@ def test_several_adapters_in_one_batch_equal_each_adapter_alone(tiny_model, tiny
     assert len({tuple(w) for w in want}) == len(want)  # the adapters do change the answers
     e = engine.Engine(m, max_batch_size=4)
     assert [r.tokens for r in e.run([engine.Request(p, 16, adapter=n) for p, n in zip(ps, names)])] == want
-    qkv = m.model.layers[0].self_attn.fused_qkv  # q/k/v fused, a's and b's A inside (speed.FusedProjection)
+    qkv = m.model.layers[0].self_attn.fused_qkv  # q/k/v fused, a's and b's A inside (fast_decode.FusedProjection)
     assert qkv.owner.tolist() == ([1] * 8 + [2] * 8) * 3  # q, k, v: a, then b (rank 4 padded to 8; none on k)
     e.close()
     lora.set_active_adapter(m, "b")
@@ -127,7 +127,7 @@ def test_slots_come_from_free_memory_on_a_gpu(monkeypatch):
 
 
 def test_bucketed_steps_give_the_eager_tokens_on_the_cpu(tiny_model):
-    """speed.CUDAGraphBatchDecoding's buckets without capture (capture=False: each bucket's step run on
+    """fast_decode.CUDAGraphBatchDecoding's buckets without capture (capture=False: each bucket's step run on
     the fixed buffers instead of replayed): rows padded to a power of two with dummy rows, spans
     rounded up, one row run as two, and each row's tokens as the eager engine's."""
     ps = prompts(tiny_model.config.vocab_size, seed=6)
@@ -136,7 +136,7 @@ def test_bucketed_steps_give_the_eager_tokens_on_the_cpu(tiny_model):
     for bucketed in (False, True):
         e = engine.Engine(tiny_model, max_batch_size=5, max_len=600)
         if bucketed:
-            e.forward = speed.CUDAGraphBatchDecoding(e, capture=False)
+            e.forward = fast_decode.CUDAGraphBatchDecoding(e, capture=False)
         runs.append([r.tokens for r in e.run([engine.Request(p, 12) for p in ps])])
     assert runs[0] == runs[1]
     assert {b for b, _ in e.forward.graphs} <= {2, 4, 5} and {s for _, s in e.forward.graphs} == {256, 512}
@@ -145,7 +145,7 @@ def test_bucketed_steps_give_the_eager_tokens_on_the_cpu(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
 @pytest.mark.parametrize("compile", [False, True], ids=["recorded", "compiled"])
 def test_cuda_graph_batches_give_the_eager_tokens(tiny_dir, compile):
-    """Decode steps replayed per bucket of batch size and span (speed.CUDAGraphBatchDecoding) give
+    """Decode steps replayed per bucket of batch size and span (fast_decode.CUDAGraphBatchDecoding) give
     the eager engine's tokens, with two adapters and the base mixed in the batch (float32, a
     decisive lm_head), and rows that cross from the 256-position span into the 512 one; compiled
     first too (one compiled step for every bucket)."""
@@ -176,7 +176,7 @@ def test_cuda_graph_batches_give_the_eager_tokens(tiny_dir, compile):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention needs a GPU: run on the GPU machine")
 def test_prompts_prefilled_packed_through_varlen_attention_give_each_ones_first_token(tiny_dir):
     """bfloat16 on a GPU: the prompts of one step prefilled packed into one row through varlen
-    attention (speed.plan_batch_decoding) pick the first token each one's own prefill picks."""
+    attention (fast_decode.plan_batch_decoding) pick the first token each one's own prefill picks."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.bfloat16, device="cuda")
     m.eval()
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 
 import lora
 import model as modeling
+import offload
 import speed
 import train
 from conftest import loss_and_gradients, lora_for_training, random_rows, both_families
@@ -65,21 +66,21 @@ def test_fused_layers_evaluate_and_see_a_merged_adapter_like_the_plain_ones(tiny
 
 def test_fused_layers_with_offloaded_checkpoints_give_the_plain_gradients(tiny_dir, monkeypatch):
     """Long rows on a GPU run fused layers with their checkpointed inputs in host memory
-    (speed.offloaded_layers around them), the attention half and each MLP piece checkpointed
+    (offload.offloaded_layers around them), the attention half and each MLP piece checkpointed
     apart: every piece's input goes to host memory too, and the gradients stay the plain ones
     (without dropout, which tiles draw in another order: tests/test_offload.py has the masks)."""
     monkeypatch.setattr(modeling.MLP, "chunk", 16)
     copies = []
-    make = speed.HostCopy.__init__
+    make = offload.HostCopy.__init__
 
     def spy(self, t):
         make(self, t)
         copies.append(tuple(t.shape))
-    monkeypatch.setattr(speed.HostCopy, "__init__", spy)
+    monkeypatch.setattr(offload.HostCopy, "__init__", spy)
     m = fresh_model(tiny_dir, 0.0)
     batch = batches()["packed"]  # 62 tokens: MLP pieces of 16, 16, 16 and 14
     loss, grads = loss_and_gradients(m, batch, None, seed=7)
-    offloaded = speed.offloaded_layers(speed.fused_layers(m, split_long_rows=True))
+    offloaded = offload.offloaded_layers(speed.fused_layers(m, split_long_rows=True))
     got_loss, got = loss_and_gradients(m, batch, offloaded, seed=7)
     assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in grads])

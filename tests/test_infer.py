@@ -16,11 +16,11 @@ import torch
 
 import data
 import decode
+import fast_decode
 import flags
 import infer
 import lora
 import model as modeling
-import speed
 from conftest import chat_logits, hf_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,19 +382,19 @@ def test_bad_flag_values_are_clear_errors(capsys, flags, message):
 
 @pytest.mark.parametrize("tiny_dir", ["tiny-qwen3_5"], indirect=True)
 def test_a_qwen3_5_model_decodes_with_a_cuda_graph_only_when_asked(tiny_dir):
-    """Its DeltaNet states are written in place (speed.StaticKVCache), so its step can be recorded;
+    """Its DeltaNet states are written in place (fast_decode.StaticKVCache), so its step can be recorded;
     until that has run on a card, a GPU decodes it eagerly unless --cuda_graph true."""
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cpu")
-    assert not speed.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
-    assert speed.plan_decoding(True, False, torch.device("cuda"), m).cuda_graph
-    assert not speed.plan_decoding(False, False, torch.device("cuda"), m).cuda_graph
-    assert not speed.plan_decoding(None, False, torch.device("cpu"), m).cuda_graph
+    assert not fast_decode.plan_decoding(None, False, torch.device("cuda"), m).cuda_graph
+    assert fast_decode.plan_decoding(True, False, torch.device("cuda"), m).cuda_graph
+    assert not fast_decode.plan_decoding(False, False, torch.device("cuda"), m).cuda_graph
+    assert not fast_decode.plan_decoding(None, False, torch.device("cpu"), m).cuda_graph
 
 
 def test_cuda_graph_is_the_default_on_a_gpu_only():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert speed.plan_decoding(None, False, gpu).cuda_graph and not speed.plan_decoding(None, False, cpu).cuda_graph
-    assert not speed.plan_decoding(False, False, gpu).cuda_graph
+    assert fast_decode.plan_decoding(None, False, gpu).cuda_graph and not fast_decode.plan_decoding(None, False, cpu).cuda_graph
+    assert not fast_decode.plan_decoding(False, False, gpu).cuda_graph
     chat = infer.load_chat(flags.infer_parser().parse_args(["--model", "tiny", "--device", "cpu"]))
     assert chat.decoding.cuda_graph is False
 
@@ -601,7 +601,7 @@ def test_merged_adapter_answers_like_the_unmerged_one(capsys, chatty, two_adapte
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run on the GPU machine")
 @pytest.mark.parametrize("tiny_dir", ["tiny", "tiny-qwen3", "tiny-qwen3_5"], indirect=True)
 def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
-    """speed.CUDAGraphDecoder replays decode.Decoder.decode_one: the same logits at every step,
+    """fast_decode.CUDAGraphDecoder replays decode.Decoder.decode_one: the same logits at every step,
     after a prefill and after a second prefill that reuses the cache (a chat's next turn); and over
     a chat through decode.generate that stops an answer, goes back to a snapshot (Qwen3.5's DeltaNet
     states, copied out of the graph's buffers and back) and starts a new text (conftest.chat_logits)."""
@@ -615,7 +615,7 @@ def test_cuda_graph_decoding_gives_the_eager_logits(tiny_dir):
 
 def compare_graph_and_eager_decoding(tiny_dir):
     m, _ = modeling.load_model(str(tiny_dir), dtype=torch.float32, device="cuda")
-    eager, graphed = decode.Decoder(m, 64), speed.CUDAGraphDecoder(m, 64)
+    eager, graphed = decode.Decoder(m, 64), fast_decode.CUDAGraphDecoder(m, 64)
     seq = list(range(10, 30))
     with torch.no_grad():
         for start, end in ((0, 12), (12, 20)):  # two turns: the second reuses positions 0..11
@@ -627,7 +627,7 @@ def compare_graph_and_eager_decoding(tiny_dir):
             a, b = eager.decode_one(token, position), graphed.decode_one(token, position).clone()
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     want, want_turns = chat_logits(m, decode.Decoder(m, 64))
-    got, got_turns = chat_logits(m, speed.CUDAGraphDecoder(m, 64))
+    got, got_turns = chat_logits(m, fast_decode.CUDAGraphDecoder(m, 64))
     assert got_turns == want_turns and len(got) == len(want)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

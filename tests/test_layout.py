@@ -3,6 +3,8 @@ their budgets, and imports that follow the README's reading order. A failure say
 where, and what to do; the next feature then pays for its own seam."""
 
 import ast
+import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -12,8 +14,9 @@ MAX_NESTING = 4
 BUDGETS = {"deltanet.py": 250, "model.py": 650, "lora.py": 550, "template.py": 300, "data.py": 600, "decode.py": 300,
            "train.py": 550, "infer.py": 550, "merge.py": 300}  # lines of each teaching file
 BLOCKS = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)
+FAST_PATHS = ("speed", "fast_decode", "offload", "tiles")  # the files whose names GPU-only code reaches
 FIX = ("split it into functions that each do one thing, or move the machinery to a file a first reading "
-       "skips (as speed.py holds the fast paths)")
+       "skips (as speed.py, fast_decode.py and offload.py hold the fast paths)")
 
 
 def project_files() -> list[Path]:
@@ -113,3 +116,68 @@ def test_the_readme_line_counts_are_close_to_the_files():
     off = [f"{name}: README says {n}, it has {have}" for name, n in given
            if abs((have := len((ROOT / name).read_text().splitlines())) - int(n)) > 0.15 * have]
     assert given and not off, f"{'; '.join(off)}. Update the counts in README's 'Reading the code' section."
+
+
+def fast_path_aliases(tree) -> dict[str, str]:
+    """The names under which a file imports the FAST_PATHS modules (`import offload`, `import speed as s`),
+    at any depth of its code."""
+    return {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+            for a in node.names if a.name in FAST_PATHS}
+
+
+def names_taken(tree, aliases: dict[str, str]):
+    """(line, module, name, how) for every name a file takes from a FAST_PATHS module: `speed.X` read
+    (how "read"), `from offload import X` ("import"), `monkeypatch.setattr(speed, "X", ...)` ("patch"),
+    and a quoted annotation `"speed.X"` ("read")."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            yield node.lineno, aliases[node.value.id], node.attr, "read"
+        elif isinstance(node, ast.ImportFrom) and node.module in FAST_PATHS and node.level == 0:
+            yield from ((node.lineno, node.module, a.name, "import") for a in node.names)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+              and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+            yield node.lineno, aliases[node.args[0].id], node.args[1].value, "patch"
+    for line, quoted in quoted_annotations(tree):
+        module, _, name = quoted.partition(".")
+        if module in FAST_PATHS and name.isidentifier():
+            yield line, module, name, "read"
+
+
+def quoted_annotations(tree):
+    """(line, text) of each quoted annotation of an argument or a return value: "speed.PlanFlags"."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            note = node.annotation
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            note = node.returns
+        else:
+            continue
+        if isinstance(note, ast.Constant) and isinstance(note.value, str):
+            yield node.lineno, note.value
+
+
+def test_every_name_taken_from_a_fast_path_file_is_defined_there():
+    """Most of speed.py, fast_decode.py, offload.py and tiles.py runs only on a GPU, so a name that
+    moved between them, read in a branch the CPU tests never take, would fail only there. Every
+    `speed.X` (and `from offload import X`, monkeypatch.setattr(speed, "X"), "speed.X" annotation)
+    in the project's files and tests must name something the module has; a function or class read
+    must be named by the fast-path file that defines it, not one that imports it from another."""
+    modules = {name: importlib.import_module(name) for name in FAST_PATHS}
+    missing, elsewhere = [], []
+    for path in project_files() + sorted((ROOT / "tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for line, module, name, how in names_taken(tree, fast_path_aliases(tree)):
+            where = f"{path.relative_to(ROOT)}:{line} {module}.{name}"
+            if not hasattr(modules[module], name):
+                missing.append(where)
+                continue
+            found = getattr(modules[module], name)
+            home = found.__module__ if isinstance(found, type) or inspect.isfunction(found) else module
+            if how == "read" and home != module and home in FAST_PATHS:
+                elsewhere.append(f"{where} (defined in {home}.py)")
+    assert not missing, (f"names that their module does not have: {', '.join(missing)}. To fix: name the file that "
+                         "defines each now (speed.py: training; fast_decode.py: decoding; offload.py: offloaded "
+                         "checkpoints and long rows; tiles.py), and import that file.")
+    assert not elsewhere, (f"names read through a file that only imports them: {', '.join(elsewhere)}. To fix: read "
+                           "each from the file that defines it, where a monkeypatch would also have to reach it.")

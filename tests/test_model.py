@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+import fast_decode
 import model
 import speed
 from conftest import (assert_left_padded_decoding_matches_rows_alone, compile_without_inductor, make_hf_checkpoint,
@@ -224,12 +225,12 @@ def test_fused_projections_change_neither_logits_nor_state_dict(hf_checkpoint, f
     x = tokens()
     with torch.no_grad():
         live = m(x)  # one adapter active, unmerged: each fused projection runs its LoRALinears
-        speed.fuse_projections(m)
+        fast_decode.fuse_projections(m)
         torch.testing.assert_close(m(x), live, rtol=1e-5, atol=1e-5)
     lora.merge_lora(m)
     with torch.no_grad():
         before, sd = m(x), {k: v.clone() for k, v in m.state_dict().items()}
-        speed.fuse_projections(m)
+        fast_decode.fuse_projections(m)
         after = m(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     attn = m.model.layers[0].self_attn
@@ -391,7 +392,7 @@ def test_static_cache_decoding_equals_full_forward(tiny_dir):
     x = tokens(1, 12, vocab=900)
     with torch.no_grad():
         full = m(x)
-        cache = speed.StaticKVCache(m.config, 1, 32)
+        cache = fast_decode.StaticKVCache(m.config, 1, 32)
         parts = [m(x[:, :4], cache=cache)]  # a prefill: positions 0..3
         parts += [m(x[:, 4:7], position_ids=torch.arange(4, 7)[None], cache=cache)]  # a later turn's: 4..6
         parts += [m(x[:, t:t + 1], position_ids=torch.tensor([[t]]), cache=cache) for t in range(7, 12)]

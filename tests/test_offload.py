@@ -1,7 +1,7 @@
-"""Offloaded checkpoints (speed.offloaded_layers): each layer's checkpointed input waits in host
+"""Offloaded checkpoints (offload.offloaded_layers): each layer's checkpointed input waits in host
 memory from its forward to its backward, and the gradients are the plain checkpointed path's.
 
-On the CPU there is no host/device split, so speed.HostCopy fakes one: the "host" copy is a
+On the CPU there is no host/device split, so offload.HostCopy fakes one: the "host" copy is a
 tensor of its own and backward gets a new copy of it. The GPU tests run the real one (pinned
 memory, a side stream) and are skipped without CUDA."""
 
@@ -12,6 +12,7 @@ import torch
 import data
 import lora
 import model as modeling
+import offload
 import speed
 import tiles
 import train
@@ -22,9 +23,9 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading
 
 @pytest.fixture(autouse=True)
 def _allocator_setting_restored(monkeypatch):
-    """A plan for long rows reads PYTORCH_CUDA_ALLOC_CONF (speed.use_long_row_allocator): each test here
+    """A plan for long rows reads PYTORCH_CUDA_ALLOC_CONF (offload.use_long_row_allocator): each test here
     starts without one and leaves the process's environment as it found it."""
-    for name in speed.ALLOCATOR_VARIABLES:
+    for name in offload.ALLOCATOR_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -44,11 +45,11 @@ def test_offloaded_layers_give_the_checkpointed_gradients(tiny_dir, packed):
     batch = train.make_batch([data.concat_rows(rows)] if packed else rows[:1], 0, "cpu")
     assert ("cu_seqlens" in batch) == packed
     loss, plain = loss_and_gradients(m, batch, None, seed=7)
-    offloaded_loss, offloaded = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=7)
+    offloaded_loss, offloaded = loss_and_gradients(m, batch, offload.offloaded_layers(m.model.layers), seed=7)
     assert torch.equal(offloaded_loss, loss)
     for g, ref in zip(offloaded, plain):
         torch.testing.assert_close(g, ref, rtol=1e-5, atol=0)
-    _, other_masks = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=8)
+    _, other_masks = loss_and_gradients(m, batch, offload.offloaded_layers(m.model.layers), seed=8)
     assert not all(torch.equal(g, ref) for g, ref in zip(other_masks, plain))  # the masks do matter
 
 
@@ -59,7 +60,7 @@ def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch
     m = dropout_model(tiny_dir)
     batch = train.make_batch(random_rows([50]), 0, "cpu")
     copies, brought = [], []
-    make, bring_back = speed.HostCopy.__init__, speed.HostCopy.bring_back
+    make, bring_back = offload.HostCopy.__init__, offload.HostCopy.bring_back
 
     def spy_make(self, t):
         make(self, t)
@@ -70,17 +71,17 @@ def test_backward_recomputes_each_layer_from_its_host_copy(tiny_dir, monkeypatch
         brought.append((copies.index(self), self.back is not None))
         return bring_back(self)
 
-    monkeypatch.setattr(speed.HostCopy, "__init__", spy_make)
-    monkeypatch.setattr(speed.HostCopy, "bring_back", spy_bring_back)
+    monkeypatch.setattr(offload.HostCopy, "__init__", spy_make)
+    monkeypatch.setattr(offload.HostCopy, "bring_back", spy_bring_back)
     n = m.config.num_hidden_layers
     _, plain = loss_and_gradients(m, batch, None, seed=3)
-    _, offloaded = loss_and_gradients(m, batch, speed.offloaded_layers(m.model.layers), seed=3)
+    _, offloaded = loss_and_gradients(m, batch, offload.offloaded_layers(m.model.layers), seed=3)
     assert len(copies) == n and brought == [(n - 1, False)] + [(i, True) for i in reversed(range(n - 1))]
     assert all(torch.equal(g, ref) for g, ref in zip(offloaded, plain))
 
     copies.clear()
     torch.manual_seed(3)
-    loss = train.CausalLMLoss(m, layers=speed.offloaded_layers(m.model.layers))(**batch)
+    loss = train.CausalLMLoss(m, layers=offload.offloaded_layers(m.model.layers))(**batch)
     copies[1].host.mul_(1.5)  # the second layer's input, as backward will see it
     changed = torch.autograd.grad(loss, lora.lora_parameters(m))
     in_layer1 = {id(p) for p in m.model.layers[1].parameters()}
@@ -95,7 +96,7 @@ def test_nothing_but_the_host_copy_keeps_a_layer_input_alive(tiny_dir):
     import gc
     import weakref
     m = dropout_model(tiny_dir)
-    layer = speed.offloaded_layers(m.model.layers)[1]
+    layer = offload.offloaded_layers(m.model.layers)[1]
     h = torch.randn(1, 16, m.config.hidden_size, requires_grad=True) * 2  # (1, T, hidden), not a leaf
     alive = weakref.ref(h)
     position_ids, mask, is_causal = modeling.attention_inputs(torch.zeros(1, 16, dtype=torch.long))
@@ -112,10 +113,10 @@ def test_a_short_training_loop_with_offloading_ends_with_the_plain_adapter(tiny_
     rows = random_rows([30] * 4, seed=1)
     batches = [train.make_batch([data.concat_rows(rows[:3])], 0, "cpu"), train.make_batch(rows[3:], 0, "cpu")]
     adapters = []
-    for offload in (False, True):
+    for offloading in (False, True):
         m = dropout_model(tiny_dir)
         params = lora.lora_parameters(m)
-        loss_fn = train.CausalLMLoss(m, layers=speed.offloaded_layers(m.model.layers) if offload else None)
+        loss_fn = train.CausalLMLoss(m, layers=offload.offloaded_layers(m.model.layers) if offloading else None)
         opt = torch.optim.AdamW(params, lr=1e-3)
         for step in range(3):
             torch.manual_seed(step)
@@ -139,7 +140,7 @@ def test_offload_is_planned_where_one_pass_saves_more_than_2_gib(tiny_dir, monke
     """On a GPU by default from 2 GiB of saved inputs a pass (28 x 32,768 x 3,584 x 2 bytes on the
     7B shape is 6.1 GiB; 2,048 tokens are 0.4), without CUDA graphs then; the flag decides when given."""
     gpu = torch.device("cuda")
-    monkeypatch.setattr(speed, "host_memory_gib", lambda: 100.0)
+    monkeypatch.setattr(offload, "host_memory_gib", lambda: 100.0)
     plan = speed.plan_training(plan_flags(32768), gpu, [500], 100, SEVEN_B)
     assert plan.offload and not plan.graphs and not plan.compiled and plan.pad_to == 1
     assert ("offloaded checkpoints: each layer's saved input (28 layers x 32,768 tokens x 3,584 x 2 bytes = 6.1 GiB a "
@@ -203,7 +204,7 @@ def test_offloading_on_a_gpu_gives_the_same_gradients_in_less_memory():
 
     run = lambda layers: measured_step(m, batch, layers)
 
-    offloaded = speed.offloaded_layers(m.model.layers)
+    offloaded = offload.offloaded_layers(m.model.layers)
     run(offloaded)  # the first pass allocates the pinned host buffers
     loss, plain, plain_peak = run(None)
     offloaded_loss, grads, offloaded_peak = run(offloaded)
@@ -217,12 +218,12 @@ def test_offloading_more_than_the_host_can_pin_is_refused_before_anything_loads(
     a pass, 49.0 with each MLP's input, as a row in tiles keeps them) on a host with 16 GiB available
     is one paragraph at planning, not a machine that swaps or dies."""
     import cli
-    available = speed.host_memory_gib()  # the real reading, on this machine
+    available = offload.host_memory_gib()  # the real reading, on this machine
     assert available is None or available > 0
-    monkeypatch.setattr(speed, "host_memory_gib", lambda: 16.0)
+    monkeypatch.setattr(offload, "host_memory_gib", lambda: 16.0)
     with pytest.raises(cli.UsageError, match=r"takes 49\.0 GiB of pinned host memory a pass .* has 16\.0 GiB available"):
         speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B)
-    monkeypatch.setattr(speed, "host_memory_gib", lambda: None)  # unknown: planned as before, nothing said
+    monkeypatch.setattr(offload, "host_memory_gib", lambda: None)  # unknown: planned as before, nothing said
     assert speed.plan_training(plan_flags(131072), torch.device("cuda"), [500], 100, SEVEN_B).offload
 
 
@@ -264,12 +265,12 @@ def test_split_layers_give_the_checkpointed_gradients(tiny_dir, base, monkeypatc
     gradient are the plain checkpointed model's; the host copies are each layer's input and each MLP
     tile's; the final norm keeps its weight and its name in the state dict."""
     monkeypatch.setattr(modeling.MLP, "chunk", 16)
-    copies, make = [], speed.HostCopy.__init__
+    copies, make = [], offload.HostCopy.__init__
 
     def spy(self, t):
         make(self, t)
         copies.append(tuple(t.shape))
-    monkeypatch.setattr(speed.HostCopy, "__init__", spy)
+    monkeypatch.setattr(offload.HostCopy, "__init__", spy)
     m = tiny_base(tiny_dir, base, dropout=0.0)
     names, norm = list(m.state_dict()), m.model.norm
     plain = {name: loss_and_all_gradients(m, batch, None, seed=5) for name, batch in long_batches().items()}
@@ -315,8 +316,8 @@ def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(ti
     import re
     import os
     import quant
-    monkeypatch.setattr(speed, "host_memory_gib", lambda: 200.0)
-    monkeypatch.setattr(speed, "card_gib", lambda device: 23.6)  # what a 24 GB card reports
+    monkeypatch.setattr(offload, "host_memory_gib", lambda: 200.0)
+    monkeypatch.setattr(offload, "card_gib", lambda device: 23.6)  # what a 24 GB card reports
     a = plan_flags(131072, quant_bits=4)
     plan = speed.plan_training(a, torch.device("cuda"), [100_000, 900], 10, SEVEN_B)
     assert plan.offload and not plan.graphs and not plan.fused and not plan.compiled
@@ -329,12 +330,12 @@ def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(ti
                          r".*host memory allows ([\d,]+)", plan.message)
     assert estimate, plan.message
     longest, host = (int(estimate.group(i).replace(",", "")) for i in (1, 3))
-    per_token = (speed.LONG_ROW_STAGING_UNITS + speed.LONG_ROW_RECOMPUTE_UNITS) * 3584 * 2
+    per_token = (offload.LONG_ROW_STAGING_UNITS + offload.LONG_ROW_RECOMPUTE_UNITS) * 3584 * 2
     assert longest % 1024 == 0 and abs(longest - (23.6 - 4.2 - 0.3 - float(estimate.group(2))) * 2**30 / per_token) < 2048
     assert host == int(0.8 * 200 * 2**30 / (2 * 28 * 3584 * 2)) // 1024 * 1024
-    assert speed.weights_gib(SEVEN_B, None, 2) == pytest.approx(13.2, abs=0.05)  # bf16: lm_head and the projections
+    assert offload.weights_gib(SEVEN_B, None, 2) == pytest.approx(13.2, abs=0.05)  # bf16: lm_head and the projections
     assert "may run out of memory" not in plan.message
-    monkeypatch.setattr(speed, "card_gib", lambda device: 16.0)  # bf16 on a 16 GB card: warned
+    monkeypatch.setattr(offload, "card_gib", lambda device: 16.0)  # bf16 on a 16 GB card: warned
     bf16 = speed.plan_training(plan_flags(131072), torch.device("cuda"), [100_000], 10, SEVEN_B).message
     assert "this run's passes reach 131,072 tokens and may run out of memory: lower --max_length" in bf16
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # a user's own setting stays
@@ -342,7 +343,7 @@ def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(ti
     assert "the CUDA allocator as you set it (PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:512)" in again
     m4, _ = quant.load_quantized(str(tiny_dir), quant.QuantConfig(), torch.float32, "cpu")
     layers = plan.training_layers(m4)
-    assert all(isinstance(layer, speed.OffloadedLayer) and isinstance(layer.layer, tiles.SplitLayer) for layer in layers)
+    assert all(isinstance(layer, offload.OffloadedLayer) and isinstance(layer.layer, tiles.SplitLayer) for layer in layers)
     assert isinstance(m4.model.norm, tiles.TiledNorm)
 
 
@@ -364,7 +365,7 @@ def test_split_layers_on_a_gpu_give_the_plain_gradients_in_less_memory(monkeypat
 
     run = lambda layers: measured_step(m, batch, layers)
 
-    whole = speed.offloaded_layers(m.model.layers)
+    whole = offload.offloaded_layers(m.model.layers)
     run(whole)  # the pinned host buffers allocated
     loss, plain, whole_peak = run(whole)
     split = speed.TrainingPlan(offload=True).training_layers(m)

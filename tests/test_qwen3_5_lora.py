@@ -13,6 +13,7 @@ from torch.testing import assert_close
 
 import data
 import decode
+import fast_decode
 import infer
 import lora
 import merge
@@ -331,13 +332,13 @@ def test_a_stopped_answer_goes_back_to_the_last_snapshot(qwen3_5):
 
 
 def test_the_static_decoder_gives_the_plain_logits_across_a_chat(qwen3_5):
-    """speed.CUDAGraphDecoder's step run without recording it (record=False): its StaticKVCache, the
+    """fast_decode.CUDAGraphDecoder's step run without recording it (record=False): its StaticKVCache, the
     DeltaNet states copied into fixed buffers each token, its snapshots copies put back by copying.
     It gives decode.Decoder's logits at every prefill and token of a chat that goes on from an answer,
     stops one, goes back to a snapshot and starts a new text (conftest.chat_logits): float32, 1e-5."""
     folder, _ = qwen3_5
     m, _ = modeling.load_model(str(folder), dtype=torch.float32)
-    decoder = speed.CUDAGraphDecoder(m, 64, record=False)
+    decoder = fast_decode.CUDAGraphDecoder(m, 64, record=False)
     buffers = lambda: [t.data_ptr() for states in decoder.cache.linear if states is not None for t in states]
     before = buffers()
     plain, plain_turns = chat_logits(m, decode.Decoder(m, 64))
