@@ -177,6 +177,10 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     if eager:
         return TrainingPlan(message="\n".join(m for m in (eager, how) if m), packed_mask=packed_mask)
     linear = config is not None and "linear_attention" in config.mixers  # Qwen3.5's DeltaNet layers
+    if linear and a.activation_cpu_offload:
+        raise ModelError("--activation_cpu_offload true is not available for Qwen3.5 models: the offloaded checkpoints "
+                         "and their long-row tiles (offload.py, tiles.py) are written for Qwen2 / Qwen3 layers, so its "
+                         "layers keep their checkpointed inputs on the GPU. Drop the flag, or lower --max_length.")
     offload, offloading = use_offload(a, device, config, row_lengths) if not linear else (False, "")
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone

@@ -210,8 +210,10 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
     assert graphs.graphs and graphs.packed_deltanet and not (graphs.compiled or graphs.fused or graphs.offload)
     assert "CUDA graphs: each micro-batch" in graphs.message and "(packed_deltanet.py)" in graphs.message
     assert "run unfused and keep their checkpointed inputs on the GPU" in graphs.message
-    compiled = plan("--torch_compile", "true", "--activation_cpu_offload", "true")
+    compiled = plan("--torch_compile", "true", "--max_length", "65536")
     assert compiled.compiled and compiled.layer_graphs and compiled.packed_deltanet and not compiled.offload
+    with pytest.raises(modeling.ModelError, match="--activation_cpu_offload true is not available for Qwen3.5"):
+        plan("--activation_cpu_offload", "true")  # asked for, and not done: refused before the model loads
     assert "compiled layers replayed as CUDA graphs" in compiled.message
     eager = plan("--cuda_graph", "false", "--torch_compile", "false")
     assert not (eager.graphs or eager.compiled or eager.packed_deltanet or eager.fused)
