@@ -624,7 +624,7 @@ def serve_main(a):
     with tempfile.TemporaryDirectory() as tmp:
         model = str(cli.tiny_dir("tiny")) if a.small else str(Path(tmp) / a.shape)
         if not a.small:
-            write_checkpoint(a.shape, model)
+            write_checkpoint(a.shape, model, text_only=True)
         port = free_port()
         proc = subprocess.Popen([sys.executable, "serve.py", "--model", model, "--port", str(port), "--max_batch_size",
                                  str(a.serve), "--max_model_len", str(512 + a.new_tokens) if a.small else "4096",
@@ -915,10 +915,14 @@ def build_parser():
     return p
 
 
-def write_checkpoint(shape_name: str, out):
+def write_checkpoint(shape_name: str, out, text_only: bool = False):
     """--write_checkpoint SHAPE DIR: random weights of a shape (random_value's, drawn on the GPU one
     tensor at a time) saved in the official layout with the tiny model's tokenizer, for running
-    train.py itself on the 7B shape (docs/benchmark-runs.md, run 17: the tutorial's command line)."""
+    train.py itself on the 7B shape (docs/benchmark-runs.md, run 17: the tutorial's command line).
+
+    text_only (a served model): lm_head's rows past the tokenizer's plain tokens are zero, so every
+    greedy token is one of them. Otherwise nearly every token is an id the 898-token tokenizer has
+    no text for, and a streaming client sees its first text only after a hundred tokens or so."""
     import shutil
     from pathlib import Path
     import cli
@@ -934,6 +938,9 @@ def write_checkpoint(shape_name: str, out):
         shapes = {k: tuple(v.shape) for k, v in modeling.QwenForCausalLM(modeling.Config.from_dict(config)).state_dict().items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights = {k: random_value(k, shape, i, device).to(torch.bfloat16).cpu() for i, (k, shape) in enumerate(shapes.items())}
+    if text_only:  # the tokenizer's added (special) tokens come after its plain ones
+        plain = min(t["id"] for t in json.loads((tiny / "tokenizer.json").read_text())["added_tokens"])
+        weights["model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"][plain:] = 0
     modeling.save_safetensors_sharded(weights, out)
     print(f"wrote a random {shape_name} checkpoint to {out}")
 

@@ -75,6 +75,23 @@ def test_write_checkpoint_gives_a_folder_train_py_loads(tmp_path, monkeypatch):
     torch.testing.assert_close(m.model.norm.weight, torch.ones(bench.SMALL["hidden_size"], dtype=m.model.norm.weight.dtype))
 
 
+def test_a_served_checkpoint_answers_in_tokens_the_tokenizer_has_text_for(tmp_path, monkeypatch):
+    """bench.py --serve's checkpoint (text_only): the 7B's 152,064 ids against the tiny tokenizer's 898
+    plain tokens made nearly every greedy token textless, so "time to first token" timed the first
+    text (runs 22 to 24). lm_head's rows past the plain tokens are zero: greedy picks plain tokens."""
+    import data
+    import decode
+    import model
+    monkeypatch.setitem(bench.SHAPES, "wide", dict(bench.SMALL, vocab_size=152064))
+    bench.write_checkpoint("wide", tmp_path / "ckpt", text_only=True)
+    m, _ = model.load_model(str(tmp_path / "ckpt"), dtype=torch.float32)
+    tok = data.Tokenizer(tmp_path / "ckpt")
+    plain = tok.endoftext_id  # the first added token
+    assert plain == 898 and not m.lm_head.weight[plain:].any() and m.lm_head.weight[:plain].abs().sum(1).all()
+    out = list(decode.generate(m, tok.encode_text("hello there"), 12, set()))
+    assert len(out) == 12 and max(out) < plain and tok.decode(out)
+
+
 def test_write_tokenizer_rebuilds_byte_pair_merges_from_ranks(tmp_path):
     """--write_tokenizer turns BPE ranks (tiktoken's file: base64 token, rank) into a tokenizer.json
     that encodes as the ranks say: each merge the pair joined last, bytes in the byte-level alphabet.
