@@ -48,8 +48,16 @@ def use_offload(a: "speed.PlanFlags", device, config, row_lengths: list[int]) ->
     print. --activation_cpu_offload true or false when given (offload_problem refuses what cannot
     run); by default on a GPU when one pass's inputs (its tokens: --max_tokens_per_pass or the
     longest row packed; else a micro-batch of the longest rows) would pass OFFLOAD_OVER_GIB, unless
-    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split."""
+    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split. Never for
+    Qwen3.5: the offloaded layers and their tiles are written for Qwen2 / Qwen3 layers (asked for, refused)."""
     flag = a.activation_cpu_offload
+    if config is not None and "linear_attention" in config.mixers:
+        if flag:
+            raise modeling.ModelError(
+                "--activation_cpu_offload true is not available for Qwen3.5 models: the offloaded checkpoints and "
+                "their long-row tiles (offload.py, tiles.py) are written for Qwen2 / Qwen3 layers, so its layers keep "
+                "their checkpointed inputs on the GPU. Drop the flag, or lower --max_length.")
+        return False, ""
     if flag is False or device.type != "cuda" or (flag is None and config is None):
         return False, ""
     saved = ""

@@ -171,17 +171,13 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
     layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048). A Qwen3.5
     model's layers are recorded or compiled with packed_deltanet.py's fixed-shape DeltaNet, never
-    fused or offloaded (deltanet_layers)."""
+    fused (deltanet_layers) or offloaded (offload.use_offload)."""
     packed_mask, how = packed_attention(a, device)
     eager = eager_only(a, device, config)
     if eager:
         return TrainingPlan(message="\n".join(m for m in (eager, how) if m), packed_mask=packed_mask)
     linear = config is not None and "linear_attention" in config.mixers  # Qwen3.5's DeltaNet layers
-    if linear and a.activation_cpu_offload:
-        raise ModelError("--activation_cpu_offload true is not available for Qwen3.5 models: the offloaded checkpoints "
-                         "and their long-row tiles (offload.py, tiles.py) are written for Qwen2 / Qwen3 layers, so its "
-                         "layers keep their checkpointed inputs on the GPU. Drop the flag, or lower --max_length.")
-    offload, offloading = use_offload(a, device, config, row_lengths) if not linear else (False, "")
+    offload, offloading = use_offload(a, device, config, row_lengths)
     pad = max(64, -(-a.max_length // 32))
     if a.padding_free:  # a step's rows packed: any length up to the budget, or a longer row alone
         row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
