@@ -20,7 +20,7 @@ class ModelError(Exception):
     """A problem with a model folder, config or checkpoint that the user can fix."""
 
 
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
              "vocab.json", "merges.txt", "*.safetensors", "model.safetensors.index.json"]
 
 
@@ -66,6 +66,7 @@ ARGS_FIELDS = {
     "model": (is_text, "a model id or folder"), "model_id_or_path": (is_text, "a model id or folder"),
     "system": (is_text, "a text"), "template": (is_text, "a template name"), "loss_scale": (is_text, "a name"),
     "enable_thinking": (is_bool, "true or false"), "preserve_thinking": (is_bool, "true or false"),
+    "reasoning_effort": (lambda v: v in ("xhigh", "medium", "low"), "xhigh, medium or low"),
     "add_non_thinking_prefix": (is_bool, "true or false"),
     "model_name": (is_texts, "a text or a list of texts"), "model_author": (is_texts, "a text or a list of texts"),
     "dataset": (is_texts, "a list of dataset names"), "val_dataset": (is_texts, "a list of dataset names"),
@@ -173,8 +174,11 @@ def load_generation_config(model_dir) -> dict:
 
 
 def chat_template(model_dir, error: type) -> str:
-    """tokenizer_config.json's chat_template ("" where there is none): a text, or the list of named
-    templates ({"name", "template"}) transformers writes for several, of which "default" is taken."""
+    """The checkpoint's Jinja chat template ("" where there is none): chat_template.jinja, which wins
+    as in transformers (Qwen3.8 ships its template so), else tokenizer_config.json's chat_template:
+    a text, or the list of named templates ({"name", "template"}) of which "default" is taken."""
+    if (Path(model_dir) / "chat_template.jinja").is_file():
+        return (Path(model_dir) / "chat_template.jinja").read_text(encoding="utf-8")
     path = Path(model_dir) / "tokenizer_config.json"
     jinja = (read_json(path, error) if path.exists() else {}).get("chat_template")
     if isinstance(jinja, list) and all(isinstance(t, dict) and is_text(t.get("name")) and is_text(t.get("template"))

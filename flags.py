@@ -24,7 +24,7 @@ import runs
 import sources
 import speed
 from cli import UsageError, str2bool
-from template import LOSS_SCALES, TEMPLATES
+from template import EFFORTS, LOSS_SCALES, TEMPLATES
 
 DEFAULT_MAX_NEW_TOKENS = 32768  # infer.py's longest answer when --max_new_tokens is not given: room for Qwen3's reasoning
 
@@ -94,7 +94,9 @@ def data_flags(p):
     g.add_argument("--add_non_thinking_prefix", type=str2bool, default=True,
                    help="hybrid Qwen3: an empty think block before each answer without one, as ms-swift")
     g.add_argument("--preserve_thinking", type=str2bool, default=None,
-                   help="Qwen3.6: keep earlier answers' reasoning in multi-turn rows (default: false)")
+                   help="Qwen3.6 / 3.8: keep earlier answers' reasoning in multi-turn rows (default: the template's)")
+    g.add_argument("--reasoning_effort", default=None, choices=list(EFFORTS),
+                   help="Qwen3.8: how hard to think, an instruction in the rows trained thinking (default: xhigh)")
     g.add_argument("--model_name", nargs="+", default=None, help="replaces {{NAME}}: one value, or a Chinese and an English one")
     g.add_argument("--model_author", nargs="+", default=None, help="replaces {{AUTHOR}}: one value, or a Chinese and an English one")
     g.add_argument("--columns", default=None,
@@ -313,7 +315,9 @@ def infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
     g.add_argument("--enable_thinking", type=str2bool, default=None, help="hybrid Qwen3: reason before answering (default: true, as the model's template)")
     g.add_argument("--preserve_thinking", type=str2bool, default=None,
-                   help="Qwen3.6: keep earlier answers' reasoning (default: as the adapter was trained, else false)")
+                   help="Qwen3.6 / 3.8: keep earlier answers' reasoning (default: as trained, else the template's)")
+    g.add_argument("--reasoning_effort", default=None, choices=list(EFFORTS),
+                   help="Qwen3.8: how hard to think, said in the system turn (default: as trained, else xhigh)")
     g.add_argument("--show_thinking", type=str2bool, default=None, help="print the reasoning before the answer (default: in the REPL only; piped: a 'reasoning' field)")
     g.add_argument("--stream", type=str2bool, default=None, help="print the answer as it is generated (default: true; not with --val_dataset)")
     g.add_argument("--prompt", default=None, help="answer this one question and exit")

@@ -473,9 +473,11 @@ def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
     else the checkpoint's own; with --enable_thinking."""
     trained = ckpt_args or ([lora.checkpoint_args(model_dir)] if (Path(model_dir) / "args.json").exists() else [])
     name = args.template or next((ck.get("template") for ck in trained if ck.get("template") in TEMPLATES), None)
-    preserve = next((ck["preserve_thinking"] for ck in trained if ck.get("preserve_thinking") is not None), None)
+    preserve, effort = (next((ck[k] for ck in trained if ck.get(k) is not None), None)
+                        for k in ("preserve_thinking", "reasoning_effort"))
     template = choose_template(model_dir, config.model_type, name, enable_thinking=args.enable_thinking,
-                               preserve_thinking=preserve if args.preserve_thinking is None else args.preserve_thinking)
+                               preserve_thinking=preserve if args.preserve_thinking is None else args.preserve_thinking,
+                               reasoning_effort=args.reasoning_effort or effort)
     if args.enable_thinking is None and trained:  # as the (first) adapter was trained to answer
         template = with_trained_thinking(template, trained[0])
     thinking = {"never": "", "always": ", thinks first", "hybrid": ", thinks first" if template.enable_thinking else

@@ -38,7 +38,7 @@ import model as M
 from template import template_name_of
 from util import atomic_folder, check_fields, is_text, read_json, remove_stale_temporaries, short_list
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
 MARKER = "qwen-lora merge.py"  # merge_info.json's "written_by": how --exist_ok knows a folder is ours
 # Every name merge.py writes into its folder; a folder holding anything else is not ours to delete.

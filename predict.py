@@ -155,7 +155,8 @@ def held_out_rows(chat, args) -> list[Row]:
     trained = training_args(folder)
     template = choose_template(chat.tok.path.parent, chat.model.config.model_type, trained.get("template"),
                                trained.get("system"), trained.get("enable_thinking"), trained.get("loss_scale"),
-                               trained.get("add_non_thinking_prefix", True), trained.get("preserve_thinking"))
+                               trained.get("add_non_thinking_prefix", True), trained.get("preserve_thinking"),
+                               trained.get("reasoning_effort"))
     values = sources.placeholder_values(trained.get("model_name"), trained.get("model_author"))
 
     def held(specs, ratio):

@@ -78,7 +78,7 @@ import infer
 import lora
 from cli import UsageError, str2bool
 from infer import note
-from template import TEMPLATES, Template, TemplateError, split_reasoning, with_trained_thinking
+from template import EFFORTS, TEMPLATES, Qwen38Template, Template, TemplateError, split_reasoning, with_trained_thinking
 
 GRACE_S = 5.0  # on Ctrl-C / SIGTERM, how long the answers in flight may go on before they are cancelled
 MAX_BODY = 32 * 2**20  # the largest request body read, in bytes
@@ -140,6 +140,8 @@ def model_flags(p):
     g.add_argument("--template", default=None, choices=list(TEMPLATES), help="chat template (default: the adapter's, else the checkpoint's own)")
     g.add_argument("--enable_thinking", type=str2bool, default=None,
                    help="hybrid Qwen3: reason before answering (default: as each adapter was trained, else true)")
+    g.add_argument("--reasoning_effort", default=None, choices=list(EFFORTS),
+                   help="Qwen3.8: how hard to think, when a request does not say (default: as trained, else xhigh)")
     g.add_argument("--system", default=None, help="system prompt for conversations without one (default: the adapter's training one)")
 
 
@@ -464,6 +466,18 @@ def thinking_switch(body: dict) -> bool | None:
     return value
 
 
+def effort_switch(body: dict) -> str | None:
+    """reasoning_effort (OpenAI's field, which vLLM hands to the template) or
+    chat_template_kwargs.reasoning_effort (ms-swift's), for Qwen3.8: xhigh, medium or low."""
+    kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
+    param = "chat_template_kwargs" if kwargs.get("reasoning_effort") is not None else "reasoning_effort"
+    value = kwargs.get("reasoning_effort") if param == "chat_template_kwargs" else body.get("reasoning_effort")
+    if value is not None and value not in EFFORTS:
+        raise APIError(400, f"Invalid '{param}' reasoning effort {json.dumps(value)}: Qwen3.8's template takes xhigh "
+                            "(its default), medium or low.", param=param)
+    return value
+
+
 def sampling_fields(body: dict, defaults: dict, seeds: random.Random) -> dict:
     """engine.Request's temperature, top_p, top_k, repetition_penalty and seed: the request's, else the server's."""
     given = {"temperature": number(body, "temperature", 0, 2),
@@ -547,7 +561,7 @@ class Server:
             raise APIError(404, f"The model `{name}` does not exist here; this server has {', '.join(self.models)}.",
                            param="model", code="model_not_found")
         refuse_unsupported(body)
-        prompt, template = self.prompt(self.models[name], chat_messages(body), thinking_switch(body))
+        prompt, template = self.prompt(self.models[name], chat_messages(body), thinking_switch(body), effort_switch(body))
         room = self.engine.max_len - len(prompt)
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.engine.max_len} tokens (--max_model_len); "
@@ -565,9 +579,15 @@ class Server:
         request.on_token = lambda token, finished: job.events.put((token, finished))  # on the engine thread
         return job
 
-    def prompt(self, served: Served, messages: list[dict], thinking: bool | None) -> tuple[list[int], Template]:
+    def prompt(self, served: Served, messages: list[dict], thinking: bool | None,
+               effort: str | None = None) -> tuple[list[int], Template]:
         """The prompt's token ids as infer.Chat renders them (that adapter's system prompt and thinking)."""
         chat = replace(self.chat, adapter=served.adapter, template=served.template)
+        if effort is not None and not isinstance(chat.template, Qwen38Template):
+            raise APIError(400, f"Invalid 'reasoning_effort': the {chat.template.name} template has no reasoning effort "
+                                "(Qwen3.8's, qwen3_8, has); leave it out.", param="reasoning_effort")
+        if effort is not None:
+            chat.template = replace(chat.template, reasoning_effort=effort)
         try:
             if thinking is not None:
                 chat.set_thinking(thinking)

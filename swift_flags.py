@@ -46,10 +46,11 @@ FLAGS = {
     # Model
     "model": SwiftFlag("Qwen/Qwen3-4B-Instruct-2507", ALL, "dense Qwen2 / Qwen2.5 / Qwen3 (0.6B-32B, 2507 Instruct and Thinking)"),
     "model_type": SwiftFlag("qwen2", TRAIN_INFER, "config.json says the architecture", ignored=True),
-    "template": SwiftFlag("qwen3", TRAIN_INFER, "qwen2_5, qwen3, qwen3_nothinking or qwen3_thinking; unset: the checkpoint's own "
-                          "(tokenizer_config.json's chat_template), then the adapter's args.json"),
+    "template": SwiftFlag("qwen3", TRAIN_INFER, "qwen2_5, qwen3, qwen3_nothinking, qwen3_thinking, qwen3_5 or qwen3_8; unset: the "
+                          "checkpoint's own (its Jinja chat template), then the adapter's args.json"),
     "enable_thinking": SwiftFlag("false", TRAIN_INFER, "hybrid Qwen3: think before answering (default true, as the model's "
-                                 "template); train.py: for --eval_prompts only, the rows train as written"),
+                                 "template); train.py: for --eval_prompts, the rows train as written (Qwen3.8's: "
+                                 "with its effort's instruction when true)"),
     "add_non_thinking_prefix": SwiftFlag("true", TRAIN, "hybrid Qwen3: an empty think block before each answer without one"),
     "train_type": SwiftFlag("lora", TRAIN, "lora only"),
     "tuner_type": SwiftFlag("lora", TRAIN, "ms-swift 4.x's name for --train_type; lora only"),

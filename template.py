@@ -11,6 +11,7 @@ when a conversation has none, and in thinking:
     qwen3_nothinking   Qwen3-*-Instruct-2507             none            never
     qwen3_thinking     Qwen3-*-Thinking-2507             none            always
     qwen3_5            Qwen3.5-*, Qwen3.6-* (hybrid)     none            unless enable_thinking is false
+    qwen3_8            Qwen3.8-* (hybrid)                none            unless enable_thinking is false
 
 A thinking model writes its reasoning before the answer, `<think>\\nREASONING\\n</think>\\n\\nANSWER`;
 a hybrid model told not to think gets the empty block `<think>\\n\\n</think>\\n\\n` written for it
@@ -21,19 +22,21 @@ Each template renders a conversation two ways:
 
     prompt_turns     what the checkpoint's own Jinja chat template writes (transformers'
                      apply_chat_template), for inference: the reasoning of every assistant turn
-                     before the last user message is dropped, so a chat's history holds answers only.
+                     before the last user message is dropped, so a chat's history holds answers
+                     only (Qwen3.8's template keeps it).
     training_turns   what ms-swift trains on, so that the same rows give the same loss: every
-                     assistant turn keeps its reasoning (the Jinja template would drop it from all but
-                     the last); the hybrid template writes the empty block before an answer that has
-                     none (--add_non_thinking_prefix true), and --loss_scale ignore_empty_think (its
-                     default there) leaves an empty block out of the loss.
+                     assistant turn keeps its reasoning (but before the last question with
+                     --loss_scale last_round or --preserve_thinking false); the hybrid template writes
+                     the empty block before an answer that has none (--add_non_thinking_prefix true),
+                     and --loss_scale ignore_empty_think (its default there) leaves it out of the loss.
 
-The template comes from tokenizer_config.json's chat_template (choose_template), else from
-config.json's model_type, and --template NAME overrides both.
+The template comes from the checkpoint's Jinja template (chat_template.jinja or tokenizer_config.json's:
+choose_template), else from config.json's model_type, and --template NAME overrides both.
 """
 
 import re
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from checkpoints import chat_template
 
@@ -44,8 +47,16 @@ LOSS_SCALES = ("default", "ignore_empty_think", "last_round", "all")  # last_rou
 # question; all: every token (system prompt and questions too)
 
 
+EFFORTS = {  # Qwen3.8's reasoning_effort: what its template writes first in the system turn when the model thinks
+    "xhigh": "Reasoning effort is set to xhigh. Please think carefully through the task, validate key assumptions, "
+             "consider plausible alternatives, and prioritize correctness, consistency, and clarity in the final answer.",
+    "medium": "",
+    "low": "Reasoning effort is set to low. Keep your thinking brief and focused, moving directly to the conclusion "
+           "without unnecessary elaboration."}
+
+
 class TemplateError(Exception):
-    """A --template, --enable_thinking or --loss_scale that the model cannot take."""
+    """A --template, --enable_thinking, --loss_scale or --reasoning_effort that the model cannot take."""
 
 
 def think_block(reasoning: str) -> str:
@@ -93,6 +104,9 @@ class Template:
     enable_thinking: bool = True  # a hybrid model: think before answering
     loss_scale: str = "default"  # "ignore_empty_think": an empty think block carries no loss
     add_non_thinking_prefix: bool = True  # a hybrid model: write the empty block before an answer that has none
+    preserve_thinking: bool | None = None  # the answers before the last question keep their reasoning (None:
+    # as the template does, which keeps it where keeps_past_reasoning: ms-swift's TemplateMeta.preserve_thinking)
+    keeps_past_reasoning: ClassVar[bool] = False
 
     def with_system(self, messages: list[dict]) -> list[dict]:
         """The conversation with its system prompt in front: its own, else --system, else the
@@ -117,19 +131,33 @@ class Template:
         """The turns as ms-swift trains on them: {"role", "content"}, and for an assistant turn
         "untrained", how many characters at the start of its content carry no loss (an empty think block)."""
         turns, messages = [], self.with_system([with_reasoning_in_content(m) for m in messages])
-        if "all" in self.loss_scale:  # every turn trained whole, its header too (but an empty think block)
-            return [{**self.training_answer(m["content"]), "role": "whole"} if m["role"] == "assistant" else
-                    {"role": "said", "content": f"{m['role']}\n{m['content']}"} for m in messages]
-        last = last_query(messages) if "last_round" in self.loss_scale else -1  # earlier answers: context only
+        whole, last_round, query = "all" in self.loss_scale, "last_round" in self.loss_scale, last_query(messages)
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                turns.append({"role": m["role"], "content": m["content"]})
+            if m["role"] != "assistant":  # --loss_scale all: every turn trained whole, its header too
+                turns.append({"role": "said", "content": f"{m['role']}\n{m['content']}"} if whole else
+                             {"role": m["role"], "content": m["content"]})
                 continue
-            # ms-swift writes an earlier answer without an empty think block, and a thinking model's
-            # without its reasoning (as the Jinja template does): it is context, not trained
-            past = m["content"].split("</think>")[-1].strip() if self.thinks != "never" else m["content"]
-            turns.append({"role": "past", "content": past} if i < last else self.training_answer(m["content"]))
+            answer = self.past_answer(m["content"]) if i < query else self.training_answer(m["content"])
+            if whole:  # (but an empty think block)
+                answer["role"] = "whole"
+            elif last_round and i < query:  # only the answers after the last question are trained
+                answer = {"role": "past", "content": answer["content"]}
+            turns.append(answer)
         return turns
+
+    def past_answer(self, content: str) -> dict:
+        """An answer before the last question, as ms-swift writes it (its Template._get_preserve_thinking):
+        without its reasoning and empty think block unless preserve_thinking keeps them (unset: where every
+        round trains, or the template keeps them itself). Kept where only the last round trains, it is
+        context as written, no empty block added (Qwen3.8's template adds one)."""
+        last_round, keep = "last_round" in self.loss_scale, self.preserve_thinking
+        if keep is None:
+            keep = self.keeps_past_reasoning or self.thinks == "never" or not last_round
+        if not keep:
+            return Template.training_answer(self, content.split("</think>")[-1].strip())
+        if last_round and not self.keeps_past_reasoning:  # as written
+            return Template.training_answer(self, content)
+        return self.training_answer(content)
 
     def training_answer(self, content: str) -> dict:
         empty = EMPTY_THINK_RE.match(content) if "ignore_empty_think" in self.loss_scale else None
@@ -173,8 +201,6 @@ class Qwen35Template(ThinkingTemplate):
     block (empty when there is no reasoning). preserve_thinking (Qwen3.6's template) keeps the
     reasoning of every earlier answer too; Qwen3.5's own template ignores it."""
 
-    preserve_thinking: bool = False
-
     def with_system(self, messages: list[dict]) -> list[dict]:
         return super().with_system([trimmed(m) for m in messages])
 
@@ -189,6 +215,40 @@ class Qwen35Template(ThinkingTemplate):
 
     def generation_prompt(self) -> str:
         return "<think>\n" if self.enable_thinking else EMPTY_THINK
+
+
+@dataclass(frozen=True)
+class Qwen38Template(Qwen35Template):
+    """Qwen3.8: Qwen3.5's format, but a thinking model's system turn opens with the reasoning effort's
+    instruction (EFFORTS), every earlier answer keeps its reasoning unless preserve_thinking is false, and
+    a prompt reads it from reasoning_content alone (a think block in the content is text to its template)."""
+
+    reasoning_effort: str = "xhigh"
+    keeps_past_reasoning: ClassVar[bool] = True
+
+    def with_system(self, messages: list[dict]) -> list[dict]:  # training rows: as ms-swift's qwen3_8
+        return self.with_effort(super().with_system(messages))
+
+    def with_effort(self, messages: list[dict]) -> list[dict]:
+        """The system turn opened with the effort's instruction (a turn of its own without one)."""
+        effort = EFFORTS[self.reasoning_effort] if self.enable_thinking else ""
+        if not effort:
+            return messages
+        if messages and messages[0]["role"] == "system":
+            return [{"role": "system", "content": f"{effort}\n\n{messages[0]['content']}"}, *messages[1:]]
+        return [{"role": "system", "content": effort}, *messages]
+
+    def prompt_turns(self, messages: list[dict]) -> list[dict]:
+        # trimmed, but not rewritten as Qwen35Template.with_system rewrites a think block in the content
+        messages = self.with_effort(Template.with_system(self, [{**m, "content": m["content"].strip()}
+                                                                for m in messages]))
+        query, turns = last_query(messages), []
+        for i, m in enumerate(messages):
+            reasoning = m["reasoning_content"] if isinstance(m.get("reasoning_content"), str) else ""
+            keep = m["role"] == "assistant" and (self.preserve_thinking is not False or i > query)
+            turns.append({"role": m["role"], "content": think_block(reasoning.strip()) + m["content"] if keep
+                          else m["content"]})
+        return turns
 
 
 def trimmed(message: dict) -> dict:
@@ -209,13 +269,17 @@ TEMPLATES = {
     "qwen3_nothinking": Template("qwen3_nothinking"),
     "qwen3_thinking": ThinkingTemplate("qwen3_thinking", thinks="always"),
     "qwen3_5": Qwen35Template("qwen3_5", thinks="hybrid", loss_scale="ignore_empty_think"),
+    "qwen3_8": Qwen38Template("qwen3_8", thinks="hybrid", loss_scale="ignore_empty_think"),
 }
 
 
 def template_name_of(model_dir, model_type: str) -> str:
-    """The template of a checkpoint: recognised in tokenizer_config.json's chat_template, else the
-    one of its model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3, qwen3_5: qwen3_5)."""
+    """The template of a checkpoint: recognised in its Jinja chat template, else the one of its
+    model_type (qwen2: qwen2_5, qwen3: the hybrid qwen3, qwen3_5: qwen3_5, as Qwen3.8's config.json
+    is Qwen3.6's)."""
     jinja = chat_template(model_dir, TemplateError)  # (checked: a text, else one paragraph)
+    if "reasoning_effort" in jinja and "render_content" in jinja:  # Qwen3.8: Qwen3.5's, with an effort
+        return "qwen3_8"
     if "enable_thinking" in jinja and "render_content" in jinja:  # Qwen3.5 / 3.6: vision content, thinking
         return "qwen3_5"
     if "enable_thinking" in jinja:
@@ -231,7 +295,8 @@ def template_name_of(model_dir, model_type: str) -> str:
 
 def choose_template(model_dir, model_type: str, name: str | None = None, system: str | None = None,
                     enable_thinking: bool | None = None, loss_scale: str | None = None,
-                    add_non_thinking_prefix: bool = True, preserve_thinking: bool | None = None) -> Template:
+                    add_non_thinking_prefix: bool = True, preserve_thinking: bool | None = None,
+                    reasoning_effort: str | None = None) -> Template:
     """The template for this checkpoint (or --template `name`) with the run's settings; a setting
     the template cannot take is a TemplateError that says why."""
     detected = template_name_of(model_dir, model_type)
@@ -250,10 +315,16 @@ def choose_template(model_dir, model_type: str, name: str | None = None, system:
                                 "prompt opens the <think> block. Leave the flag out, or use Qwen3-*-Instruct-2507 "
                                 "for answers without reasoning.")
     if preserve_thinking is not None and not isinstance(t, Qwen35Template):
-        raise TemplateError(f"--preserve_thinking: the {name} template has no such setting (Qwen3.6's template, "
-                            "qwen3_5, has). Leave the flag out.")
-    if preserve_thinking is not None:
-        t = replace(t, preserve_thinking=preserve_thinking)
+        raise TemplateError(f"--preserve_thinking: the {name} template has no such setting (Qwen3.6's and "
+                            "Qwen3.8's templates, qwen3_5 and qwen3_8, have). Leave the flag out.")
+    if reasoning_effort is not None and not isinstance(t, Qwen38Template):
+        raise TemplateError(f"--reasoning_effort: the {name} template has no such setting (Qwen3.8's template, "
+                            "qwen3_8, has). Leave the flag out.")
+    if reasoning_effort is not None and reasoning_effort not in EFFORTS:
+        raise TemplateError(f"--reasoning_effort {reasoning_effort}: Qwen3.8's template takes xhigh (its default), "
+                            "medium or low.")
+    settings = {"preserve_thinking": preserve_thinking, "reasoning_effort": reasoning_effort}
+    t = replace(t, **{k: v for k, v in settings.items() if v is not None})
     if loss_scale is not None and loss_scale not in LOSS_SCALES:
         raise TemplateError(f"--loss_scale {loss_scale}: the loss scales here are {', '.join(LOSS_SCALES)}.")
     if t.thinks == "hybrid" and loss_scale in ("default", "last_round", "all"):  # ms-swift >= 4.3.1 adds it for hybrid models
@@ -272,6 +343,6 @@ def with_trained_thinking(template: Template, args: dict) -> Template:
     if template.thinks != "hybrid":
         return template
     recorded = args.get("enable_thinking")
-    if not isinstance(recorded, bool) and args.get("template") in ("qwen3", "qwen3_5"):
+    if not isinstance(recorded, bool) and args.get("template") in ("qwen3", "qwen3_5", "qwen3_8"):
         recorded = not args.get("add_non_thinking_prefix", True)
     return replace(template, enable_thinking=recorded) if isinstance(recorded, bool) else template

@@ -385,7 +385,7 @@ def chat_template(a, model_dir, config) -> Template:
     """The checkpoint's chat template (or --template) with this run's settings; a.template is set
     to its name, so that args.json records it for inference (ours and ms-swift's)."""
     template = choose_template(model_dir, config.model_type, a.template, a.system, a.enable_thinking, a.loss_scale,
-                               a.add_non_thinking_prefix, a.preserve_thinking)
+                               a.add_non_thinking_prefix, a.preserve_thinking, a.reasoning_effort)
     # --eval_prompts are asked as the rows train (unless --enable_thinking says otherwise); args.json records it.
     template = with_trained_thinking(template, dict(vars(a), template=template.name))
     a.template, a.loss_scale = template.name, template.loss_scale

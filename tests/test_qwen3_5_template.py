@@ -139,6 +139,15 @@ MS_SWIFT[(("loss_scale", "all"),)] = [  # ms-swift: all+ignore_empty_think
     f"{S}system\nBe brief.{E}{U}q{E}{A}<think>\nwhy\n</think>\n\nA{E}⟧"]
 MS_SWIFT[(("enable_thinking", False),)] = MS_SWIFT[()]  # training rows do not change with it
 MS_SWIFT[(("enable_thinking", True),)] = MS_SWIFT[()]
+# --preserve_thinking (ms-swift's Template._get_preserve_thinking): true keeps an earlier answer's reasoning
+# where only the last round trains, as written; false drops it where every round trains, the answer then
+# trained alone
+MS_SWIFT[(("loss_scale", "last_round"), ("preserve_thinking", True))] = [
+    row.replace(f"{A}A1{E}", f"{A}<think>\nr1\n</think>\n\nA1{E}") for row in MS_SWIFT[(("loss_scale", "last_round"),)]]
+MS_SWIFT[(("preserve_thinking", False),)] = [row.replace(f"{A}⟦<think>\nr1\n</think>\n\nA1", f"{A}⟦A1")
+                                            for row in MS_SWIFT[()]]
+MS_SWIFT[(("loss_scale", "all"), ("preserve_thinking", False))] = [
+    row.replace(f"{A}<think>\nr1\n</think>\n\nA1", f"{A}A1") for row in MS_SWIFT[(("loss_scale", "all"),)]]
 
 
 @pytest.mark.parametrize("flags", list(MS_SWIFT))
@@ -153,6 +162,16 @@ def test_training_rows_are_ms_swifts(tok, flags):
     assert ours == expected
     batched = sources.encode_chats(tok, conversations, template=template)
     assert [marked_text(tok, r["input_ids"].tolist(), r["labels"].tolist()) for r in batched] == expected
+
+
+def test_preserved_earlier_answers_are_context_as_written_where_only_the_last_round_trains(tok):
+    """ms-swift 4.6.0, --loss_scale last_round --preserve_thinking true: an earlier answer without reasoning
+    gets no empty think block (qwen3_8, whose template keeps reasoning itself, writes one)."""
+    row = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A1"},
+           {"role": "user", "content": "b"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\nA2"}]
+    template = T.choose_template("nowhere", "qwen3_5", "qwen3_5", loss_scale="last_round", preserve_thinking=True)
+    assert marked_text(tok, *encode_chat(tok, row, template=template)) == (
+        f"{U}a{E}{A}A1{E}{U}b{E}{A}⟦<think>\nr2\n</think>\n\nA2{E}⟧")
 
 
 def test_the_built_in_tiny_qwen3_5_carries_qwen3_5s_template():

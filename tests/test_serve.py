@@ -202,6 +202,9 @@ BAD_REQUESTS = [
     ({"model": "a", "messages": QUESTION, "stop": 5}, 400, "stop", None),
     ({"model": "a", "messages": QUESTION, "stream": "yes"}, 400, "stream", None),
     ({"model": "a", "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": True}}, 400, "chat_template_kwargs", None),
+    ({"model": "a", "messages": QUESTION, "reasoning_effort": "low"}, 400, "reasoning_effort", None),  # Qwen2.5: none
+    ({"model": "a", "messages": QUESTION, "chat_template_kwargs": {"reasoning_effort": "high"}}, 400,
+     "chat_template_kwargs", None),
 ]
 
 
@@ -319,6 +322,23 @@ def test_a_port_in_use_is_a_clear_error_before_the_model_loads(capsys):
         assert serve.main(["--model", "tiny", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "another program listens there" in err and "loading" not in err
+
+
+def test_a_request_sets_qwen3_8s_reasoning_effort():
+    """reasoning_effort (OpenAI's field) or chat_template_kwargs.reasoning_effort (ms-swift's): the instruction
+    Qwen3.8's template writes for it opens the prompt; --reasoning_effort is the default of requests without."""
+    from types import SimpleNamespace
+    from template import EFFORTS
+    args = serve.serve_parser().parse_args(["--model", "tiny-qwen3_5", "--template", "qwen3_8", "--reasoning_effort", "low"])
+    chat = infer.load_chat(serve.chat_args(args))
+    served = serve.Served(None, chat.template)
+
+    def prompt(body):
+        ids, _ = serve.Server.prompt(SimpleNamespace(chat=chat), served, QUESTION, None, serve.effort_switch(body))
+        return chat.tok.decode(ids)
+    assert prompt({}).startswith(f"<|im_start|>system\n{EFFORTS['low']}<|im_end|>")
+    assert prompt({"reasoning_effort": "xhigh"}).startswith(f"<|im_start|>system\n{EFFORTS['xhigh']}<|im_end|>")
+    assert prompt({"chat_template_kwargs": {"reasoning_effort": "medium"}}).startswith("<|im_start|>user\n")
 
 
 # ----------------------------------------------------------------------------------------------

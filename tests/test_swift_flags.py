@@ -91,7 +91,7 @@ def test_ignored_flags_are_noted_and_limited_ones_take_only_their_values(capsys)
                                          r"\(two 4-bit codes a byte\)"):
         flags.train_parser().parse_args(TRAIN_REQUIRED + ["--bnb_4bit_quant_storage", "bfloat16"])
     with pytest.raises(UsageError, match=r"argument --template: invalid choice: 'qwen4' \(choose from 'qwen2_5', 'qwen3', "
-                                         r"'qwen3_nothinking', 'qwen3_thinking', 'qwen3_5'\)"):
+                                         r"'qwen3_nothinking', 'qwen3_thinking', 'qwen3_5', 'qwen3_8'\)"):
         flags.train_parser().parse_args(TRAIN_REQUIRED + ["--template", "qwen4"])
 
 
