@@ -197,6 +197,7 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(dv, eps)
         self.out_proj = nn.Linear(v_heads * dv, hidden, bias=False)
         self.packed_mix = None  # mix of packed rows in fixed shapes, set from outside (speed.py: packed_deltanet.mix)
+        self.delta_rule = chunked_delta_rule  # over a sequence; for long rows checkpointed in pieces (tiles.py)
 
     def forward(self, x, segments=None, cache=None, layer: int = 0):
         """segments (B, T): 0 on padding, else the id of the sample each token belongs to (1 for a
@@ -232,7 +233,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self.heads(qkv)
         if state is None:
             state = q.new_zeros(B, self.v_heads, self.dk, self.dv)
-        rule = recurrent_delta_rule if T == 1 else chunked_delta_rule
+        rule = recurrent_delta_rule if T == 1 else self.delta_rule
         y, state = rule(q, k, v, g, beta.float(), state.float())
         return y.to(qkv.dtype), conv, state
 

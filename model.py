@@ -322,10 +322,9 @@ def attend(q, k, v, mask, is_causal):
 
 
 class MLP(nn.Module):
-    # The MLP works on each token alone, so a long sequence goes through it this many tokens at a
-    # time: its (tokens x intermediate) tensors, 74 MiB each at 2,048 tokens on the 7B shape, stay
-    # that size however long the sequence. In a compiled layer's backward (speed.compiled_layers)
-    # each piece's recomputation is then used and freed before the next one's.
+    # The MLP works on each token alone, so a long sequence goes through it this many tokens at a time: its
+    # (tokens x intermediate) tensors, 74 MiB each at 2,048 tokens on the 7B shape, stay that size however long
+    # the sequence. In a compiled layer's backward (speed.compiled_layers) each piece's is freed before the next.
     chunk = 2048
 
     def __init__(self, cfg: Config):
@@ -371,19 +370,21 @@ class DecoderLayer(nn.Module):
     def forward(self, h, cos, sin, mask, is_causal, cache=None, layer=0, checkpoint=False, segments=None):
         """segments (B, T): the rows of a padded or packed batch, for a DeltaNet layer (QwenModel.forward)."""
         if checkpoint:
-            # Keep only the layer's input; recompute its insides during backward. Done here, inside
-            # the layer, so that a compiled layer (speed.compiled_layers) compiles the recomputation
-            # together with the backward: one fused forward and one backward per layer.
+            # Keep only the layer's input; recompute its insides during backward. Done here, inside the layer, so
+            # that a compiled layer (speed.compiled_layers) compiles the recomputation together with the backward.
             return self.recompute(self._forward, h, cos, sin, mask, is_causal, cache, layer, segments)
         return self._forward(h, cos, sin, mask, is_causal, cache, layer, segments)
 
     def _forward(self, h, cos, sin, mask, is_causal, cache, layer, segments=None):
+        h = self.mix(h, cos, sin, mask, is_causal, cache, layer, segments)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def mix(self, h, cos, sin, mask, is_causal, cache=None, layer=0, segments=None):
+        """h + the token mixer of norm(h): attention, or a DeltaNet (tiles.py runs it apart from the MLP)."""
         x = self.input_layernorm(h)
         if hasattr(self, "linear_attn"):
-            h = h + self.linear_attn(x, segments, cache, layer)
-        else:
-            h = h + self.self_attn(x, cos, sin, mask, is_causal, cache, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+            return h + self.linear_attn(x, segments, cache, layer)
+        return h + self.self_attn(x, cos, sin, mask, is_causal, cache, layer)
 
 
 def attention_mask_4d(q_seg, k_seg, start: int):

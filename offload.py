@@ -21,9 +21,11 @@ import weakref
 from functools import partial
 
 import torch
+import torch.nn as nn
 
 import cli
 import model as modeling
+import tiles
 
 # ----------------------------------------------------------------------------------------------
 # Offloaded checkpoints. Replaces: keeping each checkpointed layer's input on the GPU (model.DecoderLayer
@@ -48,16 +50,8 @@ def use_offload(a: "speed.PlanFlags", device, config, row_lengths: list[int]) ->
     print. --activation_cpu_offload true or false when given (offload_problem refuses what cannot
     run); by default on a GPU when one pass's inputs (its tokens: --max_tokens_per_pass or the
     longest row packed; else a micro-batch of the longest rows) would pass OFFLOAD_OVER_GIB, unless
-    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split. Never for
-    Qwen3.5: the offloaded layers and their tiles are written for Qwen2 / Qwen3 layers (asked for, refused)."""
+    --cuda_graph true or --gradient_checkpointing false. The CPU has no host/device split."""
     flag = a.activation_cpu_offload
-    if config is not None and "linear_attention" in config.mixers:
-        if flag:
-            raise modeling.ModelError(
-                "--activation_cpu_offload true is not available for Qwen3.5 models: the offloaded checkpoints and "
-                "their long-row tiles (offload.py, tiles.py) are written for Qwen2 / Qwen3 layers, so its layers keep "
-                "their checkpointed inputs on the GPU. Drop the flag, or lower --max_length.")
-        return False, ""
     if flag is False or device.type != "cuda" or (flag is None and config is None):
         return False, ""
     saved = ""
@@ -155,7 +149,16 @@ LONG_ROW_RECOMPUTE_UNITS = 7.0  # one layer's backward at its peak, in attention
 #                                 v, attention's output and their gradients, one head group's flash workspace
 LONG_ROW_FIXED_GIB = 1.5  # not growing with the row: a loss chunk's logits, the CUDA context, the allocator's reserve
 MLP_TILE_TENSORS = 8  # (tile x intermediate) tensors a recomputed MLP tile holds: gate, up, their product, gradients
-
+# Qwen3.5's layers: a DeltaNet's mixer in pieces (tiles.DeltaNetParts), gated attention in tiles
+# (tiles.GatedParts). ESTIMATES until bench.py --memory_table measures them on a GPU: tracked tensor
+# by tensor on the CPU at Qwen3.5-4B's proportions, the widest mixers for their hidden size of the
+# three shapes (attention's kernel counted as flash attention holds it, no T x T matrix, plus a head
+# group's workspace as for the 7B): what one layer's backward holds a token of the row, and what one
+# piece or tile holds a token of it.
+LONG_ROW_DELTANET_UNITS = 3.8  # a DeltaNet layer: its input and output, their gradients, the pieces' states
+LONG_ROW_GATED_ATTENTION_UNITS = 9.0  # a gated attention layer: q, its gate, k, v, attention's output, gradients
+LONG_ROW_PIECE_UNITS = 176.0  # a DeltaNet piece's recomputation: projections, conv, decays, scores, solved values
+LONG_ROW_GATED_TILE_UNITS = 84.0  # a gated attention tile's: norms, projections, RoPE, their gradients
 
 def long_rows(a: "speed.PlanFlags", device, config, tokens: int) -> str:
     """What the start-up log says of a run with offloaded checkpoints besides them: the tiles, the
@@ -165,6 +168,9 @@ def long_rows(a: "speed.PlanFlags", device, config, tokens: int) -> str:
     tiled = (f"long rows in tiles: a row longer than {chunk:,} tokens runs each layer's norms, projections, RoPE and "
              f"MLP {chunk:,} positions at a time and attention one K/V head group at a time, each tile recomputed alone "
              "in backward, so that a layer's backward holds a few (tokens x hidden) tensors, not dozens (tiles.py)")
+    if config is not None and "linear_attention" in config.mixers:
+        tiled += (f"; Qwen3.5's DeltaNet layers run {tiles.DELTA_RULE_PIECE} positions at a time, each piece starting "
+                  "from the states the one before left (tiles.DeltaNetParts)")
     allocator = use_long_row_allocator()  # before card_gib, which starts CUDA
     return "\n".join(m for m in (tiled, allocator, longest_row(a, device, config, tokens) if config else "") if m)
 
@@ -197,18 +203,26 @@ def longest_row(a: "speed.PlanFlags", device, config, needed: int) -> str:
             "(or --max_tokens_per_pass)") if tokens < needed else ""
     return (f"longest row on this card with this plan, estimated: {tokens:,} tokens ({card:.1f} GiB: weights "
             f"{budget['weights']:.1f} GiB, LoRA state {budget['lora']:.1f}, fixed {budget['fixed']:.1f}, then "
-            f"{LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS:g} x {config.hidden_size:,} x {itemsize} bytes a token; "
+            f"{budget['units']:g} x {config.hidden_size:,} x {itemsize} bytes a token; "
             f"per-token estimates until bench.py --memory_table measures them){host_line}{warn}")
 
 
 def long_row_budget(config, quant_bits: int | None, itemsize: int, rank: int) -> dict:
     """What a long row's step needs on the GPU besides its per-token cost (GiB: weights, lora, fixed),
-    and that cost (per_token, bytes): LONG_ROW_* and a tile's MLP, in the compute dtype."""
+    and that cost (per_token bytes; units of hidden x itemsize): LONG_ROW_* and a tile's MLP, in the
+    compute dtype; for Qwen3.5, its layers' whole mixers and a delta-rule piece."""
+    D = config.hidden_size
     fixed = LONG_ROW_FIXED_GIB + modeling.MLP.chunk * config.intermediate_size * MLP_TILE_TENSORS * itemsize / 2**30
     if quant_bits:  # the largest weight dequantised, in forward and in backward
-        fixed += 2 * config.hidden_size * config.intermediate_size * itemsize / 2**30
+        fixed += 2 * D * config.intermediate_size * itemsize / 2**30
+    recompute = LONG_ROW_RECOMPUTE_UNITS
+    if "linear_attention" in config.mixers:  # the larger of a DeltaNet layer's and a gated attention layer's
+        recompute = max(LONG_ROW_DELTANET_UNITS, LONG_ROW_GATED_ATTENTION_UNITS)
+        piece = max(LONG_ROW_PIECE_UNITS * tiles.DELTA_RULE_PIECE, LONG_ROW_GATED_TILE_UNITS * modeling.MLP.chunk)
+        fixed += piece * D * itemsize / 2**30
+    units = LONG_ROW_STAGING_UNITS + recompute
     return {"weights": weights_gib(config, quant_bits, itemsize), "lora": lora_state_gib(config, rank), "fixed": fixed,
-            "per_token": (LONG_ROW_STAGING_UNITS + LONG_ROW_RECOMPUTE_UNITS) * config.hidden_size * itemsize}
+            "units": units, "per_token": units * D * itemsize}
 
 
 def longest_tokens(budget: dict, card_gib: float) -> int:
@@ -229,23 +243,31 @@ def card_gib(device) -> float | None:
 
 
 def weights_gib(config, quant_bits: int | None, itemsize: int) -> float:
-    """The weights a training step keeps on the GPU: the decoder's projections (4-bit: NF4 codes and
-    double-quantised scales, 4.127 bits a weight; else the compute dtype), norms, biases and lm_head;
-    an untied input embedding stays in host memory (speed.use_host_embedding)."""
-    D, L = config.hidden_size, config.num_hidden_layers
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    linear = L * (D * (q + 2 * kv) + q * D + 3 * D * config.intermediate_size)
+    """The weights a training step keeps on the GPU: the decoder layers' linear layers (4-bit: NF4
+    codes and double-quantised scales, 4.127 bits a weight; else the compute dtype), their other
+    weights (norms, biases, a DeltaNet's conv), the final norm and lm_head; an untied input
+    embedding stays in host memory (speed.use_host_embedding)."""
+    linears, layers = decoder_linears(config)
+    linear = sum(n_in * n_out for n_in, n_out in linears)
     per_weight = (0.5 + 1 / 64 + 4 / (64 * 256)) if quant_bits else itemsize
-    rest = L * (2 * D + q + 2 * kv) + D + config.vocab_size * D  # norms, q/k/v biases, the final norm, lm_head
+    rest = layers - linear + config.hidden_size + config.vocab_size * config.hidden_size  # + final norm, lm_head
     return (linear * per_weight + rest * itemsize) / 2**30
 
 
 def lora_state_gib(config, rank: int) -> float:
     """An all-linear adapter of this rank: float32 A and B, their gradients and AdamW's two moments."""
-    D, I = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    per_layer = rank * (2 * (D + q) + 2 * (D + kv) + 3 * (D + I))  # q, o; k, v; gate, up, down
-    return config.num_hidden_layers * per_layer * 4 * 4 / 2**30
+    linears, _ = decoder_linears(config)
+    return sum(rank * (n_in + n_out) for n_in, n_out in linears) * 4 * 4 / 2**30
+
+
+def decoder_linears(config) -> tuple[list, int]:
+    """(in_features, out_features) of every linear layer of the decoder layers (what an all-linear
+    adapter wraps and a 4-bit base quantises), and the layers' parameter count, from the layers
+    built on the meta device: one count for every family's layers."""
+    with torch.device("meta"):
+        layers = [modeling.DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+    linears = [(m.in_features, m.out_features) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    return linears, sum(p.numel() for layer in layers for p in layer.parameters())
 
 
 def offloaded_layers(layers) -> list:
@@ -266,16 +288,17 @@ class OffloadedLayer:
     def __init__(self, layer, offloader):
         self.layer, self.offloader = layer, offloader
 
-    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False):
+    def __call__(self, h, cos, sin, mask, is_causal, cache, i, checkpoint=False, **rows):
         if not checkpoint:  # evaluation, or no checkpointing: no input is kept for a backward
-            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False)
-        # The hook is told where cos, sin and the mask lie, not given them: autograd keeps a pack
-        # hook as long as what it packed, and a hook holding a tensor keeps it on the device.
-        shared = {t.data_ptr() for t in (cos, sin, mask) if isinstance(t, torch.Tensor)}
+            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=False, **rows)
+        # The hook is told where cos, sin, the mask and the DeltaNet layers' segment ids (rows) lie, not
+        # given them: autograd keeps a pack hook as long as what it packed, and a hook holding a tensor
+        # keeps it on the device.
+        shared = {t.data_ptr() for t in (cos, sin, mask, *rows.values()) if isinstance(t, torch.Tensor)}
         if i == 0:
             self.offloader.last = None  # a new pass: layer 0's first copy has none before it
         with torch.autograd.graph.saved_tensors_hooks(partial(self.offloader.pack, shared), self.offloader.unpack):
-            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True)
+            return self.layer(h, cos, sin, mask, is_causal, cache, i, checkpoint=True, **rows)
 
 
 class Offloader:

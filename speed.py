@@ -112,6 +112,7 @@ class TrainingPlan:
         if not self.offload:
             return layers
         tiles.tile_final_norm(model)
+        tiles.tile_delta_rules(model)
         return offloaded_layers(layers or tiles.split_layers(model))
 
     def embedding(self, model):
@@ -171,7 +172,7 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
     model.Config), and how packed rows attend (packed_attention). Batches of recorded or compiled
     layers are padded to at most 32 lengths (64 tokens apart for --max_length 2048). A Qwen3.5
     model's layers are recorded or compiled with packed_deltanet.py's fixed-shape DeltaNet, never
-    fused (deltanet_layers) or offloaded (offload.use_offload)."""
+    fused (deltanet_layers)."""
     packed_mask, how = packed_attention(a, device)
     eager = eager_only(a, device, config)
     if eager:
@@ -200,7 +201,7 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
         message = f"eager{' fused' if fused else ''} layers{unfused}{why}" if why or fused or offload else ""
     host, hosting = use_host_embedding(device, config)
     longer = long_rows(a, device, config, pass_tokens(a, row_lengths)) if offload else ""
-    deltanets = deltanet_layers(device, graphs or compiled, a.cuda_graph) if linear else ""
+    deltanets = deltanet_layers(device, graphs or compiled, a.cuda_graph is False or offload) if linear else ""
     message = "\n".join(m for m in (message, deltanets, offloading, longer, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
                         fused=fused, offload=offload, host_embedding=host, packed_deltanet=linear and (graphs or compiled))
@@ -217,22 +218,20 @@ def eager_only(a: PlanFlags, device, config) -> str:
     return ""
 
 
-def deltanet_layers(device, fixed_shapes: bool, cuda_graph) -> str:
+def deltanet_layers(device, fixed_shapes: bool, eager_anyway: bool) -> str:
     """What the start-up log says of a Qwen3.5 model's DeltaNet layers. With recorded or compiled
     layers (fixed_shapes), packed rows go through them as packed_deltanet.mix: the batch's own shape,
     samples kept apart by masks (the plain layer unpacks a row per sample, by lengths only the data
-    knows). On a GPU, no layer is fused and no checkpoint offloaded: FusedLayer and the offloaded
-    checkpoints' long-row tiles (tiles.py) are written for Qwen2 / Qwen3 layers. Recorded only when
-    --cuda_graph true asks (cuda_graph None: not given): their graphs are proven on the CPU's
-    stand-in, not yet on a card."""
+    knows). On a GPU, no layer is fused: FusedLayer is written for Qwen2 / Qwen3 layers. Recorded only
+    when --cuda_graph true asks: their graphs are proven on the CPU's stand-in, not yet on a card
+    (eager_anyway: --cuda_graph false, or offloaded checkpoints, which graphs exclude)."""
     fixed = ("Qwen3.5's DeltaNet layers keep a packed row's samples apart by masks in the batch's own shape "
              "(packed_deltanet.py) instead of a row per sample, so that they are recorded or compiled like the "
              "attention layers") if fixed_shapes else ""
-    gpu = ("Qwen3.5's layers run unfused and keep their checkpointed inputs on the GPU (fused layers and the offloaded "
-           "checkpoints' long-row tiles are written for Qwen2 / Qwen3 layers)") if device.type == "cuda" else ""
+    gpu = "Qwen3.5's layers run unfused (fused layers are written for Qwen2 / Qwen3 layers)" if device.type == "cuda" else ""
     unproven = ("Qwen3.5's layers run eagerly unless --cuda_graph true or --torch_compile true asks: recorded or "
                 "compiled, they are tested on the CPU but not yet on a card") if device.type == "cuda" and not (
-                    fixed_shapes or cuda_graph is False) else ""
+                    fixed_shapes or eager_anyway) else ""
     return "\n".join(m for m in (fixed, gpu, unproven) if m)
 
 
@@ -475,6 +474,9 @@ class FusedLayer:
         # of 2,048 tokens on the 7B shape (6.9 GB at 32,768 tokens); the pieces' inputs are
         # checkpoints like the layer's input, which offloading keeps in host memory too.
         return tiles.split_layer(self, h, cos, sin, mask, is_causal, chunk)
+
+    def mixer_half(self, h, cos, sin, mask, is_causal, tile: int, segments=None):  # for tiles.split_layer
+        return tiles.attention_in_tiles(self, h, cos, sin, mask, is_causal, tile)
 
     def forward(self, h, cos, sin, mask, is_causal):  # h (B, T, hidden)
         h = self.attention(h, cos, sin, mask, is_causal)

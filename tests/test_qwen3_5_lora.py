@@ -194,8 +194,8 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
     """A DeltaNet layer unpacks packed rows by their lengths, which no recorded graph or compiled
     layer can replay: on a GPU, Qwen3.5's layers keep packed samples apart in fixed shapes instead
     (packed_deltanet.py), recorded as CUDA graphs with --cuda_graph true (eager by default until
-    that has run on a card) and compiled with --torch_compile true;
-    never fused or offloaded (written for attention layers), and eager under --fsdp. It says so."""
+    that has run on a card) and compiled with --torch_compile true; never fused (written for attention
+    layers); offloaded when asked, eagerly; eager under --fsdp. It says so."""
     parse = __import__("flags").train_parser().parse_args
     config = modeling.Config.from_json(qwen3_5[0] / "config.json")
 
@@ -209,11 +209,15 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
     graphs = plan("--cuda_graph", "true")
     assert graphs.graphs and graphs.packed_deltanet and not (graphs.compiled or graphs.fused or graphs.offload)
     assert "CUDA graphs: each micro-batch" in graphs.message and "(packed_deltanet.py)" in graphs.message
-    assert "run unfused and keep their checkpointed inputs on the GPU" in graphs.message
+    assert "run unfused (fused layers are written for Qwen2 / Qwen3 layers)" in graphs.message
     compiled = plan("--torch_compile", "true", "--max_length", "65536")
     assert compiled.compiled and compiled.layer_graphs and compiled.packed_deltanet and not compiled.offload
-    with pytest.raises(modeling.ModelError, match="--activation_cpu_offload true is not available for Qwen3.5"):
-        plan("--activation_cpu_offload", "true")  # asked for, and not done: refused before the model loads
+    offloaded = plan("--activation_cpu_offload", "true", "--max_length", "65536")
+    assert offloaded.offload and not (offloaded.graphs or offloaded.compiled or offloaded.packed_deltanet)
+    assert "offloaded checkpoints: each layer's saved input (4 layers x 100 tokens" in offloaded.message
+    assert "runs each layer's norms, projections, RoPE and MLP 2,048 positions at a time" in offloaded.message
+    assert "Qwen3.5's DeltaNet layers run 512 positions at a time" in offloaded.message
+    assert "run eagerly unless" not in offloaded.message  # --cuda_graph true would be refused with offloading
     assert "compiled layers replayed as CUDA graphs" in compiled.message
     eager = plan("--cuda_graph", "false", "--torch_compile", "false")
     assert not (eager.graphs or eager.compiled or eager.packed_deltanet or eager.fused)
