@@ -1781,14 +1781,16 @@ MEASURED_7B_BF16_PEAK_GIB = 15.49  # train, 2,048 tokens, our default path, H200
 def weight_gib(shape) -> dict:
     """Weights in bf16 and with the decoder's linear layers in 4 bits (NF4, double quantised:
     4.127 bits a weight), and the LoRA state (r=8 all-linear: float32 A, B, their gradients and
-    two AdamW moments), in GiB."""
-    h, inter, layers, vocab = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
-    q, kv = head_dim_of(shape) * shape["num_attention_heads"], head_dim_of(shape) * shape["num_key_value_heads"]
-    linear = layers * (2 * h * q + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
-    rest = layers * (q + 2 * kv + 2 * h) + h + vocab * h * (1 if shape["tie_word_embeddings"] else 2)  # biases or q/k norms
-    lora = layers * 8 * (2 * (h + q) + 2 * (h + kv) + 3 * (h + inter))
+    two AdamW moments), in GiB: the decoder layers counted as offload.decoder_linears counts them
+    (any family's), plus the embedding and lm_head (one table when tied)."""
+    import model as modeling
+    config = modeling.Config(**shape)
+    linears, layers = offload.decoder_linears(config)
+    linear = sum(n_in * n_out for n_in, n_out in linears)
+    h, vocab = config.hidden_size, config.vocab_size
+    rest = layers - linear + h + vocab * h * (1 if config.tie_word_embeddings else 2)  # norms, biases, convs; tables
     return {"bf16": 2 * (linear + rest) / 2**30, "4-bit": (linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * rest) / 2**30,
-            "lora": 16 * lora / 2**30}
+            "lora": offload.lora_state_gib(config, 8)}
 
 
 def working_gib(shape, tokens: int, quantized: bool) -> float:
