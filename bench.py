@@ -1731,9 +1731,7 @@ def quant_main(a):
         tokens = tokens // 8 if a.small else tokens
         t = time.time()
         args = ["ours_train", "--shape", shape, "--seq", tokens] + [a.quant_type if f == "QUANT" else f for f in flags]
-        # train.py's default plan: CUDA graphs on a GPU, eager layers for Qwen3.5 (until its graphs are
-        # proven on a card: speed.deltanet_layers) and on the CPU
-        plan = "graphs" if a.device == "cuda" and not shape.startswith("qwen3.5") else "eager"
+        plan = "graphs" if a.device == "cuda" else "eager"  # train.py's default plan
         common = ["--device", a.device, "--steps", a.steps, "--plan", plan] + (["--small"] if a.small else [])
         r = results[(name, tokens)] = run_worker(args, common)
         shown = name.replace("4-bit", f"4-bit {a.quant_type}") + (" (small shape)" if a.small else "")

@@ -58,11 +58,8 @@ class DecodePlan:
 def plan_decoding(cuda_graph: bool | None, compile: bool, device, model=None) -> DecodePlan:
     """--cuda_graph: given, or else on whenever decoding runs on a GPU (eager decoding there is
     launch-bound: BENCHMARKS.md, decode rows). Projections are fused where the model's weights are
-    plain (plain_weights): no adapter, or one merged, and no 4-bit base."""
-    if cuda_graph is None and model is not None and "linear_attention" in model.config.mixers:
-        # Qwen3.5: its recorded step (DeltaNet states written in place: StaticKVCache) equals the plain
-        # step on the CPU, but has not run on a card yet; until it has, only --cuda_graph true records it.
-        cuda_graph = False
+    plain (plain_weights): no adapter, or one merged, and no 4-bit base. Qwen3.5's step too, its
+    DeltaNet states written in place (StaticKVCache): the eager logits on an H100 (run 26)."""
     return DecodePlan(cuda_graph=device.type == "cuda" if cuda_graph is None else cuda_graph, compile=compile,
                       fuse=model is not None and plain_weights(model))
 

@@ -141,9 +141,12 @@ ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch
 
 # What a long row's step holds on the GPU besides weights, LoRA state and tile-sized work, in units
 # of one (tokens x hidden) tensor of the compute dtype (0.88 GiB at 131,072 tokens on the 7B shape
-# in bf16). ESTIMATES until bench.py --memory_table measures them on a GPU (replace them with its
-# figures): every tensor of one layer's recomputation and backward tracked on the CPU at the 7B's
-# proportions, plus flash attention's backward workspace for one K/V head group as its code allocates it.
+# in bf16). Estimated from every tensor of one layer's recomputation and backward tracked on the CPU
+# at the 7B's proportions, plus flash attention's backward workspace for one K/V head group as its
+# code allocates it; bench.py --memory_table on an H100 (run 26) measured 7.7 units above the weights
+# at 98,304 and 131,072 tokens, where these give 9: the rest is left for the allocator's reserve,
+# which grows with the row (the longest-row estimate, 106,496 bf16 tokens in 22 GiB, sits just past
+# the measured 98,304 in 20.7 GiB reserved).
 LONG_ROW_STAGING_UNITS = 2.0  # the batch's embeddings, and one layer input on its way to or from host memory
 LONG_ROW_RECOMPUTE_UNITS = 7.0  # one layer's backward at its peak, in attention's: its output's gradient, q, k,
 #                                 v, attention's output and their gradients, one head group's flash workspace

@@ -184,8 +184,7 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
         row_lengths = range(pad, max(a.max_tokens_per_pass, max(row_lengths)) + 1, pad)
     lengths = sorted({round_up(n, pad) for n in row_lengths})
     compiled, why = use_compile(a, device, micro_batches, len(lengths))
-    asked = a.cuda_graph is True if linear else a.cuda_graph is not False  # Qwen3.5: when asked (deltanet_layers)
-    graphs = device.type == "cuda" and not compiled and asked and not offload
+    graphs = device.type == "cuda" and not compiled and a.cuda_graph is not False and not offload
     layer_graphs = compiled and device.type == "cuda" and a.cuda_graph is not False and not offload
     fused = device.type == "cuda" and not compiled and not a.quant_bits and not linear  # 4 bits: no matrices to fuse
     shown = ", ".join(map(str, lengths[:8])) + (", ..." if len(lengths) > 8 else "")
@@ -201,7 +200,7 @@ def plan_training(a: PlanFlags, device, row_lengths: list[int], micro_batches: i
         message = f"eager{' fused' if fused else ''} layers{unfused}{why}" if why or fused or offload else ""
     host, hosting = use_host_embedding(device, config)
     longer = long_rows(a, device, config, pass_tokens(a, row_lengths)) if offload else ""
-    deltanets = deltanet_layers(device, graphs or compiled, a.cuda_graph is False or offload) if linear else ""
+    deltanets = deltanet_layers(device, graphs or compiled) if linear else ""
     message = "\n".join(m for m in (message, deltanets, offloading, longer, hosting, how) if m)
     return TrainingPlan(graphs, compiled, layer_graphs, pad if graphs or compiled else 1, message, packed_mask,
                         fused=fused, offload=offload, host_embedding=host, packed_deltanet=linear and (graphs or compiled))
@@ -218,21 +217,17 @@ def eager_only(a: PlanFlags, device, config) -> str:
     return ""
 
 
-def deltanet_layers(device, fixed_shapes: bool, eager_anyway: bool) -> str:
+def deltanet_layers(device, fixed_shapes: bool) -> str:
     """What the start-up log says of a Qwen3.5 model's DeltaNet layers. With recorded or compiled
     layers (fixed_shapes), packed rows go through them as packed_deltanet.mix: the batch's own shape,
     samples kept apart by masks (the plain layer unpacks a row per sample, by lengths only the data
-    knows). On a GPU, no layer is fused: FusedLayer is written for Qwen2 / Qwen3 layers. Recorded only
-    when --cuda_graph true asks: their graphs are proven on the CPU's stand-in, not yet on a card
-    (eager_anyway: --cuda_graph false, or offloaded checkpoints, which graphs exclude)."""
+    knows); recorded, they trained the tiny Qwen3.5 as the eager layers on an H100 (run 26). On a GPU,
+    no layer is fused: FusedLayer is written for Qwen2 / Qwen3 layers."""
     fixed = ("Qwen3.5's DeltaNet layers keep a packed row's samples apart by masks in the batch's own shape "
              "(packed_deltanet.py) instead of a row per sample, so that they are recorded or compiled like the "
              "attention layers") if fixed_shapes else ""
     gpu = "Qwen3.5's layers run unfused (fused layers are written for Qwen2 / Qwen3 layers)" if device.type == "cuda" else ""
-    unproven = ("Qwen3.5's layers run eagerly unless --cuda_graph true or --torch_compile true asks: recorded or "
-                "compiled, they are tested on the CPU but not yet on a card") if device.type == "cuda" and not (
-                    fixed_shapes or eager_anyway) else ""
-    return "\n".join(m for m in (fixed, gpu, unproven) if m)
+    return "\n".join(m for m in (fixed, gpu) if m)
 
 
 def use_host_embedding(device, config) -> tuple[bool, str]:

@@ -200,4 +200,7 @@ def test_qwen3_5_micro_batches_replayed_as_cuda_graphs_give_the_plain_gradients_
             loss = graphed(batch, scale).clone()
             assert_close(loss, ref_loss.detach(), rtol=2e-3, atol=1e-2)
             got, want = torch.cat([p.grad.flatten() for p in params]), torch.cat([r.flatten() for r in ref])
-            assert (got - want).norm() / want.norm() < 2e-2, k
+            # bf16 rounding alone moves this tiny model's LoRA gradients by about 2% of their norm: on the
+            # CPU the plain and the fixed-shape paths each came 2.0% from float32 and from each other, and an
+            # H100 gave 2.04% at the first pass (run 26); samples not kept apart moved them 22-47%.
+            assert (got - want).norm() / want.norm() < 5e-2, k

@@ -193,9 +193,9 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tmp_path):
 def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(qwen3_5):
     """A DeltaNet layer unpacks packed rows by their lengths, which no recorded graph or compiled
     layer can replay: on a GPU, Qwen3.5's layers keep packed samples apart in fixed shapes instead
-    (packed_deltanet.py), recorded as CUDA graphs with --cuda_graph true (eager by default until
-    that has run on a card) and compiled with --torch_compile true; never fused (written for attention
-    layers); offloaded when asked, eagerly; eager under --fsdp. It says so."""
+    (packed_deltanet.py), recorded as CUDA graphs by default (as the other families', since run 26) and
+    compiled with --torch_compile true; never fused (written for attention layers); offloaded when
+    asked, eagerly; eager under --fsdp and with --cuda_graph false. It says so."""
     parse = __import__("flags").train_parser().parse_args
     config = modeling.Config.from_json(qwen3_5[0] / "config.json")
 
@@ -203,9 +203,8 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
         flags = speed.PlanFlags.of(parse(["--model", "m", "--dataset", "x.json", *argv]))
         return speed.plan_training(flags, torch.device("cuda"), [40, 100], 10_000, config)
 
-    default = plan()  # eager until the recorded layers have run on a card
-    assert not (default.graphs or default.compiled or default.packed_deltanet or default.fused)
-    assert "run eagerly unless --cuda_graph true or --torch_compile true" in default.message
+    default = plan()
+    assert default.graphs and default.packed_deltanet and not (default.compiled or default.fused or default.offload)
     graphs = plan("--cuda_graph", "true")
     assert graphs.graphs and graphs.packed_deltanet and not (graphs.compiled or graphs.fused or graphs.offload)
     assert "CUDA graphs: each micro-batch" in graphs.message and "(packed_deltanet.py)" in graphs.message
@@ -217,7 +216,6 @@ def test_on_a_gpu_the_plan_records_qwen3_5_layers_with_the_fixed_shape_deltanet(
     assert "offloaded checkpoints: each layer's saved input (4 layers x 100 tokens" in offloaded.message
     assert "runs each layer's norms, projections, RoPE and MLP 2,048 positions at a time" in offloaded.message
     assert "Qwen3.5's DeltaNet layers run 512 positions at a time" in offloaded.message
-    assert "run eagerly unless" not in offloaded.message  # --cuda_graph true would be refused with offloading
     assert "compiled layers replayed as CUDA graphs" in compiled.message
     eager = plan("--cuda_graph", "false", "--torch_compile", "false")
     assert not (eager.graphs or eager.compiled or eager.packed_deltanet or eager.fused)
