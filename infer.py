@@ -470,18 +470,19 @@ def load_adapters(model, adapters: list, ckpt_args: list, model_name: str, quant
 
 def chat_template(args, model_dir, config, ckpt_args: list) -> Template:
     """--template, else the one the (first) adapter or the merged model was trained in (args.json),
-    else the checkpoint's own; with --enable_thinking."""
+    else the checkpoint's own; with --enable_thinking, and --preserve_thinking / --reasoning_effort
+    else as that adapter was trained, where its template is the one used (its settings are that one's)."""
     trained = ckpt_args or ([lora.checkpoint_args(model_dir)] if (Path(model_dir) / "args.json").exists() else [])
-    name = args.template or next((ck.get("template") for ck in trained if ck.get("template") in TEMPLATES), None)
-    preserve, effort = (next((ck[k] for ck in trained if ck.get(k) is not None), None)
-                        for k in ("preserve_thinking", "reasoning_effort"))
+    first = next((ck for ck in trained if ck.get("template") in TEMPLATES), {})
+    name = args.template or first.get("template")
+    saved = first if name == first.get("template") else {}
+    preserve = saved.get("preserve_thinking") if args.preserve_thinking is None else args.preserve_thinking
     template = choose_template(model_dir, config.model_type, name, enable_thinking=args.enable_thinking,
-                               preserve_thinking=preserve if args.preserve_thinking is None else args.preserve_thinking,
-                               reasoning_effort=args.reasoning_effort or effort)
+                               preserve_thinking=preserve, reasoning_effort=args.reasoning_effort or saved.get("reasoning_effort"))
     if args.enable_thinking is None and trained:  # as the (first) adapter was trained to answer
         template = with_trained_thinking(template, trained[0])
     thinking = {"never": "", "always": ", thinks first", "hybrid": ", thinks first" if template.enable_thinking else
-                ", thinking off: /think on or --enable_thinking true lets it reason first"}[template.thinks]
+                ", thinking off: --enable_thinking true (or /think on in the chat) lets it reason first"}[template.thinks]
     note(f"chat template: {template.name}" + ("" if args.template or not name else " (as trained)") + thinking)
     return template
 

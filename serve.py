@@ -457,10 +457,18 @@ def stop_strings(body: dict) -> list[str]:
     return stops
 
 
+def template_kwargs(body: dict) -> dict:
+    """chat_template_kwargs (vLLM's and ms-swift's field): an object, or {} where it is not given."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise APIError(400, "Invalid 'chat_template_kwargs': give an object, such as {\"enable_thinking\": false}.",
+                       param="chat_template_kwargs")
+    return kwargs or {}
+
+
 def thinking_switch(body: dict) -> bool | None:
     """chat_template_kwargs.enable_thinking (vLLM's and ms-swift's field), for a hybrid Qwen3."""
-    kwargs = body.get("chat_template_kwargs") or {}
-    value = kwargs.get("enable_thinking") if isinstance(kwargs, dict) else None
+    value = template_kwargs(body).get("enable_thinking")
     if value is not None and not isinstance(value, bool):
         raise APIError(400, "Invalid 'chat_template_kwargs.enable_thinking': give true or false.", param="chat_template_kwargs")
     return value
@@ -469,12 +477,12 @@ def thinking_switch(body: dict) -> bool | None:
 def effort_switch(body: dict) -> str | None:
     """reasoning_effort (OpenAI's field, which vLLM hands to the template) or
     chat_template_kwargs.reasoning_effort (ms-swift's), for Qwen3.8: xhigh, medium or low."""
-    kwargs = body.get("chat_template_kwargs") if isinstance(body.get("chat_template_kwargs"), dict) else {}
+    kwargs = template_kwargs(body)
     param = "chat_template_kwargs" if kwargs.get("reasoning_effort") is not None else "reasoning_effort"
     value = kwargs.get("reasoning_effort") if param == "chat_template_kwargs" else body.get("reasoning_effort")
-    if value is not None and value not in EFFORTS:
-        raise APIError(400, f"Invalid '{param}' reasoning effort {json.dumps(value)}: Qwen3.8's template takes xhigh "
-                            "(its default), medium or low.", param=param)
+    if value is not None and not (isinstance(value, str) and value in EFFORTS):
+        raise APIError(400, f"Invalid '{param}': {json.dumps(value)} is not a reasoning effort; Qwen3.8's template "
+                            "takes xhigh (its default), medium or low.", param=param)
     return value
 
 

@@ -192,10 +192,17 @@ def download_hub_dataset(repo_id: str, source: str) -> Path:
         modelscope = (" ModelScope ids are fetched from their Hugging Face mirror only for the datasets of "
                       f"ms-swift's registry listed here ({', '.join(MODELSCOPE_DATASETS)}); download others from "
                       "modelscope.cn and pass the file (SOURCE#N samples N rows as before)." if not mirror else "")
-        raise DataError(f"--dataset {source!r}: could not download {repo_id!r}{mirror} as a Hugging Face dataset "
+        local = "no such local file, and " if looks_local(source) else ""  # a typo in a file's name, most likely
+        raise DataError(f"--dataset {source!r}: {local}could not download {repo_id!r}{mirror} as a Hugging Face dataset "
                         f"({type(e).__name__}: {why}).{offline} Check the id, your network and HF_TOKEN for a private "
                         f"dataset, or pass a local .json / .jsonl / .csv file." + modelscope) from None
     return folder
+
+
+def looks_local(source: str) -> bool:
+    """Whether a --dataset that is no file names one all the same: a file suffix, or a folder that exists."""
+    parent = Path(source).parent
+    return bool(Path(source).suffix) or (str(parent) != "." and parent.is_dir())
 
 
 def data_files(folder: Path) -> list[Path]:

@@ -306,6 +306,8 @@ def test_hub_download_failure_is_a_data_error(monkeypatch):
     with pytest.raises(DataError, match=r"could not download 'llm-wizard/alpaca-gpt4-data-zh' \(the Hugging Face mirror "
                                         r"of the ModelScope dataset 'AI-ModelScope/alpaca-gpt4-data-zh'\)"):
         sources.load_conversations(["AI-ModelScope/alpaca-gpt4-data-zh#500"])  # the tutorial's general data
+    with pytest.raises(DataError, match=r"'data/self_cognition.jsn': no such local file, and could not download"):
+        sources.load_conversations(["data/self_cognition.jsn"])  # a file's name mistyped (data/ exists here)
 
 
 # ----------------------------------------------------------------------------------------------

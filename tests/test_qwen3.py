@@ -498,7 +498,7 @@ def test_an_adapter_is_asked_as_it_was_trained_thinking_or_not(tmp_path, tok, ca
     for given, thinks in (([], recorded), (["--enable_thinking", "true"], True), (["--enable_thinking", "false"], False)):
         chat = infer.load_chat(flags.infer_parser().parse_args(["--adapters", str(ckpt), "--device", "cpu", *given]))
         assert chat.prompt_ids(question) == tok.encode(f"{U}hi{E}{A}" + ("" if thinks else EMPTY))
-    assert "thinking off: /think on or --enable_thinking true lets it reason first" in capsys.readouterr().err
+    assert "thinking off: --enable_thinking true (or /think on in the chat) lets it reason first" in capsys.readouterr().err
     swift_args = {"template": "qwen3", "model": "tiny-qwen3"}  # ms-swift's args.json records neither flag
     assert not T.with_trained_thinking(T.TEMPLATES["qwen3"], swift_args).enable_thinking
     assert T.TEMPLATES["qwen3"].enable_thinking  # the base model thinks, as its template says

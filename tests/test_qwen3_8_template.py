@@ -228,6 +228,15 @@ def test_reasoning_effort_reaches_train_infer_and_args_json(qwen3_dir, tmp_path)
                        ).startswith(f"{SYS}{LOW}{E}")
     i = flags.infer_parser().parse_args(["--model", str(folder), "--reasoning_effort", "medium"])
     assert infer.chat_template(i, folder, config, trained).reasoning_effort == "medium"
+    # the adapter's effort is its template's: under --template qwen3_5 it is left out (said), not an error
+    i = flags.infer_parser().parse_args(["--model", str(folder), "--template", "qwen3_5"])
+    assert infer.chat_template(i, folder, config, trained).name == "qwen3_5"
+    i = flags.infer_parser().parse_args(["--model", str(folder), "--template", "qwen3_5", "--reasoning_effort", "low"])
+    with pytest.raises(T.TemplateError, match="--reasoning_effort: the qwen3_5 template has no such setting"):
+        infer.chat_template(i, folder, config, trained)  # but the flag itself is refused
+    both = [{"template": "qwen3_5"}, *trained]  # --adapters a=<trained with qwen3_5> b=<with qwen3_8>: the first's
+    i = flags.infer_parser().parse_args(["--model", str(folder)])
+    assert infer.chat_template(i, folder, config, both).name == "qwen3_5"
     ok, _ = ARGS_FIELDS["reasoning_effort"]
     assert ok("xhigh") and not ok("high")
     from cli import UsageError

@@ -205,6 +205,8 @@ BAD_REQUESTS = [
     ({"model": "a", "messages": QUESTION, "reasoning_effort": "low"}, 400, "reasoning_effort", None),  # Qwen2.5: none
     ({"model": "a", "messages": QUESTION, "chat_template_kwargs": {"reasoning_effort": "high"}}, 400,
      "chat_template_kwargs", None),
+    ({"model": "a", "messages": QUESTION, "reasoning_effort": ["low"]}, 400, "reasoning_effort", None),  # not a 500
+    ({"model": "a", "messages": QUESTION, "chat_template_kwargs": "low"}, 400, "chat_template_kwargs", None),
 ]
 
 
