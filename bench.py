@@ -1779,16 +1779,14 @@ MEASURED_7B_BF16_PEAK_GIB = 15.49  # train, 2,048 tokens, our default path, H200
 def weight_gib(shape) -> dict:
     """Weights in bf16 and with the decoder's linear layers in 4 bits (NF4, double quantised:
     4.127 bits a weight), and the LoRA state (r=8 all-linear: float32 A, B, their gradients and
-    two AdamW moments), in GiB: the decoder layers counted as offload.decoder_linears counts them
-    (any family's), plus the embedding and lm_head (one table when tied)."""
+    two AdamW moments), in GiB: what offload.weights_gib counts (any family's layers), and the
+    input embedding too where it is not lm_head's (training keeps it in host memory, inference not)."""
     import model as modeling
     config = modeling.Config(**shape)
-    linears, layers = offload.decoder_linears(config)
-    linear = sum(n_in * n_out for n_in, n_out in linears)
-    h, vocab = config.hidden_size, config.vocab_size
-    rest = layers - linear + h + vocab * h * (1 if config.tie_word_embeddings else 2)  # norms, biases, convs; tables
-    return {"bf16": 2 * (linear + rest) / 2**30, "4-bit": (linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + 2 * rest) / 2**30,
-            "lora": offload.lora_state_gib(config, 8)}
+    sizes = offload.decoder_sizes(config)
+    embedding = 0 if config.tie_word_embeddings else 2 * config.vocab_size * config.hidden_size / 2**30
+    return {"bf16": offload.weights_gib(sizes, None, 2) + embedding, "4-bit": offload.weights_gib(sizes, 4, 2) + embedding,
+            "lora": offload.lora_state_gib(sizes, 8)}
 
 
 def working_gib(shape, tokens: int, quantized: bool) -> float:

@@ -223,8 +223,8 @@ def long_row_budget(config, quant_bits: int | None, itemsize: int, rank: int) ->
         recompute = max(LONG_ROW_DELTANET_UNITS, LONG_ROW_GATED_ATTENTION_UNITS)
         piece = max(LONG_ROW_PIECE_UNITS * tiles.DELTA_RULE_PIECE, LONG_ROW_GATED_TILE_UNITS * modeling.MLP.chunk)
         fixed += piece * D * itemsize / 2**30
-    units = LONG_ROW_STAGING_UNITS + recompute
-    return {"weights": weights_gib(config, quant_bits, itemsize), "lora": lora_state_gib(config, rank), "fixed": fixed,
+    units, sizes = LONG_ROW_STAGING_UNITS + recompute, decoder_sizes(config)
+    return {"weights": weights_gib(sizes, quant_bits, itemsize), "lora": lora_state_gib(sizes, rank), "fixed": fixed,
             "units": units, "per_token": units * D * itemsize}
 
 
@@ -245,32 +245,33 @@ def card_gib(device) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
-def weights_gib(config, quant_bits: int | None, itemsize: int) -> float:
-    """The weights a training step keeps on the GPU: the decoder layers' linear layers (4-bit: NF4
-    codes and double-quantised scales, 4.127 bits a weight; else the compute dtype), their other
-    weights (norms, biases, a DeltaNet's conv), the final norm and lm_head; an untied input
-    embedding stays in host memory (speed.use_host_embedding)."""
-    linears, layers = decoder_linears(config)
-    linear = sum(n_in * n_out for n_in, n_out in linears)
+def weights_gib(sizes: dict, quant_bits: int | None, itemsize: int) -> float:
+    """The weights a training step keeps on the GPU (sizes: decoder_sizes'): the decoder layers'
+    linear layers (4-bit: NF4 codes and double-quantised scales, 4.127 bits a weight; else the
+    compute dtype), their other weights (norms, biases, a DeltaNet's conv), the final norm and
+    lm_head; an untied input embedding stays in host memory (speed.use_host_embedding)."""
     per_weight = (0.5 + 1 / 64 + 4 / (64 * 256)) if quant_bits else itemsize
-    rest = layers - linear + config.hidden_size + config.vocab_size * config.hidden_size  # + final norm, lm_head
-    return (linear * per_weight + rest * itemsize) / 2**30
+    rest = sizes["other"] + sizes["hidden"] + sizes["vocab"] * sizes["hidden"]  # + final norm, lm_head
+    return (sizes["linear"] * per_weight + rest * itemsize) / 2**30
 
 
-def lora_state_gib(config, rank: int) -> float:
+def lora_state_gib(sizes: dict, rank: int) -> float:
     """An all-linear adapter of this rank: float32 A and B, their gradients and AdamW's two moments."""
-    linears, _ = decoder_linears(config)
-    return sum(rank * (n_in + n_out) for n_in, n_out in linears) * 4 * 4 / 2**30
+    return rank * sizes["lora_per_rank"] * 4 * 4 / 2**30
 
 
-def decoder_linears(config) -> tuple[list, int]:
-    """(in_features, out_features) of every linear layer of the decoder layers (what an all-linear
-    adapter wraps and a 4-bit base quantises), and the layers' parameter count, from the layers
-    built on the meta device: one count for every family's layers."""
+def decoder_sizes(config) -> dict:
+    """What weights_gib and lora_state_gib count of a model, from its decoder layers built on the meta
+    device (one count for every family's layers): the weights of their linear layers (what an
+    all-linear adapter wraps and a 4-bit base quantises), an adapter's parameters per unit of rank,
+    their other parameters; the hidden size and the vocabulary."""
     with torch.device("meta"):
         layers = [modeling.DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
-    linears = [(m.in_features, m.out_features) for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
-    return linears, sum(p.numel() for layer in layers for p in layer.parameters())
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    linear = sum(m.in_features * m.out_features for m in linears)
+    return {"linear": linear, "lora_per_rank": sum(m.in_features + m.out_features for m in linears),
+            "other": sum(p.numel() for layer in layers for p in layer.parameters()) - linear,
+            "hidden": config.hidden_size, "vocab": config.vocab_size}
 
 
 def offloaded_layers(layers) -> list:

@@ -40,7 +40,7 @@ def test_bench_small_runs_every_workload_and_matches_the_reference_loss(monkeypa
     assert "transformers + peft, adapter unmerged vs ours unmerged eager: 16/16 identical" in out
     assert "| longest sequence in 22 GiB | ours | 256 tokens |" in out and "| longest trainable sequence | 1.00x |" in out
     assert "| QWEN3-8B | 15.3 / 5.7 GiB |" in out  # the fit table
-    assert "| QWEN3.5-9B | 16.7 / 7.1 GiB |" in out  # its DeltaNet layers counted as built (offload.decoder_linears)
+    assert "| QWEN3.5-9B | 16.7 / 7.1 GiB |" in out  # its DeltaNet layers counted as built (offload.decoder_sizes)
     # many prompts through the engine, and transformers' generate with left padding: the same greedy answer
     assert "| batch: 8 prompts x 16 tokens | ours, four adapters mixed |" in out
     assert "| batch, four adapters mixed against one merged |" in out

@@ -367,7 +367,7 @@ def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(ti
     per_token = (offload.LONG_ROW_STAGING_UNITS + offload.LONG_ROW_RECOMPUTE_UNITS) * 3584 * 2
     assert longest % 1024 == 0 and abs(longest - (23.6 - 4.2 - 0.3 - float(estimate.group(2))) * 2**30 / per_token) < 2048
     assert host == int(0.8 * 200 * 2**30 / (2 * 28 * 3584 * 2)) // 1024 * 1024
-    assert offload.weights_gib(SEVEN_B, None, 2) == pytest.approx(13.2, abs=0.05)  # bf16: lm_head and the projections
+    assert offload.weights_gib(offload.decoder_sizes(SEVEN_B), None, 2) == pytest.approx(13.2, abs=0.05)  # bf16: lm_head and the projections
     assert "may run out of memory" not in plan.message
     monkeypatch.setattr(offload, "card_gib", lambda device: 16.0)  # bf16 on a 16 GB card: warned
     bf16 = speed.plan_training(plan_flags(131072), torch.device("cuda"), [100_000], 10, SEVEN_B).message
@@ -381,6 +381,17 @@ def test_a_100k_token_row_in_4_bits_is_planned_with_tiles_and_its_longest_row(ti
     assert isinstance(m4.model.norm, tiles.TiledNorm)
 
 
+def bf16_model_and_row(cfg, tokens: int = 8192):
+    """On a GPU: a random bf16 model of cfg with LoRA (B drawn, no dropout), and one row of `tokens`
+    random tokens as a batch that trains on every position."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = modeling.QwenForCausalLM(cfg).to(torch.bfloat16)
+    lora_for_training(m, lora.LoraConfig(lora_dropout=0.0), 0.02, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
+    return m, {"input_ids": ids, "labels": ids, "label_positions": torch.arange(tokens - 1, device="cuda")}
+
+
 @cuda_only
 def test_split_layers_on_a_gpu_give_the_plain_gradients_in_less_memory(monkeypatch):
     """bf16 on a GPU, the model's own layers (as a 4-bit base runs them), a row of 8,192 tokens in tiles of 1,024:
@@ -388,14 +399,8 @@ def test_split_layers_on_a_gpu_give_the_plain_gradients_in_less_memory(monkeypat
     offloaded layers recomputed whole (one layer's backward held every MLP tile and the whole row's
     projections at once)."""
     monkeypatch.setattr(modeling.MLP, "chunk", 1024)
-    cfg = modeling.Config(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=2)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = modeling.QwenForCausalLM(cfg).to(torch.bfloat16)
-    lora_for_training(m, lora.LoraConfig(lora_dropout=0.0), 0.02, seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
-    batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
+    m, batch = bf16_model_and_row(modeling.Config(vocab_size=1024, hidden_size=256, intermediate_size=1024,
+                                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2))
 
     run = lambda layers: measured_step(m, batch, layers)
 
@@ -417,16 +422,10 @@ def test_qwen3_5_long_rows_on_a_gpu_give_the_plain_gradients_in_less_memory(monk
     checkpointed model's loss and gradients within bf16 rounding, at a lower peak than the checkpointed
     model's, whose DeltaNet backward holds the whole row's chunk-by-chunk decays, scores and states."""
     monkeypatch.setattr(modeling.MLP, "chunk", 1024)
-    cfg = modeling.Config(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=8, model_type="qwen3_5",
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, partial_rotary_factor=0.25,
-                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
-                          linear_value_head_dim=64, linear_conv_kernel_dim=4)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = modeling.QwenForCausalLM(cfg).to(torch.bfloat16)
-    lora_for_training(m, lora.LoraConfig(lora_dropout=0.0), 0.02, seed=0)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8192), device="cuda")
-    batch = {"input_ids": ids, "labels": ids, "label_positions": torch.arange(8191, device="cuda")}
+    m, batch = bf16_model_and_row(modeling.Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=8, model_type="qwen3_5",
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, partial_rotary_factor=0.25, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4))
     measured_step(m, batch, None)
     loss, plain, plain_peak = measured_step(m, batch, None)
     split = speed.TrainingPlan(offload=True).training_layers(m)
